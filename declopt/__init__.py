@@ -1,0 +1,30 @@
+"""declopt: declarative optimisation layers for PyTorch.
+
+Declare a layer's output as the solution of an optimisation problem in CVXPY syntax; solve it with a
+backend chosen by one flag; differentiate it by the implicit function theorem.
+"""
+
+from declopt import backends, nn, penalties
+from declopt.errors import GradientWarning, InputError, NonConvergenceWarning, SolverError
+from declopt.frontend import DeclarationError, UnsupportedAtomError
+from declopt.info import BackwardInfo, LayerInfo
+from declopt.layer import Layer
+from declopt.program import Program
+
+__all__ = [
+    "BackwardInfo",
+    "DeclarationError",
+    "GradientWarning",
+    "InputError",
+    "Layer",
+    "LayerInfo",
+    "NonConvergenceWarning",
+    "Program",
+    "SolverError",
+    "UnsupportedAtomError",
+    "backends",
+    "nn",
+    "penalties",
+]
+
+__version__ = "0.1.0"

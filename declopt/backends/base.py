@@ -1,0 +1,82 @@
+"""The interface between a layer and the solver that computes its forward pass.
+
+A backend receives a :class:`~declopt.program.Program` and a *flat* batch of ``B`` problems and
+returns a :class:`Solution`. Parameters arrive as a :class:`BatchedParams`: each tensor either
+carries the batch as its leading dim (``in_dim == 0``) or is shared by every problem
+(``in_dim is None``), exactly the convention of :func:`torch.func.vmap`.
+
+Backends never need to be differentiable: the layer differentiates the solution with the implicit
+backward (:mod:`declopt.implicit`) from the declaration alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from torch import Tensor
+
+from declopt.program import Program
+
+
+@dataclass(frozen=True)
+class BatchedParams:
+    """Parameter tensors of a flat batch of ``size`` problems.
+
+    ``values[i]`` has shape ``(size, *parameter_shapes[i])`` when ``in_dims[i] == 0`` and exactly
+    ``parameter_shapes[i]`` when ``in_dims[i] is None`` (shared by the whole batch).
+    """
+
+    values: tuple[Tensor, ...]
+    in_dims: tuple[int | None, ...]
+    size: int
+
+    def expand(self, repeats: int) -> BatchedParams:
+        """The same problems repeated ``repeats`` times along the batch (start-major order)."""
+        values = tuple(
+            v if d is None else v.repeat(repeats, *([1] * (v.dim() - 1)))
+            for v, d in zip(self.values, self.in_dims)
+        )
+        return BatchedParams(values, self.in_dims, self.size * repeats)
+
+    def select(self, index: Tensor) -> BatchedParams:
+        """The sub-batch of problems ``index`` (a 1-D long tensor)."""
+        values = tuple(v if d is None else v[index] for v, d in zip(self.values, self.in_dims))
+        return BatchedParams(values, self.in_dims, int(index.numel()))
+
+
+@dataclass
+class Solution:
+    """What a backend returns for a flat batch of ``B`` problems with ``m`` variables.
+
+    Attributes:
+        u: ``(B, m)`` the solutions, packed as in :meth:`Program.pack`.
+        converged: ``(B,)`` bool, the solver's own verdict per problem.
+        iterations: ``(B,)`` int64, iterations spent per problem (0 where unknown).
+        objective: ``(B,)`` objective value at ``u``.
+        eq_multipliers: ``(B, p)`` multipliers of ``h = 0`` (seed convention), or ``None`` when the
+            backend does not know them (the backward then estimates them by least squares).
+        ineq_multipliers: ``(B, q)`` multipliers of ``g <= 0`` (``<= 0`` by the seed convention),
+            or ``None``.
+    """
+
+    u: Tensor
+    converged: Tensor
+    iterations: Tensor
+    objective: Tensor
+    eq_multipliers: Tensor | None = None
+    ineq_multipliers: Tensor | None = None
+
+
+class Backend(Protocol):
+    """A forward solver. Register new ones with :func:`declopt.backends.register`."""
+
+    name: str
+
+    def supports(self, program: Program) -> str | None:
+        """``None`` if this backend can solve ``program``, else the reason it cannot."""
+        ...
+
+    def solve(self, program: Program, params: BatchedParams, **options: Any) -> Solution:
+        """Solve every problem of the batch; never raise for one bad problem, report it."""
+        ...

@@ -1,0 +1,208 @@
+"""Batched unconstrained minimisers: damped Newton and L-BFGS with per-problem masks.
+
+Both work on a whole flat batch ``u: (B, m)`` at once. Every problem has its own line search and its
+own convergence flag; a converged problem stops changing, so a problem's result never depends on the
+rest of the batch (the only coupling is the shared loop count).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from declopt.derivatives import BatchedObjective
+
+ARMIJO = 1e-4
+MAX_BACKTRACKS = 40
+
+
+@dataclass
+class MinimizeResult:
+    u: Tensor  # (B, m)
+    objective: Tensor  # (B,)
+    gradient: Tensor  # (B, m)
+    converged: Tensor  # (B,) bool
+    iterations: Tensor  # (B,) int64
+
+
+def tolerances(dtype: torch.dtype) -> tuple[float, float]:
+    """``(step_tol, grad_tol)`` for a dtype.
+
+    A Newton step shorter than ``step_tol`` (relative) leaves an error of order ``step_tol**2``,
+    i.e. machine precision; L-BFGS stops when ``|grad|_inf <= grad_tol * (1 + |f|)``.
+    """
+    eps = torch.finfo(dtype).eps
+    return eps**0.5, eps ** (2.0 / 3.0)
+
+
+def _finite(f: Tensor) -> Tensor:
+    return torch.where(torch.isfinite(f), f, torch.full_like(f, float("inf")))
+
+
+def backtracking(
+    objective: BatchedObjective, u: Tensor, f: Tensor, slope: Tensor, d: Tensor, active: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per-problem Armijo backtracking from ``t = 1``.
+
+    Returns ``(t, ok)``: the accepted step per problem (0 where none was found or the problem is
+    inactive) and whether a step was found. A tiny slack of a few ulps of ``|f|`` lets a problem
+    that is already at the rounding floor take its last, accuracy-restoring Newton step.
+    """
+    eps = torch.finfo(u.dtype).eps
+    slack = 8 * eps * f.abs()
+    t = torch.ones_like(f)
+    ok = ~active
+    for _ in range(MAX_BACKTRACKS):
+        trial = _finite(objective.value(u + t.unsqueeze(-1) * d))
+        ok = ok | (trial <= f + ARMIJO * t * slope + slack)
+        if bool(ok.all()):
+            break
+        t = torch.where(ok, t, 0.5 * t)
+    t = torch.where(ok & active, t, torch.zeros_like(t))
+    return t, ok & active
+
+
+def newton_direction(hessian: Tensor, gradient: Tensor) -> tuple[Tensor, Tensor]:
+    """Newton direction ``-H^-1 g``, shifted to ``-(H + s I)^-1 g`` where ``H`` is not PD.
+
+    Returns ``(d, shifted)``. The shift makes the direction a descent direction on nonconvex
+    problems (Levenberg-Marquardt style), sized from the most negative eigenvalue.
+    """
+    m = hessian.shape[-1]
+    if m == 1:
+        h = hessian[..., 0]
+        positive = h > 0
+        # Non-positive curvature: a unit step downhill (either way at a stationary maximum);
+        # the line search shortens it.
+        downhill = torch.where(gradient > 0, -1.0, 1.0).to(h.dtype)
+        newton = -gradient / torch.where(positive, h, 1.0)
+        return torch.where(positive, newton, downhill), ~positive[..., 0]
+    chol, info = torch.linalg.cholesky_ex(hessian)
+    shifted = info != 0
+    if not bool(shifted.any()):
+        return -torch.cholesky_solve(gradient.unsqueeze(-1), chol).squeeze(-1), shifted
+    eye = torch.eye(m, dtype=hessian.dtype, device=hessian.device)
+    eigenvalues, eigenvectors = torch.linalg.eigh(hessian)
+    lowest = eigenvalues[..., 0]
+    scale = eigenvalues.abs().amax(-1).clamp_min(1.0)
+    shift = torch.where(shifted, -lowest + 1e-3 * scale, torch.zeros_like(lowest))
+    chol, _ = torch.linalg.cholesky_ex(hessian + shift[:, None, None] * eye)
+    d = -torch.cholesky_solve(gradient.unsqueeze(-1), chol).squeeze(-1)
+    # At (or near) a saddle or maximum the shifted step vanishes with the gradient: add the
+    # direction of most negative curvature, pointing downhill, so the problem can leave it.
+    curve = eigenvectors[..., 0]
+    curve = torch.where(((curve * gradient).sum(-1) > 0).unsqueeze(-1), -curve, curve)
+    tiny = d.norm(dim=-1) < 1e-3
+    d = torch.where((shifted & tiny).unsqueeze(-1), d + curve, d)
+    return d, shifted
+
+
+def newton(objective: BatchedObjective, u0: Tensor, max_iter: int) -> MinimizeResult:
+    """Damped Newton with dense Hessians, for small ``m``."""
+    step_tol, _ = tolerances(u0.dtype)
+    u = u0
+    f, g = objective.value_and_grad(u)
+    f = _finite(f)
+    batch = u.shape[0]
+    converged = torch.zeros(batch, dtype=torch.bool, device=u.device)
+    failed = ~torch.isfinite(f) | ~torch.isfinite(g).all(-1)
+    iterations = torch.zeros(batch, dtype=torch.int64, device=u.device)
+    for _ in range(max_iter):
+        active = ~(converged | failed)
+        if not bool(active.any()):
+            break
+        d, shifted = newton_direction(objective.hessian(u), g)
+        d = torch.where(active.unsqueeze(-1), d, torch.zeros_like(d))
+        slope = (g * d).sum(-1)
+        t, found = backtracking(objective, u, f, slope, d, active)
+        u = u + t.unsqueeze(-1) * d
+        iterations = iterations + active.long()
+        f_new, g_new = objective.value_and_grad(u)
+        f = torch.where(active, _finite(f_new), f)
+        g = torch.where(active.unsqueeze(-1), g_new, g)
+        small_step = d.abs().amax(-1) <= step_tol * (1 + u.abs().amax(-1))
+        converged = converged | (active & found & (t == 1) & ~shifted & small_step)
+        # No descent possible: we are at the rounding floor if the step was already tiny.
+        stuck = active & ~found
+        converged = converged | (stuck & small_step & ~shifted)
+        failed = failed | (stuck & ~converged) | ~torch.isfinite(g).all(-1)
+    return MinimizeResult(u, f, g, converged & ~failed, iterations)
+
+
+def lbfgs(
+    objective: BatchedObjective, u0: Tensor, max_iter: int, history: int = 10
+) -> MinimizeResult:
+    """L-BFGS with per-problem history, for large ``m``.
+
+    The history is a ring buffer shared in position but not in content: a problem whose curvature
+    pair fails ``s.y > 0`` stores a zero pair (``rho = 0``), which the two-loop recursion ignores.
+    """
+    _, grad_tol = tolerances(u0.dtype)
+    batch, m = u0.shape
+    u = u0
+    f, g = objective.value_and_grad(u)
+    f = _finite(f)
+    s_hist = u.new_zeros(history, batch, m)
+    y_hist = u.new_zeros(history, batch, m)
+    rho = u.new_zeros(history, batch)
+    gamma = u.new_ones(batch)
+    iterations = torch.zeros(batch, dtype=torch.int64, device=u.device)
+
+    def is_converged(f: Tensor, g: Tensor) -> Tensor:
+        return g.abs().amax(-1) <= grad_tol * (1 + f.abs())
+
+    converged = is_converged(f, g)
+    failed = ~torch.isfinite(f) | ~torch.isfinite(g).all(-1)
+    first_step = True
+    for k in range(max_iter):
+        active = ~(converged | failed)
+        if not bool(active.any()):
+            break
+        d = _two_loop(g, s_hist, y_hist, rho, gamma, k, history)
+        if first_step:
+            # No curvature yet: a gradient step of unit length is scale-free.
+            d = d / g.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny)
+            first_step = False
+        d = torch.where(active.unsqueeze(-1), d, torch.zeros_like(d))
+        slope = (g * d).sum(-1)
+        not_descent = slope >= 0
+        d = torch.where(not_descent.unsqueeze(-1), -g, d)  # restart from steepest descent
+        slope = (g * d).sum(-1)
+        t, found = backtracking(objective, u, f, slope, d, active)
+        step = t.unsqueeze(-1) * d
+        u = u + step
+        iterations = iterations + active.long()
+        f_new, g_new = objective.value_and_grad(u)
+        y = torch.where(active.unsqueeze(-1), g_new - g, torch.zeros_like(g))
+        f = torch.where(active, _finite(f_new), f)
+        g = torch.where(active.unsqueeze(-1), g_new, g)
+        sy = (step * y).sum(-1)
+        good = active & found & (sy > torch.finfo(u.dtype).eps * step.norm(dim=-1) * y.norm(dim=-1))
+        slot = k % history
+        s_hist[slot] = torch.where(good.unsqueeze(-1), step, torch.zeros_like(step))
+        y_hist[slot] = torch.where(good.unsqueeze(-1), y, torch.zeros_like(y))
+        rho[slot] = torch.where(good, 1.0 / torch.where(good, sy, 1.0), torch.zeros_like(sy))
+        gamma = torch.where(good, sy / (y * y).sum(-1).clamp_min(torch.finfo(u.dtype).tiny), gamma)
+        converged = converged | (active & is_converged(f, g))
+        failed = failed | (active & ~found & ~converged) | ~torch.isfinite(g).all(-1)
+    return MinimizeResult(u, f, g, converged & ~failed, iterations)
+
+
+def _two_loop(
+    g: Tensor, s_hist: Tensor, y_hist: Tensor, rho: Tensor, gamma: Tensor, k: int, history: int
+) -> Tensor:
+    q = g.clone()
+    count = min(k, history)
+    order = [(k - 1 - i) % history for i in range(count)]  # newest first
+    alphas = []
+    for slot in order:
+        alpha = rho[slot] * (s_hist[slot] * q).sum(-1)
+        q = q - alpha.unsqueeze(-1) * y_hist[slot]
+        alphas.append(alpha)
+    r = gamma.unsqueeze(-1) * q
+    for slot, alpha in zip(reversed(order), reversed(alphas)):
+        beta = rho[slot] * (y_hist[slot] * r).sum(-1)
+        r = r + (alpha - beta).unsqueeze(-1) * s_hist[slot]
+    return -r

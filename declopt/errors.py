@@ -1,0 +1,19 @@
+"""Errors and warnings raised by declopt; every message names the culprit and the fix."""
+
+from __future__ import annotations
+
+
+class InputError(ValueError):
+    """A tensor handed to a layer does not fit the declaration (shape, batch, values)."""
+
+
+class SolverError(RuntimeError):
+    """A forward solve failed and the layer was asked to raise (``on_failure="raise"``)."""
+
+
+class NonConvergenceWarning(UserWarning):
+    """Some problems of a batch did not converge; ``layer.info`` says which."""
+
+
+class GradientWarning(UserWarning):
+    """The implicit backward met a singular or indefinite system for some problems."""

@@ -1,0 +1,10 @@
+"""CVXPY front end: turn a problem declaration into torch functions (a :class:`Program`)."""
+
+from declopt.frontend.compile import (
+    DeclarationError,
+    UnsupportedAtomError,
+    compile_expression,
+    compile_problem,
+)
+
+__all__ = ["DeclarationError", "UnsupportedAtomError", "compile_expression", "compile_problem"]

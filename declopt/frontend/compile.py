@@ -1,0 +1,423 @@
+"""Compile a CVXPY declaration into torch functions.
+
+The expression tree is walked once, in :func:`compile_expression` / :func:`compile_problem`, into a
+flat list of steps (a post-order of the tree; a sub-expression object that occurs several times is
+computed once). Evaluating the result runs the steps on torch tensors; see :mod:`.atoms` for the
+per-atom rules.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import cvxpy as cp
+import numpy as np
+import scipy.sparse as sp
+import torch
+from cvxpy.constraints import Equality, Inequality, NonNeg, NonPos, Zero
+from cvxpy.expressions.constants.callback_param import CallbackParam
+from torch import Tensor
+
+from declopt.frontend.atoms import ATOMS, TensorCache, operands, supported_atom_names
+from declopt.program import Program
+
+__all__ = [
+    "DeclarationError",
+    "UnsupportedAtomError",
+    "compile_expression",
+    "compile_problem",
+]
+
+
+class DeclarationError(ValueError):
+    """The CVXPY declaration cannot be turned into a :class:`~declopt.program.Program`."""
+
+
+class UnsupportedAtomError(DeclarationError):
+    """The declaration uses an atom or constraint type the torch front end cannot evaluate."""
+
+
+Env = Mapping[int, Tensor]
+Step = Callable[[list, Env, Tensor | None], Tensor]
+
+# Variable attributes that are not a plain sign/bound restriction of the entries.
+_UNSUPPORTED_VARIABLE_ATTRIBUTES = (
+    "integer",
+    "boolean",
+    "symmetric",
+    "diag",
+    "PSD",
+    "NSD",
+    "hermitian",
+    "complex",
+    "imag",
+    "sparsity",
+)
+
+
+def _unsupported_atom(expr: cp.Expression) -> UnsupportedAtomError:
+    name = type(expr).__name__
+    return UnsupportedAtomError(
+        f"atom {name} in `{expr}` is not supported by declopt's torch front end. "
+        f"Rewrite the expression with supported atoms ({', '.join(supported_atom_names())}), "
+        "or give the layer torch callables instead of a CVXPY declaration."
+    )
+
+
+def _leaf_kind(leaf: cp.Expression) -> str:
+    return "parameter" if isinstance(leaf, cp.Parameter) else "variable"
+
+
+def _leaf_step(leaf: cp.Expression) -> Step:
+    if isinstance(leaf, CallbackParam):
+        raise UnsupportedAtomError(
+            f"atom CallbackParam `{leaf}` is not supported by declopt's torch front end; "
+            "write its callback as a CVXPY expression of the underlying parameters instead."
+        )
+    if leaf.is_complex():
+        raise DeclarationError(
+            f"{_leaf_kind(leaf)} {leaf.name()} is complex-valued; declopt supports real data only. "
+            "Split it into real and imaginary parts."
+        )
+    lid = leaf.id
+    shape = tuple(int(d) for d in leaf.shape)
+    desc = f"{_leaf_kind(leaf)} {leaf.name()} (id {lid}, shape {shape})"
+
+    def step(slots: list, env: Env, ref: Tensor | None) -> Tensor:
+        try:
+            t = env[lid]
+        except KeyError:
+            raise KeyError(f"no tensor given for {desc}; the mapping is keyed by leaf.id") from None
+        if tuple(t.shape) != shape:
+            raise ValueError(f"tensor for {desc} has shape {tuple(t.shape)}; expected {shape}")
+        return t
+
+    return step
+
+
+def _constant_array(const: cp.Constant) -> np.ndarray:
+    value = const.value
+    if sp.issparse(value):
+        value = value.toarray()
+    arr = np.asarray(value)
+    if np.iscomplexobj(arr):
+        raise DeclarationError(
+            f"constant `{const}` is complex-valued; declopt supports real data only."
+        )
+    # bool/int constants become floats: all arithmetic happens in the parameters' float dtype.
+    return np.array(arr, dtype=np.float64).reshape(tuple(int(d) for d in const.shape))
+
+
+def _constant_step(const: cp.Constant) -> Step:
+    tensors = TensorCache(_constant_array(const))
+    default_device = torch.device("cpu")
+
+    def step(slots: list, env: Env, ref: Tensor | None) -> Tensor:
+        # Constants follow the dtype/device of the first tensor of the mapping.
+        if ref is not None and ref.is_floating_point():
+            return tensors.get(ref.dtype, ref.device)
+        return tensors.get(torch.get_default_dtype(), default_device)
+
+    return step
+
+
+def _atom_step(expr: cp.Expression, inputs: list[int]) -> Step:
+    rule = ATOMS.get(type(expr))
+    if rule is None:
+        raise _unsupported_atom(expr)
+    ev = rule(expr)
+    if len(inputs) == 1:
+        (i,) = inputs
+        return lambda slots, env, ref: ev(slots[i])
+    if len(inputs) == 2:
+        i, j = inputs
+        return lambda slots, env, ref: ev(slots[i], slots[j])
+    idx = tuple(inputs)
+    return lambda slots, env, ref: ev(*[slots[k] for k in idx])
+
+
+def _build(exprs: Sequence[cp.Expression]) -> tuple[list[Step], list[int], list[bool]]:
+    """Post-order the expression DAG into steps; returns steps, the slot of each root, and whether
+    each root is a constant (its cached tensor must not be handed out)."""
+    steps: list[Step] = []
+    slot_of: dict[int, int] = {}
+    keep_alive: list[cp.Expression] = []  # id() keys are only unique while the objects live
+    is_const: list[bool] = []
+    for root in exprs:
+        if not isinstance(root, cp.Expression):
+            raise DeclarationError(f"expected a cvxpy Expression, got {type(root).__name__}")
+        stack: list[tuple[cp.Expression, bool]] = [(root, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if id(node) in slot_of:
+                continue
+            if isinstance(node, cp.Constant):
+                step = _constant_step(node)
+            elif isinstance(node, (cp.Parameter, cp.Variable)):
+                step = _leaf_step(node)
+            else:
+                if type(node) not in ATOMS:
+                    raise _unsupported_atom(node)
+                ops = operands(node)
+                if not expanded:
+                    stack.append((node, True))
+                    stack.extend((a, False) for a in reversed(ops) if id(a) not in slot_of)
+                    continue
+                step = _atom_step(node, [slot_of[id(a)] for a in ops])
+            keep_alive.append(node)
+            slot_of[id(node)] = len(steps)
+            is_const.append(isinstance(node, cp.Constant))
+            steps.append(step)
+    roots = [slot_of[id(r)] for r in exprs]
+    return steps, roots, [is_const[r] for r in roots]
+
+
+def _compile_many(exprs: Sequence[cp.Expression]) -> Callable[[Env], list[Tensor]]:
+    steps, roots, const_root = _build(exprs)
+
+    def evaluate(env: Env) -> list[Tensor]:
+        ref = next(iter(env.values()), None)
+        slots: list[Tensor] = []
+        for step in steps:
+            slots.append(step(slots, env, ref))
+        return [slots[r].clone() if c else slots[r] for r, c in zip(roots, const_root)]
+
+    return evaluate
+
+
+def compile_expression(expr: cp.Expression) -> Callable[[Mapping[int, Tensor]], Tensor]:
+    """Compile a CVXPY expression into a torch function of its leaves.
+
+    The tree is walked now, once. The returned function maps ``{leaf.id: tensor}`` (leaves are
+    the ``cp.Parameter`` and ``cp.Variable`` objects in ``expr``; each tensor has exactly the leaf's
+    shape) to a tensor of exactly ``expr.shape`` that equals ``expr.value`` for the same values.
+    Constants take the dtype and device of the first tensor in the mapping. The function works on
+    unbatched tensors and under ``torch.func.vmap``/``grad``/``jvp`` and double backward.
+
+    Raises:
+        UnsupportedAtomError: ``expr`` contains an atom without a torch rule (the message names it).
+        DeclarationError: complex-valued data.
+    """
+    evaluate = _compile_many([expr])
+
+    def f(env: Mapping[int, Tensor]) -> Tensor:
+        return evaluate(env)[0]
+
+    return f
+
+
+# ---------------------------------------------------------------------------------------------
+# problems
+
+
+def _names(items: Sequence[Any]) -> str:
+    return ", ".join(item.name() for item in items)
+
+
+def _check_leaves(
+    problem: cp.Problem, parameters: Sequence[cp.Parameter], variables: Sequence[cp.Variable]
+) -> None:
+    if not isinstance(problem, cp.Problem):
+        raise DeclarationError(f"expected a cvxpy Problem, got {type(problem).__name__}")
+    for p in parameters:
+        if not isinstance(p, cp.Parameter):
+            raise DeclarationError(
+                f"parameters must be cp.Parameter objects; got {type(p).__name__} `{p}`. "
+                "Declare inputs of the layer as cp.Parameter."
+            )
+    for v in variables:
+        if not isinstance(v, cp.Variable):
+            raise DeclarationError(
+                f"variables must be cp.Variable objects; got {type(v).__name__} `{v}`. "
+                "List the cp.Variable objects whose optimal values the layer returns."
+            )
+    for kind, items in (("parameter", parameters), ("variable", variables)):
+        seen: set[int] = set()
+        for item in items:
+            if item.id in seen:
+                raise DeclarationError(
+                    f"{kind} {item.name()} is listed twice in {kind}s; list each once."
+                )
+            seen.add(item.id)
+
+    if not variables:
+        raise DeclarationError(
+            "variables is empty; list the cp.Variable objects of the problem (all of them)."
+        )
+    problem_vars = problem.variables()
+    if not problem_vars:
+        raise DeclarationError("the problem has no variables; there is nothing to optimise.")
+    listed = {v.id for v in variables}
+    missing_v = [v for v in problem_vars if v.id not in listed]
+    if missing_v:
+        raise DeclarationError(
+            f"the problem's variables {_names(missing_v)} are not listed in variables; "
+            "list every variable of the problem."
+        )
+    in_problem = {v.id for v in problem_vars}
+    extra_v = [v for v in variables if v.id not in in_problem]
+    if extra_v:
+        raise DeclarationError(
+            f"variables {_names(extra_v)} do not occur in the problem; remove them from variables."
+        )
+
+    problem_params = problem.parameters()
+    listed_p = {p.id for p in parameters}
+    missing_p = [p for p in problem_params if p.id not in listed_p]
+    if missing_p:
+        raise DeclarationError(
+            f"the problem's parameters {_names(missing_p)} are not listed in parameters; the "
+            "parameters must be exactly the problem's parameters (problem.parameters())."
+        )
+    in_problem_p = {p.id for p in problem_params}
+    extra_p = [p for p in parameters if p.id not in in_problem_p]
+    if extra_p:
+        raise DeclarationError(
+            f"parameters {_names(extra_p)} do not occur in the problem; the parameters must be "
+            "exactly the problem's parameters (problem.parameters())."
+        )
+
+    for leaf in (*parameters, *variables):
+        if leaf.is_complex():
+            raise DeclarationError(
+                f"{_leaf_kind(leaf)} {leaf.name()} is complex-valued; declopt supports real data "
+                "only. Split it into real and imaginary parts."
+            )
+    for v in variables:
+        bad = [a for a in _UNSUPPORTED_VARIABLE_ATTRIBUTES if v.attributes.get(a)]
+        if bad:
+            raise DeclarationError(
+                f"variable {v.name()} is declared with {', '.join(bad)}=...; declopt supports only "
+                "nonneg/nonpos/pos/neg/bounds as variable attributes. Declare a plain variable and "
+                "state the restriction as explicit constraints."
+            )
+
+
+def _split_constraints(
+    problem: cp.Problem, variables: Sequence[cp.Variable]
+) -> tuple[list[cp.Expression], list[cp.Expression]]:
+    """(equality expressions h = 0, inequality expressions g <= 0), in constraint order, then the
+    sign/bound attributes of the variables (``Variable(nonneg=True)``, ``bounds=...``)."""
+    eqs: list[cp.Expression] = []
+    ineqs: list[cp.Expression] = []
+    domain = [c for v in variables for c in v.domain]
+    for c in [*problem.constraints, *domain]:
+        kind = type(c)
+        if kind in (Equality, Zero):
+            eqs.append(c.expr)  # Equality.expr is lhs - rhs
+        elif kind in (Inequality, NonPos):
+            ineqs.append(c.expr)  # lhs - rhs; `a >= b` is stored as Inequality(b, a)
+        elif kind is NonNeg:
+            ineqs.append(-c.expr)
+        else:
+            raise UnsupportedAtomError(
+                f"constraint {kind.__name__} `{c}` is not supported by declopt's torch front end; "
+                "only ==, <= and >= constraints (Equality, Zero, Inequality, NonPos, NonNeg) are. "
+                "Rewrite it as scalar inequalities (e.g. a cone constraint as norm(x) <= t)."
+            )
+    return eqs, ineqs
+
+
+def _sign(p: cp.Parameter) -> str | None:
+    a = p.attributes
+    if a.get("nonneg") or a.get("pos"):
+        return "nonneg"
+    if a.get("nonpos") or a.get("neg"):
+        return "nonpos"
+    return None
+
+
+def _safe(check: Callable[[], bool]) -> bool:
+    try:
+        return bool(check())
+    except Exception:
+        return False
+
+
+def compile_problem(
+    problem: cp.Problem, parameters: Sequence[cp.Parameter], variables: Sequence[cp.Variable]
+) -> Program:
+    """Compile a CVXPY problem into a :class:`~declopt.program.Program`.
+
+    Args:
+        problem: the declaration; any objective and ``==``/``<=``/``>=`` constraints built from
+            supported atoms (DCP is not required).
+        parameters: exactly the problem's parameters, in the order the layer takes them.
+        variables: all the problem's variables; ``u`` is their row-major concatenation in this
+            order.
+
+    Returns:
+        A Program with ``objective(x, u)`` (negated for ``cp.Maximize``: declopt minimises; then
+        ``maximize`` is True),
+        ``equalities(x, u)`` (lhs - rhs of the ``==`` constraints, flattened row-major and
+        concatenated) and ``inequalities(x, u)`` (lhs - rhs of ``<=``, rhs - lhs of ``>=``, then
+        the variables' sign/bound attributes), or None where there are none.
+
+    Raises:
+        DeclarationError: bad parameter/variable lists, complex data, unsupported variable
+            attributes. UnsupportedAtomError (a DeclarationError) for unsupported atoms or
+            constraint types.
+    """
+    parameters = list(parameters)
+    variables = list(variables)
+    _check_leaves(problem, parameters, variables)
+
+    objective = problem.objective
+    sign = -1.0 if isinstance(objective, cp.Maximize) else 1.0
+    eqs, ineqs = _split_constraints(problem, variables)
+
+    obj_eval = _compile_many([objective.expr])
+    eq_eval = _compile_many(eqs) if eqs else None
+    ineq_eval = _compile_many(ineqs) if ineqs else None
+
+    param_ids = [p.id for p in parameters]
+    n_params = len(parameters)
+    var_slices: list[tuple[int, int, int, tuple[int, ...]]] = []
+    offset = 0
+    for v in variables:
+        shape = tuple(int(d) for d in v.shape)
+        size = math.prod(shape)
+        var_slices.append((v.id, offset, offset + size, shape))
+        offset += size
+    m = offset
+
+    def env_of(x: Sequence[Tensor], u: Tensor) -> dict[int, Tensor]:
+        if len(x) != n_params:
+            raise ValueError(f"expected {n_params} parameter tensors, got {len(x)}")
+        if tuple(u.shape) != (m,):
+            raise ValueError(
+                f"u must have shape ({m},) (unbatched; vmap for batches), got {tuple(u.shape)}"
+            )
+        # Variables first: u is always a float tensor, so it is the dtype/device reference for
+        # constants.
+        env: dict[int, Tensor] = {vid: u[a:b].reshape(shape) for vid, a, b, shape in var_slices}
+        env.update(zip(param_ids, x))
+        return env
+
+    def objective_fn(x: Sequence[Tensor], u: Tensor) -> Tensor:
+        val = obj_eval(env_of(x, u))[0].reshape(())
+        return -val if sign < 0 else val
+
+    def residuals(
+        evaluate: Callable[[Env], list[Tensor]],
+    ) -> Callable[[Sequence[Tensor], Tensor], Tensor]:
+        def fn(x: Sequence[Tensor], u: Tensor) -> Tensor:
+            return torch.cat([r.reshape(-1) for r in evaluate(env_of(x, u))])
+
+        return fn
+
+    return Program(
+        parameter_names=tuple(p.name() for p in parameters),
+        parameter_shapes=tuple(tuple(int(d) for d in p.shape) for p in parameters),
+        variable_names=tuple(v.name() for v in variables),
+        variable_shapes=tuple(shape for _, _, _, shape in var_slices),
+        objective=objective_fn,
+        equalities=residuals(eq_eval) if eq_eval is not None else None,
+        inequalities=residuals(ineq_eval) if ineq_eval is not None else None,
+        is_convex=_safe(problem.is_dcp),
+        is_dpp=_safe(problem.is_dpp),
+        parameter_signs=tuple(_sign(p) for p in parameters),
+        maximize=sign < 0,
+    )

@@ -1,0 +1,53 @@
+"""Per-problem diagnostics of the last call of a layer (``layer.info``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+@dataclass
+class BackwardInfo:
+    """What the implicit backward met, per problem (tensors have the call's batch shape).
+
+    Attributes:
+        method: ``"eigh"`` (dense KKT solve) or ``"cg"`` (matrix-free).
+        singular: the KKT system was singular; the minimum-norm least-squares solution was used.
+        second_order_ok: the Hessian is positive definite on the null space of the active
+            constraints, i.e. the solution is a strict local minimum.
+        residual: relative residual of the linear solve.
+    """
+
+    method: str
+    singular: Tensor
+    second_order_ok: Tensor
+    residual: Tensor
+
+
+@dataclass
+class LayerInfo:
+    """Diagnostics of one forward call; per-problem tensors have the call's batch shape.
+
+    Attributes:
+        backend: name of the backend (or ``"custom"`` for a user solver) that ran.
+        reason: why that backend was chosen.
+        converged: bool, the problem was solved to tolerance.
+        iterations: iterations spent (summed over starting points; 0 for custom solvers).
+        objective: objective value at the returned solution (of the declaration as written, so a
+            ``Maximize`` problem reports its maximum).
+        kkt_residual: ``max |D_u L|`` at the returned solution.
+        backward: filled in by the backward pass, ``None`` until then.
+    """
+
+    backend: str
+    reason: str
+    converged: Tensor
+    iterations: Tensor
+    objective: Tensor
+    kkt_residual: Tensor
+    backward: BackwardInfo | None = field(default=None)
+
+    @property
+    def all_converged(self) -> bool:
+        return bool(self.converged.all())

@@ -1,0 +1,130 @@
+"""Checking and batching the tensors handed to a layer.
+
+A parameter of declared shape ``S`` accepts a tensor of shape ``(*batch, *S)``. Batch shapes of all
+parameters broadcast to one batch shape; parameters without batch dims are shared by every problem
+(they enter ``vmap`` with ``in_dim=None`` and are never copied).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from declopt.backends.base import BatchedParams
+from declopt.errors import InputError
+from declopt.program import Program
+
+
+@dataclass(frozen=True)
+class PreparedInputs:
+    """The inputs of one call, flattened to ``B = prod(batch_shape)`` problems."""
+
+    tensors: tuple[Tensor, ...]  # as given (converted to the common dtype/device), with batch dims
+    params: BatchedParams  # flat batch for the backends and the backward
+    batch_shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+
+
+def prepare_inputs(program: Program, args: Sequence[object]) -> PreparedInputs:
+    """Validate ``args`` against the declaration and flatten their batch dims.
+
+    Raises:
+        InputError: wrong count, wrong trailing shape, batch shapes that do not broadcast,
+            NaN/Inf entries or a sign that violates the parameter's declared attribute; the message
+            names the parameter (and batch index) and the fix.
+    """
+    names = program.parameter_names
+    if len(args) != len(names):
+        raise InputError(
+            f"the layer takes {len(names)} parameter tensor(s) ({', '.join(names)}) in the order "
+            f"of `parameters`, got {len(args)}"
+        )
+    dtype, device = _common_dtype_device(args)
+    tensors = tuple(torch.as_tensor(a, device=device).to(dtype=dtype) for a in args)
+    batch_shapes = []
+    for name, shape, tensor in zip(names, program.parameter_shapes, tensors):
+        ndim = len(shape)
+        if tensor.dim() < ndim or tuple(tensor.shape[tensor.dim() - ndim :]) != shape:
+            raise InputError(
+                f"parameter {name!r} has declared shape {shape}; pass a tensor of shape "
+                f"(*batch, {', '.join(map(str, shape))}{',' if len(shape) == 1 else ''}), "
+                f"got {tuple(tensor.shape)}"
+            )
+        batch_shapes.append(tensor.shape[: tensor.dim() - ndim])
+    try:
+        batch_shape = torch.broadcast_shapes(*batch_shapes)
+    except RuntimeError:
+        listing = ", ".join(f"{n}: {tuple(s)}" for n, s in zip(names, batch_shapes))
+        raise InputError(
+            f"the batch shapes of the parameters do not broadcast ({listing}); leading dims "
+            "beyond each parameter's declared shape are batch dims and must broadcast"
+        ) from None
+    for name, sign, tensor, bshape in zip(names, _signs(program), tensors, batch_shapes):
+        _check_values(name, sign, tensor, len(bshape))
+
+    size = math.prod(batch_shape)
+    values, in_dims = [], []
+    for shape, tensor, bshape in zip(program.parameter_shapes, tensors, batch_shapes):
+        if len(bshape) == 0:
+            values.append(tensor)
+            in_dims.append(None)
+        else:
+            full = tensor.expand(*batch_shape, *shape)
+            values.append(full.reshape(size, *shape))
+            in_dims.append(0)
+    params = BatchedParams(tuple(values), tuple(in_dims), size)
+    return PreparedInputs(tensors, params, batch_shape, dtype, device)
+
+
+def _common_dtype_device(args: Sequence[object]) -> tuple[torch.dtype, torch.device]:
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    for t in tensors:
+        if t.is_complex():
+            raise InputError("complex parameters are not supported; pass real tensors")
+    floating = [t.dtype for t in tensors if t.is_floating_point()]
+    dtype = floating[0] if floating else torch.get_default_dtype()
+    for d in floating[1:]:
+        dtype = torch.promote_types(dtype, d)
+    return dtype, device
+
+
+def _signs(program: Program) -> Sequence[str | None]:
+    signs = program.parameter_signs
+    return (
+        signs
+        if len(signs) == len(program.parameter_names)
+        else [None] * len(program.parameter_names)
+    )
+
+
+def _check_values(name: str, sign: str | None, tensor: Tensor, batch_ndim: int) -> None:
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        raise InputError(
+            f"parameter {name!r} contains NaN or Inf at {_first_bad(finite, batch_ndim)}; "
+            "declopt solves only problems with finite data"
+        )
+    if sign == "nonneg" and bool((tensor < 0).any()):
+        raise InputError(
+            f"parameter {name!r} is declared nonneg but is negative at "
+            f"{_first_bad(tensor >= 0, batch_ndim)}"
+        )
+    if sign == "nonpos" and bool((tensor > 0).any()):
+        raise InputError(
+            f"parameter {name!r} is declared nonpos but is positive at "
+            f"{_first_bad(tensor <= 0, batch_ndim)}"
+        )
+
+
+def _first_bad(ok: Tensor, batch_ndim: int) -> str:
+    """``"batch index (i, j), entry (k,)"`` of the first entry where ``ok`` is False."""
+    index = tuple(int(i) for i in (~ok).nonzero()[0])
+    batch, entry = index[:batch_ndim], index[batch_ndim:]
+    where = f"entry {entry}" if entry else "its value"
+    return f"batch index {batch}, {where}" if batch_ndim else where

@@ -1,0 +1,249 @@
+"""``dl.Layer``: a declared optimisation problem as a differentiable ``nn.Module``.
+
+Same signature as ``cvxpylayers.torch.CvxpyLayer(problem, parameters, variables)``: calling the
+layer with one tensor per parameter returns a tuple with one tensor per variable. The forward is
+solved by a backend (or a user's solver); the backward always comes from the declaration through
+the implicit function theorem (:mod:`declopt.implicit`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import cvxpy as cp
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from declopt import backends
+from declopt.backends.base import BatchedParams
+from declopt.derivatives import BatchedObjective
+from declopt.errors import GradientWarning, NonConvergenceWarning, SolverError
+from declopt.frontend import compile_problem
+from declopt.implicit import DENSE_MAX_VARIABLES, implicit_vjp
+from declopt.info import BackwardInfo, LayerInfo
+from declopt.inputs import PreparedInputs, prepare_inputs
+from declopt.program import Program
+
+Solver = Callable[..., Sequence[Tensor]]
+"""A custom forward: called with the parameter tensors (batch dims included, detached), returns one
+tensor per variable of shape ``(*batch, *variable_shape)``."""
+
+_POLICIES = ("warn", "raise", "ignore")
+
+
+class Layer(nn.Module):
+    """A differentiable layer whose output solves a declared optimisation problem.
+
+    Args:
+        problem: the declaration, a ``cvxpy.Problem`` (convex or not: non-DCP expressions are
+            fine) or a :class:`~declopt.program.Program` of torch functions.
+        parameters: the ``cp.Parameter`` inputs, in the order the layer is called with; must be
+            exactly the parameters of ``problem``.
+        variables: the ``cp.Variable`` outputs, in the order they are returned.
+        backend: ``"auto"`` (default), ``"torch"`` or any registered backend name.
+        solver: optional custom forward (see :data:`Solver`); replaces the backend, the backward
+            still comes from the declaration.
+        initializers: callables like ``solver`` that return starting points; the torch backend
+            solves from each of them (and from zero) and keeps the lowest objective.
+        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` when problems do not converge.
+        on_gradient_issue: the same for singular/indefinite KKT systems in the backward.
+        verify: check a custom solver's answer (stationarity) eagerly; default ``True``.
+        **options: passed to the backend (e.g. ``method="lbfgs"``, ``max_iter=100``).
+
+    Calling ``layer(*tensors)``: parameter ``i`` takes shape ``(*batch_i, *shape_i)``; the batch
+    shapes broadcast to ``batch``; returns one tensor per variable, shape ``(*batch, *var_shape)``,
+    with the inputs' dtype and device. ``layer.info`` then describes every problem of the call.
+    """
+
+    def __init__(
+        self,
+        problem: cp.Problem | Program,
+        parameters: Sequence[cp.Parameter] = (),
+        variables: Sequence[cp.Variable] = (),
+        *,
+        backend: str = "auto",
+        solver: Solver | None = None,
+        initializers: Sequence[Solver] = (),
+        on_failure: str = "warn",
+        on_gradient_issue: str = "warn",
+        verify: bool = True,
+        **options: Any,
+    ) -> None:
+        super().__init__()
+        for name, value in (("on_failure", on_failure), ("on_gradient_issue", on_gradient_issue)):
+            if value not in _POLICIES:
+                raise ValueError(f"{name} must be one of {_POLICIES}, got {value!r}")
+        if isinstance(problem, Program):
+            self.program = problem
+        else:
+            self.program = compile_problem(problem, parameters, variables)
+        self.solver = solver
+        if solver is None:
+            self.backend, self.reason = backends.select(backend, self.program)
+        else:
+            self.backend, self.reason = None, "a custom solver was given"
+        self.initializers = tuple(initializers)
+        self.on_failure = on_failure
+        self.on_gradient_issue = on_gradient_issue
+        self.verify = verify
+        self.options = options
+        self.info: LayerInfo | None = None
+
+    @property
+    def backend_name(self) -> str:
+        return "custom" if self.backend is None else self.backend.name
+
+    def forward(self, *params: Tensor) -> tuple[Tensor, ...]:
+        inputs = prepare_inputs(self.program, params)
+        call = _Call(self, inputs)
+        u = _ImplicitFunction.apply(call, *inputs.params.values)
+        self.info = call.info
+        batch = inputs.batch_shape
+        return tuple(v.reshape((*batch, *v.shape[1:])) for v in self.program.unpack(u))
+
+    def extra_repr(self) -> str:
+        names = ", ".join(self.program.parameter_names)
+        outs = ", ".join(self.program.variable_names)
+        return f"({names}) -> ({outs}), backend={self.backend_name!r}"
+
+
+class _Call:
+    """Everything one call needs in its forward and backward; also holds its ``LayerInfo``."""
+
+    def __init__(self, layer: Layer, inputs: PreparedInputs) -> None:
+        self.layer = layer
+        self.program = layer.program
+        self.inputs = inputs
+        self.info: LayerInfo | None = None
+
+    def solve(self) -> Tensor:
+        layer, program, inputs = self.layer, self.program, self.inputs
+        size = inputs.params.size
+        sign = -1.0 if program.maximize else 1.0
+        if layer.solver is not None:
+            u = self._pack(layer.solver(*inputs.tensors), "solver")
+            objective = BatchedObjective(program.objective, inputs.params)
+            f, g = objective.value_and_grad(u)
+            kkt = g.abs().amax(-1)
+            scale = 1 + f.abs()
+            converged = kkt <= torch.finfo(u.dtype).eps ** 0.5 * scale
+            if not layer.verify:
+                converged = torch.ones_like(converged)
+            iterations = torch.zeros(size, dtype=torch.int64, device=u.device)
+        else:
+            starts = [
+                torch.zeros(size, program.num_variables, dtype=inputs.dtype, device=inputs.device)
+            ]
+            starts += [
+                self._pack(init(*inputs.tensors), "initializer") for init in layer.initializers
+            ]
+            solution = layer.backend.solve(program, inputs.params, starts=starts, **layer.options)
+            u, converged, iterations = solution.u, solution.converged, solution.iterations
+            f = solution.objective
+            kkt = BatchedObjective(program.objective, inputs.params).grad(u).abs().amax(-1)
+        batch = inputs.batch_shape
+        self.info = LayerInfo(
+            backend=layer.backend_name,
+            reason=layer.reason,
+            converged=converged.reshape(batch),
+            iterations=iterations.reshape(batch),
+            objective=(sign * f).reshape(batch),
+            kkt_residual=kkt.reshape(batch),
+        )
+        self._report_failures()
+        return u
+
+    def _pack(self, values: Sequence[Tensor] | Tensor, what: str) -> Tensor:
+        """Solver/initializer output ``(*batch, *shape)`` (broadcastable) -> ``(B, m)``."""
+        program, inputs = self.program, self.inputs
+        if isinstance(values, Tensor):
+            values = (values,)
+        if len(values) != len(program.variable_shapes):
+            raise SolverError(
+                f"the {what} returned {len(values)} tensor(s); the layer has "
+                f"{len(program.variable_shapes)} variable(s) ({', '.join(program.variable_names)})"
+            )
+        batch = inputs.batch_shape
+        flat = []
+        for name, shape, value in zip(program.variable_names, program.variable_shapes, values):
+            value = torch.as_tensor(value).detach().to(dtype=inputs.dtype, device=inputs.device)
+            try:
+                value = value.expand(*batch, *shape)
+            except RuntimeError:
+                raise SolverError(
+                    f"the {what} returned shape {tuple(value.shape)} for variable {name!r}; "
+                    f"expected {(*batch, *shape)}"
+                ) from None
+            flat.append(value.reshape(inputs.params.size, -1))
+        return torch.cat(flat, dim=-1)
+
+    def _report_failures(self) -> None:
+        info, policy = self.info, self.layer.on_failure
+        if policy == "ignore" or info.all_converged:
+            return
+        bad = (~info.converged).nonzero()
+        first = [tuple(int(i) for i in row) for row in bad[:5]]
+        message = (
+            f"{len(bad)} of {info.converged.numel()} problem(s) did not converge "
+            f"(backend {info.backend!r}); first batch indices: {first}; max KKT residual "
+            f"{float(info.kkt_residual[~info.converged].max()):.3g}. See layer.info; raise "
+            "max_iter=, give initializers=, or check that the problem is bounded below."
+        )
+        if policy == "raise":
+            raise SolverError(message)
+        warnings.warn(message, NonConvergenceWarning, stacklevel=5)
+
+    def backward(self, values: tuple[Tensor, ...], u: Tensor, grad_u: Tensor) -> tuple[Tensor, ...]:
+        params = BatchedParams(values, self.inputs.params.in_dims, self.inputs.params.size)
+        dense_max = self.layer.options.get("dense_max", DENSE_MAX_VARIABLES)
+        with torch.enable_grad():
+            grads, report = implicit_vjp(self.program, params, u, grad_u, dense_max=dense_max)
+        batch = self.inputs.batch_shape
+        info = BackwardInfo(
+            method=report.method,
+            singular=report.singular.reshape(batch),
+            second_order_ok=report.second_order_ok.reshape(batch),
+            residual=report.residual.reshape(batch),
+        )
+        if self.info is not None:
+            self.info.backward = info
+        self._report_gradient_issues(info)
+        return grads
+
+    def _report_gradient_issues(self, info: BackwardInfo) -> None:
+        policy = self.layer.on_gradient_issue
+        bad = info.singular | ~info.second_order_ok
+        if policy == "ignore" or not bool(bad.any()):
+            return
+        first = [tuple(int(i) for i in row) for row in bad.nonzero()[:5]]
+        message = (
+            f"implicit backward: {int(info.singular.sum())} singular and "
+            f"{int((~info.second_order_ok).sum())} not-strict-minimum KKT system(s) among "
+            f"{bad.numel()} problem(s); first batch indices: {first}. Singular systems use the "
+            "minimum-norm least-squares gradient. See layer.info.backward."
+        )
+        if policy == "raise":
+            raise SolverError(message)
+        warnings.warn(message, GradientWarning, stacklevel=3)
+
+
+class _ImplicitFunction(torch.autograd.Function):
+    """Forward: the solver (no graph). Backward: the implicit function theorem."""
+
+    @staticmethod
+    def forward(ctx: Any, call: _Call, *values: Tensor) -> Tensor:
+        u = call.solve()
+        ctx.call = call
+        ctx.save_for_backward(u, *values)
+        return u
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_u: Tensor) -> tuple[Tensor | None, ...]:
+        u, *values = ctx.saved_tensors
+        grads = ctx.call.backward(tuple(values), u, grad_u)
+        needs = ctx.needs_input_grad[1:]
+        return (None, *(g if need else None for g, need in zip(grads, needs)))

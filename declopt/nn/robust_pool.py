@@ -1,0 +1,110 @@
+"""Robust pooling: ``y(x) = argmin_y sum_i phi(y - x_i; alpha)`` over one dimension.
+
+Declared in CVXPY with :mod:`declopt.penalties` and run through :class:`declopt.Layer`, so its
+gradient (with respect to ``x`` and ``alpha``) is the implicit one from the declaration. The forward
+uses a fast exact solver for this one-dimensional problem (:mod:`declopt.nn.pool_solver`).
+"""
+
+from __future__ import annotations
+
+import cvxpy as cp
+import torch
+from torch import Tensor, nn
+
+from declopt import penalties
+from declopt.layer import Layer
+from declopt.nn.pool_solver import solve_pool
+
+
+class RobustPool(nn.Module):
+    """Pool ``x`` over ``dim`` with a robust penalty.
+
+    Args:
+        penalty: ``"quadratic"`` (the mean), ``"pseudo_huber"``, ``"huber"``, ``"welsch"`` or
+            ``"truncated_quadratic"``.
+        alpha: the penalty's scale, a positive number or a tensor (an ``nn.Parameter`` makes it
+            learnable).
+        dim: the dimension pooled over (removed from the output unless ``keepdim``).
+        keepdim: keep ``dim`` with size 1.
+        solver: ``"fast"`` (default: the exact 1-D solver of :mod:`declopt.nn.pool_solver`) or
+            ``"generic"`` (the declared problem through the torch backend; slower, same answer).
+
+    Nonconvex penalties (welsch, truncated_quadratic) are solved from the mean and the median of
+    the pooled values and keep the lower objective.
+    """
+
+    def __init__(
+        self,
+        penalty: str,
+        alpha: float | Tensor = 1.0,
+        dim: int = -1,
+        keepdim: bool = False,
+        solver: str = "fast",
+    ) -> None:
+        super().__init__()
+        penalties.get(penalty)
+        if solver not in ("fast", "generic"):
+            raise ValueError(f"solver must be 'fast' or 'generic', got {solver!r}")
+        self.penalty = penalty
+        self.dim = dim
+        self.keepdim = keepdim
+        self.solver = solver
+        if not isinstance(alpha, Tensor):
+            alpha = torch.tensor(float(alpha), dtype=torch.get_default_dtype())
+        if alpha.dim() != 0 or not bool(alpha > 0):
+            raise ValueError(f"alpha must be a positive scalar, got {alpha}")
+        if isinstance(alpha, nn.Parameter):
+            self.alpha = alpha
+        else:
+            self.register_buffer("alpha", alpha)
+        self._layers: dict[int, Layer] = {}
+
+    @property
+    def uses_alpha(self) -> bool:
+        return self.penalty != "quadratic"
+
+    def layer(self, n: int) -> Layer:
+        """The declarative layer pooling ``n`` values (declared once per ``n``)."""
+        if n not in self._layers:
+            self._layers[n] = self._declare(n)
+        return self._layers[n]
+
+    def _declare(self, n: int) -> Layer:
+        x = cp.Parameter(n, name="x")
+        y = cp.Variable(name="y")
+        alpha = cp.Parameter(pos=True, name="alpha")
+        phi = penalties.get(self.penalty)
+        objective = cp.sum(phi(y - x, alpha)) if self.uses_alpha else cp.sum(phi(y - x))
+        parameters = [x, alpha] if self.uses_alpha else [x]
+        problem = cp.Problem(cp.Minimize(objective))
+        if self.solver == "generic":
+            return Layer(problem, parameters, [y], backend="torch", initializers=_pool_starts())
+        penalty = self.penalty
+
+        def fast(x: Tensor, alpha: Tensor | None = None) -> tuple[Tensor]:
+            return (solve_pool(penalty, x, alpha),)
+
+        return Layer(problem, parameters, [y], solver=fast, verify=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x: (..., n, ...)`` -> pooled over ``dim``: ``(..., ...)`` (or size 1 with keepdim)."""
+        moved = x.movedim(self.dim, -1)
+        layer = self.layer(moved.shape[-1])
+        if self.uses_alpha:
+            (y,) = layer(moved, self.alpha.to(moved.dtype))
+        else:
+            (y,) = layer(moved)
+        return y.unsqueeze(self.dim) if self.keepdim else y
+
+    def extra_repr(self) -> str:
+        return f"penalty={self.penalty!r}, alpha={float(self.alpha):g}, dim={self.dim}"
+
+
+def _pool_starts() -> list:
+    def mean(x: Tensor, *_: Tensor) -> Tensor:
+        return x.mean(-1)
+
+    def median(x: Tensor, *_: Tensor) -> Tensor:
+        return x.median(-1).values
+
+    return [mean, median]

@@ -1,0 +1,83 @@
+"""The intermediate representation every backend and the implicit backward work on.
+
+A :class:`Program` is the torch form of one declared problem
+
+    minimise_u  f(x, u)   subject to  h(x, u) = 0,  g(x, u) <= 0,
+
+written for *one* problem on unbatched tensors: ``x`` is a tuple of parameter tensors, each with
+exactly its declared shape, and ``u`` is the flat vector of all variables (length ``m``).
+Batching is done by callers with :func:`torch.func.vmap`, so every function here must be
+vmap-compatible (no ``.item()``, no data-dependent Python control flow).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+Shape = tuple[int, ...]
+Params = tuple[Tensor, ...]
+ObjectiveFn = Callable[[Params, Tensor], Tensor]
+ResidualFn = Callable[[Params, Tensor], Tensor]
+
+
+def numel(shape: Shape) -> int:
+    return math.prod(shape)
+
+
+@dataclass(frozen=True)
+class Program:
+    """One declared optimisation problem as torch functions of (parameters, flat variables).
+
+    Attributes:
+        parameter_names: one name per parameter, used in error messages.
+        parameter_shapes: the declared shape of each parameter (no batch dims).
+        variable_names: one name per variable.
+        variable_shapes: the declared shape of each variable; ``u`` is their row-major
+            concatenation, ``m = sum(prod(shape))``.
+        objective: ``f(x, u) -> ()``, the scalar objective.
+        equalities: ``h(x, u) -> (p,)`` with ``h = 0`` at a feasible point, or ``None``.
+        inequalities: ``g(x, u) -> (q,)`` with ``g <= 0`` at a feasible point, or ``None``.
+        is_convex: the declaration is DCP (convex objective over a convex set).
+        is_dpp: the declaration is DPP (cvxpylayers can take it).
+        parameter_signs: per parameter ``"nonneg"``, ``"nonpos"`` or ``None``; checked on input.
+        maximize: the declaration maximises; ``objective`` is then its negation.
+    """
+
+    parameter_names: tuple[str, ...]
+    parameter_shapes: tuple[Shape, ...]
+    variable_names: tuple[str, ...]
+    variable_shapes: tuple[Shape, ...]
+    objective: ObjectiveFn
+    equalities: ResidualFn | None = None
+    inequalities: ResidualFn | None = None
+    is_convex: bool = False
+    is_dpp: bool = False
+    parameter_signs: tuple[str | None, ...] = field(default=())
+    maximize: bool = False
+
+    @property
+    def num_variables(self) -> int:
+        """``m``, the length of the flat variable vector."""
+        return sum(numel(s) for s in self.variable_shapes)
+
+    @property
+    def is_constrained(self) -> bool:
+        return self.equalities is not None or self.inequalities is not None
+
+    def unpack(self, u: Tensor) -> tuple[Tensor, ...]:
+        """Split ``u: (*batch, m)`` into one tensor per variable, ``(*batch, *shape)``."""
+        batch = u.shape[:-1]
+        sizes = [numel(s) for s in self.variable_shapes]
+        return tuple(
+            part.reshape(*batch, *shape)
+            for part, shape in zip(torch.split(u, sizes, dim=-1), self.variable_shapes)
+        )
+
+    def pack(self, variables: Sequence[Tensor], batch_ndim: int) -> Tensor:
+        """Inverse of :meth:`unpack`: ``(*batch, *shape)`` tensors to ``(*batch, m)``."""
+        return torch.cat([v.reshape(*v.shape[:batch_ndim], -1) for v in variables], dim=-1)
