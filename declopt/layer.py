@@ -51,6 +51,9 @@ class Layer(nn.Module):
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` when problems do not converge.
         on_gradient_issue: the same for singular/indefinite KKT systems in the backward.
         verify: check a custom solver's answer (stationarity) eagerly; default ``True``.
+        backward: ``"implicit"`` (declopt's implicit backward from the declaration) or
+            ``"native"`` (the backend differentiates its own forward, e.g. cvxpylayers); default:
+            the backend's ``default_backward`` attribute, else ``"implicit"``.
         **options: passed to the backend (e.g. ``method="lbfgs"``, ``max_iter=100``).
 
     Calling ``layer(*tensors)``: parameter ``i`` takes shape ``(*batch_i, *shape_i)``; the batch
@@ -70,6 +73,7 @@ class Layer(nn.Module):
         on_failure: str = "warn",
         on_gradient_issue: str = "warn",
         verify: bool = True,
+        backward: str | None = None,
         **options: Any,
     ) -> None:
         super().__init__()
@@ -85,6 +89,16 @@ class Layer(nn.Module):
             self.backend, self.reason = backends.select(backend, self.program)
         else:
             self.backend, self.reason = None, "a custom solver was given"
+        if backward is None:
+            backward = getattr(self.backend, "default_backward", "implicit")
+        if backward not in ("implicit", "native"):
+            raise ValueError(f"backward must be 'implicit' or 'native', got {backward!r}")
+        if backward == "native" and not getattr(self.backend, "native_backward", False):
+            raise ValueError(
+                f"backend {self.backend_name!r} cannot differentiate its own forward; "
+                "use backward='implicit'"
+            )
+        self.backward = backward
         self.initializers = tuple(initializers)
         self.on_failure = on_failure
         self.on_gradient_issue = on_gradient_issue
@@ -99,7 +113,10 @@ class Layer(nn.Module):
     def forward(self, *params: Tensor) -> tuple[Tensor, ...]:
         inputs = prepare_inputs(self.program, params)
         call = _Call(self, inputs)
-        u = _ImplicitFunction.apply(call, *inputs.params.values)
+        if self.backward == "native":
+            u = call.solve(differentiable=True)
+        else:
+            u = _ImplicitFunction.apply(call, *inputs.params.values)
         self.info = call.info
         batch = inputs.batch_shape
         return tuple(v.reshape((*batch, *v.shape[1:])) for v in self.program.unpack(u))
@@ -119,7 +136,12 @@ class _Call:
         self.inputs = inputs
         self.info: LayerInfo | None = None
 
-    def solve(self) -> Tensor:
+    def solve(self, differentiable: bool = False) -> Tensor:
+        """The packed solutions ``(B, m)``; fills in ``self.info``.
+
+        With ``differentiable=True`` the backend is asked for a forward that carries its own
+        autograd graph (``backward="native"``).
+        """
         layer, program, inputs = self.layer, self.program, self.inputs
         size = inputs.params.size
         sign = -1.0 if program.maximize else 1.0
@@ -140,10 +162,22 @@ class _Call:
             starts += [
                 self._pack(init(*inputs.tensors), "initializer") for init in layer.initializers
             ]
-            solution = layer.backend.solve(program, inputs.params, starts=starts, **layer.options)
+            extra = {"differentiable": True} if differentiable else {}
+            solution = layer.backend.solve(
+                program, inputs.params, starts=starts, **extra, **layer.options
+            )
             u, converged, iterations = solution.u, solution.converged, solution.iterations
-            f = solution.objective
-            kkt = BatchedObjective(program.objective, inputs.params).grad(u).abs().amax(-1)
+            f = solution.objective.detach()
+            if solution.kkt_residual is not None:
+                kkt = solution.kkt_residual.detach()
+            else:
+                detached = BatchedParams(
+                    tuple(v.detach() for v in inputs.params.values),
+                    inputs.params.in_dims,
+                    inputs.params.size,
+                )
+                objective = BatchedObjective(program.objective, detached)
+                kkt = objective.grad(u.detach()).abs().amax(-1)
         batch = inputs.batch_shape
         self.info = LayerInfo(
             backend=layer.backend_name,

@@ -58,6 +58,8 @@ class Solution:
             backend does not know them (the backward then estimates them by least squares).
         ineq_multipliers: ``(B, q)`` multipliers of ``g <= 0`` (``<= 0`` by the seed convention),
             or ``None``.
+        kkt_residual: ``(B,)`` the backend's own KKT residual (stationarity of the Lagrangian and
+            primal feasibility, max-abs); ``None`` lets the layer compute it from the declaration.
     """
 
     u: Tensor
@@ -66,10 +68,20 @@ class Solution:
     objective: Tensor
     eq_multipliers: Tensor | None = None
     ineq_multipliers: Tensor | None = None
+    kkt_residual: Tensor | None = None
 
 
 class Backend(Protocol):
-    """A forward solver. Register new ones with :func:`declopt.backends.register`."""
+    """A forward solver. Register new ones with :func:`declopt.backends.register`.
+
+    Optional attributes: ``native_backward = True`` if ``solve(..., differentiable=True)`` returns
+    a ``u`` that carries its own autograd graph to ``params.values`` (then ``backward="native"`` is
+    allowed), and ``default_backward`` (``"implicit"`` unless set).
+
+    ``solve`` receives ``starts`` (a list of ``(B, m)`` starting points, which a backend may
+    ignore) and the layer's ``**options``; it returns a :class:`Solution` with multipliers in the
+    seed convention when it knows them.
+    """
 
     name: str
 
