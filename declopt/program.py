@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +47,8 @@ class Program:
         is_dpp: the declaration is DPP (cvxpylayers can take it).
         parameter_signs: per parameter ``"nonneg"``, ``"nonpos"`` or ``None``; checked on input.
         maximize: the declaration maximises; ``objective`` is then its negation.
+        source: ``(problem, parameters, variables)`` when compiled from CVXPY (backends that call
+            CVXPY-based solvers need it), else ``None``.
     """
 
     parameter_names: tuple[str, ...]
@@ -59,6 +62,9 @@ class Program:
     is_dpp: bool = False
     parameter_signs: tuple[str | None, ...] = field(default=())
     maximize: bool = False
+    source: tuple[Any, tuple[Any, ...], tuple[Any, ...]] | None = field(
+        default=None, compare=False, repr=False
+    )
 
     @property
     def num_variables(self) -> int:

@@ -420,4 +420,5 @@ def compile_problem(
         is_dpp=_safe(problem.is_dpp),
         parameter_signs=tuple(_sign(p) for p in parameters),
         maximize=sign < 0,
+        source=(problem, tuple(parameters), tuple(variables)),
     )
