@@ -4,11 +4,17 @@ Problems in a batch are independent, so the gradient of the summed objective is 
 gradient at once, and a Hessian-vector product of the sum applies each problem's Hessian to its own
 probe vector. This is the forward-over-reverse form that DESIGN.md §4 measured fastest and that
 composes with ``torch.compile``; we never ``vmap`` a per-problem ``grad``/``hessian``.
+
+:class:`Derivatives` holds the pure functions (explicit tensor arguments, no captured tensors) for
+one objective and one batching pattern, so that they can be compiled once and reused by every call
+of a layer; :class:`BatchedObjective` binds them to one batch of parameters.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -17,48 +23,120 @@ from torch.func import grad, grad_and_value, jvp, vmap
 from declopt.backends.base import BatchedParams
 from declopt.program import Params
 
+ObjectiveFn = Callable[[Params, Tensor], Tensor]
+InDims = tuple[int | None, ...]
 
-def batched(
-    fn: Callable[[Params, Tensor], Tensor], params: BatchedParams
-) -> Callable[[Tensor], Tensor]:
-    """``fn(x, u)`` of one problem -> ``F(U)`` on the batch, ``U: (B, m) -> (B, ...)``."""
-    mapped = vmap(fn, in_dims=(params.in_dims, 0))
-    values = params.values
-    return lambda u: mapped(values, u)
+
+class Derivatives:
+    """Value, gradient, Hessian products and the parameter VJP of ``f`` on a batch.
+
+    Every method takes the parameter tensors ``values`` (batched as ``in_dims`` says) and
+    ``u: (B, m)``. With ``compile=True`` the functions run under ``torch.compile`` (one fused
+    kernel per pass on CPU and GPU); if compilation fails they fall back to eager with a warning.
+    """
+
+    def __init__(self, fn: ObjectiveFn, in_dims: InDims, compile: bool = False) -> None:
+        mapped = vmap(fn, in_dims=(in_dims, 0))
+        self.in_dims = in_dims
+
+        def value(values: Params, u: Tensor) -> Tensor:
+            return mapped(values, u)
+
+        def summed(u: Tensor, values: Params) -> tuple[Tensor, Tensor]:
+            f = mapped(values, u)
+            return f.sum(), f.detach()
+
+        gradient = grad(lambda u, values: mapped(values, u).sum())
+
+        def value_and_grad(values: Params, u: Tensor) -> tuple[Tensor, Tensor]:
+            g, (_, f) = grad_and_value(summed, has_aux=True)(u, values)
+            return f, g
+
+        def hvp(values: Params, u: Tensor, v: Tensor) -> Tensor:
+            return jvp(lambda uu: gradient(uu, values), (u,), (v,))[1]
+
+        def hessian(values: Params, u: Tensor) -> Tensor:
+            batch, m = u.shape
+            if m == 1:
+                return hvp(values, u, torch.ones_like(u)).unsqueeze(-1)
+            probes = torch.eye(m, dtype=u.dtype, device=u.device).unsqueeze(1).expand(m, batch, m)
+            columns = vmap(lambda e: hvp(values, u, e))(probes)  # (m, B, m): column j = H e_j
+            return columns.permute(1, 2, 0)
+
+        def directional(x: Params, u_b: Tensor, w_b: Tensor) -> Tensor:
+            return jvp(lambda uu: fn(x, uu), (u_b,), (w_b,))[1]
+
+        mapped_directional = vmap(directional, in_dims=(in_dims, 0, 0))
+
+        def param_vjp(values: Params, u: Tensor, w: Tensor) -> tuple[Tensor, ...]:
+            """``-d/dx sum_b w_b . D_u f(x_b, u_b)``, one tensor per parameter."""
+            grads = grad(lambda xs: mapped_directional(xs, u, w).sum())(values)
+            return tuple(-g for g in grads)
+
+        self.value = _maybe_compile(value, compile)
+        self.value_and_grad = _maybe_compile(value_and_grad, compile)
+        self.grad = _maybe_compile(lambda values, u: gradient(u, values), compile)
+        self.hvp = _maybe_compile(hvp, compile)
+        self.hessian = _maybe_compile(hessian, compile)
+        self.param_vjp = _maybe_compile(param_vjp, compile)
+
+
+@lru_cache(maxsize=256)
+def derivatives_for(fn: ObjectiveFn, in_dims: InDims, compile: bool = False) -> Derivatives:
+    """One :class:`Derivatives` per (function, batching pattern, compile), reused across calls."""
+    return Derivatives(fn, in_dims, compile)
 
 
 class BatchedObjective:
-    """Value, gradient, Hessian-vector products and dense Hessians of ``f`` on a batch.
+    """:class:`Derivatives` bound to one batch of parameters.
 
     All methods take ``u: (B, m)``; gradients are ``(B, m)``, Hessians ``(B, m, m)``.
     """
 
-    def __init__(self, fn: Callable[[Params, Tensor], Tensor], params: BatchedParams) -> None:
-        self.value = batched(fn, params)
-        self._grad_and_value = grad_and_value(lambda u: self._summed(u), has_aux=True)
-        self._grad = grad(lambda u: self.value(u).sum())
+    def __init__(self, fn: ObjectiveFn, params: BatchedParams, compile: bool = False) -> None:
+        self.derivatives = derivatives_for(fn, params.in_dims, compile)
+        self.values = params.values
 
-    def _summed(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        values = self.value(u)
-        return values.sum(), values.detach()
+    def value(self, u: Tensor) -> Tensor:
+        return self.derivatives.value(self.values, u)
 
     def value_and_grad(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """``(f (B,), grad (B, m))``."""
-        g, (_, f) = self._grad_and_value(u)
-        return f, g
+        return self.derivatives.value_and_grad(self.values, u)
 
     def grad(self, u: Tensor) -> Tensor:
-        return self._grad(u)
+        return self.derivatives.grad(self.values, u)
 
     def hvp(self, u: Tensor, v: Tensor) -> Tensor:
         """``H_b v_b`` for every problem ``b``; ``v: (B, m)``."""
-        return jvp(self._grad, (u,), (v,))[1]
+        return self.derivatives.hvp(self.values, u, v)
 
     def hessian(self, u: Tensor) -> Tensor:
         """Dense per-problem Hessians ``(B, m, m)`` from ``m`` probe vectors."""
-        batch, m = u.shape
-        if m == 1:
-            return self.hvp(u, torch.ones_like(u)).unsqueeze(-1)
-        probes = torch.eye(m, dtype=u.dtype, device=u.device).unsqueeze(1).expand(m, batch, m)
-        columns = vmap(lambda e: self.hvp(u, e))(probes)  # (m, B, m): column j = H e_j
-        return columns.permute(1, 2, 0)
+        return self.derivatives.hessian(self.values, u)
+
+    def param_vjp(self, u: Tensor, w: Tensor) -> tuple[Tensor, ...]:
+        """``-d/dx sum_b w_b . D_u f(x_b, u_b)``: the implicit gradient of every parameter."""
+        return self.derivatives.param_vjp(self.values, u, w)
+
+
+def _maybe_compile(fn: Callable, compile: bool) -> Callable:
+    if not compile:
+        return fn
+    compiled = torch.compile(fn, dynamic=True)
+    state = {"failed": False}
+
+    def run(*args: object) -> object:
+        if not state["failed"]:
+            try:
+                return compiled(*args)
+            except Exception as error:  # noqa: BLE001 - any compiler failure falls back to eager
+                state["failed"] = True
+                warnings.warn(
+                    f"torch.compile failed ({type(error).__name__}: {error}); running eagerly",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return fn(*args)
+
+    return run

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp, vmap
 
 from declopt.backends.base import BatchedParams
 from declopt.derivatives import BatchedObjective
 from declopt.linalg import LinearSolveReport, conjugate_gradient, solve_symmetric
-from declopt.program import Params, Program
+from declopt.program import Program
 
 DENSE_MAX_VARIABLES = 256
 """Above this many variables the Hessian is not formed; CG runs on Hessian-vector products."""
@@ -36,6 +35,7 @@ def implicit_vjp(
     v: Tensor,
     *,
     dense_max: int = DENSE_MAX_VARIABLES,
+    compile: bool = False,
 ) -> tuple[tuple[Tensor, ...], LinearSolveReport]:
     """Gradients of ``sum_b v_b . y_b(x)`` with respect to every parameter tensor.
 
@@ -44,6 +44,8 @@ def implicit_vjp(
         params: the batch of parameters the solutions ``u`` belong to.
         u: ``(B, m)`` solutions (detached).
         v: ``(B, m)`` upstream gradients.
+        dense_max: largest ``m`` for which the KKT matrix is formed densely.
+        compile: run the derivative passes under ``torch.compile``.
     Returns:
         One gradient per parameter, shaped like ``params.values[i]`` (shared parameters get the sum
         over the batch), and the per-problem report of the linear solve.
@@ -53,20 +55,13 @@ def implicit_vjp(
             "the implicit backward of constrained problems is not available yet; "
             "declare the problem without constraints"
         )
-    lagrangian = program.objective
-    objective = BatchedObjective(lagrangian, params)
+    objective = BatchedObjective(program.objective, params, compile=compile)
     m = u.shape[-1]
     if m <= dense_max:
         w, report = solve_symmetric(objective.hessian(u), v)
     else:
         w, report = conjugate_gradient(lambda d: objective.hvp(u, d), v)
-
-    def directional(x: Params, u_b: Tensor, w_b: Tensor) -> Tensor:
-        return jvp(lambda uu: lagrangian(x, uu), (u_b,), (w_b,))[1]
-
-    mapped = vmap(directional, in_dims=(params.in_dims, 0, 0))
-    grads = grad(lambda xs: mapped(xs, u, w).sum())(params.values)
-    return tuple(-g for g in grads), report
+    return objective.param_vjp(u, w), report
 
 
 def stationarity_residual(program: Program, params: BatchedParams, u: Tensor) -> Tensor:

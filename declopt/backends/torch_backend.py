@@ -28,6 +28,7 @@ class TorchBackend:
         max_iter: iteration cap per problem (default 50 for Newton, 1000 for L-BFGS).
         starts: list of ``(B, m)`` starting points; every problem is solved from each of them and
             keeps the lowest objective among converged runs. The layer fills this in.
+        compile: evaluate the objective and its derivatives under ``torch.compile``.
     """
 
     name = "torch"
@@ -45,6 +46,7 @@ class TorchBackend:
         starts: Sequence[Tensor],
         method: str = "auto",
         max_iter: int | None = None,
+        compile: bool = False,
     ) -> Solution:
         if method == "auto":
             method = "newton" if program.num_variables <= NEWTON_MAX_VARIABLES else "lbfgs"
@@ -53,7 +55,7 @@ class TorchBackend:
         num_starts = len(starts)
         all_params = params if num_starts == 1 else params.expand(num_starts)
         u0 = torch.cat(list(starts), dim=0)
-        objective = BatchedObjective(program.objective, all_params)
+        objective = BatchedObjective(program.objective, all_params, compile)
         with torch.no_grad():
             if method == "newton":
                 result = newton(objective, u0, 50 if max_iter is None else max_iter)

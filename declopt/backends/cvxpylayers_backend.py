@@ -1,0 +1,404 @@
+"""The "cvxpylayers" backend: DPP-convex declarations solved by ``cvxpylayers.torch.CvxpyLayer``.
+
+cvxpylayers canonicalises the problem once into a parametrised cone program and solves a batch of
+them with diffcp (SCS by default); its native backward differentiates the cone program. This module
+adapts it to declopt's contract:
+
+- **One build per program.** The ``CvxpyLayer`` is built on first use from ``Program.source`` and
+  cached for the life of the program.
+- **Multipliers.** The layer also returns the dual variable of every constraint, mapped to the
+  seed convention ``lambda = -y`` (CVXPY's duals ``y`` enter the Lagrangian as ``f + y^T r``, with
+  ``y >= 0`` for ``r <= 0``). Variable attributes (``nonneg=True``, ``bounds=``) are first lowered
+  to explicit constraints so that their rows get multipliers too, in the front end's row order.
+- **Batches.** The layer already flattens batch dims to one (``B``); shared parameters are passed
+  unbatched (cvxpylayers broadcasts them). cvxpylayers computes in float64 on the CPU: inputs are
+  converted (differentiably) and the outputs converted back to the inputs' dtype and device.
+- **Per-problem failures.** diffcp raises for the whole batch when one member is infeasible or
+  unbounded; the batch is then bisected until the failing members are isolated. Every answer is
+  also checked for primal feasibility against the declaration (some solvers return garbage without
+  raising). Failed members come back as ``u = 0``, zero multipliers and ``converged = False``
+  (finite, never NaN); with the native backward they receive no gradient.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cvxpy as cp
+import torch
+from cvxpy.constraints import Equality, Inequality, NonNeg, NonPos, Zero
+from cvxpy.expressions.leaf import Leaf
+from torch import Tensor
+
+from declopt.backends.base import BatchedParams, Solution
+from declopt.backends.kkt import KKTReport, kkt_report
+from declopt.program import Program
+
+DEFAULT_SOLVER_ARGS: dict[str, Any] = {"eps": 1e-10, "max_iters": 100_000}
+"""diffcp/SCS settings used unless ``solver_args=`` overrides them. SCS's own default
+(``eps = 1e-4``) leaves solutions off by ~1e-3 (and their gradients by more); 1e-10 makes the
+forward agree with the other backends to ~1e-7 at about 1.5x the time."""
+
+FEASIBILITY_TOL = 1e-6
+"""An answer whose constraint violation ``max(|h|, max(g, 0))`` exceeds this is reported as not
+converged (override with ``feasibility_tol=``)."""
+
+_EQUALITY_KINDS = (Equality, Zero)
+_INEQUALITY_KINDS = (Inequality, NonPos, NonNeg)
+
+
+# ---------------------------------------------------------------------------------------------
+# why a declaration is not DPP
+
+
+def dpp_culprit(problem: cp.Problem) -> str | None:
+    """``None`` if ``problem`` is DPP-convex, else a sentence naming the smallest offending part.
+
+    Walks the objective and the constraints and descends into the first argument that is neither
+    convex nor concave under DPP rules (parameters count as affine, not constant), so the named
+    subexpression is the smallest one that breaks the rules, e.g. ``mu @ mu`` in
+    ``mu @ mu * sum_squares(x)`` or ``exp(-square(y - x))`` in a Welsch penalty.
+    """
+    objective = problem.objective
+    if not objective.is_dcp(dpp=True):
+        expr = objective.expr
+        if not expr.is_dcp(dpp=True):
+            return _describe_non_dcp(_smallest_non_dcp(expr))
+        want = "convex" if isinstance(objective, cp.Minimize) else "concave"
+        has = "concave" if expr.is_concave() else "convex"
+        return (
+            f"the objective `{expr}` is {has} under DPP rules; "
+            f"{type(objective).__name__} needs it {want}"
+        )
+    for constraint in problem.constraints:
+        if constraint.is_dcp(dpp=True):
+            continue
+        for arg in constraint.args:
+            if not arg.is_dcp(dpp=True):
+                return _describe_non_dcp(_smallest_non_dcp(arg))
+        return (
+            f"the constraint `{constraint}` is not DPP-convex (`==` needs both sides affine; "
+            "`<=` needs a convex left and a concave right side)"
+        )
+    return None
+
+
+def _smallest_non_dcp(expr: cp.Expression) -> cp.Expression:
+    """Descend from a non-DCP ``expr`` to a non-DCP node whose arguments are all DCP."""
+    while True:
+        bad = [a for a in expr.args if not a.is_dcp(dpp=True)]
+        if not bad:
+            return expr
+        expr = bad[0]
+
+
+def _describe_non_dcp(expr: cp.Expression) -> str:
+    parametrised = bool(expr.parameters())
+    hint = (
+        " (under DPP, parameters count as affine: a product or quotient of parameters, or a "
+        "parameter multiplying a nonlinear term, breaks DPP)"
+        if parametrised
+        else ""
+    )
+    return f"`{expr}` is neither convex nor concave under DPP rules{hint}"
+
+
+# ---------------------------------------------------------------------------------------------
+# building the CvxpyLayer
+
+
+@dataclass(frozen=True)
+class CompiledCvxpyLayer:
+    """A ``CvxpyLayer`` over the variables and, after them, one dual per constraint.
+
+    ``layer(*params)`` returns ``num_variables`` primal tensors followed by the duals;
+    ``eq_duals``/``ineq_duals`` index those outputs in the row order of ``Program.equalities`` /
+    ``Program.inequalities``, which have ``num_eq`` / ``num_ineq`` rows in all.
+    """
+
+    layer: Any  # cvxpylayers.torch.CvxpyLayer
+    num_variables: int
+    eq_duals: tuple[int, ...]
+    ineq_duals: tuple[int, ...]
+    num_eq: int
+    num_ineq: int
+
+    def pack(self, outputs: Sequence[Tensor]) -> Packed:
+        """The layer's outputs for ``n`` problems as ``u (n, m)`` and the seed-convention
+        multipliers ``(n, p)``, ``(n, q)`` (detached: the native backward is through ``u``)."""
+        n = outputs[0].shape[0]
+        flat = [o.reshape(n, -1) for o in outputs]
+        u = torch.cat(flat[: self.num_variables], dim=-1)
+        # CVXPY's duals y enter the Lagrangian as f + y^T r; the seed's is L = f - lambda^T r.
+        eq = [-flat[i].detach() for i in self.eq_duals]
+        ineq = [-flat[i].detach() for i in self.ineq_duals]
+        return Packed(u, _cat_rows(eq, n, u), _cat_rows(ineq, n, u))
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Solutions of ``n`` problems: ``u (n, m)``, ``eq (n, p)``, ``ineq (n, q)`` (float64)."""
+
+    u: Tensor
+    eq: Tensor
+    ineq: Tensor
+
+
+def _cat_rows(blocks: list[Tensor], n: int, like: Tensor) -> Tensor:
+    return torch.cat(blocks, dim=-1) if blocks else like.new_zeros(n, 0).detach()
+
+
+def build_cvxpylayer(
+    problem: cp.Problem,
+    parameters: Sequence[cp.Parameter],
+    variables: Sequence[cp.Variable],
+    **layer_options: Any,
+) -> CompiledCvxpyLayer:
+    """Build the ``CvxpyLayer`` the backend calls for ``(problem, parameters, variables)``.
+
+    Variable attributes (sign, bounds) are lowered first to explicit constraints, appended after
+    the problem's own, which is the order of :func:`declopt.frontend.compile_problem`'s rows.
+    ``layer_options`` go to ``CvxpyLayer`` (e.g. ``solver=``).
+
+    Raises:
+        ValueError: the problem is not DPP (the message names the subexpression).
+    """
+    from cvxpylayers.torch import CvxpyLayer  # imported on first use: it is slow to import
+
+    culprit = dpp_culprit(problem)
+    if culprit is not None:
+        raise ValueError(_not_dpp_message(culprit))
+    problem, variables = _lower_domains(problem, variables)
+    eqs = [c for c in problem.constraints if isinstance(c, _EQUALITY_KINDS)]
+    ineqs = [c for c in problem.constraints if isinstance(c, _INEQUALITY_KINDS)]
+    duals = [c.dual_variables[0] for c in (*eqs, *ineqs)]
+    layer = CvxpyLayer(problem, parameters=list(parameters), variables=[*variables, *duals])
+    k = len(variables)
+    return CompiledCvxpyLayer(
+        layer=layer,
+        num_variables=k,
+        eq_duals=tuple(range(k, k + len(eqs))),
+        ineq_duals=tuple(range(k + len(eqs), k + len(eqs) + len(ineqs))),
+        num_eq=sum(c.size for c in eqs),
+        num_ineq=sum(c.size for c in ineqs),
+    )
+
+
+def _not_dpp_message(culprit: str) -> str:
+    return (
+        f"cvxpylayers only takes DPP-convex problems, and this one is not: {culprit}. "
+        "Use backend='torch' (or 'auto'), which solves any smooth declaration, "
+        "or rewrite that part to follow CVXPY's DPP rules."
+    )
+
+
+def _lower_domains(
+    problem: cp.Problem, variables: Sequence[cp.Variable]
+) -> tuple[cp.Problem, list[cp.Variable]]:
+    """Replace variables declared with sign/bound attributes by plain ones plus explicit
+    constraints (CVXPY gives attribute constraints no dual variable)."""
+    if not any(v.domain for v in variables):
+        return problem, list(variables)
+    plain = {
+        v.id: cp.Variable(v.shape, name=v.name()) if v.domain else v for v in variables
+    }
+    memo: dict[int, cp.Expression] = {}
+
+    def sub(expr: cp.Expression) -> cp.Expression:
+        if isinstance(expr, cp.Variable):
+            return plain.get(expr.id, expr)
+        if isinstance(expr, Leaf):
+            return expr
+        if id(expr) not in memo:  # shared subexpressions stay shared
+            memo[id(expr)] = expr.copy([sub(a) for a in expr.args])
+        return memo[id(expr)]
+
+    def sub_constraint(c: cp.Constraint) -> cp.Constraint:
+        return type(c)(*[sub(a) for a in c.args])
+
+    domain = [c for v in variables for c in v.domain]
+    objective = type(problem.objective)(sub(problem.objective.expr))
+    constraints = [sub_constraint(c) for c in (*problem.constraints, *domain)]
+    return cp.Problem(objective, constraints), [plain[v.id] for v in variables]
+
+
+# ---------------------------------------------------------------------------------------------
+# the backend
+
+
+class CvxpyLayersBackend:
+    """DPP-convex problems through cvxpylayers (diffcp + SCS), with its native backward.
+
+    Options (``dl.Layer(..., backend="cvxpylayers", **options)``):
+        solver_args: dict for diffcp / the cone solver, merged over :data:`DEFAULT_SOLVER_ARGS`
+            (e.g. ``{"solve_method": "Clarabel"}``, ``{"eps": 1e-6}``).
+        n_jobs: threads diffcp uses across the batch (``-1``: one per core; its default).
+        feasibility_tol: see :data:`FEASIBILITY_TOL`.
+
+    ``starts`` (initial points) are ignored: conic solvers start from their own point.
+    """
+
+    name = "cvxpylayers"
+    native_backward = True
+    default_backward = "native"
+
+    def __init__(self) -> None:
+        self._compiled: weakref.WeakKeyDictionary[Program, CompiledCvxpyLayer] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def supports(self, program: Program) -> str | None:
+        if program.source is None:
+            return (
+                "cvxpylayers needs the CVXPY declaration (Program.source); this program was "
+                "given as torch functions. Use backend='torch' or 'scipy'"
+            )
+        problem, parameters, _ = program.source
+        if not parameters:
+            return "cvxpylayers needs at least one parameter; use backend='torch'"
+        culprit = dpp_culprit(problem)
+        if culprit is not None:
+            return _not_dpp_message(culprit)
+        try:
+            import cvxpylayers.torch  # noqa: F401
+        except ImportError:
+            return "cvxpylayers is not installed (pip install cvxpylayers)"
+        return None
+
+    def compiled(self, program: Program) -> CompiledCvxpyLayer:
+        """The cached ``CvxpyLayer`` of ``program`` (built on first call)."""
+        compiled = self._compiled.get(program)
+        if compiled is None:
+            reason = self.supports(program)
+            if reason is not None:
+                raise ValueError(reason)
+            compiled = build_cvxpylayer(*program.source)  # type: ignore[misc]
+            self._compiled[program] = compiled
+        return compiled
+
+    def solve(
+        self,
+        program: Program,
+        params: BatchedParams,
+        *,
+        starts: Sequence[Tensor] = (),
+        differentiable: bool = False,
+        solver_args: dict[str, Any] | None = None,
+        n_jobs: int = -1,
+        feasibility_tol: float = FEASIBILITY_TOL,
+    ) -> Solution:
+        compiled = self.compiled(program)
+        ref = starts[0] if starts else params.values[0]
+        size = params.size
+        args = {**DEFAULT_SOLVER_ARGS, **(solver_args or {}), "n_jobs_forward": n_jobs}
+        values = tuple(v.to(device="cpu", dtype=torch.float64) for v in params.values)
+        if not differentiable:
+            values = tuple(v.detach() for v in values)
+        detached = BatchedParams(tuple(v.detach() for v in values), params.in_dims, size)
+        solver = _BatchSolver(compiled, program.num_variables, values, params.in_dims, args)
+        grad_mode = torch.enable_grad if differentiable else torch.no_grad
+        with grad_mode():
+            packed, solved = solver.solve(torch.arange(size))
+        report = _report(program, detached, packed)
+        converged = solved & torch.isfinite(packed.u.detach()).all(-1)
+        converged &= report.infeasibility <= feasibility_tol
+        if not bool(converged.all()):
+            # Keep only the good members, re-solved on their own: the failed ones must not reach
+            # the graph (the native backward of a failed cone program can be NaN).
+            with grad_mode():
+                packed, _ = solver.solve(converged.nonzero().squeeze(-1), size)
+            report = _report(program, detached, packed)
+        return Solution(
+            u=packed.u.to(dtype=ref.dtype, device=ref.device),
+            converged=converged.to(ref.device),
+            iterations=torch.zeros(size, dtype=torch.int64, device=ref.device),
+            objective=report.objective.to(dtype=ref.dtype, device=ref.device),
+            eq_multipliers=_rows_or_none(program.equalities, packed.eq, ref),
+            ineq_multipliers=_rows_or_none(program.inequalities, packed.ineq, ref),
+            kkt_residual=report.residual.to(dtype=ref.dtype, device=ref.device),
+        )
+
+
+def _report(program: Program, params: BatchedParams, packed: Packed) -> KKTReport:
+    eq = packed.eq if program.equalities is not None else None
+    ineq = packed.ineq if program.inequalities is not None else None
+    return kkt_report(program, params, packed.u.detach(), eq, ineq)
+
+
+def _rows_or_none(fn: object, rows: Tensor, ref: Tensor) -> Tensor | None:
+    return None if fn is None else rows.to(dtype=ref.dtype, device=ref.device)
+
+
+class _BatchSolver:
+    """Calls the ``CvxpyLayer`` on sub-batches; bisects a batch that the solver rejects."""
+
+    def __init__(
+        self,
+        compiled: CompiledCvxpyLayer,
+        num_variables: int,
+        values: tuple[Tensor, ...],
+        in_dims: tuple[int | None, ...],
+        args: dict[str, Any],
+    ) -> None:
+        self.compiled = compiled
+        self.m = num_variables
+        self.values = values
+        self.in_dims = in_dims
+        self.args = args
+
+    def solve(self, rows: Tensor, size: int | None = None) -> tuple[Packed, Tensor]:
+        """Solutions of the problems ``rows`` (1-D indices into the batch) and the ``(n,)`` mask
+        of those the solver did not reject (rejected ones are zeros).
+
+        With ``size=None`` the ``n = len(rows)`` results are in ``rows`` order; with ``size`` given
+        there are ``n = size`` rows, problem ``i`` in row ``i`` (zero where not in ``rows``).
+        """
+        from diffcp.cone_program import SolverError
+
+        pending, done = [rows], []
+        while pending:
+            part = pending.pop()
+            try:
+                done.append((part, self._call(part)))
+            except SolverError:
+                if part.numel() > 1:  # bisect until the failing members are isolated
+                    half = part.numel() // 2
+                    pending += [part[half:], part[:half]]
+        if size is None and len(done) == 1 and done[0][0].numel() == rows.numel():
+            return done[0][1], torch.ones(rows.numel(), dtype=torch.bool)
+        n = rows.numel() if size is None else size
+        u = torch.zeros(n, self.m, dtype=torch.float64)
+        eq = torch.zeros(n, self.compiled.num_eq, dtype=torch.float64)
+        ineq = torch.zeros(n, self.compiled.num_ineq, dtype=torch.float64)
+        ok = torch.zeros(n, dtype=torch.bool)
+        if done:
+            solved = torch.cat([part for part, _ in done])
+            dest = _rank(rows, solved) if size is None else solved
+            # index_put keeps the autograd graph of the solved rows (native backward).
+            u = u.index_put((dest,), torch.cat([p.u for _, p in done]))
+            eq[dest] = torch.cat([p.eq for _, p in done])
+            ineq[dest] = torch.cat([p.ineq for _, p in done])
+            ok[dest] = True
+        return Packed(u, eq, ineq), ok
+
+    def _call(self, rows: Tensor) -> Packed:
+        n = rows.numel()
+        args = [v if d is None else v[rows] for v, d in zip(self.values, self.in_dims)]
+        if all(d is None for d in self.in_dims):  # give the outputs a batch dim
+            args[0] = args[0].unsqueeze(0).expand(n, *args[0].shape)
+        solver_args = dict(self.args)
+        # cvxpylayers runs diffcp's backward setup only when a gradient is needed, and diffcp's
+        # forward-only entry point rejects n_jobs_backward.
+        if torch.is_grad_enabled() and any(a.requires_grad for a in args):
+            solver_args["n_jobs_backward"] = solver_args["n_jobs_forward"]
+        return self.compiled.pack(self.compiled.layer(*args, solver_args=solver_args))
+
+
+def _rank(rows: Tensor, subset: Tensor) -> Tensor:
+    """Positions of the entries of ``subset`` within ``rows`` (1-D, ``subset`` within ``rows``)."""
+    lookup = torch.full((int(rows.max()) + 1,), -1, dtype=torch.long)
+    lookup[rows] = torch.arange(rows.numel())
+    return lookup[subset]
