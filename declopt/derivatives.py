@@ -12,15 +12,15 @@ of a layer; :class:`BatchedObjective` binds them to one batch of parameters.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from functools import lru_cache
 
 import torch
 from torch import Tensor
-from torch.func import grad, grad_and_value, jvp, vmap
+from torch.func import grad, grad_and_value, jvp, vjp, vmap
 
 from declopt.backends.base import BatchedParams
+from declopt.compiling import maybe_compile
 from declopt.program import Params
 
 ObjectiveFn = Callable[[Params, Tensor], Tensor]
@@ -63,22 +63,19 @@ class Derivatives:
             columns = vmap(lambda e: hvp(values, u, e))(probes)  # (m, B, m): column j = H e_j
             return columns.permute(1, 2, 0)
 
-        def directional(x: Params, u_b: Tensor, w_b: Tensor) -> Tensor:
-            return jvp(lambda uu: fn(x, uu), (u_b,), (w_b,))[1]
-
-        mapped_directional = vmap(directional, in_dims=(in_dims, 0, 0))
-
         def param_vjp(values: Params, u: Tensor, w: Tensor) -> tuple[Tensor, ...]:
             """``-d/dx sum_b w_b . D_u f(x_b, u_b)``, one tensor per parameter."""
-            grads = grad(lambda xs: mapped_directional(xs, u, w).sum())(values)
-            return tuple(-g for g in grads)
+            # Reverse over reverse: the pullback of the gradient map x -> D_u f(x, u). (The
+            # equivalent grad-of-jvp form trips torch.compile's fake tensors on some atoms.)
+            _, pullback = vjp(lambda xs: gradient(u, xs), values)
+            return tuple(-g for g in pullback(w)[0])
 
-        self.value = _maybe_compile(value, compile)
-        self.value_and_grad = _maybe_compile(value_and_grad, compile)
-        self.grad = _maybe_compile(lambda values, u: gradient(u, values), compile)
-        self.hvp = _maybe_compile(hvp, compile)
-        self.hessian = _maybe_compile(hessian, compile)
-        self.param_vjp = _maybe_compile(param_vjp, compile)
+        self.value = maybe_compile(value, compile)
+        self.value_and_grad = maybe_compile(value_and_grad, compile)
+        self.grad = maybe_compile(lambda values, u: gradient(u, values), compile)
+        self.hvp = maybe_compile(hvp, compile)
+        self.hessian = maybe_compile(hessian, compile)
+        self.param_vjp = maybe_compile(param_vjp, compile)
 
 
 @lru_cache(maxsize=256)
@@ -118,25 +115,3 @@ class BatchedObjective:
     def param_vjp(self, u: Tensor, w: Tensor) -> tuple[Tensor, ...]:
         """``-d/dx sum_b w_b . D_u f(x_b, u_b)``: the implicit gradient of every parameter."""
         return self.derivatives.param_vjp(self.values, u, w)
-
-
-def _maybe_compile(fn: Callable, compile: bool) -> Callable:
-    if not compile:
-        return fn
-    compiled = torch.compile(fn, dynamic=True)
-    state = {"failed": False}
-
-    def run(*args: object) -> object:
-        if not state["failed"]:
-            try:
-                return compiled(*args)
-            except Exception as error:  # noqa: BLE001 - any compiler failure falls back to eager
-                state["failed"] = True
-                warnings.warn(
-                    f"torch.compile failed ({type(error).__name__}: {error}); running eagerly",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        return fn(*args)
-
-    return run

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import Tensor
 
@@ -25,7 +26,6 @@ class BackwardInfo:
     residual: Tensor
 
 
-@dataclass
 class LayerInfo:
     """Diagnostics of one forward call; per-problem tensors have the call's batch shape.
 
@@ -38,16 +38,56 @@ class LayerInfo:
             ``Maximize`` problem reports its maximum).
         kkt_residual: ``max |D_u L|`` at the returned solution.
         backward: filled in by the backward pass, ``None`` until then.
+
+    ``objective`` and ``kkt_residual`` may be computed on first access (for custom solvers that
+    are not verified eagerly), so that a layer pays for diagnostics only when they are read.
     """
 
-    backend: str
-    reason: str
-    converged: Tensor
-    iterations: Tensor
-    objective: Tensor
-    kkt_residual: Tensor
-    backward: BackwardInfo | None = field(default=None)
+    def __init__(
+        self,
+        backend: str,
+        reason: str,
+        converged: Tensor,
+        iterations: Tensor,
+        objective: Tensor | Callable[[], Tensor],
+        kkt_residual: Tensor | Callable[[], Tensor],
+        backward: BackwardInfo | None = None,
+    ) -> None:
+        self.backend = backend
+        self.reason = reason
+        self.converged = converged
+        self.iterations = iterations
+        self._objective = objective
+        self._kkt_residual = kkt_residual
+        self.backward = backward
+
+    @property
+    def objective(self) -> Tensor:
+        if callable(self._objective):
+            self._objective = self._objective()
+        return self._objective
+
+    @property
+    def kkt_residual(self) -> Tensor:
+        if callable(self._kkt_residual):
+            self._kkt_residual = self._kkt_residual()
+        return self._kkt_residual
 
     @property
     def all_converged(self) -> bool:
         return bool(self.converged.all())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{name}={getattr(self, name)!r}"
+            for name in (
+                "backend",
+                "reason",
+                "converged",
+                "iterations",
+                "objective",
+                "kkt_residual",
+                "backward",
+            )
+        )
+        return f"LayerInfo({fields})"

@@ -157,13 +157,20 @@ class _Call:
         if layer.solver is not None:
             u = self._pack(layer.solver(*inputs.tensors), "solver")
             objective = BatchedObjective(program.objective, inputs.params, layer.compile)
-            f, g = objective.value_and_grad(u)
-            kkt = g.abs().amax(-1)
-            scale = 1 + f.abs()
-            converged = kkt <= torch.finfo(u.dtype).eps ** 0.5 * scale
-            if not layer.verify:
-                converged = torch.ones_like(converged)
+
+            def diagnose() -> tuple[Tensor, Tensor]:
+                f, g = objective.value_and_grad(u)
+                return f, g.abs().amax(-1)
+
             iterations = torch.zeros(size, dtype=torch.int64, device=u.device)
+            if layer.verify:
+                f, kkt = diagnose()
+                converged = kkt <= torch.finfo(u.dtype).eps ** 0.5 * (1 + f.abs())
+            else:
+                # Trusted solver: diagnostics are computed only if someone reads them.
+                converged = torch.ones(size, dtype=torch.bool, device=u.device)
+                lazy = _Lazy(diagnose)
+                f, kkt = lazy.first, lazy.second
         else:
             starts = [
                 torch.zeros(size, program.num_variables, dtype=inputs.dtype, device=inputs.device)
@@ -188,13 +195,19 @@ class _Call:
                 objective = BatchedObjective(program.objective, detached)
                 kkt = objective.grad(u.detach()).abs().amax(-1)
         batch = inputs.batch_shape
+
+        def shaped(value: Tensor | Callable[[], Tensor], scale: float = 1.0) -> Any:
+            if callable(value):
+                return lambda: (scale * value()).reshape(batch)
+            return (scale * value).reshape(batch)
+
         self.info = LayerInfo(
             backend=layer.backend_name,
             reason=layer.reason,
             converged=converged.reshape(batch),
             iterations=iterations.reshape(batch),
-            objective=(sign * f).reshape(batch),
-            kkt_residual=kkt.reshape(batch),
+            objective=shaped(f, sign),
+            kkt_residual=shaped(kkt),
         )
         self._report_failures()
         return u
@@ -276,6 +289,26 @@ class _Call:
         if policy == "raise":
             raise SolverError(message)
         warnings.warn(message, GradientWarning, stacklevel=3)
+
+
+class _Lazy:
+    """Computes a pair once, on first access of either half."""
+
+    def __init__(self, compute: Callable[[], tuple[Tensor, Tensor]]) -> None:
+        self._compute = compute
+        self._value: tuple[Tensor, Tensor] | None = None
+
+    def _get(self) -> tuple[Tensor, Tensor]:
+        if self._value is None:
+            with torch.no_grad():
+                self._value = self._compute()
+        return self._value
+
+    def first(self) -> Tensor:
+        return self._get()[0]
+
+    def second(self) -> Tensor:
+        return self._get()[1]
 
 
 class _ImplicitFunction(torch.autograd.Function):

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import cvxpy as cp
 import numpy as np
 import pytest
 import torch
 
 import declopt as dl
+
+# These tests specify the torch backend and the implicit backward; backend parity is tested in
+# tests/test_backends.py.
+TorchLayer = partial(dl.Layer, backend="torch")
 
 
 def ridge_layer(n: int, d: int) -> dl.Layer:
@@ -16,7 +22,7 @@ def ridge_layer(n: int, d: int) -> dl.Layer:
     mu = cp.Parameter(nonneg=True, name="mu")
     beta = cp.Variable(d, name="beta")
     objective = 0.5 * cp.sum_squares(X @ beta - y) + 0.5 * mu * cp.sum_squares(beta)
-    return dl.Layer(cp.Problem(cp.Minimize(objective)), [X, y, mu], [beta])
+    return TorchLayer(cp.Problem(cp.Minimize(objective)), [X, y, mu], [beta])
 
 
 def test_ridge_regression_matches_closed_form_and_its_mu_derivative() -> None:
@@ -58,7 +64,7 @@ def test_every_problem_in_a_batch_equals_the_same_problem_solved_alone() -> None
     problem = cp.Problem(
         cp.Minimize(cp.sum(1 - cp.exp(-cp.square(u - x) / 2)) + 0.01 * cp.square(u))
     )
-    layer = dl.Layer(problem, [x], [u])
+    layer = TorchLayer(problem, [x], [u])
     X = torch.randn(7, 6, dtype=torch.float64) * 3
     X[3] *= 100  # one hard problem must not change the others
     (batched,) = layer(X)
@@ -70,7 +76,7 @@ def test_batch_dims_broadcast_and_shared_parameters_get_summed_gradients() -> No
     x = cp.Parameter(3)
     s = cp.Parameter(pos=True)
     u = cp.Variable(3)
-    layer = dl.Layer(
+    layer = TorchLayer(
         cp.Problem(cp.Minimize(cp.sum_squares(u - x) + s * cp.sum_squares(u))), [x, s], [u]
     )
     X = torch.randn(2, 1, 3, dtype=torch.float64, requires_grad=True)
@@ -88,7 +94,7 @@ def test_batch_dims_broadcast_and_shared_parameters_get_summed_gradients() -> No
 def test_float32_in_float32_out_and_unbatched_call() -> None:
     x = cp.Parameter(4)
     u = cp.Variable(4)
-    layer = dl.Layer(
+    layer = TorchLayer(
         cp.Problem(cp.Minimize(cp.sum_squares(u - x) + cp.sum(cp.abs(u)) * 0)), [x], [u]
     )
     X = torch.randn(4, requires_grad=True)
@@ -100,10 +106,10 @@ def test_float32_in_float32_out_and_unbatched_call() -> None:
 def test_info_reports_backend_and_per_problem_diagnostics() -> None:
     x = cp.Parameter(5)
     u = cp.Variable()
-    layer = dl.Layer(cp.Problem(cp.Minimize(cp.sum(cp.logistic(u - x)) + cp.square(u))), [x], [u])
+    layer = TorchLayer(cp.Problem(cp.Minimize(cp.sum(cp.logistic(u - x)) + cp.square(u))), [x], [u])
     layer(torch.randn(2, 3, 5, dtype=torch.float64))
     info = layer.info
-    assert info.backend == "torch" and "auto" in info.reason
+    assert info.backend == "torch" and "torch" in info.reason
     for field in (info.converged, info.iterations, info.objective, info.kkt_residual):
         assert field.shape == (2, 3)
     assert info.converged.all() and (info.kkt_residual < 1e-9).all() and (info.iterations > 0).all()
@@ -112,7 +118,7 @@ def test_info_reports_backend_and_per_problem_diagnostics() -> None:
 def test_maximize_is_solved_and_reported_with_its_own_sign() -> None:
     x = cp.Parameter(2)
     u = cp.Variable(2)
-    layer = dl.Layer(cp.Problem(cp.Maximize(x @ u - cp.sum_squares(u))), [x], [u])
+    layer = TorchLayer(cp.Problem(cp.Maximize(x @ u - cp.sum_squares(u))), [x], [u])
     X = torch.tensor([1.0, -2.0], dtype=torch.float64)
     (U,) = layer(X)
     torch.testing.assert_close(U, X / 2)
@@ -126,7 +132,7 @@ def test_large_problems_use_lbfgs_and_cg_and_agree_with_the_closed_form() -> Non
     w = cp.Parameter(n, pos=True)
     u = cp.Variable(n)
     objective = cp.sum(cp.multiply(w, cp.square(u))) - x @ u
-    layer = dl.Layer(cp.Problem(cp.Minimize(objective)), [x, w], [u])
+    layer = TorchLayer(cp.Problem(cp.Minimize(objective)), [x, w], [u])
     X = torch.randn(2, n, dtype=torch.float64, requires_grad=True)
     W = (torch.rand(2, n, dtype=torch.float64) + 0.5).requires_grad_()
     (U,) = layer(X, W)
@@ -139,11 +145,11 @@ def test_large_problems_use_lbfgs_and_cg_and_agree_with_the_closed_form() -> Non
 def test_nonconvergence_is_reported_in_info_and_by_a_warning() -> None:
     x = cp.Parameter(3)
     u = cp.Variable()
-    layer = dl.Layer(cp.Problem(cp.Minimize(cp.sum(cp.exp(u - x)) - u)), [x], [u], max_iter=1)
+    layer = TorchLayer(cp.Problem(cp.Minimize(cp.sum(cp.exp(u - x)) - u)), [x], [u], max_iter=1)
     with pytest.warns(dl.NonConvergenceWarning, match="did not converge"):
         layer(torch.randn(4, 3, dtype=torch.float64) * 5)
     assert not layer.info.all_converged
-    strict = dl.Layer(layer.program, on_failure="raise", max_iter=1)
+    strict = TorchLayer(layer.program, on_failure="raise", max_iter=1)
     with pytest.raises(dl.SolverError, match="did not converge"):
         strict(torch.randn(4, 3, dtype=torch.float64) * 5)
 
@@ -151,7 +157,7 @@ def test_nonconvergence_is_reported_in_info_and_by_a_warning() -> None:
 def test_unbounded_problem_is_reported_not_silent() -> None:
     x = cp.Parameter()
     u = cp.Variable()
-    layer = dl.Layer(cp.Problem(cp.Minimize(-cp.exp(u) + x * u)), [x], [u])
+    layer = TorchLayer(cp.Problem(cp.Minimize(-cp.exp(u) + x * u)), [x], [u])
     with pytest.warns(dl.NonConvergenceWarning):
         layer(torch.tensor([1.0, 2.0], dtype=torch.float64))
     assert not layer.info.converged.any()
@@ -167,7 +173,7 @@ def test_custom_solver_is_used_and_backward_comes_from_the_declaration() -> None
         calls.append(x.shape)
         return (x / 2,)
 
-    layer = dl.Layer(problem, [x], [u], solver=closed_form)
+    layer = TorchLayer(problem, [x], [u], solver=closed_form)
     X = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     (U,) = layer(X)
     U.sum().backward()
@@ -179,7 +185,7 @@ def test_wrong_custom_solver_answer_is_flagged() -> None:
     x = cp.Parameter(3)
     u = cp.Variable(3)
     problem = cp.Problem(cp.Minimize(cp.sum_squares(u - x)))
-    layer = dl.Layer(problem, [x], [u], solver=lambda x: (x + 1,))
+    layer = TorchLayer(problem, [x], [u], solver=lambda x: (x + 1,))
     with pytest.warns(dl.NonConvergenceWarning):
         layer(torch.randn(2, 3, dtype=torch.float64))
 
@@ -191,9 +197,9 @@ def test_initializers_pick_the_lowest_local_minimum() -> None:
     # one is near u = 1.2 and is found only from the initializer's start.
     problem = cp.Problem(cp.Minimize(cp.square(cp.square(u) - 1) - 0.5 * cp.power(u, 3) + x * u))
     X = torch.tensor([0.1, 0.1], dtype=torch.float64)
-    (U_plain,) = dl.Layer(problem, [x], [u])(X)
+    (U_plain,) = TorchLayer(problem, [x], [u])(X)
     assert (U_plain < -0.5).all()
-    seeded = dl.Layer(problem, [x], [u], initializers=[lambda x: torch.full_like(x, 2.0)])
+    seeded = TorchLayer(problem, [x], [u], initializers=[lambda x: torch.full_like(x, 2.0)])
     (U,) = seeded(X)
     assert (U > 1.0).all() and seeded.info.converged.all()
 
@@ -204,7 +210,7 @@ class TestBadInput:
         x = cp.Parameter(4, name="x")
         s = cp.Parameter(nonneg=True, name="s")
         u = cp.Variable(name="u")
-        return dl.Layer(
+        return TorchLayer(
             cp.Problem(cp.Minimize(cp.sum_squares(u - x) + s * cp.square(u))), [x, s], [u]
         )
 
@@ -241,25 +247,25 @@ class TestBadInput:
         u = cp.Variable(3)
         problem = cp.Problem(cp.Minimize(cp.sum_squares(u - x) - cp.geo_mean(u)))
         with pytest.raises(dl.UnsupportedAtomError, match="GeoMean"):
-            dl.Layer(problem, [x], [u])
+            TorchLayer(problem, [x], [u])
 
     def test_problem_without_variables_is_rejected(self) -> None:
         x = cp.Parameter(2)
         with pytest.raises(dl.DeclarationError, match="variable"):
-            dl.Layer(cp.Problem(cp.Minimize(cp.sum_squares(x))), [x], [])
+            TorchLayer(cp.Problem(cp.Minimize(cp.sum_squares(x))), [x], [])
 
     def test_unknown_backend_lists_the_registered_ones(self) -> None:
         x = cp.Parameter(2)
         u = cp.Variable(2)
         with pytest.raises(ValueError, match=r"unknown backend 'gurobi'.*torch"):
-            dl.Layer(cp.Problem(cp.Minimize(cp.sum_squares(u - x))), [x], [u], backend="gurobi")
+            TorchLayer(cp.Problem(cp.Minimize(cp.sum_squares(u - x))), [x], [u], backend="gurobi")
 
 
 def test_numpy_and_python_numbers_are_accepted_as_shared_parameters() -> None:
     x = cp.Parameter(2)
     s = cp.Parameter(pos=True)
     u = cp.Variable(2)
-    layer = dl.Layer(
+    layer = TorchLayer(
         cp.Problem(cp.Minimize(cp.sum_squares(u - x) + s * cp.sum_squares(u))), [x, s], [u]
     )
     (U,) = layer(np.array([2.0, 4.0]), 1.0)
