@@ -106,10 +106,7 @@ def _signs(program: Program) -> Sequence[str | None]:
 def _check_values(name: str, sign: str | None, tensor: Tensor, batch_ndim: int) -> None:
     # One reduction decides the common case; the elementwise check only runs to locate a culprit
     # (a huge but finite tensor whose sum overflows passes the second check).
-    if bool(torch.isfinite(tensor.sum())):
-        finite = None
-    else:
-        finite = torch.isfinite(tensor)
+    finite = None if bool(torch.isfinite(tensor.sum())) else torch.isfinite(tensor)
     if finite is not None and not bool(finite.all()):
         raise InputError(
             f"parameter {name!r} contains NaN or Inf at {_first_bad(finite, batch_ndim)}; "

@@ -8,6 +8,8 @@ solve the program, else why not) and ``solve(program, params, **options) -> Solu
 from __future__ import annotations
 
 from declopt.backends.base import Backend, BatchedParams, Solution
+from declopt.backends.cvxpylayers_backend import CvxpyLayersBackend, dpp_culprit
+from declopt.backends.scipy_backend import ScipyBackend
 from declopt.backends.torch_backend import TorchBackend
 from declopt.program import Program
 
@@ -39,11 +41,21 @@ def get(name: str) -> Backend:
         ) from None
 
 
-def select(name: str, program: Program) -> tuple[Backend, str]:
-    """The backend for ``program`` and the reason it was chosen.
+AUTO_PREFERS_CVXPYLAYERS = True
+"""The ``"auto"`` policy for DPP-convex problems. ``True`` (DESIGN.md §2): all of them go to
+cvxpylayers, an exact conic solver that also takes nonsmooth atoms and constraints. ``False``: only
+those the torch backend cannot solve (today: constrained ones), since on the others the torch
+backend is much faster and its implicit gradients are more accurate (``benchmarks/backends.py``)."""
 
-    ``"auto"`` sends DPP-convex problems to ``"cvxpylayers"`` when that backend is registered and
-    everything else to ``"torch"``. An explicit name that cannot take the program raises.
+
+def select(name: str, program: Program) -> tuple[Backend, str]:
+    """The backend for ``program`` and the reason it was chosen (``layer.info.reason``).
+
+    ``"auto"`` sends DPP-convex problems to ``"cvxpylayers"`` (all of them, or only those the
+    torch backend cannot solve: see :data:`AUTO_PREFERS_CVXPYLAYERS`) and everything else to
+    ``"torch"``; the reason names the test that decided (for a problem that is not DPP-convex, the
+    subexpression that breaks the rules). An explicit name that cannot take the program raises
+    ``ValueError`` with the backend's own reason.
     """
     if name != "auto":
         backend = get(name)
@@ -51,16 +63,33 @@ def select(name: str, program: Program) -> tuple[Backend, str]:
         if problem is not None:
             raise ValueError(f"backend {name!r} cannot solve this problem: {problem}")
         return backend, f"requested backend={name!r}"
-    if program.is_convex and program.is_dpp and "cvxpylayers" in _REGISTRY:
-        backend = _REGISTRY["cvxpylayers"]
-        if backend.supports(program) is None:
-            return backend, "auto: the problem is DPP-convex"
     torch_backend = get("torch")
-    problem = torch_backend.supports(program)
-    if problem is not None:
-        raise ValueError(f"no registered backend can solve this problem: {problem}")
-    kind = "DPP-convex" if program.is_convex and program.is_dpp else "not DPP-convex"
-    return torch_backend, f"auto: the problem is {kind}"
+    torch_refusal = torch_backend.supports(program)
+    dpp_convex = program.is_convex and program.is_dpp
+    if dpp_convex and (AUTO_PREFERS_CVXPYLAYERS or torch_refusal is not None):
+        cvx = _REGISTRY.get("cvxpylayers")
+        refusal = "it is not registered" if cvx is None else cvx.supports(program)
+        if refusal is None:
+            because = "" if AUTO_PREFERS_CVXPYLAYERS else f" and torch cannot ({torch_refusal})"
+            return cvx, f"auto: the problem is DPP-convex{because}, so cvxpylayers solves it"
+        why = f"the problem is DPP-convex but cvxpylayers cannot take it ({refusal})"
+    elif dpp_convex:
+        why = "the problem is DPP-convex and the torch backend takes it (faster than cvxpylayers)"
+    else:
+        why = f"the problem is not DPP-convex{_culprit(program)}"
+    if torch_refusal is not None:
+        raise ValueError(f"no registered backend can solve this problem: {why}; {torch_refusal}")
+    return torch_backend, f"auto: {why}, so torch solves it"
+
+
+def _culprit(program: Program) -> str:
+    """`` (<why>)`` for a CVXPY declaration that is not DPP-convex, else empty."""
+    if program.source is None:
+        return " (it was given as torch functions)"
+    culprit = dpp_culprit(program.source[0])
+    return "" if culprit is None else f" ({culprit})"
 
 
 register("torch", TorchBackend())
+register("cvxpylayers", CvxpyLayersBackend())
+register("scipy", ScipyBackend())

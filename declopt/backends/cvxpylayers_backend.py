@@ -22,6 +22,7 @@ adapts it to declopt's contract:
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -96,14 +97,15 @@ def _smallest_non_dcp(expr: cp.Expression) -> cp.Expression:
 
 
 def _describe_non_dcp(expr: cp.Expression) -> str:
-    parametrised = bool(expr.parameters())
-    hint = (
-        " (under DPP, parameters count as affine: a product or quotient of parameters, or a "
-        "parameter multiplying a nonlinear term, breaks DPP)"
-        if parametrised
-        else ""
+    if expr.is_dcp():  # DCP with parameters as constants, so only the parameters break it
+        return (
+            f"`{expr}` is DCP but not DPP (under DPP, parameters count as affine: a product or "
+            "quotient of parameters, or a parameter multiplying a nonlinear term, breaks DPP)"
+        )
+    return (
+        f"`{expr}` is neither convex nor concave by CVXPY's DCP rules (the declaration is "
+        "nonconvex, or not written in DCP form)"
     )
-    return f"`{expr}` is neither convex nor concave under DPP rules{hint}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,9 +204,7 @@ def _lower_domains(
     constraints (CVXPY gives attribute constraints no dual variable)."""
     if not any(v.domain for v in variables):
         return problem, list(variables)
-    plain = {
-        v.id: cp.Variable(v.shape, name=v.name()) if v.domain else v for v in variables
-    }
+    plain = {v.id: cp.Variable(v.shape, name=v.name()) if v.domain else v for v in variables}
     memo: dict[int, cp.Expression] = {}
 
     def sub(expr: cp.Expression) -> cp.Expression:
@@ -235,6 +235,7 @@ class CvxpyLayersBackend:
     Options (``dl.Layer(..., backend="cvxpylayers", **options)``):
         solver_args: dict for diffcp / the cone solver, merged over :data:`DEFAULT_SOLVER_ARGS`
             (e.g. ``{"solve_method": "Clarabel"}``, ``{"eps": 1e-6}``).
+        max_iter: the cone solver's iteration cap (SCS's ``max_iters``).
         n_jobs: threads diffcp uses across the batch (``-1``: one per core; its default).
         feasibility_tol: see :data:`FEASIBILITY_TOL`.
 
@@ -287,6 +288,7 @@ class CvxpyLayersBackend:
         starts: Sequence[Tensor] = (),
         differentiable: bool = False,
         solver_args: dict[str, Any] | None = None,
+        max_iter: int | None = None,
         n_jobs: int = -1,
         feasibility_tol: float = FEASIBILITY_TOL,
     ) -> Solution:
@@ -294,6 +296,8 @@ class CvxpyLayersBackend:
         ref = starts[0] if starts else params.values[0]
         size = params.size
         args = {**DEFAULT_SOLVER_ARGS, **(solver_args or {}), "n_jobs_forward": n_jobs}
+        if max_iter is not None:
+            args["max_iters"] = max_iter
         values = tuple(v.to(device="cpu", dtype=torch.float64) for v in params.values)
         if not differentiable:
             values = tuple(v.detach() for v in values)
@@ -394,7 +398,12 @@ class _BatchSolver:
         # forward-only entry point rejects n_jobs_backward.
         if torch.is_grad_enabled() and any(a.requires_grad for a in args):
             solver_args["n_jobs_backward"] = solver_args["n_jobs_forward"]
-        return self.compiled.pack(self.compiled.layer(*args, solver_args=solver_args))
+        with warnings.catch_warnings():
+            # diffcp converts torch tensors with np.array(...), which NumPy 2 flags once per
+            # problem; it is noise to declopt's users.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            outputs = self.compiled.layer(*args, solver_args=solver_args)
+        return self.compiled.pack(outputs)
 
 
 def _rank(rows: Tensor, subset: Tensor) -> Tensor:
