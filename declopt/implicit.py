@@ -16,16 +16,59 @@ How the forward was solved never enters here; only the declaration (the :class:`
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+from torch.func import vjp, vmap
 
 from declopt.backends.base import BatchedParams
+from declopt.backends.constrained import (
+    batched_constraints,
+    constraint_jacobian,
+    example_problem,
+)
 from declopt.derivatives import BatchedObjective
+from declopt.lagrangian import equality_fn, lagrangian, weighted_constraints
 from declopt.linalg import LinearSolveReport, conjugate_gradient, solve_symmetric
 from declopt.program import Program
 
 DENSE_MAX_VARIABLES = 256
 """Above this many variables the Hessian is not formed; CG runs on Hessian-vector products."""
+
+
+@dataclass
+class ImplicitReport:
+    """Per-problem facts of one implicit backward (tensors ``(B, ...)``).
+
+    Attributes:
+        linear: the report of the KKT solve.
+        active: ``(B, q)`` inequalities counted active (``None`` without inequalities).
+        weakly_active: ``(B, q)`` active inequalities with a ~zero multiplier (one-sided points).
+        one_sided: ``(B,)`` some inequality is weakly active: the derivative is one-sided.
+        sign_violation: ``(B,)`` an active inequality has a multiplier of the wrong sign
+            (``lambda_g > 0``): the point is not a KKT point of a minimum.
+        multiplier_residual: ``(B,)`` ``max |D_u f - A^T lambda|`` with the multipliers used.
+    """
+
+    linear: LinearSolveReport
+    active: Tensor | None
+    weakly_active: Tensor | None
+    one_sided: Tensor
+    sign_violation: Tensor
+    multiplier_residual: Tensor
+
+
+DEGENERATE_CHOICES = ("active", "inactive", "warn", "raise")
+"""How a weakly active inequality (active, multiplier ~0) enters the backward:
+
+* ``"active"``: kept as an equality. The derivative is the one-sided derivative for perturbations
+  that push the solution *into* the constraint (the constraint stays binding).
+* ``"inactive"``: dropped. The derivative is the one-sided derivative for perturbations that move
+  the solution *away* from the constraint (it becomes strictly inactive).
+* ``"warn"`` (default): as ``"active"``, and the layer warns.
+* ``"raise"``: the layer raises.
+"""
 
 
 def implicit_vjp(
@@ -34,9 +77,12 @@ def implicit_vjp(
     u: Tensor,
     v: Tensor,
     *,
+    eq_multipliers: Tensor | None = None,
+    ineq_multipliers: Tensor | None = None,
+    degenerate: str = "warn",
     dense_max: int = DENSE_MAX_VARIABLES,
     compile: bool = False,
-) -> tuple[tuple[Tensor, ...], LinearSolveReport]:
+) -> tuple[tuple[Tensor, ...], ImplicitReport]:
     """Gradients of ``sum_b v_b . y_b(x)`` with respect to every parameter tensor.
 
     Args:
@@ -44,24 +90,146 @@ def implicit_vjp(
         params: the batch of parameters the solutions ``u`` belong to.
         u: ``(B, m)`` solutions (detached).
         v: ``(B, m)`` upstream gradients.
+        eq_multipliers, ineq_multipliers: ``(B, p)``, ``(B, q)`` multipliers from the backend in
+            the seed convention (``D_u f = lambda^T D_u [h; g]``, ``lambda_g <= 0``); estimated by
+            least squares when ``None``.
+        degenerate: see :data:`DEGENERATE_CHOICES`.
         dense_max: largest ``m`` for which the KKT matrix is formed densely.
         compile: run the derivative passes under ``torch.compile``.
     Returns:
         One gradient per parameter, shaped like ``params.values[i]`` (shared parameters get the sum
-        over the batch), and the per-problem report of the linear solve.
+        over the batch), and the per-problem report.
     """
-    if program.is_constrained:
-        raise NotImplementedError(
-            "the implicit backward of constrained problems is not available yet; "
-            "declare the problem without constraints"
-        )
-    objective = BatchedObjective(program.objective, params, compile=compile)
-    m = u.shape[-1]
-    if m <= dense_max:
-        w, report = solve_symmetric(objective.hessian(u), v)
+    if degenerate not in DEGENERATE_CHOICES:
+        raise ValueError(f"degenerate must be one of {DEGENERATE_CHOICES}, got {degenerate!r}")
+    batch, m = u.shape
+    if not program.is_constrained:
+        objective = BatchedObjective(program.objective, params, compile=compile)
+        if m <= dense_max:
+            w, linear = solve_symmetric(objective.hessian(u), v)
+        else:
+            w, linear = conjugate_gradient(lambda d: objective.hvp(u, d), v)
+        none = torch.zeros(batch, dtype=torch.bool, device=u.device)
+        residual = objective.grad(u).abs().amax(-1)
+        report = ImplicitReport(linear, None, None, none, none, residual)
+        return objective.param_vjp(u, w), report
+    return _constrained_vjp(
+        program, params, u, v, eq_multipliers, ineq_multipliers, degenerate, compile
+    )
+
+
+def _constrained_vjp(
+    program: Program,
+    params: BatchedParams,
+    u: Tensor,
+    v: Tensor,
+    lam_h: Tensor | None,
+    lam_g: Tensor | None,
+    degenerate: str,
+    compile: bool,
+) -> tuple[tuple[Tensor, ...], ImplicitReport]:
+    batch, m = u.shape
+    state = active_set(program, params, u, lam_h, lam_g, compile=compile)
+    k = state.constraints.shape[-1]
+    p = k - state.active.shape[-1]
+    counted = state.active & ~state.weakly if degenerate == "inactive" else state.active
+    mask = torch.ones(batch, k, dtype=torch.bool, device=u.device)
+    mask[:, p:] = counted
+    lam = torch.where(mask, state.multipliers, torch.zeros_like(state.multipliers))
+    jac = state.jacobian
+    stationarity = (state.grad_f - (lam.unsqueeze(-1) * jac).sum(-2)).abs().amax(-1)
+
+    # The KKT system of the Lagrangian, padded: inactive rows are zero in A with a one on the
+    # diagonal, so one batched solve serves problems with different active sets.
+    extended = BatchedParams((*params.values, lam), (*params.in_dims, 0), batch)
+    lagrangian_derivatives = BatchedObjective(lagrangian(program), extended, compile=compile)
+    hess = lagrangian_derivatives.hessian(u)
+    jac_active = jac * mask.unsqueeze(-1)
+    top = torch.cat([hess, jac_active.transpose(-1, -2)], -1)
+    bottom = torch.cat([jac_active, torch.diag_embed((~mask).to(u.dtype))], -1)
+    kkt = torch.cat([top, bottom], -2)
+    rhs = torch.cat([v, v.new_zeros(batch, k)], -1)
+    solution, linear = solve_symmetric(kkt, rhs, num_negative_expected=mask.sum(-1))
+    w, z = solution[:, :m], solution[:, m:] * mask
+
+    grads_l = lagrangian_derivatives.param_vjp(u, w)[: len(params.values)]
+    weighted = BatchedParams((*params.values, z), (*params.in_dims, 0), batch)
+    _, pullback = vjp(
+        lambda xs: vmap(weighted_constraints(program), in_dims=(weighted.in_dims, 0))(
+            (*xs, z), u
+        ).sum(),
+        params.values,
+    )
+    grads_c = pullback(torch.ones((), dtype=u.dtype, device=u.device))[0]
+    grads = tuple(gl - gc for gl, gc in zip(grads_l, grads_c))
+    report = ImplicitReport(
+        linear,
+        active=state.active,
+        weakly_active=state.weakly,
+        one_sided=state.weakly.any(-1),
+        sign_violation=state.sign_violation,
+        multiplier_residual=stationarity,
+    )
+    return grads, report
+
+
+@dataclass
+class ActiveSet:
+    """The constraint state of a batch of solutions (see :func:`active_set`)."""
+
+    constraints: Tensor  # (B, p + q): [h; g]
+    jacobian: Tensor  # (B, p + q, m)
+    grad_f: Tensor  # (B, m)
+    multipliers: Tensor  # (B, p + q), seed convention
+    active: Tensor  # (B, q)
+    weakly: Tensor  # (B, q): active with a ~zero multiplier
+    sign_violation: Tensor  # (B,): an active inequality with lambda_g > 0
+
+
+def active_set(
+    program: Program,
+    params: BatchedParams,
+    u: Tensor,
+    lam_h: Tensor | None,
+    lam_g: Tensor | None,
+    *,
+    compile: bool = False,
+) -> ActiveSet:
+    """Active inequalities, multipliers and degeneracy flags at solutions ``u: (B, m)``.
+
+    Tolerances follow the dtype: a constraint is active when ``g >= -sqrt(eps) (1 + |u|)`` or its
+    multiplier is clearly nonzero; weakly active when active with ``|lambda| <= sqrt(eps) (1 +
+    |D_u f|)``. Missing multipliers are estimated by least squares on the active rows.
+    """
+    batch = u.shape[0]
+    eps = torch.finfo(u.dtype).eps
+    c = batched_constraints(program, params, u)
+    jac = constraint_jacobian(program, params, u)
+    k = c.shape[-1]
+    p = equality_fn(program)(example_problem(params), u[0]).numel()
+    g = c[:, p:]
+    grad_f = BatchedObjective(program.objective, params, compile=compile).grad(u)
+    tol = eps**0.5 * (1 + u.abs().amax(-1, keepdim=True))
+    if lam_h is None or lam_g is None:
+        mask = torch.ones(batch, k, dtype=torch.bool, device=u.device)
+        mask[:, p:] = g >= -tol
+        lam = _least_squares_multipliers(jac * mask.unsqueeze(-1), grad_f, mask)
     else:
-        w, report = conjugate_gradient(lambda d: objective.hvp(u, d), v)
-    return objective.param_vjp(u, w), report
+        lam = torch.cat([lam_h.to(u.dtype), lam_g.to(u.dtype)], -1)
+    lam_g = lam[:, p:]
+    active = (g >= -tol) | (lam_g < -tol)
+    lam_tol = eps**0.5 * (1 + grad_f.abs().amax(-1, keepdim=True))
+    weakly = active & (lam_g.abs() <= lam_tol)
+    sign_violation = (active & (lam_g > lam_tol)).any(-1)
+    return ActiveSet(c, jac, grad_f, lam, active, weakly, sign_violation)
+
+
+def _least_squares_multipliers(jac: Tensor, grad_f: Tensor, mask: Tensor) -> Tensor:
+    """Least-squares ``lambda`` of ``A^T lambda = D_u f`` (rows outside ``mask`` are zero)."""
+    normal = jac @ jac.transpose(-1, -2)  # (B, k, k); zero rows/cols for masked-out constraints
+    rhs = (jac @ grad_f.unsqueeze(-1)).squeeze(-1)
+    lam, _ = solve_symmetric(normal, rhs)
+    return lam * mask
 
 
 def stationarity_residual(program: Program, params: BatchedParams, u: Tensor) -> Tensor:

@@ -18,12 +18,19 @@ class BackwardInfo:
         second_order_ok: the Hessian is positive definite on the null space of the active
             constraints, i.e. the solution is a strict local minimum.
         residual: relative residual of the linear solve.
+        one_sided: some inequality was weakly active: the derivative is one-sided (the layer's
+            ``degenerate=`` chose the side).
+        sign_violation: an active inequality had a multiplier of the wrong sign.
+        multiplier_residual: ``max |D_u f - A^T lambda|`` with the multipliers used.
     """
 
     method: str
     singular: Tensor
     second_order_ok: Tensor
     residual: Tensor
+    one_sided: Tensor
+    sign_violation: Tensor
+    multiplier_residual: Tensor
 
 
 class LayerInfo:
@@ -38,6 +45,11 @@ class LayerInfo:
             ``Maximize`` problem reports its maximum).
         kkt_residual: ``max |D_u L|`` at the returned solution.
         backward: filled in by the backward pass, ``None`` until then.
+        active: ``(*batch, q)`` constrained problems only: inequalities active at the solution.
+        one_sided: ``(*batch)`` constrained problems only: some active inequality has a ~zero
+            multiplier, so the derivative there is one-sided.
+        eq_multipliers, ineq_multipliers: ``(*batch, p)``, ``(*batch, q)`` multipliers in the seed
+            convention (``D_u f = lambda^T D_u [h; g]``, ``lambda_g <= 0``).
 
     ``objective`` and ``kkt_residual`` may be computed on first access (for custom solvers that
     are not verified eagerly), so that a layer pays for diagnostics only when they are read.
@@ -60,6 +72,10 @@ class LayerInfo:
         self._objective = objective
         self._kkt_residual = kkt_residual
         self.backward = backward
+        self.active: Tensor | None = None
+        self.one_sided: Tensor | None = None
+        self.eq_multipliers: Tensor | None = None
+        self.ineq_multipliers: Tensor | None = None
 
     @property
     def objective(self) -> Tensor:

@@ -19,10 +19,11 @@ from torch.autograd.function import once_differentiable
 
 from declopt import backends
 from declopt.backends.base import BatchedParams
+from declopt.backends.constrained import kkt_residual
 from declopt.derivatives import BatchedObjective
 from declopt.errors import GradientWarning, NonConvergenceWarning, SolverError
 from declopt.frontend import compile_problem
-from declopt.implicit import DENSE_MAX_VARIABLES, implicit_vjp
+from declopt.implicit import DEGENERATE_CHOICES, DENSE_MAX_VARIABLES, active_set, implicit_vjp
 from declopt.info import BackwardInfo, LayerInfo
 from declopt.inputs import PreparedInputs, prepare_inputs
 from declopt.program import Program
@@ -57,6 +58,9 @@ class Layer(nn.Module):
         compile: run the derivative passes of the solver and of the backward under
             ``torch.compile`` (fused kernels; the first call of each dtype pays seconds of
             compilation, later calls are several times faster).
+        degenerate: how a weakly active inequality (active, ~zero multiplier: the derivative is
+            one-sided) enters the backward: ``"active"``, ``"inactive"``, ``"warn"`` (default:
+            active + warning) or ``"raise"``; see :data:`declopt.implicit.DEGENERATE_CHOICES`.
         **options: passed to the backend (e.g. ``method="lbfgs"``, ``max_iter=100``), except
             ``dense_max`` (largest ``m`` with a dense KKT solve in the backward; CG above).
 
@@ -79,6 +83,7 @@ class Layer(nn.Module):
         verify: bool = True,
         backward: str | None = None,
         compile: bool = False,
+        degenerate: str = "warn",
         **options: Any,
     ) -> None:
         super().__init__()
@@ -103,6 +108,9 @@ class Layer(nn.Module):
                 f"backend {self.backend_name!r} cannot differentiate its own forward; "
                 "use backward='implicit'"
             )
+        if degenerate not in DEGENERATE_CHOICES:
+            raise ValueError(f"degenerate must be one of {DEGENERATE_CHOICES}, got {degenerate!r}")
+        self.degenerate = degenerate
         self.backward = backward
         self.compile = compile
         self.dense_max = options.pop("dense_max", DENSE_MAX_VARIABLES)
@@ -154,11 +162,17 @@ class _Call:
         layer, program, inputs = self.layer, self.program, self.inputs
         size = inputs.params.size
         sign = -1.0 if program.maximize else 1.0
+        lam_h = lam_g = None
         if layer.solver is not None:
             u = self._pack(layer.solver(*inputs.tensors), "solver")
             objective = BatchedObjective(program.objective, inputs.params, layer.compile)
 
             def diagnose() -> tuple[Tensor, Tensor]:
+                if program.is_constrained:
+                    state = active_set(program, inputs.params, u, None, None)
+                    p = state.constraints.shape[-1] - state.active.shape[-1]
+                    lam = state.multipliers
+                    return objective.value(u), kkt_residual(program, inputs.params, u, lam, p)[0]
                 f, g = objective.value_and_grad(u)
                 return f, g.abs().amax(-1)
 
@@ -183,6 +197,7 @@ class _Call:
                 program, inputs.params, starts=starts, **extra, **layer.options
             )
             u, converged, iterations = solution.u, solution.converged, solution.iterations
+            lam_h, lam_g = solution.eq_multipliers, solution.ineq_multipliers
             f = solution.objective.detach()
             if solution.kkt_residual is not None:
                 kkt = solution.kkt_residual.detach()
@@ -201,6 +216,7 @@ class _Call:
                 return lambda: (scale * value()).reshape(batch)
             return (scale * value).reshape(batch)
 
+        self.multipliers = (lam_h, lam_g)
         self.info = LayerInfo(
             backend=layer.backend_name,
             reason=layer.reason,
@@ -209,8 +225,29 @@ class _Call:
             objective=shaped(f, sign),
             kkt_residual=shaped(kkt),
         )
+        if program.is_constrained:
+            self._constraint_info(u.detach(), lam_h, lam_g)
         self._report_failures()
         return u
+
+    def _constraint_info(self, u: Tensor, lam_h: Tensor | None, lam_g: Tensor | None) -> None:
+        """Active set, multipliers and one-sidedness of the solutions, into ``self.info``."""
+        inputs = self.inputs
+        detached = BatchedParams(
+            tuple(v.detach() for v in inputs.params.values),
+            inputs.params.in_dims,
+            inputs.params.size,
+        )
+        with torch.no_grad():
+            state = active_set(self.program, detached, u, lam_h, lam_g)
+        batch = inputs.batch_shape
+        k, q = state.constraints.shape[-1], state.active.shape[-1]
+        self.multipliers = (state.multipliers[:, : k - q], state.multipliers[:, k - q :])
+        info = self.info
+        info.active = state.active.reshape(*batch, q)
+        info.one_sided = state.weakly.any(-1).reshape(batch)
+        info.eq_multipliers = state.multipliers[:, : k - q].reshape(*batch, k - q)
+        info.ineq_multipliers = state.multipliers[:, k - q :].reshape(*batch, q)
 
     def _pack(self, values: Sequence[Tensor] | Tensor, what: str) -> Tensor:
         """Solver/initializer output ``(*batch, *shape)`` (broadcastable) -> ``(B, m)``."""
@@ -259,15 +296,28 @@ class _Call:
         params = BatchedParams(values, self.inputs.params.in_dims, self.inputs.params.size)
         dense_max = self.layer.dense_max
         with torch.no_grad():
+            lam_h, lam_g = getattr(self, "multipliers", (None, None))
             grads, report = implicit_vjp(
-                self.program, params, u, grad_u, dense_max=dense_max, compile=self.layer.compile
+                self.program,
+                params,
+                u,
+                grad_u,
+                eq_multipliers=lam_h,
+                ineq_multipliers=lam_g,
+                degenerate=self.layer.degenerate,
+                dense_max=dense_max,
+                compile=self.layer.compile,
             )
         batch = self.inputs.batch_shape
+        linear = report.linear
         info = BackwardInfo(
-            method=report.method,
-            singular=report.singular.reshape(batch),
-            second_order_ok=report.second_order_ok.reshape(batch),
-            residual=report.residual.reshape(batch),
+            method=linear.method,
+            singular=linear.singular.reshape(batch),
+            second_order_ok=linear.second_order_ok.reshape(batch),
+            residual=linear.residual.reshape(batch),
+            one_sided=report.one_sided.reshape(batch),
+            sign_violation=report.sign_violation.reshape(batch),
+            multiplier_residual=report.multiplier_residual.reshape(batch),
         )
         if self.info is not None:
             self.info.backward = info
@@ -275,14 +325,26 @@ class _Call:
         return grads
 
     def _report_gradient_issues(self, info: BackwardInfo) -> None:
+        if bool(info.one_sided.any()) and self.layer.degenerate in ("warn", "raise"):
+            first = [tuple(int(i) for i in row) for row in info.one_sided.nonzero()[:5]]
+            message = (
+                f"implicit backward: {int(info.one_sided.sum())} problem(s) have a weakly active "
+                f"inequality (active with a ~zero multiplier), so the derivative is one-sided; "
+                f"first batch indices: {first}. It was computed treating them as active; choose "
+                "the side with degenerate='active' or 'inactive' (see declopt.implicit)."
+            )
+            if self.layer.degenerate == "raise":
+                raise SolverError(message)
+            warnings.warn(message, GradientWarning, stacklevel=3)
         policy = self.layer.on_gradient_issue
-        bad = info.singular | ~info.second_order_ok
+        bad = info.singular | ~info.second_order_ok | info.sign_violation
         if policy == "ignore" or not bool(bad.any()):
             return
         first = [tuple(int(i) for i in row) for row in bad.nonzero()[:5]]
         message = (
             f"implicit backward: {int(info.singular.sum())} singular and "
-            f"{int((~info.second_order_ok).sum())} not-strict-minimum KKT system(s) among "
+            f"{int((~info.second_order_ok).sum())} not-strict-minimum KKT system(s) and "
+            f"{int(info.sign_violation.sum())} wrong-sign multiplier(s) among "
             f"{bad.numel()} problem(s); first batch indices: {first}. Singular systems use the "
             "minimum-norm least-squares gradient. See layer.info.backward."
         )

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from declopt.backends.base import BatchedParams, Solution
+from declopt.backends.constrained import solve_constrained
 from declopt.backends.unconstrained import MinimizeResult, lbfgs, newton
 from declopt.derivatives import BatchedObjective
 from declopt.program import Program
@@ -34,8 +35,6 @@ class TorchBackend:
     name = "torch"
 
     def supports(self, program: Program) -> str | None:
-        if program.is_constrained:
-            return "the torch backend does not solve constrained problems yet"
         return None
 
     def solve(
@@ -55,6 +54,21 @@ class TorchBackend:
         num_starts = len(starts)
         all_params = params if num_starts == 1 else params.expand(num_starts)
         u0 = torch.cat(list(starts), dim=0)
+        if program.is_constrained:
+            with torch.no_grad():
+                result = solve_constrained(
+                    program, all_params, u0, method=method, max_iter=max_iter, compile=compile
+                )
+            pick = _pick_start(result.objective, result.converged, num_starts, params.size)
+            return Solution(
+                u=result.u[pick],
+                converged=result.converged[pick],
+                iterations=result.iterations.reshape(num_starts, -1).sum(0),
+                objective=result.objective[pick],
+                eq_multipliers=result.lam_h[pick],
+                ineq_multipliers=result.lam_g[pick],
+                kkt_residual=result.kkt_residual[pick],
+            )
         objective = BatchedObjective(program.objective, all_params, compile)
         with torch.no_grad():
             if method == "newton":
@@ -70,18 +84,21 @@ class TorchBackend:
         )
 
 
+def _pick_start(objective: Tensor, converged: Tensor, num_starts: int, batch: int) -> Tensor:
+    """Flat indices of each problem's best start: lowest objective among converged runs."""
+    f = objective.reshape(num_starts, batch)
+    ok = converged.reshape(num_starts, batch)
+    score = torch.where(ok, f, torch.full_like(f, float("inf")))
+    score = torch.where(~ok.any(0, keepdim=True), f, score)
+    score = torch.where(torch.isnan(score), torch.full_like(score, float("inf")), score)
+    return score.argmin(0) * batch + torch.arange(batch, device=f.device)
+
+
 def _best_start(result: MinimizeResult, num_starts: int, batch: int) -> MinimizeResult:
     """Per problem, the start with the lowest objective, preferring converged runs."""
     if num_starts == 1:
         return result
-    f = result.objective.reshape(num_starts, batch)
-    converged = result.converged.reshape(num_starts, batch)
-    # Rank converged runs first; ties in objective keep the earlier start (argmin is stable).
-    score = torch.where(converged, f, torch.full_like(f, float("inf")))
-    none_converged = ~converged.any(0)
-    score = torch.where(none_converged.unsqueeze(0), f, score)
-    pick = score.argmin(0)  # (B,)
-    flat = pick * batch + torch.arange(batch, device=pick.device)
+    flat = _pick_start(result.objective, result.converged, num_starts, batch)
     return MinimizeResult(
         u=result.u[flat],
         objective=result.objective[flat],
