@@ -29,7 +29,13 @@ from declopt.backends.constrained import (
     example_problem,
 )
 from declopt.derivatives import BatchedObjective
-from declopt.lagrangian import equality_fn, lagrangian, weighted_constraints
+from declopt.lagrangian import (
+    equality_fn,
+    inequality_fn,
+    kink_margin_fn,
+    lagrangian,
+    weighted_constraints,
+)
 from declopt.linalg import LinearSolveReport, conjugate_gradient, solve_symmetric
 from declopt.program import Program
 
@@ -103,7 +109,7 @@ def implicit_vjp(
     if degenerate not in DEGENERATE_CHOICES:
         raise ValueError(f"degenerate must be one of {DEGENERATE_CHOICES}, got {degenerate!r}")
     batch, m = u.shape
-    if not program.is_constrained:
+    if not program.is_constrained and not _on_a_kink(program, params, u):
         objective = BatchedObjective(program.objective, params, compile=compile)
         if m <= dense_max:
             w, linear = solve_symmetric(objective.hessian(u), v)
@@ -118,6 +124,19 @@ def implicit_vjp(
     )
 
 
+def _on_a_kink(program: Program, params: BatchedParams, u: Tensor) -> bool:
+    """Whether any problem of the batch sits on a kink of a nonsmooth atom."""
+    if program.kinks is None:
+        return False
+    margins = vmap(kink_margin_fn(program), in_dims=(params.in_dims, 0))(params.values, u)
+    return bool((margins.abs() <= _tolerance(u)).any())
+
+
+def _tolerance(u: Tensor) -> Tensor:
+    """``sqrt(eps) (1 + |u|_inf)`` per problem, ``(B, 1)``: the dtype-aware activity tolerance."""
+    return torch.finfo(u.dtype).eps ** 0.5 * (1 + u.abs().amax(-1, keepdim=True))
+
+
 def _constrained_vjp(
     program: Program,
     params: BatchedParams,
@@ -130,42 +149,44 @@ def _constrained_vjp(
 ) -> tuple[tuple[Tensor, ...], ImplicitReport]:
     batch, m = u.shape
     state = active_set(program, params, u, lam_h, lam_g, compile=compile)
-    k = state.constraints.shape[-1]
-    p = k - state.active.shape[-1]
+    p, q = state.num_eq, state.active.shape[-1]
     counted = state.active & ~state.weakly if degenerate == "inactive" else state.active
-    mask = torch.ones(batch, k, dtype=torch.bool, device=u.device)
-    mask[:, p:] = counted
+    mask = torch.cat(
+        [torch.ones_like(state.multipliers[:, :p], dtype=torch.bool), counted, state.kinks_active],
+        -1,
+    )
+    k = mask.shape[-1]
     lam = torch.where(mask, state.multipliers, torch.zeros_like(state.multipliers))
-    jac = state.jacobian
+    jac = state.jacobian * mask.unsqueeze(-1)
     stationarity = (state.grad_f - (lam.unsqueeze(-1) * jac).sum(-2)).abs().amax(-1)
 
     # The KKT system of the Lagrangian, padded: inactive rows are zero in A with a one on the
     # diagonal, so one batched solve serves problems with different active sets.
     extended = BatchedParams((*params.values, lam), (*params.in_dims, 0), batch)
-    lagrangian_derivatives = BatchedObjective(lagrangian(program), extended, compile=compile)
+    with_kinks = program.kinks is not None
+    lagrangian_derivatives = BatchedObjective(
+        lagrangian(program, with_kinks), extended, compile=compile
+    )
     hess = lagrangian_derivatives.hessian(u)
-    jac_active = jac * mask.unsqueeze(-1)
-    top = torch.cat([hess, jac_active.transpose(-1, -2)], -1)
-    bottom = torch.cat([jac_active, torch.diag_embed((~mask).to(u.dtype))], -1)
+    top = torch.cat([hess, jac.transpose(-1, -2)], -1)
+    bottom = torch.cat([jac, torch.diag_embed((~mask).to(u.dtype))], -1)
     kkt = torch.cat([top, bottom], -2)
     rhs = torch.cat([v, v.new_zeros(batch, k)], -1)
     solution, linear = solve_symmetric(kkt, rhs, num_negative_expected=mask.sum(-1))
     w, z = solution[:, :m], solution[:, m:] * mask
 
     grads_l = lagrangian_derivatives.param_vjp(u, w)[: len(params.values)]
-    weighted = BatchedParams((*params.values, z), (*params.in_dims, 0), batch)
+    weighted = weighted_constraints(program, with_kinks)
+    in_dims = (*params.in_dims, 0)
     _, pullback = vjp(
-        lambda xs: vmap(weighted_constraints(program), in_dims=(weighted.in_dims, 0))(
-            (*xs, z), u
-        ).sum(),
-        params.values,
+        lambda xs: vmap(weighted, in_dims=(in_dims, 0))((*xs, z), u).sum(), params.values
     )
     grads_c = pullback(torch.ones((), dtype=u.dtype, device=u.device))[0]
     grads = tuple(gl - gc for gl, gc in zip(grads_l, grads_c))
     report = ImplicitReport(
         linear,
-        active=state.active,
-        weakly_active=state.weakly,
+        active=state.active if q else None,
+        weakly_active=state.weakly if q else None,
         one_sided=state.weakly.any(-1),
         sign_violation=state.sign_violation,
         multiplier_residual=stationarity,
@@ -175,14 +196,19 @@ def _constrained_vjp(
 
 @dataclass
 class ActiveSet:
-    """The constraint state of a batch of solutions (see :func:`active_set`)."""
+    """The constraint state of a batch of solutions (see :func:`active_set`).
 
-    constraints: Tensor  # (B, p + q): [h; g]
-    jacobian: Tensor  # (B, p + q, m)
+    Rows are ``[h (p); g (q); kink residuals (K)]``.
+    """
+
+    num_eq: int
+    constraints: Tensor  # (B, p + q + K)
+    jacobian: Tensor  # (B, p + q + K, m)
     grad_f: Tensor  # (B, m)
-    multipliers: Tensor  # (B, p + q), seed convention
+    multipliers: Tensor  # (B, p + q + K), seed convention
     active: Tensor  # (B, q)
     weakly: Tensor  # (B, q): active with a ~zero multiplier
+    kinks_active: Tensor  # (B, K): the solution sits on this kink
     sign_violation: Tensor  # (B,): an active inequality with lambda_g > 0
 
 
@@ -195,37 +221,56 @@ def active_set(
     *,
     compile: bool = False,
 ) -> ActiveSet:
-    """Active inequalities, multipliers and degeneracy flags at solutions ``u: (B, m)``.
+    """Active inequalities and kinks, multipliers and degeneracy flags at solutions ``u: (B, m)``.
 
-    Tolerances follow the dtype: a constraint is active when ``g >= -sqrt(eps) (1 + |u|)`` or its
-    multiplier is clearly nonzero; weakly active when active with ``|lambda| <= sqrt(eps) (1 +
-    |D_u f|)``. Missing multipliers are estimated by least squares on the active rows.
+    Tolerances follow the dtype: an inequality is active when ``g >= -sqrt(eps) (1 + |u|)`` or
+    its multiplier is clearly nonzero; weakly active when active with ``|lambda| <= sqrt(eps)
+    (1 + |D_u f|)``; a kink is active when its margin is within ``sqrt(eps) (1 + |u|)``. Missing
+    multipliers (all of them, or the kinks', which no backend knows) come from least squares on
+    the stationarity ``D_u f = lambda^T A`` over the active rows.
     """
     batch = u.shape[0]
     eps = torch.finfo(u.dtype).eps
-    c = batched_constraints(program, params, u)
-    jac = constraint_jacobian(program, params, u)
-    k = c.shape[-1]
-    p = equality_fn(program)(example_problem(params), u[0]).numel()
-    g = c[:, p:]
+    with_kinks = program.kinks is not None
+    c = batched_constraints(program, params, u, with_kinks)
+    jac = constraint_jacobian(program, params, u, with_kinks)
+    example = example_problem(params)
+    p = equality_fn(program)(example, u[0]).numel()
+    q = inequality_fn(program)(example, u[0]).numel()
+    g = c[:, p : p + q]
     grad_f = BatchedObjective(program.objective, params, compile=compile).grad(u)
-    tol = eps**0.5 * (1 + u.abs().amax(-1, keepdim=True))
-    if lam_h is None or lam_g is None:
-        mask = torch.ones(batch, k, dtype=torch.bool, device=u.device)
-        mask[:, p:] = g >= -tol
-        lam = _least_squares_multipliers(jac * mask.unsqueeze(-1), grad_f, mask)
+    tol = _tolerance(u)
+    if with_kinks:
+        margins = vmap(kink_margin_fn(program), in_dims=(params.in_dims, 0))(params.values, u)
+        kinks_active = margins.abs() <= tol
     else:
-        lam = torch.cat([lam_h.to(u.dtype), lam_g.to(u.dtype)], -1)
-    lam_g = lam[:, p:]
+        kinks_active = torch.zeros(batch, 0, dtype=torch.bool, device=u.device)
+    known = lam_h is not None and lam_g is not None
+    if known:
+        lam_known = torch.cat([lam_h.to(u.dtype), lam_g.to(u.dtype)], -1)
+        # Only the kinks' multipliers are unknown: fit them to what the others leave over.
+        leftover = grad_f - (lam_known.unsqueeze(-1) * jac[:, : p + q]).sum(-2)
+        kink_jac = jac[:, p + q :] * kinks_active.unsqueeze(-1)
+        lam_kinks = _least_squares_multipliers(kink_jac, leftover, kinks_active)
+        lam = torch.cat([lam_known, lam_kinks], -1)
+    else:
+        rows_active = torch.cat(
+            [torch.ones(batch, p, dtype=torch.bool, device=u.device), g >= -tol], -1
+        )
+        mask = torch.cat([rows_active, kinks_active], -1)
+        lam = _least_squares_multipliers(jac * mask.unsqueeze(-1), grad_f, mask)
+    lam_g = lam[:, p : p + q]
     active = (g >= -tol) | (lam_g < -tol)
     lam_tol = eps**0.5 * (1 + grad_f.abs().amax(-1, keepdim=True))
     weakly = active & (lam_g.abs() <= lam_tol)
     sign_violation = (active & (lam_g > lam_tol)).any(-1)
-    return ActiveSet(c, jac, grad_f, lam, active, weakly, sign_violation)
+    return ActiveSet(p, c, jac, grad_f, lam, active, weakly, kinks_active, sign_violation)
 
 
 def _least_squares_multipliers(jac: Tensor, grad_f: Tensor, mask: Tensor) -> Tensor:
     """Least-squares ``lambda`` of ``A^T lambda = D_u f`` (rows outside ``mask`` are zero)."""
+    if jac.shape[1] == 0:
+        return jac.new_zeros(jac.shape[0], 0)
     normal = jac @ jac.transpose(-1, -2)  # (B, k, k); zero rows/cols for masked-out constraints
     rhs = (jac @ grad_f.unsqueeze(-1)).squeeze(-1)
     lam, _ = solve_symmetric(normal, rhs)

@@ -39,10 +39,25 @@ def inequality_fn(program: Program) -> PerProblem:
     return (lambda x, u: g(x, u).reshape(-1)) if g is not None else (lambda x, u: _empty(u))
 
 
-def constraint_fn(program: Program) -> PerProblem:
-    """``c(x, u) = [h; g] -> (p + q,)``."""
+def kink_fn(program: Program) -> PerProblem:
+    """Kink residuals ``r(x, u) -> (K,)`` of the nonsmooth atoms (empty when there are none)."""
+    kinks = program.kinks
+    return (lambda x, u: kinks(x, u)[0]) if kinks is not None else (lambda x, u: _empty(u))
+
+
+def kink_margin_fn(program: Program) -> PerProblem:
+    """Kink margins ``(x, u) -> (K,)``: ~0 where the solution sits on a kink."""
+    kinks = program.kinks
+    return (lambda x, u: kinks(x, u)[1]) if kinks is not None else (lambda x, u: _empty(u))
+
+
+def constraint_fn(program: Program, with_kinks: bool = False) -> PerProblem:
+    """``c(x, u) = [h; g] -> (p + q,)``, with the kink residuals appended if ``with_kinks``."""
     h, g = equality_fn(program), inequality_fn(program)
-    return lambda x, u: torch.cat([h(x, u), g(x, u)])
+    if not with_kinks:
+        return lambda x, u: torch.cat([h(x, u), g(x, u)])
+    r = kink_fn(program)
+    return lambda x, u: torch.cat([h(x, u), g(x, u), r(x, u)])
 
 
 @lru_cache(maxsize=256)
@@ -70,9 +85,10 @@ def augmented_lagrangian(program: Program) -> PerProblem:
 
 
 @lru_cache(maxsize=256)
-def lagrangian(program: Program) -> PerProblem:
-    """``L((*x, lambda), u) = f(x, u) - lambda . [h; g](x, u)`` (seed convention)."""
-    f, c = program.objective, constraint_fn(program)
+def lagrangian(program: Program, with_kinks: bool = False) -> PerProblem:
+    """``L((*x, lambda), u) = f(x, u) - lambda . c(x, u)`` (seed convention; ``c`` as in
+    :func:`constraint_fn`)."""
+    f, c = program.objective, constraint_fn(program, with_kinks)
     count = len(program.parameter_shapes)
 
     def fn(extended: Params, u: Tensor) -> Tensor:
@@ -83,9 +99,9 @@ def lagrangian(program: Program) -> PerProblem:
 
 
 @lru_cache(maxsize=256)
-def weighted_constraints(program: Program) -> PerProblem:
-    """``((*x, z), u) -> z . [h; g](x, u)``: the constraint term of the implicit gradient."""
-    c = constraint_fn(program)
+def weighted_constraints(program: Program, with_kinks: bool = False) -> PerProblem:
+    """``((*x, z), u) -> z . c(x, u)``: the constraint term of the implicit gradient."""
+    c = constraint_fn(program, with_kinks)
     count = len(program.parameter_shapes)
 
     def fn(extended: Params, u: Tensor) -> Tensor:

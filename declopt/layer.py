@@ -168,11 +168,26 @@ class _Call:
             objective = BatchedObjective(program.objective, inputs.params, layer.compile)
 
             def diagnose() -> tuple[Tensor, Tensor]:
-                if program.is_constrained:
+                if program.is_constrained or program.kinks is not None:
                     state = active_set(program, inputs.params, u, None, None)
-                    p = state.constraints.shape[-1] - state.active.shape[-1]
-                    lam = state.multipliers
-                    return objective.value(u), kkt_residual(program, inputs.params, u, lam, p)[0]
+                    lam = torch.where(
+                        torch.cat(
+                            [
+                                torch.ones_like(
+                                    state.multipliers[:, : state.num_eq], dtype=torch.bool
+                                ),
+                                state.active,
+                                state.kinks_active,
+                            ],
+                            -1,
+                        ),
+                        state.multipliers,
+                        torch.zeros_like(state.multipliers),
+                    )
+                    residual, _ = kkt_residual(
+                        program, inputs.params, u, lam, state.num_eq, program.kinks is not None
+                    )
+                    return objective.value(u), residual
                 f, g = objective.value_and_grad(u)
                 return f, g.abs().amax(-1)
 
@@ -241,13 +256,14 @@ class _Call:
         with torch.no_grad():
             state = active_set(self.program, detached, u, lam_h, lam_g)
         batch = inputs.batch_shape
-        k, q = state.constraints.shape[-1], state.active.shape[-1]
-        self.multipliers = (state.multipliers[:, : k - q], state.multipliers[:, k - q :])
+        p, q = state.num_eq, state.active.shape[-1]
+        lam_h, lam_g = state.multipliers[:, :p], state.multipliers[:, p : p + q]
+        self.multipliers = (lam_h, lam_g)
         info = self.info
         info.active = state.active.reshape(*batch, q)
         info.one_sided = state.weakly.any(-1).reshape(batch)
-        info.eq_multipliers = state.multipliers[:, : k - q].reshape(*batch, k - q)
-        info.ineq_multipliers = state.multipliers[:, k - q :].reshape(*batch, q)
+        info.eq_multipliers = lam_h.reshape(*batch, p)
+        info.ineq_multipliers = lam_g.reshape(*batch, q)
 
     def _pack(self, values: Sequence[Tensor] | Tensor, what: str) -> Tensor:
         """Solver/initializer output ``(*batch, *shape)`` (broadcastable) -> ``(B, m)``."""

@@ -49,6 +49,9 @@ class Program:
         maximize: the declaration maximises; ``objective`` is then its negation.
         source: ``(problem, parameters, variables)`` when compiled from CVXPY (backends that call
             CVXPY-based solvers need it), else ``None``.
+        kinks: ``(x, u) -> (residuals (K,), margins (K,))`` of the nonsmooth atoms' kink sites, or
+            ``None``. A site whose margin is ~0 holds the solution on a kink; the backward then
+            adds ``residual = 0`` as one more active equality (DESIGN.md §2).
     """
 
     parameter_names: tuple[str, ...]
@@ -65,6 +68,7 @@ class Program:
     source: tuple[Any, tuple[Any, ...], tuple[Any, ...]] | None = field(
         default=None, compare=False, repr=False
     )
+    kinks: Callable[[Params, Tensor], tuple[Tensor, Tensor]] | None = None
 
     @property
     def num_variables(self) -> int:

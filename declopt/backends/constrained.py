@@ -55,32 +55,43 @@ def example_problem(params: BatchedParams) -> tuple[Tensor, ...]:
     return tuple(v if d is None else v[0] for v, d in zip(params.values, params.in_dims))
 
 
-def batched_constraints(program: Program, params: BatchedParams, u: Tensor) -> Tensor:
-    """``[h; g]`` of every problem, ``(B, p + q)``."""
-    return vmap(constraint_fn(program), in_dims=(params.in_dims, 0))(params.values, u)
+def batched_constraints(
+    program: Program, params: BatchedParams, u: Tensor, with_kinks: bool = False
+) -> Tensor:
+    """``[h; g]`` (``[h; g; kinks]``) of every problem, ``(B, k)``."""
+    fn = constraint_fn(program, with_kinks)
+    return vmap(fn, in_dims=(params.in_dims, 0))(params.values, u)
 
 
-def constraint_jacobian(program: Program, params: BatchedParams, u: Tensor) -> Tensor:
-    """``D_u [h; g]`` of every problem, ``(B, p + q, m)``, by forward mode (``m`` probes)."""
-    jac = jacfwd(constraint_fn(program), argnums=1)
+def constraint_jacobian(
+    program: Program, params: BatchedParams, u: Tensor, with_kinks: bool = False
+) -> Tensor:
+    """``D_u`` of :func:`batched_constraints`, ``(B, k, m)``, by forward mode (``m`` probes)."""
+    jac = jacfwd(constraint_fn(program, with_kinks), argnums=1)
     return vmap(jac, in_dims=(params.in_dims, 0))(params.values, u)
 
 
 def kkt_residual(
-    program: Program, params: BatchedParams, u: Tensor, lam: Tensor, p: int
+    program: Program,
+    params: BatchedParams,
+    u: Tensor,
+    lam: Tensor,
+    p: int,
+    with_kinks: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``(residual, objective)`` per problem for multipliers ``lam = [lam_h; lam_g]``.
 
     The residual is the max of stationarity ``|D_u f - A^T lam|``, infeasibility ``|h|``,
-    ``max(g, 0)``, dual infeasibility ``max(lam_g, 0)`` and complementarity ``|lam_g g|``.
+    ``max(g, 0)``, dual infeasibility ``max(lam_g, 0)`` and complementarity ``|lam_g g|``. With
+    ``with_kinks``, ``lam`` also holds multipliers of the kink residuals (nonsmooth stationarity).
     """
     extended = BatchedParams((*params.values, lam), (*params.in_dims, 0), params.size)
-    objective = BatchedObjective(lagrangian(program), extended)
+    objective = BatchedObjective(lagrangian(program, with_kinks), extended)
     _, grad_l = objective.value_and_grad(u)
     f = BatchedObjective(program.objective, params).value(u)
     c = batched_constraints(program, params, u)
     h, g = c[:, :p], c[:, p:]
-    lam_g = lam[:, p:]
+    lam_g = lam[:, p : c.shape[-1]]
     parts = [grad_l.abs().amax(-1)]
     if h.shape[-1]:
         parts.append(h.abs().amax(-1))

@@ -21,6 +21,7 @@ from cvxpy.expressions.constants.callback_param import CallbackParam
 from torch import Tensor
 
 from declopt.frontend.atoms import ATOMS, TensorCache, operands, supported_atom_names
+from declopt.frontend.kinks import KINKS, KinkFn
 from declopt.program import Program
 
 __all__ = [
@@ -138,9 +139,12 @@ def _atom_step(expr: cp.Expression, inputs: list[int]) -> Step:
     return lambda slots, env, ref: ev(*[slots[k] for k in idx])
 
 
-def _build(exprs: Sequence[cp.Expression]) -> tuple[list[Step], list[int], list[bool]]:
+def _build(
+    exprs: Sequence[cp.Expression], nodes: list[cp.Expression] | None = None
+) -> tuple[list[Step], list[int], list[bool]]:
     """Post-order the expression DAG into steps; returns steps, the slot of each root, and whether
-    each root is a constant (its cached tensor must not be handed out)."""
+    each root is a constant (its cached tensor must not be handed out). When ``nodes`` is given it
+    receives the expression of every slot, in slot order."""
     steps: list[Step] = []
     slot_of: dict[int, int] = {}
     keep_alive: list[cp.Expression] = []  # id() keys are only unique while the objects live
@@ -171,7 +175,64 @@ def _build(exprs: Sequence[cp.Expression]) -> tuple[list[Step], list[int], list[
             is_const.append(isinstance(node, cp.Constant))
             steps.append(step)
     roots = [slot_of[id(r)] for r in exprs]
+    if nodes is not None:
+        nodes.extend(keep_alive)
     return steps, roots, [is_const[r] for r in roots]
+
+
+def _compile_kinks(
+    exprs: Sequence[cp.Expression], inequality_roots: frozenset[int] = frozenset()
+) -> KinkFn | None:
+    """``env -> (residuals (K,), margins (K,))`` of every kink site in ``exprs``, or ``None``.
+
+    See :mod:`declopt.frontend.kinks`: each nonsmooth atom contributes residuals that vanish when
+    the solution sits on one of its kinks, and margins whose size says how far it is from one.
+    A site that only appears inside inequalities (roots listed in ``inequality_roots``, each an
+    expression ``<= 0``) counts only while its inequality is active: the margins of sites of an
+    inactive inequality are ``inf``.
+    """
+    nodes: list[cp.Expression] = []
+    steps, roots, _ = _build(exprs, nodes)
+    slot_of = {id(node): i for i, node in enumerate(nodes)}
+    owner: dict[int, int] = {}  # kink node id -> first root (in order) that contains it
+    for r, root in enumerate(exprs):
+        stack, seen = [root], set()
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if type(node) in KINKS:
+                owner.setdefault(id(node), r)
+            stack.extend(operands(node) if type(node) in ATOMS else [])
+    sites = []
+    for node in nodes:
+        rule = KINKS.get(type(node))
+        if rule is not None:
+            r = owner[id(node)]
+            gate = roots[r] if r in inequality_roots else None
+            sites.append((rule(node), [slot_of[id(a)] for a in operands(node)], gate))
+    if not sites:
+        return None
+
+    def evaluate(env: Env) -> tuple[Tensor, Tensor]:
+        ref = next(iter(env.values()), None)
+        slots: list[Tensor] = []
+        for step in steps:
+            slots.append(step(slots, env, ref))
+        residuals, margins = [], []
+        for site, inputs, gate in sites:
+            residual, margin = site(*[slots[i] for i in inputs])
+            if gate is not None:
+                value = slots[gate]
+                tol = torch.finfo(value.dtype).eps ** 0.5 * (1 + value.abs().amax())
+                active = (value >= -tol).any()
+                margin = torch.where(active, margin, torch.full_like(margin, float("inf")))
+            residuals.append(residual.reshape(-1))
+            margins.append(margin.reshape(-1))
+        return torch.cat(residuals), torch.cat(margins)
+
+    return evaluate
 
 
 def _compile_many(exprs: Sequence[cp.Expression]) -> Callable[[Env], list[Tensor]]:
@@ -369,6 +430,11 @@ def compile_problem(
     eqs, ineqs = _split_constraints(problem, variables)
 
     obj_eval = _compile_many([objective.expr])
+    first_ineq = 1 + len(eqs)
+    kink_eval = _compile_kinks(
+        [objective.expr, *eqs, *ineqs],
+        frozenset(range(first_ineq, first_ineq + len(ineqs))),
+    )
     eq_eval = _compile_many(eqs) if eqs else None
     ineq_eval = _compile_many(ineqs) if ineqs else None
 
@@ -408,6 +474,9 @@ def compile_problem(
 
         return fn
 
+    def kinks_fn(x: Sequence[Tensor], u: Tensor) -> tuple[Tensor, Tensor]:
+        return kink_eval(env_of(x, u))
+
     return Program(
         parameter_names=tuple(p.name() for p in parameters),
         parameter_shapes=tuple(tuple(int(d) for d in p.shape) for p in parameters),
@@ -421,4 +490,5 @@ def compile_problem(
         parameter_signs=tuple(_sign(p) for p in parameters),
         maximize=sign < 0,
         source=(problem, tuple(parameters), tuple(variables)),
+        kinks=kinks_fn if kink_eval is not None else None,
     )

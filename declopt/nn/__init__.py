@@ -1,5 +1,6 @@
 """Ready-made declarative layers, declared with the same machinery users have."""
 
+from declopt.nn.projections import BallProjection, SphereProjection
 from declopt.nn.robust_pool import RobustPool
 
-__all__ = ["RobustPool"]
+__all__ = ["BallProjection", "RobustPool", "SphereProjection"]

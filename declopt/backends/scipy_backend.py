@@ -1,0 +1,256 @@
+"""The "scipy" backend: one ``scipy.optimize.minimize`` per problem, the slow simple reference.
+
+Every problem of the batch (and every starting point) is solved on its own in float64, with the
+objective, gradient, Hessian and constraint Jacobians taken from the declaration's torch functions
+by :mod:`torch.func`. The default methods aim at accuracy, not speed, because other backends are
+checked against this one:
+
+- unconstrained, ``m <= 256``: ``trust-exact`` (exact Hessians, quadratic convergence);
+- unconstrained, larger: ``trust-krylov`` (Hessian-vector products);
+- constrained: ``SLSQP``, whose KKT multipliers (SciPy >= 1.15) are returned in the seed
+  convention; with older SciPy, or ``method="trust-constr"`` / others, see :func:`_multipliers`.
+
+Every answer is checked against the declaration (primal feasibility, and stationarity when the
+multipliers are known) before it counts as converged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import OptimizeResult, minimize
+from torch import Tensor
+from torch.func import grad_and_value, hessian, jacrev, jvp
+
+from declopt.backends.base import BatchedParams, Solution
+from declopt.backends.kkt import kkt_report
+from declopt.program import Params, Program
+
+DENSE_MAX_VARIABLES = 256
+"""``method="auto"`` uses ``trust-exact`` up to this many variables, ``trust-krylov`` above."""
+
+FEASIBILITY_TOL = 1e-7
+"""Largest constraint violation of a converged answer (override with ``feasibility_tol=``)."""
+
+STATIONARITY_RTOL = 1e-6
+"""A run that SciPy flags as failed still counts as converged when it is feasible and
+``max |D_u L| <= STATIONARITY_RTOL * (1 + |f|)`` (SLSQP often stops with "positive directional
+derivative" at an exact optimum when asked for full precision)."""
+
+_TOLERANCES: dict[str, dict[str, float]] = {
+    "SLSQP": {"ftol": 1e-15},
+    "trust-exact": {"gtol": 1e-12},
+    "trust-krylov": {"gtol": 1e-12},
+    "trust-ncg": {"gtol": 1e-12},
+    "trust-constr": {"gtol": 1e-12, "xtol": 1e-14},
+    "L-BFGS-B": {"gtol": 1e-12, "ftol": 1e-15},
+    "BFGS": {"gtol": 1e-12},
+}
+
+
+class ScipyBackend:
+    """Per-problem ``scipy.optimize.minimize`` with derivatives from the declaration.
+
+    Options (``dl.Layer(..., backend="scipy", **options)``):
+        method: ``"auto"`` (see the module docstring) or any ``scipy.optimize.minimize`` method.
+        max_iter: iteration cap per run (default: SciPy's, raised to 1000 for SLSQP).
+        scipy_options: extra ``options=`` for ``minimize``, merged over declopt's tight defaults.
+        feasibility_tol: see :data:`FEASIBILITY_TOL`.
+        starts: the layer's starting points; each problem keeps its lowest objective among
+            converged runs (all runs if none converged).
+    """
+
+    name = "scipy"
+
+    def supports(self, program: Program) -> str | None:
+        return None
+
+    def solve(
+        self,
+        program: Program,
+        params: BatchedParams,
+        *,
+        starts: Sequence[Tensor],
+        method: str = "auto",
+        max_iter: int | None = None,
+        scipy_options: dict[str, Any] | None = None,
+        feasibility_tol: float = FEASIBILITY_TOL,
+    ) -> Solution:
+        ref = starts[0]
+        size = params.size
+        values = tuple(v.detach().to(device="cpu", dtype=torch.float64) for v in params.values)
+        if method == "auto":
+            method = _default_method(program)
+        options = {**_TOLERANCES.get(method, {}), **(scipy_options or {})}
+        if max_iter is not None:
+            options["maxiter"] = max_iter
+        elif method == "SLSQP":
+            options["maxiter"] = 1000
+        u0s = [s.detach().to(device="cpu", dtype=torch.float64).numpy() for s in starts]
+        runs = []
+        for b in range(size):  # SciPy solves one problem at a time; that is its nature
+            x = tuple(v if d is None else v[b] for v, d in zip(values, params.in_dims))
+            problem = _ScalarProblem(program, x)
+            runs.append(_best([problem.minimize(u0[b], method, options) for u0 in u0s]))
+        return self._solution(program, values, params, runs, ref, feasibility_tol)
+
+    def _solution(
+        self,
+        program: Program,
+        values: tuple[Tensor, ...],
+        params: BatchedParams,
+        runs: list[_Run],
+        ref: Tensor,
+        feasibility_tol: float,
+    ) -> Solution:
+        u = torch.as_tensor(np.stack([r.u for r in runs]))
+        eq = _stack_or_none([r.eq for r in runs], program.equalities is not None)
+        ineq = _stack_or_none([r.ineq for r in runs], program.inequalities is not None)
+        batch = BatchedParams(values, params.in_dims, params.size)
+        report = kkt_report(program, batch, u, eq, ineq)
+        feasible = report.infeasibility <= feasibility_tol
+        success = torch.tensor([r.success for r in runs])
+        stationary = report.stationarity <= STATIONARITY_RTOL * (1 + report.objective.abs())
+        multipliers_known = not program.is_constrained or (
+            (eq is not None or program.equalities is None)
+            and (ineq is not None or program.inequalities is None)
+        )
+        converged = feasible & (success | (stationary if multipliers_known else success))
+        return Solution(
+            u=u.to(dtype=ref.dtype, device=ref.device),
+            converged=converged.to(ref.device),
+            iterations=torch.tensor([r.iterations for r in runs], device=ref.device),
+            objective=report.objective.to(dtype=ref.dtype, device=ref.device),
+            eq_multipliers=None if eq is None else eq.to(dtype=ref.dtype, device=ref.device),
+            ineq_multipliers=None if ineq is None else ineq.to(dtype=ref.dtype, device=ref.device),
+            kkt_residual=report.residual.to(dtype=ref.dtype, device=ref.device),
+        )
+
+
+def _default_method(program: Program) -> str:
+    if program.is_constrained:
+        return "SLSQP"
+    return "trust-exact" if program.num_variables <= DENSE_MAX_VARIABLES else "trust-krylov"
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One ``minimize`` run: solution, objective, SciPy's verdict, seed-convention multipliers."""
+
+    u: np.ndarray
+    objective: float
+    success: bool
+    iterations: int
+    eq: np.ndarray | None
+    ineq: np.ndarray | None
+
+
+def _best(runs: list[_Run]) -> _Run:
+    """The lowest objective among successful runs (among all runs if none succeeded); ties keep
+    the earlier start, as the torch backend does."""
+    pool = [r for r in runs if r.success] or runs
+    return min(pool, key=lambda r: r.objective)
+
+
+def _stack_or_none(rows: list[np.ndarray | None], present: bool) -> Tensor | None:
+    if not present or any(r is None for r in rows):
+        return None
+    return torch.as_tensor(np.stack(rows))
+
+
+class _ScalarProblem:
+    """One problem's functions as NumPy callables for SciPy (float64, no batch dim)."""
+
+    def __init__(self, program: Program, x: Params) -> None:
+        self.program = program
+        self.x = x
+        f = lambda u: program.objective(x, u)  # noqa: E731
+        self._f = f
+        self._grad_and_value = grad_and_value(f)
+        self._hessian = hessian(f)
+        self._grad = lambda u: self._grad_and_value(u)[0]
+        self._h = None if program.equalities is None else (lambda u: program.equalities(x, u))
+        self._g = None if program.inequalities is None else (lambda u: program.inequalities(x, u))
+
+    def fun(self, u: np.ndarray) -> tuple[float, np.ndarray]:
+        g, f = self._grad_and_value(_tensor(u))
+        return float(f), g.numpy()
+
+    def hess(self, u: np.ndarray) -> np.ndarray:
+        return self._hessian(_tensor(u)).numpy()
+
+    def hessp(self, u: np.ndarray, p: np.ndarray) -> np.ndarray:
+        return jvp(self._grad, (_tensor(u),), (_tensor(p),))[1].numpy()
+
+    def constraints(self) -> list[dict[str, Any]]:
+        """SciPy's constraint dicts: equalities ``h = 0``, then inequalities as ``-g >= 0``."""
+        out = []
+        if self._h is not None:
+            out.append({"type": "eq", **_numpy_pair(self._h, 1.0)})
+        if self._g is not None:
+            out.append({"type": "ineq", **_numpy_pair(self._g, -1.0)})
+        return out
+
+    def minimize(self, u0: np.ndarray, method: str, options: dict[str, Any]) -> _Run:
+        kwargs: dict[str, Any] = {"method": method, "jac": True, "options": options}
+        if method in ("trust-exact", "trust-constr", "Newton-CG", "dogleg", "trust-ncg"):
+            kwargs["hess"] = self.hess
+        elif method == "trust-krylov":
+            kwargs["hessp"] = self.hessp
+        if self.program.is_constrained:
+            kwargs["constraints"] = self.constraints()
+        result = minimize(self.fun, np.array(u0, dtype=np.float64), **kwargs)
+        u = np.where(np.isfinite(result.x), result.x, 0.0)  # never hand back NaN
+        eq, ineq = _multipliers(result, self.program, self._sizes(u))
+        objective = float(self._f(_tensor(u)))
+        return _Run(u, objective, bool(result.success), int(result.get("nit", 0)), eq, ineq)
+
+    def _sizes(self, u: np.ndarray) -> tuple[int, int]:
+        t = _tensor(u)
+        p = 0 if self._h is None else int(self._h(t).numel())
+        q = 0 if self._g is None else int(self._g(t).numel())
+        return p, q
+
+
+def _multipliers(
+    result: OptimizeResult, program: Program, sizes: tuple[int, int]
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Seed-convention multipliers ``(lambda_h, lambda_g)`` from a SciPy result, or ``None``.
+
+    SciPy writes ``D_u f = sum_i mu_i D_u c_i`` with ``c_eq = h`` and ``c_ineq = -g >= 0``
+    (``mu_ineq >= 0``), so ``lambda_h = mu_eq`` and ``lambda_g = -mu_ineq``. SLSQP reports
+    ``multipliers`` (eq block first); trust-constr reports ``v``, one block per constraint dict,
+    with the opposite sign (``D_u f + sum_i v_i D_u c_i = 0``).
+    """
+    if not program.is_constrained:
+        return None, None
+    p, q = sizes
+    if "multipliers" in result and result.multipliers is not None:
+        mu = np.asarray(result.multipliers, dtype=np.float64)
+    elif "v" in result and result.v is not None:
+        mu = -np.concatenate([np.asarray(v, dtype=np.float64).reshape(-1) for v in result.v])
+    else:
+        return None, None
+    if mu.shape != (p + q,) or not np.isfinite(mu).all():
+        return None, None
+    eq = mu[:p] if program.equalities is not None else None
+    ineq = -mu[p:] if program.inequalities is not None else None
+    return eq, ineq
+
+
+def _numpy_pair(
+    fn: Callable[[Tensor], Tensor], sign: float
+) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    jac = jacrev(fn)
+    return {
+        "fun": lambda u: sign * fn(_tensor(u)).detach().numpy(),
+        "jac": lambda u: sign * jac(_tensor(u)).detach().numpy(),
+    }
+
+
+def _tensor(u: np.ndarray) -> Tensor:
+    return torch.as_tensor(np.asarray(u, dtype=np.float64))
