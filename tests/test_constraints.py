@@ -176,3 +176,24 @@ def test_constrained_batch_members_are_independent() -> None:
     (batched,) = layer(X)
     alone = torch.stack([layer(X[i])[0] for i in range(6)])
     torch.testing.assert_close(batched, alone, atol=1e-12, rtol=0)
+
+
+def test_nonsmooth_objective_is_differentiated_on_its_kinks() -> None:
+    """Lasso prox: min 1/2 |u - x|^2 + lam |u|_1 = soft threshold; zeros sit on abs kinks."""
+    x = cp.Parameter(5)
+    lam = cp.Parameter(pos=True)
+    u = cp.Variable(5)
+    problem = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(u - x) + lam * cp.norm(u, 1)))
+
+    def soft_threshold(x: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor]:
+        return (torch.sign(x) * (x.abs() - lam).clamp(min=0),)
+
+    layer = dl.Layer(problem, [x, lam], [u], solver=soft_threshold)
+    X = torch.tensor([1.5, -0.2, 0.9, -1.1, 0.05], dtype=torch.float64, requires_grad=True)
+    L = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    (U,) = layer(X, L)
+    assert layer.info.converged.all()  # verified: nonsmooth stationarity holds with kinks
+    U.sum().backward()
+    support = (U.detach() != 0).to(torch.float64)
+    torch.testing.assert_close(X.grad, support, atol=1e-10, rtol=0)
+    torch.testing.assert_close(L.grad, -torch.sign(U.detach()).sum(), atol=1e-10, rtol=0)
