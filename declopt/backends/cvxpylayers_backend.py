@@ -38,10 +38,12 @@ from declopt.backends.base import BatchedParams, Solution
 from declopt.backends.kkt import KKTReport, kkt_report
 from declopt.program import Program
 
-DEFAULT_SOLVER_ARGS: dict[str, Any] = {"eps": 1e-10, "max_iters": 100_000}
-"""diffcp/SCS settings used unless ``solver_args=`` overrides them. SCS's own default
-(``eps = 1e-4``) leaves solutions off by ~1e-3 (and their gradients by more); 1e-10 makes the
-forward agree with the other backends to ~1e-7 at about 1.5x the time."""
+DEFAULT_SOLVER_ARGS: dict[str, Any] = {"eps": 1e-9, "max_iters": 100_000}
+"""SCS settings (diffcp's default cone solver) unless ``solver_args=`` overrides them. SCS's own
+default (``eps = 1e-4``) leaves solutions off by ~1e-3 (and their gradients by more); ``1e-10``
+brings the forward within ~1e-8 of the other backends on well-scaled problems, at about 1.5x the
+time. On badly scaled data SCS may stop at ``max_iters`` short of it: those members are reported
+as not converged (pass a looser ``eps``, rescale the data, or use ``solve_method="Clarabel"``)."""
 
 DENSE_DERIVATIVE_MAX = 300
 """``derivative_mode="auto"`` uses diffcp's ``"dense"`` derivative (a direct solve with the
@@ -251,7 +253,7 @@ class CvxpyLayersBackend:
     Options (``dl.Layer(..., backend="cvxpylayers", **options)``):
         solver_args: dict for diffcp / the cone solver, merged over :data:`DEFAULT_SOLVER_ARGS`
             (e.g. ``{"solve_method": "Clarabel"}``, ``{"eps": 1e-6}``).
-        max_iter: the cone solver's iteration cap (SCS's ``max_iters``).
+        max_iter: the cone solver's iteration cap (SCS's ``max_iters``, Clarabel's ``max_iter``).
         derivative_mode: diffcp's ``mode`` for the native backward (``"dense"``, ``"lsqr"``,
             ``"lsmr"``, ...); ``"auto"`` (default): see :data:`DENSE_DERIVATIVE_MAX`.
         n_jobs: threads diffcp uses across the batch (``-1``: one per core; its default).
@@ -314,9 +316,8 @@ class CvxpyLayersBackend:
         compiled = self.compiled(program)
         ref = starts[0] if starts else params.values[0]
         size = params.size
-        args = {**DEFAULT_SOLVER_ARGS, **(solver_args or {}), "n_jobs_forward": n_jobs}
-        if max_iter is not None:
-            args["max_iters"] = max_iter
+        args = _solver_args(solver_args or {}, max_iter)
+        args["n_jobs_forward"] = n_jobs
         if derivative_mode == "auto":
             rows, columns = compiled.layer.ctx.solver_ctx.A_shape
             derivative_mode = "dense" if rows + columns <= DENSE_DERIVATIVE_MAX else "lsmr"
@@ -351,6 +352,16 @@ class CvxpyLayersBackend:
             ineq_multipliers=_rows_or_none(program.inequalities, packed.ineq, ref),
             kkt_residual=report.residual.to(dtype=ref.dtype, device=ref.device),
         )
+
+
+def _solver_args(given: dict[str, Any], max_iter: int | None) -> dict[str, Any]:
+    """diffcp's keyword arguments: SCS gets declopt's tight defaults; other cone solvers
+    (``solve_method="Clarabel"``) keep their own, which use different names."""
+    scs = str(given.get("solve_method", "SCS")).upper() == "SCS"
+    args = {**(DEFAULT_SOLVER_ARGS if scs else {}), **given}
+    if max_iter is not None:
+        args["max_iters" if scs else "max_iter"] = max_iter
+    return args
 
 
 def _report(program: Program, params: BatchedParams, packed: Packed) -> KKTReport:
