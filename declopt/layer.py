@@ -293,17 +293,14 @@ class _Call:
         info, policy = self.info, self.layer.on_failure
         if policy == "ignore" or info.all_converged:
             return
-        bad = (~info.converged).nonzero()
-        first = [tuple(int(i) for i in row) for row in bad[:5]]
         message = (
-            f"{len(bad)} of {info.converged.numel()} problem(s) did not converge "
-            f"(backend {info.backend!r}); first batch indices: {first}; max KKT residual "
+            f"{int((~info.converged).sum())} of {info.converged.numel()} problem(s) did not "
+            f"converge (backend {info.backend!r}); first batch indices: "
+            f"{_first_indices(~info.converged)}; max KKT residual "
             f"{float(info.kkt_residual[~info.converged].max()):.3g}. See layer.info; raise "
-            "max_iter=, give initializers=, or check that the problem is bounded below."
+            "max_iter=, give initializers=, or check that the problem is feasible and bounded."
         )
-        if policy == "raise":
-            raise SolverError(message)
-        warnings.warn(message, NonConvergenceWarning, stacklevel=5)
+        _escalate(policy, message, NonConvergenceWarning, stacklevel=6)
 
     def backward(self, values: tuple[Tensor, ...], u: Tensor, grad_u: Tensor) -> tuple[Tensor, ...]:
         # The derivative passes are torch.func transforms: they need no autograd graph of their
@@ -342,31 +339,39 @@ class _Call:
 
     def _report_gradient_issues(self, info: BackwardInfo) -> None:
         if bool(info.one_sided.any()) and self.layer.degenerate in ("warn", "raise"):
-            first = [tuple(int(i) for i in row) for row in info.one_sided.nonzero()[:5]]
             message = (
                 f"implicit backward: {int(info.one_sided.sum())} problem(s) have a weakly active "
                 f"inequality (active with a ~zero multiplier), so the derivative is one-sided; "
-                f"first batch indices: {first}. It was computed treating them as active; choose "
-                "the side with degenerate='active' or 'inactive' (see declopt.implicit)."
+                f"first batch indices: {_first_indices(info.one_sided)}. It was computed treating "
+                "them as active; choose the side with degenerate='active' or 'inactive' (see "
+                "declopt.implicit.DEGENERATE_CHOICES)."
             )
-            if self.layer.degenerate == "raise":
-                raise SolverError(message)
-            warnings.warn(message, GradientWarning, stacklevel=3)
+            policy = "raise" if self.layer.degenerate == "raise" else "warn"
+            _escalate(policy, message, GradientWarning, stacklevel=4)
         policy = self.layer.on_gradient_issue
         bad = info.singular | ~info.second_order_ok | info.sign_violation
         if policy == "ignore" or not bool(bad.any()):
             return
-        first = [tuple(int(i) for i in row) for row in bad.nonzero()[:5]]
         message = (
             f"implicit backward: {int(info.singular.sum())} singular and "
             f"{int((~info.second_order_ok).sum())} not-strict-minimum KKT system(s) and "
             f"{int(info.sign_violation.sum())} wrong-sign multiplier(s) among "
-            f"{bad.numel()} problem(s); first batch indices: {first}. Singular systems use the "
-            "minimum-norm least-squares gradient. See layer.info.backward."
+            f"{bad.numel()} problem(s); first batch indices: {_first_indices(bad)}. Singular "
+            "systems use the minimum-norm least-squares gradient. See layer.info.backward."
         )
-        if policy == "raise":
-            raise SolverError(message)
-        warnings.warn(message, GradientWarning, stacklevel=3)
+        _escalate(policy, message, GradientWarning, stacklevel=4)
+
+
+def _first_indices(mask: Tensor, count: int = 5) -> list[tuple[int, ...]]:
+    """Batch indices of the first ``count`` True entries of ``mask``."""
+    return [tuple(int(i) for i in row) for row in mask.nonzero()[:count]]
+
+
+def _escalate(policy: str, message: str, category: type[Warning], stacklevel: int) -> None:
+    """Raise :class:`SolverError` (``policy="raise"``) or warn with ``category``."""
+    if policy == "raise":
+        raise SolverError(message)
+    warnings.warn(message, category, stacklevel=stacklevel)
 
 
 class _Lazy:

@@ -120,11 +120,12 @@ def subsample_median(x: Tensor) -> Tensor:
 
 
 def _pseudo_huber_sums(x: Tensor, alpha: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """``(sum psi, sum psi')`` at ``y``; ``psi(z) = z / sqrt(1 + (z/alpha)^2)``."""
-    z = y.unsqueeze(-1) - x
-    s = torch.addcmul(torch.ones_like(z), z, z, value=1 / (alpha * alpha)).rsqrt_()
-    h = (s * s * s).sum(-1)
-    g = z.mul_(s).sum(-1)
+    """``(sum psi, sum psi')`` at ``y``: with ``t = z / alpha`` and ``s = (1 + t^2)^(-1/2)``,
+    ``psi = alpha t s`` and ``psi' = s^3``."""
+    t = (y.unsqueeze(-1) - x).div_(alpha)
+    s = torch.addcmul(t.new_ones(()), t, t).rsqrt_()
+    h = s.pow(3).sum(-1)
+    g = t.mul_(s).sum(-1) * alpha
     return g, h
 
 
@@ -400,12 +401,15 @@ def truncated_quadratic_global(
     """
     b, n = x.shape
     merged_x, left, right = _windows(x, alpha)
+    j1 = torch.arange(1, n + 1, device=x.device)
+    # Every window holds its own end x_j (alpha below the resolution of x makes x_j - 2 alpha
+    # round to x_j); a smaller window is still a valid lower bound.
+    left = torch.minimum(left, j1 - 1)
     center = merged_x[:, n // 2 : n // 2 + 1]
     acc = torch.float64
     d = (merged_x - center).to(acc)
     p1 = torch.nn.functional.pad(d.cumsum(-1), (1, 0))
     p2 = torch.nn.functional.pad((d * d).cumsum(-1), (1, 0))
-    j1 = torch.arange(1, n + 1, device=x.device)
     a2 = alpha.to(acc) ** 2
     # R_j = sorted[left_j : j + 1]; L_j = sorted[j + 1 : right_j] (may be empty)
     count_r = (j1 - left).to(acc)
