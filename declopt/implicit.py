@@ -275,9 +275,3 @@ def _least_squares_multipliers(jac: Tensor, grad_f: Tensor, mask: Tensor) -> Ten
     rhs = (jac @ grad_f.unsqueeze(-1)).squeeze(-1)
     lam, _ = solve_symmetric(normal, rhs)
     return lam * mask
-
-
-def stationarity_residual(program: Program, params: BatchedParams, u: Tensor) -> Tensor:
-    """``max |D_u f|`` per problem, ``(B,)``: the KKT residual of an unconstrained problem."""
-    with torch.no_grad():
-        return BatchedObjective(program.objective, params).grad(u).abs().amax(dim=-1)

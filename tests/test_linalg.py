@@ -1,0 +1,68 @@
+"""Batched KKT solves: exact where well posed, least squares and flagged where not."""
+
+from __future__ import annotations
+
+import cvxpy as cp
+import pytest
+import torch
+
+import declopt as dl
+from declopt.linalg import conjugate_gradient, solve_symmetric
+
+F64 = torch.float64
+
+
+def test_well_posed_systems_are_solved_exactly_and_not_flagged() -> None:
+    a = torch.randn(4, 5, 5, dtype=F64)
+    matrix = a @ a.transpose(-1, -2) + 5 * torch.eye(5, dtype=F64)
+    rhs = torch.randn(4, 5, dtype=F64)
+    z, report = solve_symmetric(matrix, rhs)
+    torch.testing.assert_close(z, torch.linalg.solve(matrix, rhs))
+    assert not report.singular.any() and report.second_order_ok.all()
+    assert (report.residual < 1e-12).all()
+
+
+def test_singular_system_gets_min_norm_solution_and_only_that_problem_is_flagged() -> None:
+    matrix = torch.stack([torch.eye(3, dtype=F64), torch.diag(torch.tensor([1.0, 2.0, 0.0]))])
+    matrix = matrix.to(F64)
+    rhs = torch.tensor([[1.0, 1.0, 1.0], [1.0, 2.0, 3.0]], dtype=F64)
+    z, report = solve_symmetric(matrix, rhs)
+    assert report.singular.tolist() == [False, True]
+    torch.testing.assert_close(z[1], torch.tensor([1.0, 1.0, 0.0], dtype=F64))
+    assert torch.isfinite(z).all()
+
+
+def test_inertia_reveals_a_kkt_point_that_is_not_a_minimum() -> None:
+    # [[H, a], [a^T, 0]] with H negative on the null space of a^T: a constrained maximum.
+    kkt = torch.tensor([[-1.0, 0.0, 1.0], [0.0, -1.0, 0.0], [1.0, 0.0, 0.0]], dtype=F64)
+    _, report = solve_symmetric(kkt.unsqueeze(0), torch.ones(1, 3, dtype=F64), 1)
+    assert not report.second_order_ok.any()
+    ok = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]], dtype=F64)
+    _, report = solve_symmetric(ok.unsqueeze(0), torch.ones(1, 3, dtype=F64), 1)
+    assert report.second_order_ok.all()
+
+
+def test_conjugate_gradient_matches_dense_solve_and_flags_negative_curvature() -> None:
+    a = torch.randn(3, 30, 30, dtype=F64)
+    matrix = a @ a.transpose(-1, -2) + torch.eye(30, dtype=F64)
+    rhs = torch.randn(3, 30, dtype=F64)
+    z, report = conjugate_gradient(lambda d: (matrix @ d.unsqueeze(-1)).squeeze(-1), rhs)
+    torch.testing.assert_close(z, torch.linalg.solve(matrix, rhs), rtol=1e-8, atol=1e-8)
+    assert report.second_order_ok.all()
+    matrix[1] = -matrix[1]
+    _, report = conjugate_gradient(lambda d: (matrix @ d.unsqueeze(-1)).squeeze(-1), rhs)
+    assert report.second_order_ok.tolist() == [True, False, True]
+
+
+def test_flat_objective_gives_a_flagged_least_squares_gradient_not_nan() -> None:
+    # Truncated quadratic with every point beyond alpha: the objective is flat around y.
+    x = cp.Parameter(3)
+    y = cp.Variable()
+    problem = cp.Problem(cp.Minimize(cp.sum(dl.penalties.truncated_quadratic(y - x, 0.1))))
+    layer = dl.Layer(problem, [x], [y], solver=lambda x: (x.mean(-1) * 0 + 5.0,), verify=False)
+    X = torch.tensor([[0.0, 1.0, 2.0]], dtype=F64, requires_grad=True)
+    (Y,) = layer(X)
+    with pytest.warns(dl.GradientWarning, match="1 singular"):
+        Y.sum().backward()
+    assert layer.info.backward.singular.all()
+    torch.testing.assert_close(X.grad, torch.zeros_like(X))
