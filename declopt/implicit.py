@@ -245,8 +245,11 @@ def active_set(
         kinks_active = margins.abs() <= tol
     else:
         kinks_active = torch.zeros(batch, 0, dtype=torch.bool, device=u.device)
-    known = lam_h is not None and lam_g is not None
+    # A block with no rows is known whatever the backend said about it.
+    known = (lam_h is not None or p == 0) and (lam_g is not None or q == 0)
     if known:
+        lam_h = u.new_zeros(batch, 0) if lam_h is None else lam_h
+        lam_g = u.new_zeros(batch, 0) if lam_g is None else lam_g
         lam_known = torch.cat([lam_h.to(u.dtype), lam_g.to(u.dtype)], -1)
         # Only the kinks' multipliers are unknown: fit them to what the others leave over.
         leftover = grad_f - (lam_known.unsqueeze(-1) * jac[:, : p + q]).sum(-2)

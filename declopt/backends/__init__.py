@@ -1,5 +1,9 @@
 """Backends: who solves the forward problem. One flag (``backend=``) picks one by name.
 
+Registered here: ``"torch"`` (batched Newton / L-BFGS / augmented Lagrangian, any smooth
+declaration), ``"cvxpylayers"`` (DPP-convex declarations through ``cvxpylayers``, with its own
+backward) and ``"scipy"`` (per-problem ``scipy.optimize.minimize``, the slow reference).
+
 A backend is any object with a ``name``, ``supports(program) -> str | None`` (``None`` if it can
 solve the program, else why not) and ``solve(program, params, **options) -> Solution`` (see
 :mod:`declopt.backends.base`). Third parties add their own with :func:`register`.
@@ -43,9 +47,9 @@ def get(name: str) -> Backend:
 
 AUTO_PREFERS_CVXPYLAYERS = True
 """The ``"auto"`` policy for DPP-convex problems. ``True`` (DESIGN.md §2): all of them go to
-cvxpylayers, an exact conic solver that also takes nonsmooth atoms and constraints. ``False``: only
-those the torch backend cannot solve (today: constrained ones), since on the others the torch
-backend is much faster and its implicit gradients are more accurate (``benchmarks/backends.py``)."""
+cvxpylayers, an exact conic solver that also takes nonsmooth atoms. ``False``: only those the torch
+backend refuses; the others stay on torch, which is faster on unconstrained ones (Huber pooling:
+~10x forward, ~50x forward+backward; ``benchmarks/backends.py``)."""
 
 
 def select(name: str, program: Program) -> tuple[Backend, str]:

@@ -200,7 +200,9 @@ def build_cvxpylayer(
     eqs = [c for c in problem.constraints if isinstance(c, _EQUALITY_KINDS)]
     ineqs = [c for c in problem.constraints if isinstance(c, _INEQUALITY_KINDS)]
     duals = [c.dual_variables[0] for c in (*eqs, *ineqs)]
-    layer = CvxpyLayer(problem, parameters=list(parameters), variables=[*variables, *duals])
+    layer = CvxpyLayer(
+        problem, parameters=list(parameters), variables=[*variables, *duals], **layer_options
+    )
     k = len(variables)
     return CompiledCvxpyLayer(
         layer=layer,
@@ -353,8 +355,8 @@ class CvxpyLayersBackend:
             converged=converged.to(ref.device),
             iterations=torch.zeros(size, dtype=torch.int64, device=ref.device),
             objective=report.objective.to(dtype=ref.dtype, device=ref.device),
-            eq_multipliers=_rows_or_none(program.equalities, packed.eq, ref),
-            ineq_multipliers=_rows_or_none(program.inequalities, packed.ineq, ref),
+            eq_multipliers=_multipliers_or_none(program, packed.eq, ref),
+            ineq_multipliers=_multipliers_or_none(program, packed.ineq, ref),
             kkt_residual=report.residual.to(dtype=ref.dtype, device=ref.device),
         )
 
@@ -375,8 +377,13 @@ def _report(program: Program, params: BatchedParams, packed: Packed) -> KKTRepor
     return kkt_report(program, params, packed.u.detach(), eq, ineq)
 
 
-def _rows_or_none(fn: object, rows: Tensor, ref: Tensor) -> Tensor | None:
-    return None if fn is None else rows.to(dtype=ref.dtype, device=ref.device)
+def _multipliers_or_none(program: Program, rows: Tensor, ref: Tensor) -> Tensor | None:
+    """The ``(B, p)`` / ``(B, q)`` block for a constrained program, ``(B, 0)`` when it has no
+    rows of that kind (known, and empty: ``None`` would mean "unknown"); ``None`` when
+    unconstrained."""
+    if not program.is_constrained:
+        return None
+    return rows.to(dtype=ref.dtype, device=ref.device)
 
 
 class _BatchSolver:

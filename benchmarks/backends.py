@@ -1,0 +1,209 @@
+"""The same convex declarations through every backend: time and gradient agreement.
+
+For each problem (Huber pooling n=64 and L2-ball projection d=256 at batch 128, a QP with 50
+variables, 25 inequalities and 10 equalities at batch 64) and each backend, the median wall time
+of the forward pass and of forward+backward, as a ratio to the torch backend, and the largest
+gradient difference to the torch backend's gradient (relative to its largest entry). One thread
+everywhere: ``torch.set_num_threads(1)`` and diffcp's ``n_jobs=1``. Float64.
+
+Rows:
+    torch                  declopt's batched torch backend, implicit backward.
+    cvxpylayers            declopt's cvxpylayers backend (SCS eps 1e-8, exact/LSMR derivative),
+                           native backward.
+    cvxpylayers/implicit   the same forward, declopt's implicit backward.
+    cvxpylayers defaults   ``cvxpylayers.torch.CvxpyLayer`` as shipped (SCS eps 1e-4, LSQR).
+    scipy                  per-problem SciPy (+ Newton polish), implicit backward; timed on the
+                           first ``--scipy-batch`` problems and scaled to the full batch.
+
+Run: ``python benchmarks/backends.py`` (about five minutes; ``--repeats 1`` for a quick look).
+Benchmarks report; they never gate CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import cvxpy as cp
+import torch
+from torch import Tensor
+
+import declopt as dl
+
+F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class Case:
+    """A declaration and one batch of data for it."""
+
+    name: str
+    problem: cp.Problem
+    parameters: list[cp.Parameter]
+    variables: list[cp.Variable]
+    data: list[Tensor]
+    batched: list[bool]  # which data tensors carry the batch dim (the others are shared)
+
+    def subset(self, k: int) -> list[Tensor]:
+        return [t[:k] if b else t for t, b in zip(self.data, self.batched)]
+
+
+def huber_pooling(batch: int = 128, n: int = 64) -> Case:
+    x, alpha, y = cp.Parameter(n), cp.Parameter(pos=True), cp.Variable()
+    problem = cp.Problem(cp.Minimize(cp.sum(dl.penalties.huber(y - x, alpha))))
+    data = [2 * torch.randn(batch, n, dtype=F64), torch.tensor(1.0, dtype=F64)]
+    return Case(f"Huber pooling n={n}", problem, [x, alpha], [y], data, [True, False])
+
+
+def ball_projection(batch: int = 128, d: int = 256) -> Case:
+    p, r, z = cp.Parameter(d), cp.Parameter(pos=True), cp.Variable(d)
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(z - p)), [cp.norm(z, 2) <= r])
+    data = [torch.randn(batch, d, dtype=F64) / d**0.5 * 2, torch.tensor(1.0, dtype=F64)]
+    return Case(f"L2-ball projection d={d}", problem, [p, r], [z], data, [True, False])
+
+
+def qp(batch: int = 64, nv: int = 50, ni: int = 25, ne: int = 10) -> Case:
+    Q, q = cp.Parameter((nv, nv)), cp.Parameter(nv)
+    G, h = cp.Parameter((ni, nv)), cp.Parameter(ni)
+    A, b = cp.Parameter((ne, nv)), cp.Parameter(ne)
+    w = cp.Variable(nv)
+    objective = 0.5 * cp.sum_squares(Q @ w) + q @ w
+    problem = cp.Problem(cp.Minimize(objective), [G @ w <= h, A @ w == b])
+    Qv = torch.randn(batch, nv, nv, dtype=F64) / nv**0.5 + torch.eye(nv, dtype=F64)
+    Gv, Av = torch.randn(batch, ni, nv, dtype=F64), torch.randn(batch, ne, nv, dtype=F64)
+    w0 = 0.3 * torch.randn(batch, nv, dtype=F64)  # strictly feasible point
+    hv = (Gv @ w0.unsqueeze(-1)).squeeze(-1) + torch.rand(batch, ni, dtype=F64)
+    bv = (Av @ w0.unsqueeze(-1)).squeeze(-1)
+    data = [Qv, 3 * torch.randn(batch, nv, dtype=F64), Gv, hv, Av, bv]
+    return Case(
+        f"QP {nv} var, {ni} ineq, {ne} eq", problem, [Q, q, G, h, A, b], [w], data, [True] * 6
+    )
+
+
+Runner = Callable[[Sequence[Tensor]], tuple[Tensor, ...]]
+
+
+def declopt_runner(case: Case, backend: str, **options: object) -> Runner | str:
+    """A layer call, or why the backend cannot take the problem (``"n/a (...)"``)."""
+    try:
+        layer = dl.Layer(case.problem, case.parameters, case.variables, backend=backend, **options)
+    except ValueError as error:
+        reason = "issue 3" if "constrained" in str(error) else str(error)[:40]
+        return f"n/a ({reason})"
+    return lambda data: layer(*data)
+
+
+def cvxpylayers_default_runner(case: Case) -> Runner:
+    """``CvxpyLayer`` with its own defaults (single-threaded, like everything here)."""
+    from cvxpylayers.torch import CvxpyLayer
+
+    layer = CvxpyLayer(case.problem, parameters=case.parameters, variables=case.variables)
+
+    def run(data: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        args = {"n_jobs_forward": 1}
+        if torch.is_grad_enabled() and any(t.requires_grad for t in data):
+            args["n_jobs_backward"] = 1
+        return tuple(layer(*data, solver_args=args))
+
+    return run
+
+
+def forward_backward(run: Runner, data: Sequence[Tensor], backward: bool) -> list[Tensor]:
+    """One call; with ``backward``, the gradients of ``sum(v * outputs)`` (fixed ``v``)."""
+    inputs = [t.detach().clone().requires_grad_(backward) for t in data]
+    outputs = run(inputs)
+    if not backward:
+        return []
+    g = torch.Generator().manual_seed(0)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=F64)).sum() for o in outputs)
+    return list(torch.autograd.grad(loss, inputs))
+
+
+def median_time(run: Runner, data: Sequence[Tensor], backward: bool, repeats: int) -> float:
+    forward_backward(run, data, backward)  # warm-up: builds, first-call costs
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        forward_backward(run, data, backward)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _ratio(r: float) -> str:
+    return f"{r:.0f}x" if r >= 10 else f"{r:.2g}x"
+
+
+def max_relative_difference(got: Sequence[Tensor], want: Sequence[Tensor]) -> float:
+    return max(
+        float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) for a, b in zip(got, want)
+    )
+
+
+def bench(case: Case, repeats: int, scipy_batch: int) -> list[tuple[str, str, str, str, str]]:
+    batch = case.data[0].shape[0]
+    runners: dict[str, Runner | str] = {
+        "torch": declopt_runner(case, "torch"),
+        "cvxpylayers": declopt_runner(case, "cvxpylayers", n_jobs=1),
+        "cvxpylayers/implicit": declopt_runner(case, "cvxpylayers", n_jobs=1, backward="implicit"),
+        "cvxpylayers defaults": cvxpylayers_default_runner(case),
+        "scipy": declopt_runner(case, "scipy"),
+    }
+    # Gradients are compared on the first scipy_batch problems, where every backend ran.
+    small = case.subset(scipy_batch)
+    grads = {
+        name: forward_backward(run, small, backward=True)
+        for name, run in runners.items()
+        if not isinstance(run, str)
+    }
+    reference = grads.get("torch")
+    base: dict[bool, float] = {}
+    rows = []
+    for name, run in runners.items():
+        if isinstance(run, str):
+            rows.append((case.name, name, run, run, run))
+            continue
+        timed = []
+        for backward in (False, True):
+            if name == "scipy":  # one problem at a time: time a few, scale to the batch
+                seconds = median_time(run, small, backward, 1) * batch / scipy_batch
+            else:
+                seconds = median_time(run, case.data, backward, repeats)
+            if name == "torch":
+                base[backward] = seconds
+            ratio = _ratio(seconds / base[backward]) if backward in base else "n/a"
+            timed.append(f"{seconds * 1e3:9.1f} ms  {ratio:>7}")
+        diff = (
+            "-"
+            if reference is None or name == "torch"
+            else (f"{max_relative_difference(grads[name], reference):.1e}")
+        )
+        rows.append((case.name, name, timed[0], timed[1], diff))
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell (median)")
+    parser.add_argument("--scipy-batch", type=int, default=8, help="problems scipy is timed on")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    warnings.simplefilter("ignore")  # diffcp's NumPy-2 deprecation noise, SCS "inaccurate"
+    header = ("problem", "backend", "forward (x torch)", "fwd+bwd (x torch)", "grad diff")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for make in (huber_pooling, ball_projection, qp):
+        for row in bench(make(), args.repeats, args.scipy_batch):
+            print("| " + " | ".join(row) + " |", flush=True)
+    print(
+        "\ngrad diff: max |g - g_torch| / max |g_torch| over all parameters, on the first "
+        f"{args.scipy_batch} problems of each batch; scipy times scaled from those problems."
+    )
+
+
+if __name__ == "__main__":
+    main()
