@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
+
 import hypothesis.strategies as st
 import pytest
 import torch
 from hypothesis import given, settings
 
 import declopt as dl
+from declopt import derivatives
+from declopt.nn import pool_solver
 from tests.helpers import central_difference_vjp, implicit_vjp_of
 
 PENALTIES = ["quadratic", "pseudo_huber", "huber", "welsch", "truncated_quadratic"]
@@ -122,3 +126,234 @@ def test_unknown_penalty_and_bad_alpha_are_rejected() -> None:
         dl.nn.RobustPool("cauchy")
     with pytest.raises(ValueError, match="alpha must be a positive"):
         dl.nn.RobustPool("huber", alpha=-1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The fast solver: exactness, float32, edge cases, compiled kernels
+
+CONVEX = ["pseudo_huber", "huber"]
+ROBUST = ["pseudo_huber", "huber", "welsch", "truncated_quadratic"]
+
+
+def objective(penalty: str, y: torch.Tensor, x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``sum_i phi(y - x_i)`` per row, in float64."""
+    return NUMPY_PHI[penalty](y.double().unsqueeze(-1) - x.double(), alpha).sum(-1)
+
+
+def outlier_rows(rows: int, n: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=g, dtype=dtype)
+    return torch.where(torch.rand(rows, n, generator=g) < 0.1, 10 * x, x)
+
+
+def brute_force_truncated_quadratic(
+    x: torch.Tensor, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best objective and minimiser over every window mean of the sorted rows (float64).
+
+    The optimum's inlier set is a window of the sorted data and its mean is the optimum; trying
+    every window's mean finds it: (rows, n) -> (rows,), (rows,).
+    """
+    xs = x.double().sort(-1).values
+    n = xs.shape[-1]
+    best = torch.full((xs.shape[0],), torch.inf, dtype=torch.float64)
+    argbest = torch.zeros_like(best)
+    for lo in range(n):
+        for hi in range(lo + 1, n + 1):
+            mean = xs[:, lo:hi].mean(-1)
+            value = objective("truncated_quadratic", mean, xs, alpha)
+            argbest = torch.where(value < best, mean, argbest)
+            best = torch.minimum(best, value)
+    return best, argbest
+
+
+@pytest.mark.parametrize("alpha", [0.25, 0.5, 1.0])
+def test_truncated_quadratic_is_globally_exact_on_ties_and_breakpoint_coincidences(
+    alpha: float,
+) -> None:
+    # Quantised data: many ties and entries exactly 2 alpha apart (coinciding breakpoints).
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float64, torch.float32):
+        x = (torch.randint(-6, 7, (60, 17), generator=g) * 0.5).to(dtype)
+        y = dl.nn.RobustPool("truncated_quadratic", alpha=alpha)(x)
+        best, _ = brute_force_truncated_quadratic(x, alpha)
+        assert (objective("truncated_quadratic", y, x, alpha) <= best + 1e-9).all()
+
+
+def test_truncated_quadratic_exact_for_float32_far_from_zero() -> None:
+    # x ~ 1e6: the float32 spacing (1/16) is a sizeable part of alpha; the window sums and the
+    # breakpoint order must still be those of the float32 values themselves.
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(40, 12, generator=g, dtype=torch.float64) * 2 + 1e6).float()
+    y = dl.nn.RobustPool("truncated_quadratic", alpha=1.0)(x)
+    _, exact = brute_force_truncated_quadratic(x, 1.0)
+    # the best float32 near the exact minimiser (which float32 may not represent)
+    near = [exact.float()]
+    for step in (1, 2):
+        near += [near[0] + step / 16, near[0] - step / 16]
+    best32 = torch.stack([objective("truncated_quadratic", c, x, 1.0) for c in near]).min(0)
+    assert (objective("truncated_quadratic", y, x, 1.0) <= best32.values + 1e-9).all()
+
+
+def welsch_reference(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The seed paper's rule with plain majorise-minimise (many steps, float64)."""
+
+    def mm(y: torch.Tensor) -> torch.Tensor:
+        for _ in range(3000):
+            w = torch.exp(-((y.unsqueeze(-1) - x) ** 2) / (2 * alpha**2))
+            y = (w * x).sum(-1) / w.sum(-1)
+        return y
+
+    y1, y2 = mm(x.mean(-1)), mm(x.median(-1).values)
+    f1, f2 = objective("welsch", y1, x, alpha), objective("welsch", y2, x, alpha)
+    return torch.where(f2 < f1, y2, y1)
+
+
+def test_welsch_is_the_better_local_minimum_from_mean_and_median() -> None:
+    g = torch.Generator().manual_seed(5)
+    # two clusters of varying sizes and spreads: the two starts often reach different minima
+    a = 0.5 + torch.rand(40, 1, generator=g, dtype=torch.float64)
+    left = -2 + a * torch.randn(40, 15, generator=g, dtype=torch.float64)
+    right = 2 + a * torch.randn(40, 20, generator=g, dtype=torch.float64)
+    x = torch.cat([left, right], -1)
+    y = dl.nn.RobustPool("welsch", alpha=1.0)(x)
+    reference = welsch_reference(x, 1.0)
+    torch.testing.assert_close(y, reference, atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("penalty", ROBUST)
+def test_float32_matches_float64_with_outliers_at_large_n(penalty: str) -> None:
+    x = outlier_rows(16, 4096, seed=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", dl.NonConvergenceWarning)
+        y32 = dl.nn.RobustPool(penalty)(x)
+        y64 = dl.nn.RobustPool(penalty)(x.double())
+    assert y32.dtype == torch.float32
+    torch.testing.assert_close(y32.double(), y64, atol=2e-6, rtol=2e-6)
+    if penalty != "truncated_quadratic":
+        # stationary: sum psi(y - x_i) is at the rounding level of its terms (sum |psi| <= n)
+        yy = y64.clone().requires_grad_(True)
+        objective(penalty, yy, x.double(), 1.0).sum().backward()
+        assert yy.grad.abs().max() < 1e-9 * x.shape[-1]
+
+
+@pytest.mark.parametrize("penalty", PENALTIES)
+def test_one_entry_one_row_and_all_equal_inputs(penalty: str) -> None:
+    pool = dl.nn.RobustPool(penalty)
+    x = torch.randn(4, 1, dtype=torch.float64, requires_grad=True)
+    y = pool(x)
+    torch.testing.assert_close(y, x[:, 0])
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones_like(x))
+    # a single row of many entries (no batch dims at all)
+    row = outlier_rows(1, 5000, seed=7, dtype=torch.float64)[0]
+    assert pool(row).shape == ()
+    torch.testing.assert_close(pool(row), pool(row.expand(3, -1))[0])
+    # all entries equal: that value, and the gradient spreads evenly
+    x = torch.full((2, 3, 50), 1.75, dtype=torch.float64, requires_grad=True)
+    y = pool(x)
+    torch.testing.assert_close(y, torch.full((2, 3), 1.75, dtype=torch.float64))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 1 / 50))
+
+
+@pytest.mark.parametrize("penalty", ROBUST)
+def test_ties_and_duplicated_rows(penalty: str) -> None:
+    g = torch.Generator().manual_seed(8)
+    x = torch.randint(-3, 4, (30, 21), generator=g).double()
+    y = dl.nn.RobustPool(penalty, alpha=0.75)(x)
+    # permuting the entries changes nothing; every row alone gives the same answer
+    perm = torch.randperm(21, generator=g)
+    torch.testing.assert_close(dl.nn.RobustPool(penalty, alpha=0.75)(x[:, perm]), y)
+    alone = torch.stack([dl.nn.RobustPool(penalty, alpha=0.75)(row) for row in x[:5]])
+    torch.testing.assert_close(alone, y[:5])
+
+
+@pytest.mark.parametrize("penalty", ROBUST)
+def test_alpha_huge_gives_the_mean_and_tiny_alpha_stays_on_the_data(penalty: str) -> None:
+    x = outlier_rows(8, 33, seed=9, dtype=torch.float64)
+    y = dl.nn.RobustPool(penalty, alpha=1e6)(x)
+    torch.testing.assert_close(y, x.mean(-1), atol=1e-6, rtol=0)
+    y = dl.nn.RobustPool(penalty, alpha=1e-9)(x)
+    assert torch.isfinite(y).all()
+    if penalty in CONVEX:
+        # the minimiser of sum |y - x_i| (alpha -> 0), here an odd count: the median
+        torch.testing.assert_close(y, x.median(-1).values, atol=1e-8, rtol=0)
+    elif penalty == "truncated_quadratic":
+        # a global minimiser has an entry within alpha (distinct entries: any one of them)
+        assert ((y.unsqueeze(-1) - x).abs().min(-1).values < 1e-9).all()
+
+
+def test_rows_that_converge_at_different_speeds_match_rows_solved_alone() -> None:
+    # Easy rows converge in one or two steps; the bimodal ones take longer and are compacted.
+    g = torch.Generator().manual_seed(10)
+    easy = torch.randn(6, 40, generator=g, dtype=torch.float64) * 0.1
+    hard = torch.cat(
+        [torch.randn(6, 20, generator=g, dtype=torch.float64) - 1.5, torch.randn(6, 20) + 1.5], -1
+    ).double()
+    x = torch.cat([easy, hard, easy], 0)
+    for penalty in ("pseudo_huber", "huber", "welsch"):
+        y = dl.nn.RobustPool(penalty, alpha=0.5)(x)
+        alone = torch.stack([dl.nn.RobustPool(penalty, alpha=0.5)(row) for row in x])
+        torch.testing.assert_close(y, alone, atol=1e-12, rtol=0)
+
+
+def test_median_helper_is_torch_median() -> None:
+    for n in (1, 2, 7, 64, 65):
+        for dtype in (torch.float32, torch.float64):
+            x = torch.randn(5, 3, n, dtype=dtype)
+            torch.testing.assert_close(pool_solver.median(x), x.median(-1).values, rtol=0, atol=0)
+
+
+def test_pseudo_huber_declaration_is_the_penalty() -> None:
+    # RobustPool declares pseudo-Huber with cheap derivatives; it must be dl.penalties' function.
+    layer = dl.nn.RobustPool("pseudo_huber").layer(6)
+    x = torch.randn(6, dtype=torch.float64) * 3
+    for alpha in (0.3, 1.0, 4.0):
+        a = torch.tensor(alpha, dtype=torch.float64)
+        for y in (-2.0, 0.1, 5.0):
+            u = torch.tensor([y], dtype=torch.float64)
+            value = layer.program.objective((x, a), u)
+            want = NUMPY_PHI["pseudo_huber"](y - x, a).sum()
+            torch.testing.assert_close(value, want)
+
+
+@pytest.fixture
+def aot_eager_compile(monkeypatch: pytest.MonkeyPatch):
+    """The solver's ``compile=True`` through TorchDynamo with the cheap ``aot_eager`` backend (no
+    C++ build; ``fullgraph=True``, so that a graph break fails). The layer's derivatives stay
+    eager here: compiling them is the layer's business, tested with the layer."""
+
+    def traced(fn, enabled):
+        if not enabled:
+            return fn
+        return torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=True)
+
+    clear = (pool_solver._kernels, pool_solver._tq_kernels, derivatives.derivatives_for)
+    for cache in clear:
+        cache.cache_clear()
+    monkeypatch.setattr(pool_solver, "maybe_compile", traced)
+    monkeypatch.setattr(derivatives, "maybe_compile", lambda fn, enabled: fn)
+    yield
+    for cache in clear:
+        cache.cache_clear()
+
+
+@pytest.mark.usefixtures("aot_eager_compile")
+def test_compiled_kernels_trace_whole_and_match_eager() -> None:
+    # pseudo-Huber runs the same Newton kernels as Huber with other sums
+    x = outlier_rows(24, 70, seed=11)
+    alpha = torch.tensor(1.0)
+    for penalty in ("huber", "welsch", "truncated_quadratic"):
+        eager = pool_solver.solve_pool(penalty, x, alpha, compile=False)
+        compiled = pool_solver.solve_pool(penalty, x, alpha, compile=True)
+        torch.testing.assert_close(compiled, eager)
+    # through the layer: the same value and gradient
+    x = outlier_rows(12, 30, seed=12, dtype=torch.float64)
+    out = []
+    for compile in (False, True):
+        leaf = x.clone().requires_grad_(True)
+        y = dl.nn.RobustPool("welsch", compile=compile)(leaf)
+        y.sum().backward()
+        out.append((y, leaf.grad))
+    torch.testing.assert_close(out[1], out[0])

@@ -19,8 +19,8 @@ elementwise passes, under ``torch.compile`` one fused kernel each.
 * Truncated quadratic (nonconvex): exact global minimum (see
   :func:`truncated_quadratic_global`): ``max_y sum_i (alpha^2 - (y - x_i)^2)_+`` is attained at
   the mean of a window of the sorted data, and every window's value is a lower bound, so the best
-  of the ``2n`` windows that the segments between the breakpoints ``x_i +- alpha`` see is the
-  global optimum; one sort finds all of them.
+  of the windows a sweep over the ``2n`` breakpoints ``x_i +- alpha`` sees is the global
+  optimum: one sort of the breakpoints (as float64, exact for float32 data) and running sums.
 
 Rows that converge leave the batch (the others are compacted) so that a few slow rows do not cost
 full passes. On CPU the sorts and medians use NumPy (its SIMD sort and selection are 10-30x
@@ -32,6 +32,7 @@ Only the forward lives here; gradients come from the declaration (:class:`declop
 from __future__ import annotations
 
 import math
+import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,7 +72,14 @@ def solve_pool(penalty: str, x: Tensor, alpha: Tensor | None, compile: bool = Fa
         rows = x.detach().reshape(-1, n)
         if rows.shape[0] == 0 or n == 0:
             return x.new_full(batch, math.nan) if n == 0 else x.new_zeros(batch)
-        kernels = _kernels(penalty, compile)
+        if n == 1:  # every penalty is minimised at z = 0 only
+            return rows[:, 0].clone().reshape(batch)
+        if compile and rows.shape[0] == 1:
+            # Compiled kernels specialise on size-1 dims: keep one set of kernels for all sizes.
+            two = rows.expand(2, n).contiguous()
+            return solve_pool(penalty, two, alpha, compile)[:1].reshape(batch)
+        if penalty != "truncated_quadratic":
+            kernels = _kernels(penalty, compile)
         if penalty in ("pseudo_huber", "huber"):
             y, converged = _newton(kernels, rows, alpha, subsample_median(rows))
         elif penalty == "welsch":
@@ -82,7 +90,9 @@ def solve_pool(penalty: str, x: Tensor, alpha: Tensor | None, compile: bool = Fa
             y = torch.where(second, y2, y)
             converged = torch.where(second, converged2, converged)
         elif penalty == "truncated_quadratic":
-            y = truncated_quadratic_global(rows, alpha, kernels.inlier_mean)
+            if rows.dtype not in (torch.float32, torch.float64):
+                rows = rows.float()
+            y = truncated_quadratic_global(rows, alpha.to(rows.dtype), compile).to(x.dtype)
             converged = None
         else:
             raise ValueError(f"unknown penalty {penalty!r}")
@@ -105,7 +115,7 @@ def median(x: Tensor) -> Tensor:
     """The lower median of the last dim (as ``torch.median``), via NumPy's selection on CPU."""
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
         k = (x.shape[-1] - 1) // 2
-        values = np.partition(x.numpy(), k, axis=-1)[..., k]
+        values = np.partition(x.detach().numpy(), k, axis=-1)[..., k]
         return torch.from_numpy(np.ascontiguousarray(values))
     return x.median(-1).values
 
@@ -169,14 +179,14 @@ class _Kernels:
 
     start: Callable[..., tuple[Tensor, ...]]
     block: Callable[..., tuple[Tensor, ...]]
-    inlier_mean: Callable[[Tensor, Tensor, Tensor], Tensor]
     block_size: int
 
 
 def _newton_step(penalty, alpha, y, g, h, kink, lo, hi, done):
     """One safeguarded Newton step from ``y`` (whose sums are ``g, h``) inside ``[lo, hi]``.
 
-    Returns the next point, whether it is final (no further evaluation needed), and ``done``.
+    Returns the next point and ``done``. A row is done when its step is *final* (the point it
+    lands on is within the tolerance, so it is not evaluated again) or its bracket has collapsed.
     """
     tol = _tolerance(y, alpha)
     usable = h > 0
@@ -198,13 +208,6 @@ def _newton_step(penalty, alpha, y, g, h, kink, lo, hi, done):
 
 
 def _make_kernels(penalty: str, compile: bool, block_size: int) -> _Kernels:
-    def inlier_mean(x: Tensor, alpha: Tensor, y: Tensor) -> Tensor:
-        """Mean of the entries within ``alpha`` of ``y`` (``y`` where there are none)."""
-        inside = (y.unsqueeze(-1) - x).abs() < alpha
-        count = inside.sum(-1, dtype=x.dtype)
-        total = torch.where(inside, x, torch.zeros_like(x)).sum(-1)
-        return torch.where(count > 0, total / count.clamp_min(1), y)
-
     if penalty in ("pseudo_huber", "huber"):
 
         def sums(x, alpha, y):
@@ -246,23 +249,33 @@ def _make_kernels(penalty: str, compile: bool, block_size: int) -> _Kernels:
                 s1 = torch.where(accept, t1, s1)
                 s2 = torch.where(accept, t2, s2)
                 s3 = torch.where(accept, t3, s3)
-                y, y_try, newton, done = _welsch_step(alpha, a2, eps, y, s0, s1, s2, s3, accept, done)
+                y, y_try, newton, done = _welsch_step(
+                    alpha, a2, eps, y, s0, s1, s2, s3, accept, done
+                )
             return y, s0, s1, s2, s3, y_try, newton, done
 
-    else:  # truncated quadratic: no iterations
+    else:
+        raise ValueError(f"no iterations for penalty {penalty!r}")
 
-        def start(x, alpha, y):
-            raise NotImplementedError
-
-        def block(*args):
-            raise NotImplementedError
-
+    tag = f"{penalty}_{block_size}"
     return _Kernels(
-        start=maybe_compile(start, compile),
-        block=maybe_compile(block, compile),
-        inlier_mean=maybe_compile(inlier_mean, compile),
+        start=maybe_compile(_distinct(start, tag), compile),
+        block=maybe_compile(_distinct(block, tag), compile),
         block_size=block_size,
     )
+
+
+def _distinct(fn: Callable, tag: str) -> Callable:
+    """``fn`` with a code object of its own (named after ``tag``).
+
+    TorchDynamo caches compiled graphs per code object, with guards on the closure: the kernels
+    of different penalties, made by one factory, would otherwise share one cache and its
+    recompilation limit (8), past which calls silently run eagerly.
+    """
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
+    new = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    new.__qualname__ = f"{fn.__qualname__}_{tag}"
+    return new
 
 
 def _welsch_step(alpha, a2, eps, y, s0, s1, s2, s3, accept, done):
@@ -299,10 +312,8 @@ def _kernels(penalty: str, compile: bool) -> _Kernels:
 class _Active:
     """Rows still iterating: ``index`` into the full batch, and their state tensors."""
 
-    def __init__(self, size: int, device: torch.device) -> None:
+    def __init__(self) -> None:
         self.index: Tensor | None = None  # None: all rows, in order
-        self.size = size
-        self.device = device
 
     def scatter(self, out: Tensor, value: Tensor) -> None:
         if self.index is None:
@@ -325,7 +336,7 @@ def _newton(kernels: _Kernels, x: Tensor, alpha: Tensor, y: Tensor) -> tuple[Ten
     """Convex penalties: safeguarded Newton from ``y``; returns ``(y, converged)``."""
     out = torch.empty_like(y)
     converged = torch.zeros_like(y, dtype=torch.bool)
-    active = _Active(y.shape[0], y.device)
+    active = _Active()
     g, h, kink, lo, hi = kernels.start(x, alpha, y)
     done = torch.zeros_like(converged)
     state = (x, y, g, h, kink, lo, hi, done)
@@ -350,12 +361,14 @@ def _welsch(
     out = torch.empty_like(y)
     weight = torch.empty_like(y)
     converged = torch.zeros_like(y, dtype=torch.bool)
-    active = _Active(y.shape[0], y.device)
+    active = _Active()
     s0, s1, s2, s3 = kernels.start(x, alpha, y)
     eps = torch.finfo(x.dtype).eps
     done = torch.zeros_like(converged)
     accept = ~done
-    y, y_try, newton, done = _welsch_step(alpha, alpha * alpha, eps, y, s0, s1, s2, s3, accept, done)
+    y, y_try, newton, done = _welsch_step(
+        alpha, alpha * alpha, eps, y, s0, s1, s2, s3, accept, done
+    )
     state = (x, y, s0, s1, s2, s3, y_try, newton, done)
     for _ in range(0, MAX_ITER, kernels.block_size):
         remaining = int((~state[-1]).sum())
@@ -382,104 +395,101 @@ def _finish(active, out, converged, y, done, extra_out=None, extra=None) -> None
 # Truncated quadratic: exact global minimiser
 
 
-def truncated_quadratic_global(
-    x: Tensor, alpha: Tensor, inlier_mean: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
-) -> Tensor:
+def truncated_quadratic_global(x: Tensor, alpha: Tensor, compile: bool = False) -> Tensor:
     """Global minimiser of ``sum_i min((y - x_i)^2, alpha^2) / 2`` for every row of ``x: (B, n)``.
 
     Minimising is maximising ``G(y) = sum_i (alpha^2 - (y - x_i)^2)_+``. For any set ``W`` of
     entries, ``G(y) >= sum_{i in W} (alpha^2 - (y - x_i)^2)`` (dropping ``(.)_+`` and entries
     only lowers the sum), so ``Q(W) = |W| alpha^2 - sum_W (x_i - mean_W)^2 <= max G``, with
-    equality for the inlier set of the optimum. Between consecutive breakpoints ``x_i +- alpha``
-    the inlier set is a window of the sorted data: ``(x_j - 2 alpha, x_j]`` after the breakpoint
-    ``x_j - alpha`` and ``(x_j, x_j + 2 alpha)`` after ``x_j + alpha``. The optimum's set is one of
-    these ``2n`` windows, so the best window's mean is a global minimiser (ties: any of them).
+    equality for the inlier set of an optimum. The inlier set is constant between consecutive
+    breakpoints ``x_i +- alpha``; so the best of the windows seen by a sweep over the breakpoints
+    has a mean that is a global minimiser (ties: any of them).
 
-    One sort of the ``2n`` values ``x_j`` and ``x_j - 2 alpha`` gives both kinds of window (their
-    ends are ranks in the merged order); prefix sums give every window's ``Q``. The chosen mean is
-    polished by one reweighting step on the original data (exact inlier mean).
+    The sweep (shifted by ``-alpha``): ``x_i`` enters the inlier set at ``q_i = x_i - 2 alpha``
+    and leaves at ``x_i``. One sort of the ``2n`` event coordinates orders the events; running
+    sums over the sorted events give the count, sum and sum of squares of the inlier set after
+    every event, hence every window's ``Q``. The order of events at the *same* coordinate does not
+    matter: the set after all of them is the same, and the sets in between are still lower bounds.
+    The chosen mean is polished by one reweighting step on the original data (exact inlier mean).
     """
-    b, n = x.shape
-    merged_x, left, right = _windows(x, alpha)
-    j1 = torch.arange(1, n + 1, device=x.device)
-    # Every window holds its own end x_j (alpha below the resolution of x makes x_j - 2 alpha
-    # round to x_j); a smaller window is still a valid lower bound.
-    left = torch.minimum(left, j1 - 1)
-    center = merged_x[:, n // 2 : n // 2 + 1]
-    acc = torch.float64
-    d = (merged_x - center).to(acc)
-    p1 = torch.nn.functional.pad(d.cumsum(-1), (1, 0))
-    p2 = torch.nn.functional.pad((d * d).cumsum(-1), (1, 0))
-    a2 = alpha.to(acc) ** 2
-    # R_j = sorted[left_j : j + 1]; L_j = sorted[j + 1 : right_j] (may be empty)
-    count_r = (j1 - left).to(acc)
-    s1_r = p1[:, 1:] - p1.gather(-1, left)
-    s2_r = p2[:, 1:] - p2.gather(-1, left)
-    count_l = (right - j1).to(acc)
-    s1_l = p1.gather(-1, right) - p1[:, 1:]
-    s2_l = p2.gather(-1, right) - p2[:, 1:]
-    q_r = count_r * a2 - (s2_r - s1_r * s1_r / count_r)
-    safe_l = count_l.clamp_min(1)
-    q_l = torch.where(count_l > 0, count_l * a2 - (s2_l - s1_l * s1_l / safe_l), -math.inf)
-    q = torch.cat([q_r, q_l], -1)
-    means = torch.cat([s1_r / count_r, s1_l / safe_l], -1)
-    best = q.argmax(-1, keepdim=True)
-    y = (means.gather(-1, best).squeeze(-1) + center.squeeze(-1).to(acc)).to(x.dtype)
-    if inlier_mean is None:
-        inside = (y.unsqueeze(-1) - x).abs() < alpha
-        count = inside.sum(-1, dtype=x.dtype)
-        total = torch.where(inside, x, torch.zeros_like(x)).sum(-1)
-        return torch.where(count > 0, total / count.clamp_min(1), y)
-    return inlier_mean(x, alpha, y)
-
-
-_INT_FOR = {torch.float32: torch.int32, torch.float64: torch.int64}
-
-
-def _windows(x: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The sorted rows and, per sorted index ``j``, ``#{x_i <= x_j - 2a}`` and ``#{x_i < x_j + 2a}``.
-
-    One sort of ``x`` and ``q = x - 2a`` together: order-preserving integer keys of the floats
-    with the lowest bit replaced by a flag (0 for ``x``, 1 for ``q``), so that ties order ``x``
-    first. The flag costs the last bit of the keys: comparisons at one ulp may go either way, which
-    changes a window only by entries that sit on a breakpoint and contribute nothing to it. In the
-    merged order, the ``x`` before a ``q_j`` count ``#{x_i <= x_j - 2a}`` and the ``q`` before an
-    ``x_j`` count ``#{x_i - 2a < x_j}``.
-    """
-    b, n = x.shape
-    itype = _INT_FOR.get(x.dtype)
-    if itype is None:  # other dtypes: through float32
-        merged, left, right = _windows(x.float(), alpha.float())
-        return merged.to(x.dtype), left, right
-    bits = torch.finfo(x.dtype).bits
-    sign_mask = (1 << (bits - 1)) - 1
-    keys = torch.empty(b, 2 * n, dtype=itype, device=x.device)
-    torch.bitwise_and(_order_key(x, sign_mask, bits), -2, out=keys[:, :n])
-    torch.bitwise_or(_order_key(x - 2 * alpha, sign_mask, bits), 1, out=keys[:, n:])
+    kernels = _tq_kernels(compile)
+    keys, shift = kernels.keys(x, alpha)
     if keys.device.type == "cpu":
-        keys.numpy().sort(axis=-1)
+        keys.numpy().sort(axis=-1)  # NumPy's SIMD sort, in place: ~30x torch.sort on CPU
     else:
         keys = keys.sort(-1).values
-    is_q = (keys & 1).bool()
-    count_q = is_q.cumsum(-1)  # q's up to and including each position
-    position = torch.arange(1, 2 * n + 1, device=x.device)
-    count_x = position - count_q  # x's up to and including each position
-    # Scatter each x to its sorted index j (count_x - 1) and each q to its j (count_q - 1).
-    slot_x = torch.where(is_q, n, count_x - 1)
-    slot_q = torch.where(is_q, count_q - 1, n)
-    sorted_keys = keys.new_zeros(b, n + 1).scatter_(-1, slot_x, keys)[:, :n]
-    right = count_q.new_zeros(b, n + 1).scatter_(-1, slot_x, count_q)[:, :n]
-    left = count_x.new_zeros(b, n + 1).scatter_(-1, slot_q, count_x)[:, :n]
-    merged = _from_order_key(sorted_keys & -2, sign_mask, x.dtype)
-    return merged, left, right
+    y, found = kernels.select(keys, shift, x, alpha)
+    if not bool(found.all()):
+        # alpha below the rounding of the window mean (an optimum always has an inlier): snap to
+        # the nearest entry, which is in the best window, and take the mean of its inliers.
+        rows = (~found).nonzero().squeeze(-1)
+        xr = x[rows]
+        near = xr.gather(-1, (y[rows].unsqueeze(-1) - xr).abs().argmin(-1, keepdim=True))
+        y[rows] = _inlier_mean(xr, alpha, near.squeeze(-1))[0]
+    return y
 
 
-def _order_key(v: Tensor, sign_mask: int, bits: int) -> Tensor:
-    """Integers ordered as the floats ``v`` (``-0.0`` as ``+0.0``)."""
-    i = (v + 0.0).view(_INT_FOR[v.dtype])
-    return i ^ ((i >> (bits - 1)) & sign_mask)
+def _tq_keys(x: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+    """The ``2n`` events of each row as float64 whose lowest bit tells the kind (1: enter).
+
+    ``x`` leaves at ``x`` (float32 data is exact in float64, and so is ``x - shift``) and enters
+    at ``q = x - shift``, with ``shift = 2 alpha``, or ``3 (max x - min x)`` when smaller (the same
+    order of events: every ``q`` below every ``x``; it keeps ``q + shift`` exact for huge
+    ``alpha``), and ``q`` strictly below ``x`` (``alpha`` below the resolution of ``x``). Setting
+    or clearing the lowest bit moves a value by at most one float64 ulp; that reorders only events
+    at (float64-) equal coordinates, which does not matter. Returns the events and ``shift``.
+    """
+    n = x.shape[-1]
+    keys = torch.empty(*x.shape[:-1], 2 * n, dtype=torch.float64, device=x.device)
+    wide, q = keys[:, :n], keys[:, n:]
+    wide.copy_(x)
+    if x.dtype == torch.float64:  # float32 values already end in zero bits
+        wide.view(torch.int64).bitwise_and_(-2)
+    span = (x.amax(-1, keepdim=True) - x.amin(-1, keepdim=True)).to(torch.float64)
+    shift = torch.minimum(2 * alpha.to(torch.float64), 3 * span)
+    torch.sub(wide, shift, out=q)
+    below = torch.nextafter(wide, torch.tensor(-math.inf, dtype=torch.float64, device=x.device))
+    torch.minimum(q, below, out=q)
+    q.clamp_min_(-torch.finfo(torch.float64).max).view(torch.int64).bitwise_or_(1)
+    return keys, shift
 
 
-def _from_order_key(k: Tensor, sign_mask: int, dtype: torch.dtype) -> Tensor:
-    bits = torch.finfo(dtype).bits
-    return (k ^ ((k >> (bits - 1)) & sign_mask)).view(dtype)
+def _tq_select(keys: Tensor, shift: Tensor, x: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+    """The best window's polished mean from the sorted events, and whether it has inliers."""
+    n = x.shape[-1]
+    enter = (keys.view(torch.int64) & 1).bool()
+    center = keys[:, n : n + 1]  # an event coordinate: within the data's range
+    # +-(entry - center): + when the entry enters the inlier set, - when it leaves
+    signed = torch.where(enter, keys + (shift - center), center - keys)
+    square = signed * signed
+    square = torch.where(enter, square, -square)
+    count = torch.where(enter, 1, -1).to(torch.int32).cumsum(-1, dtype=torch.int32)
+    s1 = signed.cumsum(-1)
+    s2 = square.cumsum_(-1)
+    size = count.to(torch.float64)
+    safe = size.clamp_min(1)
+    # Q = |W| alpha^2 - (sum_W d^2 - (sum_W d)^2 / |W|), in place (eager: fewer passes)
+    q = (s1 * s1).div_(safe).add_(size * alpha.to(torch.float64) ** 2).sub_(s2)
+    best = q.masked_fill_(count <= 0, 0).argmax(-1, keepdim=True)
+    y = (s1.gather(-1, best) / safe.gather(-1, best) + center).squeeze(-1).to(x.dtype)
+    return _inlier_mean(x, alpha, y)
+
+
+def _inlier_mean(x: Tensor, alpha: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean of the entries within ``alpha`` of ``y`` (the MM step), and whether there are any."""
+    z = x - y.unsqueeze(-1)  # summing offsets from y keeps the mean accurate far from 0
+    inside = z.abs() < alpha
+    count = inside.sum(-1, dtype=x.dtype)
+    total = torch.where(inside, z, torch.zeros_like(z)).sum(-1)
+    return y + total / count.clamp_min(1), count > 0
+
+
+@dataclass(frozen=True)
+class _TQKernels:
+    keys: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+    select: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+@cache
+def _tq_kernels(compile: bool) -> _TQKernels:
+    return _TQKernels(maybe_compile(_tq_keys, compile), maybe_compile(_tq_select, compile))

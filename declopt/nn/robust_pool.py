@@ -3,6 +3,11 @@
 Declared in CVXPY with :mod:`declopt.penalties` and run through :class:`declopt.Layer`, so its
 gradient (with respect to ``x`` and ``alpha``) is the implicit one from the declaration. The forward
 uses a fast exact solver for this one-dimensional problem (:mod:`declopt.nn.pool_solver`).
+
+The pseudo-Huber penalty is declared as ``alpha sqrt(alpha^2 + z^2) - alpha^2``, the same function
+as :func:`declopt.penalties.pseudo_huber` (which is written through a column norm of ``[z; alpha]``
+to stay DCP for cvxpylayers): its derivatives, which the implicit backward takes, are a few
+elementwise operations instead of a stacked norm (about 4x faster eagerly).
 """
 
 from __future__ import annotations
@@ -29,10 +34,13 @@ class RobustPool(nn.Module):
         solver: ``"fast"`` (default: the exact 1-D solver of :mod:`declopt.nn.pool_solver`) or
             ``"generic"`` (the declared problem through the torch backend; slower, same answer).
         compile: run the solver's iterations and the implicit backward under ``torch.compile``:
-            several times faster after a first call that compiles (seconds, once per dtype).
+            several times faster after a first call that compiles (about 5-25 s per penalty and
+            dtype on a CPU; later shapes reuse the kernels). Falls back to eager, with a warning,
+            where compilation fails.
 
-    Nonconvex penalties (welsch, truncated_quadratic) are solved from the mean and the median of
-    the pooled values and keep the lower objective.
+    The forward is exact: the convex penalties' unique minimiser; for welsch the better of the
+    local minima reached from the mean and from the median (the seed paper's rule); for the
+    truncated quadratic the global minimiser.
     """
 
     def __init__(
@@ -77,7 +85,7 @@ class RobustPool(nn.Module):
         x = cp.Parameter(n, name="x")
         y = cp.Variable(name="y")
         alpha = cp.Parameter(pos=True, name="alpha")
-        phi = penalties.get(self.penalty)
+        phi = _pseudo_huber if self.penalty == "pseudo_huber" else penalties.get(self.penalty)
         objective = cp.sum(phi(y - x, alpha)) if self.uses_alpha else cp.sum(phi(y - x))
         parameters = [x, alpha] if self.uses_alpha else [x]
         problem = cp.Problem(cp.Minimize(objective))
@@ -101,15 +109,25 @@ class RobustPool(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``x: (..., n, ...)`` -> pooled over ``dim``: ``(..., ...)`` (or size 1 with keepdim)."""
         moved = x.movedim(self.dim, -1)
+        single = moved.dim() == 1  # one row: give the layer a batch dim of one
+        if single:
+            moved = moved.unsqueeze(0)
         layer = self.layer(moved.shape[-1])
         if self.uses_alpha:
             (y,) = layer(moved, self.alpha.to(moved.dtype))
         else:
             (y,) = layer(moved)
+        if single:
+            y = y.squeeze(0)
         return y.unsqueeze(self.dim) if self.keepdim else y
 
     def extra_repr(self) -> str:
         return f"penalty={self.penalty!r}, alpha={float(self.alpha):g}, dim={self.dim}"
+
+
+def _pseudo_huber(z: cp.Expression, alpha: cp.Parameter) -> cp.Expression:
+    """:func:`declopt.penalties.pseudo_huber` with cheap derivatives (not DCP; see the module)."""
+    return alpha * cp.sqrt(cp.square(alpha) + cp.square(z)) - cp.square(alpha)
 
 
 def _pool_starts() -> list:
