@@ -155,10 +155,17 @@ def _constrained_vjp(
         [torch.ones_like(state.multipliers[:, :p], dtype=torch.bool), counted, state.kinks_active],
         -1,
     )
-    k = mask.shape[-1]
     lam = torch.where(mask, state.multipliers, torch.zeros_like(state.multipliers))
-    jac = state.jacobian * mask.unsqueeze(-1)
-    stationarity = (state.grad_f - (lam.unsqueeze(-1) * jac).sum(-2)).abs().amax(-1)
+    stationarity = (
+        (state.grad_f - (lam.unsqueeze(-1) * state.jacobian * mask.unsqueeze(-1)).sum(-2))
+        .abs()
+        .amax(-1)
+    )
+    # Only active rows enter the KKT system: gather each problem's active rows to the front and
+    # pad to the largest active count of the batch (not to all p + q + K rows).
+    rows, row_mask = _compact(mask)
+    k = rows.shape[-1]
+    jac = state.jacobian.gather(1, rows.unsqueeze(-1).expand(-1, -1, m)) * row_mask.unsqueeze(-1)
 
     # The KKT system of the Lagrangian, padded: inactive rows are zero in A with a one on the
     # diagonal, so one batched solve serves problems with different active sets.
@@ -169,11 +176,12 @@ def _constrained_vjp(
     )
     hess = lagrangian_derivatives.hessian(u)
     top = torch.cat([hess, jac.transpose(-1, -2)], -1)
-    bottom = torch.cat([jac, torch.diag_embed((~mask).to(u.dtype))], -1)
+    bottom = torch.cat([jac, torch.diag_embed((~row_mask).to(u.dtype))], -1)
     kkt = torch.cat([top, bottom], -2)
     rhs = torch.cat([v, v.new_zeros(batch, k)], -1)
     solution, linear = solve_symmetric(kkt, rhs, num_negative_expected=mask.sum(-1))
-    w, z = solution[:, :m], solution[:, m:] * mask
+    w = solution[:, :m]
+    z = torch.zeros_like(lam).scatter(1, rows, solution[:, m:] * row_mask)
 
     grads_l = lagrangian_derivatives.param_vjp(u, w)[: len(params.values)]
     weighted = weighted_constraints(program, with_kinks)
@@ -270,11 +278,28 @@ def active_set(
     return ActiveSet(p, c, jac, grad_f, lam, active, weakly, kinks_active, sign_violation)
 
 
+def _compact(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per problem, the indices of its ``True`` rows first, cut to the batch's largest count.
+
+    Returns ``(rows (B, k_max), row_mask (B, k_max))``; padded slots repeat some row index with
+    ``row_mask`` False, so gathers stay in range and padding is masked out.
+    """
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)
+    k_max = int(mask.sum(-1).max()) if mask.numel() else 0
+    rows = order[:, :k_max]
+    return rows, mask.gather(1, rows)
+
+
 def _least_squares_multipliers(jac: Tensor, grad_f: Tensor, mask: Tensor) -> Tensor:
-    """Least-squares ``lambda`` of ``A^T lambda = D_u f`` (rows outside ``mask`` are zero)."""
-    if jac.shape[1] == 0:
-        return jac.new_zeros(jac.shape[0], 0)
-    normal = jac @ jac.transpose(-1, -2)  # (B, k, k); zero rows/cols for masked-out constraints
-    rhs = (jac @ grad_f.unsqueeze(-1)).squeeze(-1)
+    """Least-squares ``lambda`` of ``A^T lambda = D_u f`` over the rows in ``mask`` (others 0)."""
+    batch, k, m = jac.shape
+    if k == 0:
+        return jac.new_zeros(batch, 0)
+    rows, row_mask = _compact(mask)
+    if rows.shape[1] == 0:
+        return jac.new_zeros(batch, k)
+    active = jac.gather(1, rows.unsqueeze(-1).expand(-1, -1, m)) * row_mask.unsqueeze(-1)
+    normal = active @ active.transpose(-1, -2)  # (B, k_max, k_max); zero rows/cols for padding
+    rhs = (active @ grad_f.unsqueeze(-1)).squeeze(-1)
     lam, _ = solve_symmetric(normal, rhs)
-    return lam * mask
+    return jac.new_zeros(batch, k).scatter(1, rows, lam * row_mask)

@@ -45,7 +45,8 @@ class LayerInfo:
             ``Maximize`` problem reports its maximum).
         kkt_residual: ``max |D_u L|`` at the returned solution.
         backward: filled in by the backward pass, ``None`` until then.
-        active: ``(*batch, q)`` constrained problems only: inequalities active at the solution.
+        active: ``(*batch, q)`` constrained problems only (not filled for custom solvers run with
+            ``verify=False``): inequalities active at the solution.
         one_sided: ``(*batch)`` constrained problems only: some active inequality has a ~zero
             multiplier, so the derivative there is one-sided.
         eq_multipliers, ineq_multipliers: ``(*batch, p)``, ``(*batch, q)`` multipliers in the seed

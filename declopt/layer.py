@@ -240,7 +240,9 @@ class _Call:
             objective=shaped(f, sign),
             kkt_residual=shaped(kkt),
         )
-        if program.is_constrained:
+        # Unverified custom solvers skip the (dense) active-set analysis in the forward; the
+        # backward does its own and reports one-sidedness in info.backward.
+        if program.is_constrained and (layer.solver is None or layer.verify):
             self._constraint_info(u.detach(), lam_h, lam_g)
         self._report_failures()
         return u

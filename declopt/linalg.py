@@ -64,7 +64,7 @@ def solve_symmetric(
     rcond = default_rcond(matrix.dtype, n) if rcond is None else rcond
     # eigh reads one triangle only; symmetrise so autodiff rounding asymmetry is averaged.
     sym = 0.5 * (matrix + matrix.transpose(-1, -2))
-    eigenvalues, eigenvectors = torch.linalg.eigh(sym)
+    eigenvalues, eigenvectors = robust_eigh(sym)
     scale = eigenvalues.abs().amax(dim=-1, keepdim=True)
     tiny = torch.finfo(matrix.dtype).tiny
     zero = eigenvalues.abs() <= rcond * scale.clamp_min(tiny)
@@ -81,6 +81,27 @@ def solve_symmetric(
     residual = _relative_residual(sym @ solution.unsqueeze(-1), rhs)
     report = LinearSolveReport("eigh", singular, second_order_ok, residual)
     return solution, report
+
+
+def robust_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh`` that survives LAPACK's rare non-convergence.
+
+    Rank-deficient matrices with many repeated eigenvalues (e.g. normal matrices of many tied
+    kinks) can make the float32 solver fail; retry in float64, then with a jitter of a few ulps
+    of the matrix scale, which moves eigenvalues by far less than the singularity cut-off.
+    """
+    try:
+        return torch.linalg.eigh(matrix)
+    except RuntimeError:
+        pass
+    wide = matrix.to(torch.float64)
+    try:
+        values, vectors = torch.linalg.eigh(wide)
+    except RuntimeError:
+        scale = wide.abs().amax(dim=(-1, -2), keepdim=True).clamp_min(1.0)
+        eye = torch.eye(wide.shape[-1], dtype=wide.dtype, device=wide.device)
+        values, vectors = torch.linalg.eigh(wide + 64 * torch.finfo(matrix.dtype).eps * scale * eye)
+    return values.to(matrix.dtype), vectors.to(matrix.dtype)
 
 
 def conjugate_gradient(
