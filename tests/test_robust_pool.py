@@ -357,3 +357,22 @@ def test_compiled_kernels_trace_whole_and_match_eager() -> None:
         y.sum().backward()
         out.append((y, leaf.grad))
     torch.testing.assert_close(out[1], out[0])
+
+
+def test_fixed_alpha_is_a_constant_of_the_declaration() -> None:
+    x = outlier_rows(4, 30, seed=13, dtype=torch.float64)
+    fixed = dl.nn.RobustPool("welsch", alpha=0.75)
+    learnable = dl.nn.RobustPool(
+        "welsch", alpha=torch.nn.Parameter(torch.tensor(0.75, dtype=torch.float64))
+    )
+    out = []
+    for pool in (fixed, learnable):
+        leaf = x.clone().requires_grad_(True)
+        y = pool(leaf)
+        y.sum().backward()
+        out.append((y, leaf.grad))
+    torch.testing.assert_close(out[0], out[1])
+    assert fixed.layer(30, 0.75).program.parameter_names == ("x",)
+    # the buffer can change: the pool re-declares with the new value
+    fixed.alpha.fill_(1.25)
+    torch.testing.assert_close(fixed(x), dl.nn.RobustPool("welsch", alpha=1.25)(x))

@@ -301,8 +301,10 @@ def _welsch_step(alpha, a2, eps, y, s0, s1, s2, s3, accept, done):
 
 @cache
 def _kernels(penalty: str, compile: bool) -> _Kernels:
-    # Compiled blocks cost a fixed overhead per call: check convergence every 2 iterations.
-    return _make_kernels(penalty, compile, 2 if compile else 1)
+    # A compiled call costs ~50 us on top of its passes: the convex penalties check convergence
+    # every 2 iterations. Welsch's passes (exp) cost more than a call, and most rows need one or
+    # two: checking after every pass is faster (measured).
+    return _make_kernels(penalty, compile, 2 if compile and penalty != "welsch" else 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -439,19 +441,15 @@ def _tq_keys(x: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
     or clearing the lowest bit moves a value by at most one float64 ulp; that reorders only events
     at (float64-) equal coordinates, which does not matter. Returns the events and ``shift``.
     """
-    n = x.shape[-1]
-    keys = torch.empty(*x.shape[:-1], 2 * n, dtype=torch.float64, device=x.device)
-    wide, q = keys[:, :n], keys[:, n:]
-    wide.copy_(x)
+    wide = x.to(torch.float64)
     if x.dtype == torch.float64:  # float32 values already end in zero bits
-        wide.view(torch.int64).bitwise_and_(-2)
+        wide = wide.view(torch.int64).bitwise_and(-2).view(torch.float64)
     span = (x.amax(-1, keepdim=True) - x.amin(-1, keepdim=True)).to(torch.float64)
     shift = torch.minimum(2 * alpha.to(torch.float64), 3 * span)
-    torch.sub(wide, shift, out=q)
     below = torch.nextafter(wide, torch.tensor(-math.inf, dtype=torch.float64, device=x.device))
-    torch.minimum(q, below, out=q)
-    q.clamp_min_(-torch.finfo(torch.float64).max).view(torch.int64).bitwise_or_(1)
-    return keys, shift
+    q = torch.minimum(wide - shift, below).clamp_min_(-torch.finfo(torch.float64).max)
+    q = q.view(torch.int64).bitwise_or_(1).view(torch.float64)
+    return torch.cat([wide, q], -1), shift
 
 
 def _tq_select(keys: Tensor, shift: Tensor, x: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:

@@ -7,7 +7,10 @@ uses a fast exact solver for this one-dimensional problem (:mod:`declopt.nn.pool
 The pseudo-Huber penalty is declared as ``alpha sqrt(alpha^2 + z^2) - alpha^2``, the same function
 as :func:`declopt.penalties.pseudo_huber` (which is written through a column norm of ``[z; alpha]``
 to stay DCP for cvxpylayers): its derivatives, which the implicit backward takes, are a few
-elementwise operations instead of a stacked norm (about 4x faster eagerly).
+elementwise operations instead of a stacked norm (about 4x faster eagerly). A fixed ``alpha`` (not a
+learnable ``nn.Parameter``) is a constant of the declaration, so that the backward does not form
+an alpha-gradient nobody asked for (a full reduction over the batch: ~25% of the compiled Welsch
+backward); changing it re-declares.
 """
 
 from __future__ import annotations
@@ -34,9 +37,9 @@ class RobustPool(nn.Module):
         solver: ``"fast"`` (default: the exact 1-D solver of :mod:`declopt.nn.pool_solver`) or
             ``"generic"`` (the declared problem through the torch backend; slower, same answer).
         compile: run the solver's iterations and the implicit backward under ``torch.compile``:
-            several times faster after a first call that compiles (about 5-25 s per penalty and
-            dtype on a CPU; later shapes reuse the kernels). Falls back to eager, with a warning,
-            where compilation fails.
+            5-20x faster forward+backward at large sizes, after a first call that compiles
+            (10-30 s per penalty and dtype on a CPU, and ~4 s for the backward of each new pooled
+            length). Falls back to eager, with a warning, where compilation fails.
 
     The forward is exact: the convex penalties' unique minimiser; for welsch the better of the
     local minima reached from the mean and from the median (the seed paper's rule); for the
@@ -69,25 +72,38 @@ class RobustPool(nn.Module):
             self.alpha = alpha
         else:
             self.register_buffer("alpha", alpha)
-        self._layers: dict[int, Layer] = {}
+        self._layers: dict[tuple[int, float | None], Layer] = {}
 
     @property
     def uses_alpha(self) -> bool:
         return self.penalty != "quadratic"
 
-    def layer(self, n: int) -> Layer:
-        """The declarative layer pooling ``n`` values (declared once per ``n``)."""
-        if n not in self._layers:
-            self._layers[n] = self._declare(n)
-        return self._layers[n]
+    @property
+    def learnable_alpha(self) -> bool:
+        return isinstance(self.alpha, nn.Parameter) and self.alpha.requires_grad
 
-    def _declare(self, n: int) -> Layer:
+    def layer(self, n: int, alpha: float | None = None) -> Layer:
+        """The declarative layer pooling ``n`` values (declared once per ``n``).
+
+        With ``alpha=None`` alpha is a ``cp.Parameter`` (the layer takes ``(x, alpha)``, and
+        differentiates in both); with a number it is a constant of the declaration (the layer
+        takes ``x`` only, and its backward has no alpha-gradient to form).
+        """
+        key = (n, alpha if self.uses_alpha else None)
+        if key not in self._layers:
+            if len(self._layers) >= _MAX_DECLARATIONS:
+                self._layers.pop(next(iter(self._layers)))
+            self._layers[key] = self._declare(n, alpha)
+        return self._layers[key]
+
+    def _declare(self, n: int, alpha_value: float | None = None) -> Layer:
         x = cp.Parameter(n, name="x")
         y = cp.Variable(name="y")
-        alpha = cp.Parameter(pos=True, name="alpha")
+        constant = not self.uses_alpha or alpha_value is not None
+        alpha = alpha_value if constant else cp.Parameter(pos=True, name="alpha")
         phi = _pseudo_huber if self.penalty == "pseudo_huber" else penalties.get(self.penalty)
         objective = cp.sum(phi(y - x, alpha)) if self.uses_alpha else cp.sum(phi(y - x))
-        parameters = [x, alpha] if self.uses_alpha else [x]
+        parameters = [x] if constant else [x, alpha]
         problem = cp.Problem(cp.Minimize(objective))
         if self.solver == "generic":
             return Layer(
@@ -101,6 +117,8 @@ class RobustPool(nn.Module):
         penalty, compile = self.penalty, self.compile
 
         def fast(x: Tensor, alpha: Tensor | None = None) -> tuple[Tensor]:
+            if alpha is None and alpha_value is not None:
+                alpha = torch.tensor(alpha_value, dtype=x.dtype, device=x.device)
             return (solve_pool(penalty, x, alpha, compile),)
 
         # The fast solver checks its own convergence (and warns), so the layer need not.
@@ -112,11 +130,12 @@ class RobustPool(nn.Module):
         single = moved.dim() == 1  # one row: give the layer a batch dim of one
         if single:
             moved = moved.unsqueeze(0)
-        layer = self.layer(moved.shape[-1])
-        if self.uses_alpha:
-            (y,) = layer(moved, self.alpha.to(moved.dtype))
+        n = moved.shape[-1]
+        if self.learnable_alpha:
+            (y,) = self.layer(n)(moved, self.alpha.to(moved.dtype))
         else:
-            (y,) = layer(moved)
+            # A fixed alpha is a constant of the declaration: no alpha-gradient in the backward.
+            (y,) = self.layer(n, float(self.alpha) if self.uses_alpha else None)(moved)
         if single:
             y = y.squeeze(0)
         return y.unsqueeze(self.dim) if self.keepdim else y
@@ -125,7 +144,11 @@ class RobustPool(nn.Module):
         return f"penalty={self.penalty!r}, alpha={float(self.alpha):g}, dim={self.dim}"
 
 
-def _pseudo_huber(z: cp.Expression, alpha: cp.Parameter) -> cp.Expression:
+_MAX_DECLARATIONS = 16
+"""Declarations kept per pool (one per pooled length and fixed alpha); the oldest goes first."""
+
+
+def _pseudo_huber(z: cp.Expression, alpha: cp.Parameter | float) -> cp.Expression:
     """:func:`declopt.penalties.pseudo_huber` with cheap derivatives (not DCP; see the module)."""
     return alpha * cp.sqrt(cp.square(alpha) + cp.square(z)) - cp.square(alpha)
 
