@@ -39,7 +39,8 @@ def main() -> None:
     Y, X = Y.detach(), X.detach()
     print(f"  mean |Y| = {float(Y.abs().mean()):.3f} (the plain mean is {float(X.mean()):.3f})")
     # Pooling is translation-equivariant, so each row of dY/dX sums to one: 1024 rows in all.
-    print(f"  dL/dalpha = {float(A.grad):.4f}; sum of dL/dX = {float(X_grad.sum()):.4f} (1024 rows)")
+    total = float(X_grad.sum())
+    print(f"  dL/dalpha = {float(A.grad):.4f}; sum of dL/dX = {total:.4f} (1024 rows)")
 
     # 2. The ready-made layer: robust pooling over the last dim.
     pool = dl.nn.RobustPool("huber", alpha=1.0)
