@@ -282,7 +282,7 @@ class _Call:
         for name, shape, value in zip(program.variable_names, program.variable_shapes, values):
             value = torch.as_tensor(value).detach().to(dtype=inputs.dtype, device=inputs.device)
             try:
-                value = value.expand(*batch, *shape)
+                value = value.expand((*batch, *shape))
             except RuntimeError:
                 raise SolverError(
                     f"the {what} returned shape {tuple(value.shape)} for variable {name!r}; "
