@@ -149,12 +149,8 @@ def _constrained_vjp(
 ) -> tuple[tuple[Tensor, ...], ImplicitReport]:
     batch, m = u.shape
     state = active_set(program, params, u, lam_h, lam_g, compile=compile)
-    p, q = state.num_eq, state.active.shape[-1]
-    counted = state.active & ~state.weakly if degenerate == "inactive" else state.active
-    mask = torch.cat(
-        [torch.ones_like(state.multipliers[:, :p], dtype=torch.bool), counted, state.kinks_active],
-        -1,
-    )
+    q = state.active.shape[-1]
+    mask = state.mask(degenerate)
     lam = torch.where(mask, state.multipliers, torch.zeros_like(state.multipliers))
     stationarity = (
         (state.grad_f - (lam.unsqueeze(-1) * state.jacobian * mask.unsqueeze(-1)).sum(-2))
@@ -218,6 +214,13 @@ class ActiveSet:
     weakly: Tensor  # (B, q): active with a ~zero multiplier
     kinks_active: Tensor  # (B, K): the solution sits on this kink
     sign_violation: Tensor  # (B,): an active inequality with lambda_g > 0
+
+    def mask(self, degenerate: str = "active") -> Tensor:
+        """``(B, p + q + K)`` rows counted active: all equalities, the active inequalities (less
+        the weakly active ones for ``degenerate="inactive"``) and the active kinks."""
+        inequalities = self.active & ~self.weakly if degenerate == "inactive" else self.active
+        equalities = torch.ones_like(self.multipliers[:, : self.num_eq], dtype=torch.bool)
+        return torch.cat([equalities, inequalities, self.kinks_active], -1)
 
 
 def active_set(

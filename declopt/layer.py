@@ -171,18 +171,7 @@ class _Call:
                 if program.is_constrained or program.kinks is not None:
                     state = active_set(program, inputs.params, u, None, None)
                     lam = torch.where(
-                        torch.cat(
-                            [
-                                torch.ones_like(
-                                    state.multipliers[:, : state.num_eq], dtype=torch.bool
-                                ),
-                                state.active,
-                                state.kinks_active,
-                            ],
-                            -1,
-                        ),
-                        state.multipliers,
-                        torch.zeros_like(state.multipliers),
+                        state.mask(), state.multipliers, torch.zeros_like(state.multipliers)
                     )
                     residual, _ = kkt_residual(
                         program, inputs.params, u, lam, state.num_eq, program.kinks is not None

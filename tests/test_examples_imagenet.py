@@ -4,7 +4,6 @@ beside this project's torch), the shared metrics, and benchmarks/gpu_check.py's 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +24,7 @@ RESNET18_PARAMETERS = 11_689_512
 """``sum(p.numel() for p in torchvision.models.resnet18().parameters())``."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_tree(root: Path, classes: dict[str, int], size: tuple[int, int] = (20, 12)) -> None:

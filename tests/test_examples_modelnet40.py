@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -26,12 +25,7 @@ TINY = ["--mlp", "8", "16", "--head", "16", "--num-points", "32", "--no-progress
 """A tiny PointNet on short clouds: the CLI runs in seconds."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_layout(folder: Path, n_train: int = 10, n_test: int = 4, points: int = 16) -> None:

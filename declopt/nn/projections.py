@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from declopt.layer import Layer
+from declopt.nn._scalar import register_positive_scalar
 
 _P_VALUES = {1.0: 1, 2.0: 2, float("inf"): "inf"}
 
@@ -87,14 +88,7 @@ class _Projection(nn.Module):
         super().__init__()
         self.p = _check_p(p)
         self.dim = dim
-        if not isinstance(radius, Tensor):
-            radius = torch.tensor(float(radius), dtype=torch.get_default_dtype())
-        if radius.dim() != 0 or not bool(radius > 0):
-            raise ValueError(f"radius must be a positive scalar, got {radius}")
-        if isinstance(radius, nn.Parameter):
-            self.radius = radius
-        else:
-            self.register_buffer("radius", radius)
+        register_positive_scalar(self, "radius", radius)
         self._layers: dict[int, Layer] = {}
 
     def layer(self, n: int) -> Layer:

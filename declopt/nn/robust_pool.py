@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from declopt import penalties
 from declopt.layer import Layer
+from declopt.nn._scalar import register_positive_scalar
 from declopt.nn.pool_solver import solve_pool
 
 
@@ -64,14 +65,7 @@ class RobustPool(nn.Module):
         self.keepdim = keepdim
         self.solver = solver
         self.compile = compile
-        if not isinstance(alpha, Tensor):
-            alpha = torch.tensor(float(alpha), dtype=torch.get_default_dtype())
-        if alpha.dim() != 0 or not bool(alpha > 0):
-            raise ValueError(f"alpha must be a positive scalar, got {alpha}")
-        if isinstance(alpha, nn.Parameter):
-            self.alpha = alpha
-        else:
-            self.register_buffer("alpha", alpha)
+        register_positive_scalar(self, "alpha", alpha)
         self._layers: dict[tuple[int, float | None], Layer] = {}
 
     @property

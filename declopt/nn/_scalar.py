@@ -1,0 +1,19 @@
+"""A positive scalar hyperparameter of a module: fixed (a buffer) or learnable (nn.Parameter)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def register_positive_scalar(module: nn.Module, name: str, value: float | Tensor) -> None:
+    """Set ``module.<name>`` to ``value``: an ``nn.Parameter`` stays learnable, anything else
+    becomes a buffer. Raises ``ValueError`` unless ``value`` is a positive scalar."""
+    if not isinstance(value, Tensor):
+        value = torch.tensor(float(value), dtype=torch.get_default_dtype())
+    if value.dim() != 0 or not bool(value > 0):
+        raise ValueError(f"{name} must be a positive scalar, got {value}")
+    if isinstance(value, nn.Parameter):
+        setattr(module, name, value)
+    else:
+        module.register_buffer(name, value)
