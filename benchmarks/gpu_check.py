@@ -125,17 +125,35 @@ def throughput(
     return inputs.shape[0] / seconds
 
 
+def bench_training(
+    key: str,
+    names: Sequence[str],
+    make_model: Callable[[str], nn.Module],
+    inputs: Tensor,
+    targets: Tensor,
+    steps: int,
+    device: torch.device,
+) -> list[dict[str, Any]]:
+    """``{key: name, "samples_per_s": ..., "error": ...}`` per name: ``make_model(name)`` trained
+    on the batch ``(inputs, targets)``, one model after the other."""
+    rows = []
+    for name in names:
+        model = make_model(name).to(device)
+        rows.append({key: name, **guarded(throughput, model, inputs, targets, steps, device)})
+    return rows
+
+
 def bench_pointnet(
     batch: int, points: int, device: torch.device, steps: int, compile: bool, width: Sequence[int]
 ) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     inputs = torch.rand(batch, points, 3, device=device) * 2 - 1
     targets = torch.randint(0, 40, (batch,), device=device)
-    rows = []
-    for name in POOLINGS:
-        model = PointNet(40, make_pooling(name, 1.0, compile), mlp=width).to(device)
-        rows.append({"pooling": name, **guarded(throughput, model, inputs, targets, steps, device)})
-    return rows
+
+    def make_model(pooling: str) -> nn.Module:
+        return PointNet(40, make_pooling(pooling, 1.0, compile), mlp=width)
+
+    return bench_training("pooling", POOLINGS, make_model, inputs, targets, steps, device)
 
 
 def bench_resnet(
@@ -144,13 +162,11 @@ def bench_resnet(
     torch.manual_seed(0)
     inputs = torch.randn(batch, 3, size, size, device=device)
     targets = torch.randint(0, 1000, (batch,), device=device)
-    rows = []
-    for name in projections:
-        model = build_model(1000, name).to(device)
-        rows.append(
-            {"projection": name, **guarded(throughput, model, inputs, targets, steps, device)}
-        )
-    return rows
+
+    def make_model(projection: str) -> nn.Module:
+        return build_model(1000, projection)
+
+    return bench_training("projection", projections, make_model, inputs, targets, steps, device)
 
 
 def guarded(fn: Callable[..., float], *args: Any) -> dict[str, Any]:
@@ -171,6 +187,21 @@ def table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -
     for row in rows:
         lines.append("| " + " | ".join(format(row[k], f) for k, _, f in columns) + " |")
     return "\n".join(lines)
+
+
+def section(
+    report: dict[str, Any],
+    key: str,
+    settings: dict[str, Any],
+    rows: list[dict[str, Any]],
+    title: str,
+    columns: Sequence[tuple[str, str, str]],
+) -> None:
+    """Record one benchmark's ``settings`` and ``rows`` as ``report[key]`` and print ``title``
+    and its table (``columns``, then the error column: a failed variant is a row, not a crash)."""
+    report[key] = {**settings, "rows": rows}
+    print(f"\n{title}")
+    print(table(rows, [*columns, ("error", "error", "")]))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -214,47 +245,34 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         warnings.simplefilter("once", dl.NonConvergenceWarning)
         warnings.simplefilter("once", dl.GradientWarning)
         rows = bench_pooling(pool_shape, device, repeats, args.compile)
-        report["pooling"] = {"shape": list(pool_shape), "rows": rows}
-        print(f"\npooling forward+backward, x: {tuple(pool_shape)} float32")
-        print(
-            table(
-                rows,
-                [
-                    ("pooling", "pooling", ""),
-                    ("ms", "ms", ".2f"),
-                    ("x_mean", "x mean", ".1f"),
-                    ("error", "error", ""),
-                ],
-            )
+        section(
+            report,
+            "pooling",
+            {"shape": list(pool_shape)},
+            rows,
+            f"pooling forward+backward, x: {tuple(pool_shape)} float32",
+            [("pooling", "pooling", ""), ("ms", "ms", ".2f"), ("x_mean", "x mean", ".1f")],
         )
         rows = bench_pointnet(
             pn["batch"], pn["points"], device, pn["steps"], args.compile, pn["width"]
         )
-        report["pointnet"] = {**pn, "rows": rows}
-        print(f"\nPointNet training, batch {pn['batch']} x {pn['points']} points")
-        print(
-            table(
-                rows,
-                [
-                    ("pooling", "pooling", ""),
-                    ("samples_per_s", "samples/s", ".1f"),
-                    ("error", "error", ""),
-                ],
-            )
+        section(
+            report,
+            "pointnet",
+            pn,
+            rows,
+            f"PointNet training, batch {pn['batch']} x {pn['points']} points",
+            [("pooling", "pooling", ""), ("samples_per_s", "samples/s", ".1f")],
         )
         if not args.skip_resnet:
             rows = bench_resnet(rn["batch"], rn["size"], device, rn["steps"], rn["projections"])
-            report["resnet18"] = {**rn, "rows": rows}
-            print(f"\nResNet-18 training, batch {rn['batch']} x {rn['size']}x{rn['size']}")
-            print(
-                table(
-                    rows,
-                    [
-                        ("projection", "projection", ""),
-                        ("samples_per_s", "samples/s", ".1f"),
-                        ("error", "error", ""),
-                    ],
-                )
+            section(
+                report,
+                "resnet18",
+                rn,
+                rows,
+                f"ResNet-18 training, batch {rn['batch']} x {rn['size']}x{rn['size']}",
+                [("projection", "projection", ""), ("samples_per_s", "samples/s", ".1f")],
             )
     report["seconds"] = time.perf_counter() - began
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,9 +42,9 @@ from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` when imported from elsewhere
 
-from common import distributed, reporting, vision
+from common import cli, distributed, reporting, vision
 from common.metrics import classification_metrics
-from common.training import Run, fit, make_loaders, seed_everything
+from common.training import Run, seed_everything
 
 import declopt as dl
 
@@ -210,10 +209,7 @@ implicit backward costs tens of ms per image on a CPU)."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="ResNet-18 with an Lp-sphere/ball projection on ImageNet (or its stand-in).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = cli.parser("ResNet-18 with an Lp-sphere/ball projection on ImageNet (or its stand-in).")
     data = p.add_argument_group("data")
     data.add_argument(
         "--data-dir",
@@ -229,30 +225,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     model.add_argument(
         "--radius", type=float, help="sphere/ball radius (paper: L1 250, L2 15, Linf 3)"
     )
-    train = p.add_argument_group("training")
-    train.add_argument("--sweep", action="store_true", help="every projection (unless given)")
-    train.add_argument("--epochs", type=int, help=f"(default {FULL['epochs']})")
-    train.add_argument("--batch-size", type=int, help="per process (default 256)")
-    train.add_argument("--lr", type=float, help="(default 0.1 x global batch / 256)")
-    train.add_argument("--momentum", type=float, default=0.9)
-    train.add_argument("--weight-decay", type=float, default=1e-4)
-    train.add_argument("--lr-step", type=int, default=30, help="epochs between lr divisions by 10")
-    train.add_argument("--max-steps", type=int, help="at most this many steps per epoch")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    train.add_argument("--workers", type=int, help="DataLoader workers (4; stand-in 0)")
-    run = p.add_argument_group("run")
-    run.add_argument("--quick", action="store_true", help="about a minute on a CPU")
-    run.add_argument("--out-dir", type=Path, default=Path("runs/imagenet"))
-    run.add_argument("--resume", action="store_true", help="continue runs from their checkpoints")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cli.add_training_args(
+        p,
+        FULL,
+        sweep_help="every projection (unless given)",
+        lr_help="(default 0.1 x global batch / 256)",
+        weight_decay=1e-4,
+        lr_step=30,
+        lr_step_help="epochs between lr divisions by 10",
+        workers=None,
+        workers_help="DataLoader workers (4; stand-in 0)",
+    )
+    cli.add_run_args(p, quick_help="about a minute on a CPU", out_dir=Path("runs/imagenet"))
     args = p.parse_args(argv)
-    defaults = dict(QUICK if args.quick else FULL)
-    if args.sweep:
-        defaults["projection"] = list(PROJECTIONS)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    cli.fill_defaults(args, FULL, QUICK, sweep={"projection": list(PROJECTIONS)})
     if args.workers is None:  # decoding 40x40 PNGs is cheap; ImageNet JPEGs are not
         args.workers = 0 if args.data_dir is None else min(4, os.cpu_count() or 1)
     if args.lr is None:  # the linear scaling rule from the reference's 0.1 at batch 256
@@ -267,15 +253,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for key in ("epochs", "batch_size", "lr", "image_size", "resize"):
-        if getattr(args, key) <= 0:
-            parser.error(f"--{key.replace('_', '-')} must be positive")
+    cli.check_positive(parser, args, ("epochs", "batch_size", "lr", "image_size", "resize"))
     if args.radius is not None and args.radius <= 0:
         parser.error("--radius must be positive")
     if args.resize < args.image_size:
         parser.error("--resize must be at least --image-size")
-    if args.data_dir is not None and not args.data_dir.is_dir():
-        parser.error(f"--data-dir {args.data_dir} does not exist or is not a folder")
+    cli.check_data_dir(parser, args)
 
 
 def load_data(args: argparse.Namespace, ctx: distributed.Context) -> tuple[Dataset, Dataset, str]:
@@ -287,9 +270,7 @@ def load_data(args: argparse.Namespace, ctx: distributed.Context) -> tuple[Datas
         root, source = args.data_dir, f"ImageFolder {args.data_dir}"
     else:
         root = args.out_dir / "standin"
-        if ctx.is_main:
-            ensure_standin(root, 40, args.standin_per_class, args.seed)
-        distributed.barrier(ctx)
+        distributed.on_main(ctx, ensure_standin, root, 40, args.standin_per_class, args.seed)
         source = f"stand-in: scikit-learn digits as 40x40 RGB PNGs in {root}"
     train, val = datasets(root, args.image_size, args.resize, scale, use_tv)
     if vision.uses_torchvision(use_tv):
@@ -306,6 +287,7 @@ def build_run(
     projection: str,
     ctx: distributed.Context,
 ) -> Run:
+    """One projection head: ResNet-18, SGD, lr divided by 10 every ``--lr-step`` epochs."""
     use_tv = False if args.no_torchvision else None
     seed_everything(args.seed)  # every projection starts from the same weights
     model = distributed.wrap(build_model(len(train.classes), projection, args.radius, use_tv), ctx)
@@ -313,9 +295,6 @@ def build_run(
         model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step, gamma=0.1)
-    train_loader, val_loader, sampler = make_loaders(
-        train, val, args.batch_size, ctx, args.seed, args.workers
-    )
     config = {
         "projection": projection,
         "radius": args.radius,
@@ -326,19 +305,17 @@ def build_run(
         "seed": args.seed,
         "data": str(args.data_dir) if args.data_dir else f"standin{args.standin_per_class}",
     }
-    return Run(
+    return cli.make_run(
+        args,
+        ctx,
         name=projection,
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
-        train_loader=train_loader,
-        test_loader=val_loader,
-        train_sampler=sampler,
+        train=train,
+        test=val,
         evaluate=_metrics,
-        epochs=args.epochs,
         config=config,
-        checkpoint=args.out_dir / projection / "checkpoint.pt",
-        max_steps=args.max_steps,
     )
 
 
@@ -367,13 +344,10 @@ def results_table(results: list[dict[str, Any]]) -> str:
 
 
 def write_results(args: argparse.Namespace, results: list[dict[str, Any]], source: str) -> str:
+    """CSV/JSON/Markdown/figure into ``--out-dir``; returns the table."""
     out = args.out_dir
-    rows = [{"projection": r["projection"], **row} for r in results for row in r["history"]]
-    reporting.write_csv(rows, out / "results.csv")
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    reporting.write_json({"data": source, "args": settings, "runs": results}, out / "results.json")
     table = results_table(results)
-    (out / "table.md").write_text(f"Data: {source}\n\n{table}\n")
+    reporting.write_results(out, results, ("projection",), table, source, args)
     reporting.plot_curves(
         {"": {r["projection"]: r["history"] for r in results}},
         [
@@ -391,13 +365,9 @@ def write_results(args: argparse.Namespace, results: list[dict[str, Any]], sourc
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Train one ResNet-18 per projection; returns one dict per run with its history."""
     args = parse_args(argv)
-    ctx = distributed.setup(args.device)
-    log = print if ctx.is_main else (lambda _msg: None)
-    try:
-        try:
+    with cli.session(args.device) as (ctx, log):
+        with cli.exit_on(FileNotFoundError, ValueError):
             train, val, source = load_data(args, ctx)
-        except (FileNotFoundError, ValueError) as error:
-            raise SystemExit(f"error: {error}") from None
         log(
             f"data: {source}; {len(train)} train / {len(val)} val images, {len(train.classes)} "
             f"classes; {ctx.world_size} process(es) on {ctx.device}"
@@ -405,22 +375,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         results = []
         for projection in args.projection:
             run = build_run(args, train, val, projection, ctx)
-            began = time.perf_counter()
-            history = fit(run, ctx, resume=args.resume, show_progress=not args.no_progress, log=log)
-            results.append(
-                {
-                    "projection": projection,
-                    "history": history,
-                    "seconds": time.perf_counter() - began,
-                }
-            )
+            trained = cli.train(run, args, ctx, log)  # {"history": ..., "seconds": ...}
+            results.append({"projection": projection, **trained})
             if ctx.is_main:  # after every run, so that a crash keeps what is done
                 table = write_results(args, results, source)
         if ctx.is_main:
-            files = "results.csv, results.json, table.md, curves.png"
-            log(f"\n{table}\n\nresults in {args.out_dir}/ ({files})")
-    finally:
-        distributed.teardown(ctx)
+            log(reporting.done_message(table, args.out_dir))
     return results
 
 

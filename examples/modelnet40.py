@@ -26,8 +26,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,10 +38,10 @@ from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` when imported from elsewhere
 
-from common import distributed, reporting
+from common import cli, distributed, reporting
 from common.metrics import classification_metrics
 from common.shapes import SHAPES, random_cloud, uniform_ball
-from common.training import Run, fit, make_loaders, seed_everything
+from common.training import Run, seed_everything
 
 import declopt as dl
 
@@ -361,10 +360,7 @@ QUICK = {
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="PointNet with robust global pooling on ModelNet40 (or its stand-in).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = cli.parser("PointNet with robust global pooling on ModelNet40 (or its stand-in).")
     data = p.add_argument_group("data")
     data.add_argument(
         "--data-dir",
@@ -396,56 +392,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     model.add_argument("--mlp", type=int, nargs="+", default=[64, 64, 64, 128, 1024])
     model.add_argument("--head", type=int, nargs="+", default=[512, 256])
     model.add_argument("--dropout", type=float, default=0.3)
-    train = p.add_argument_group("training")
-    train.add_argument(
-        "--sweep",
-        action="store_true",
-        help=f"all poolings x outlier ratios {SWEEP_RATIOS} (unless given)",
+    cli.add_training_args(
+        p,
+        FULL,
+        sweep_help=f"all poolings x outlier ratios {SWEEP_RATIOS} (unless given)",
+        optimizers=("sgd", "adam"),
+        weight_decay=0.0,
+        lr_step=20,
+        lr_step_help="epochs between lr halvings",
+        workers=0,
     )
-    train.add_argument("--epochs", type=int, help=f"(default {FULL['epochs']})")
-    train.add_argument("--batch-size", type=int, help="per process (default 24)")
-    train.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    train.add_argument("--lr", type=float, help=f"(default {FULL['lr']})")
-    train.add_argument("--momentum", type=float, default=0.9)
-    train.add_argument("--weight-decay", type=float, default=0.0)
-    train.add_argument("--lr-step", type=int, default=20, help="epochs between lr halvings")
-    train.add_argument("--max-steps", type=int, help="at most this many steps per epoch")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    train.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    run = p.add_argument_group("run")
-    run.add_argument(
-        "--quick",
-        action="store_true",
-        help="about a minute on a CPU: max vs huber pooling, 50%% outliers",
+    cli.add_run_args(
+        p,
+        quick_help="about a minute on a CPU: max vs huber pooling, 50%% outliers",
+        out_dir=Path("runs/modelnet40"),
     )
-    run.add_argument("--out-dir", type=Path, default=Path("runs/modelnet40"))
-    run.add_argument("--resume", action="store_true", help="continue runs from their checkpoints")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    defaults = dict(QUICK if args.quick else FULL)
-    if args.sweep:
-        defaults["pooling"], defaults["outlier_ratio"] = list(POOLINGS), list(SWEEP_RATIOS)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    sweep = {"pooling": list(POOLINGS), "outlier_ratio": list(SWEEP_RATIOS)}
+    cli.fill_defaults(args, FULL, QUICK, sweep)
     _check_args(p, args)
     return args
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     positive = ("epochs", "batch_size", "num_points", "standin_train", "standin_test", "lr")
-    for key in positive:
-        if getattr(args, key) <= 0:
-            parser.error(f"--{key.replace('_', '-')} must be positive")
+    cli.check_positive(parser, args, positive)
     if args.alpha <= 0:
         parser.error("--alpha must be positive")
     if any(not 0 <= r <= 1 for r in args.outlier_ratio):
         parser.error("--outlier-ratio values must be in [0, 1]")
     if not 2 <= args.standin_classes <= len(SHAPES):
         parser.error(f"--standin-classes must be between 2 and {len(SHAPES)}")
-    if args.data_dir is not None and not args.data_dir.is_dir():
-        parser.error(f"--data-dir {args.data_dir} does not exist or is not a folder")
+    cli.check_data_dir(parser, args)
 
 
 def load_data(args: argparse.Namespace, ctx: distributed.Context) -> tuple[ModelNet, str]:
@@ -454,9 +432,7 @@ def load_data(args: argparse.Namespace, ctx: distributed.Context) -> tuple[Model
         return load_modelnet(args.data_dir), f"ModelNet40 HDF5 from {args.data_dir}"
     settings = StandIn(args.standin_classes, args.standin_train, args.standin_test, seed=args.seed)
     folder = args.out_dir / "standin"
-    if ctx.is_main:
-        ensure_standin(folder, settings)
-    distributed.barrier(ctx)
+    distributed.on_main(ctx, ensure_standin, folder, settings)
     return load_modelnet(folder), settings.describe() + f" in {folder}"
 
 
@@ -483,9 +459,6 @@ def build_run(
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step, gamma=0.5)
-    train_loader, test_loader, sampler = make_loaders(
-        as_dataset(train), as_dataset(test), args.batch_size, ctx, args.seed, args.workers
-    )
     config = {
         "pooling": pooling,
         "outlier_ratio": ratio,
@@ -500,19 +473,17 @@ def build_run(
         "head": list(args.head),
         "data": str(args.data_dir) if args.data_dir else "standin",
     }
-    return Run(
+    return cli.make_run(
+        args,
+        ctx,
         name=name,
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
-        train_loader=train_loader,
-        test_loader=test_loader,
-        train_sampler=sampler,
+        train=as_dataset(train),
+        test=as_dataset(test),
         evaluate=_metrics,
-        epochs=args.epochs,
         config=config,
-        checkpoint=args.out_dir / name / "checkpoint.pt",
-        max_steps=args.max_steps,
     )
 
 
@@ -548,16 +519,8 @@ def _percent(value: float) -> str:
 def write_results(args: argparse.Namespace, results: list[dict[str, Any]], source: str) -> str:
     """CSV/JSON/Markdown/figures into ``--out-dir``; returns the table."""
     out = args.out_dir
-    rows = [
-        {"pooling": r["pooling"], "outlier_ratio": r["outlier_ratio"], **row}
-        for r in results
-        for row in r["history"]
-    ]
-    reporting.write_csv(rows, out / "results.csv")
     table = results_table(results)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    reporting.write_json({"data": source, "args": settings, "runs": results}, out / "results.json")
-    (out / "table.md").write_text(f"Data: {source}\n\n{table}\n")
+    reporting.write_results(out, results, ("pooling", "outlier_ratio"), table, source, args)
     curves: dict[str, dict[str, list]] = {}
     for r in results:
         group = f"{r['outlier_ratio']:.0%} outliers"
@@ -587,13 +550,9 @@ def write_results(args: argparse.Namespace, results: list[dict[str, Any]], sourc
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Run every (pooling, outlier ratio) pair; returns one dict per run with its history."""
     args = parse_args(argv)
-    ctx = distributed.setup(args.device)
-    log = print if ctx.is_main else (lambda _msg: None)
-    try:
-        try:
+    with cli.session(args.device) as (ctx, log):
+        with cli.exit_on(DatasetError):
             data, source = load_data(args, ctx)
-        except DatasetError as error:
-            raise SystemExit(f"error: {error}") from None
         log(
             f"data: {source}; {len(data.train.labels)} train / {len(data.test.labels)} test "
             f"clouds, {data.num_classes} classes; {ctx.world_size} process(es) on {ctx.device}"
@@ -601,35 +560,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         results = []
         for ratio in args.outlier_ratio:
             for pooling in args.pooling:
-                results.append(train_one(args, data, pooling, ratio, ctx, log))
+                run = build_run(args, data, pooling, ratio, ctx)
+                trained = cli.train(run, args, ctx, log)  # {"history": ..., "seconds": ...}
+                results.append({"pooling": pooling, "outlier_ratio": ratio, **trained})
                 if ctx.is_main:  # after every run, so that a crash keeps what is done
                     table = write_results(args, results, source)
         if ctx.is_main:
-            files = "results.csv, results.json, table.md, curves.png"
-            log(f"\n{table}\n\nresults in {args.out_dir}/ ({files})")
-    finally:
-        distributed.teardown(ctx)
+            log(reporting.done_message(table, args.out_dir))
     return results
-
-
-def train_one(
-    args: argparse.Namespace,
-    data: ModelNet,
-    pooling: str,
-    ratio: float,
-    ctx: distributed.Context,
-    log: Callable[[str], None],
-) -> dict[str, Any]:
-    """Train and evaluate one (pooling, outlier ratio) pair; its history and wall time."""
-    run = build_run(args, data, pooling, ratio, ctx)
-    began = time.perf_counter()
-    history = fit(run, ctx, resume=args.resume, show_progress=not args.no_progress, log=log)
-    return {
-        "pooling": pooling,
-        "outlier_ratio": ratio,
-        "history": history,
-        "seconds": time.perf_counter() - began,
-    }
 
 
 if __name__ == "__main__":

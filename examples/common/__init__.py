@@ -1,5 +1,6 @@
 """Shared machinery of the training examples (``modelnet40.py``, ``imagenet.py``).
 
+* :mod:`common.cli` — the shared flags, their defaults and checks, and the loop around the runs.
 * :mod:`common.distributed` — single process or DistributedDataParallel under ``torchrun``.
 * :mod:`common.training` — the epoch loop, evaluation, checkpoints.
 * :mod:`common.metrics` — top-k accuracy and mean average precision over all classes.

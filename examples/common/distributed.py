@@ -8,7 +8,9 @@ collective below is the identity, so the examples never branch on "distributed o
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -126,6 +128,14 @@ def parameters_identical(model: nn.Module, ctx: Context) -> bool:
     mismatch = torch.tensor([0.0 if torch.equal(flat, reference) else 1.0], device=ctx.device)
     dist.all_reduce(mismatch, op=dist.ReduceOp.SUM)
     return bool(mismatch.item() == 0)
+
+
+def on_main(ctx: Context, fn: Callable[..., Any], *args: Any) -> None:
+    """``fn(*args)`` on rank 0 while the other processes wait (e.g. writing a data set that they
+    all read next)."""
+    if ctx.is_main:
+        fn(*args)
+    barrier(ctx)
 
 
 def barrier(ctx: Context) -> None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+RESULT_FILES = ("results.csv", "results.json", "table.md", "curves.png")
+"""What every training example writes to its ``--out-dir`` (besides checkpoints)."""
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
@@ -25,6 +29,29 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
 def write_json(value: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(value, indent=2, default=str) + "\n")
+
+
+def write_results(
+    out: Path,
+    results: Sequence[dict[str, Any]],
+    keys: Sequence[str],
+    table: str,
+    source: str,
+    args: argparse.Namespace,
+) -> None:
+    """The run files of a training example in ``out``: ``results.csv`` (one row per run and
+    epoch: the run's ``keys``, then its history row), ``results.json`` (the data ``source``, the
+    flags ``args`` and every run) and ``table.md`` (``source`` and ``table``)."""
+    rows = [{**{k: r[k] for k in keys}, **row} for r in results for row in r["history"]]
+    write_csv(rows, out / "results.csv")
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    write_json({"data": source, "args": settings, "runs": results}, out / "results.json")
+    (out / "table.md").write_text(f"Data: {source}\n\n{table}\n")
+
+
+def done_message(table: str, out: Path) -> str:
+    """The last lines a training example prints: its table and where the run files are."""
+    return f"\n{table}\n\nresults in {out}/ ({', '.join(RESULT_FILES)})"
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -53,11 +80,7 @@ def plot_curves(
     ``histories[group][variant]`` is a run's history (rows with ``epoch`` and the metric keys);
     ``metrics`` pairs a history key with its axis label. Written with the Agg backend (no display).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     groups = list(histories)
     fig, axes = plt.subplots(
         len(groups),
@@ -77,21 +100,14 @@ def plot_curves(
             ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize="small")
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_against(
     finals: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str, path: Path, title: str
 ) -> None:
     """Final metric against a swept quantity (e.g. outlier ratio), one line per variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for variant, points in finals.items():
         xs, ys = zip(*sorted(points))
@@ -101,6 +117,22 @@ def plot_against(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
+    _save(fig, path)
+
+
+def _pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files only, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

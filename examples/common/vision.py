@@ -24,6 +24,8 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import torch
@@ -314,26 +316,33 @@ class Normalize:
         return (x - self.mean) / self.std
 
 
+_IN_REPO_TRANSFORMS = SimpleNamespace(
+    Compose=Compose,
+    RandomResizedCrop=RandomResizedCrop,
+    RandomHorizontalFlip=RandomHorizontalFlip,
+    Resize=Resize,
+    CenterCrop=CenterCrop,
+    ToTensor=ToTensor,
+    Normalize=Normalize,
+)
+"""The in-repo transforms under torchvision's names: either set builds the same pipelines."""
+
+
+def _transforms(use_torchvision: bool | None) -> Any:
+    return _tv_transforms if uses_torchvision(use_torchvision) else _IN_REPO_TRANSFORMS
+
+
 def train_transform(
     size: int = 224, scale: tuple[float, float] = (0.08, 1.0), use_torchvision: bool | None = None
 ) -> Transform:
     """RandomResizedCrop(size, scale) + RandomHorizontalFlip + ToTensor + Normalize (ImageNet)."""
-    tv = _tv_transforms if uses_torchvision(use_torchvision) else None
-    if tv is not None:
-        return tv.Compose(
-            [
-                tv.RandomResizedCrop(size, scale=scale),
-                tv.RandomHorizontalFlip(),
-                tv.ToTensor(),
-                tv.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-            ]
-        )
-    return Compose(
+    t = _transforms(use_torchvision)
+    return t.Compose(
         [
-            RandomResizedCrop(size, scale=scale),
-            RandomHorizontalFlip(),
-            ToTensor(),
-            Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            t.RandomResizedCrop(size, scale=scale),
+            t.RandomHorizontalFlip(),
+            t.ToTensor(),
+            t.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
 
@@ -342,16 +351,12 @@ def eval_transform(
     resize: int = 256, crop: int = 224, use_torchvision: bool | None = None
 ) -> Transform:
     """Resize(resize) + CenterCrop(crop) + ToTensor + Normalize (ImageNet)."""
-    tv = _tv_transforms if uses_torchvision(use_torchvision) else None
-    if tv is not None:
-        return tv.Compose(
-            [
-                tv.Resize(resize),
-                tv.CenterCrop(crop),
-                tv.ToTensor(),
-                tv.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-            ]
-        )
-    return Compose(
-        [Resize(resize), CenterCrop(crop), ToTensor(), Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    t = _transforms(use_torchvision)
+    return t.Compose(
+        [
+            t.Resize(resize),
+            t.CenterCrop(crop),
+            t.ToTensor(),
+            t.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
     )
