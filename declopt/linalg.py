@@ -83,6 +83,38 @@ def solve_symmetric(
     return solution, report
 
 
+def compact_rows(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per problem, the indices of its ``True`` rows first, cut to the batch's largest count.
+
+    Returns ``(rows (B, k_max), row_mask (B, k_max))``; padded slots repeat some row index with
+    ``row_mask`` False, so gathers stay in range and padding is masked out.
+    """
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)
+    k_max = int(mask.sum(-1).max()) if mask.numel() else 0
+    rows = order[:, :k_max]
+    return rows, mask.gather(1, rows)
+
+
+def masked_least_squares(jac: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Least-squares ``lambda`` of ``A^T lambda = target`` over the rows of ``A`` in ``mask``.
+
+    ``jac: (B, k, m)``, ``target: (B, m)``, ``mask: (B, k)``; rows outside ``mask`` get 0. The
+    normal equations are solved on the compacted active rows only; dependent rows give the
+    minimum-norm multipliers.
+    """
+    batch, k, m = jac.shape
+    if k == 0:
+        return jac.new_zeros(batch, 0)
+    rows, row_mask = compact_rows(mask)
+    if rows.shape[1] == 0:
+        return jac.new_zeros(batch, k)
+    active = jac.gather(1, rows.unsqueeze(-1).expand(-1, -1, m)) * row_mask.unsqueeze(-1)
+    normal = active @ active.transpose(-1, -2)  # (B, k_max, k_max); zero rows/cols for padding
+    rhs = (active @ target.unsqueeze(-1)).squeeze(-1)
+    lam, _ = solve_symmetric(normal, rhs)
+    return jac.new_zeros(batch, k).scatter(1, rows, lam * row_mask)
+
+
 def robust_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     """``torch.linalg.eigh`` that survives LAPACK's rare non-convergence.
 

@@ -52,6 +52,10 @@ class Program:
         kinks: ``(x, u) -> (residuals (K,), margins (K,))`` of the nonsmooth atoms' kink sites, or
             ``None``. A site whose margin is ~0 holds the solution on a kink; the backward then
             adds ``residual = 0`` as one more active equality (DESIGN.md §2).
+        smoothed: with kinks, the same declaration with every nonsmooth atom replaced by a smooth
+            approximation of width ``mu`` (:mod:`declopt.frontend.smoothing`), taking ``mu`` (a
+            scalar tensor) as one more parameter after the declared ones; the torch backend
+            solves it for ``mu -> 0`` before finishing on the kinks. ``None`` without kinks.
     """
 
     parameter_names: tuple[str, ...]
@@ -69,6 +73,7 @@ class Program:
         default=None, compare=False, repr=False
     )
     kinks: Callable[[Params, Tensor], tuple[Tensor, Tensor]] | None = None
+    smoothed: Program | None = field(default=None, compare=False, repr=False)
 
     @property
     def num_variables(self) -> int:

@@ -2,6 +2,9 @@
 
 Solves all problems of a batch, and all starting points of every problem, in one batched run of
 damped Newton (small ``m``) or L-BFGS (large ``m``), then keeps each problem's lowest objective.
+Constraints go through an augmented Lagrangian (:mod:`.constrained`); declarations with kinks
+(``abs``, ``max``, ``norm1``, ...) through smoothing continuation and a finish on the identified
+kinks (:mod:`.nonsmooth`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from torch import Tensor
 
 from declopt.backends.base import BatchedParams, Solution
 from declopt.backends.constrained import solve_constrained
+from declopt.backends.nonsmooth import solve_nonsmooth
 from declopt.backends.unconstrained import MinimizeResult, lbfgs, newton
 from declopt.derivatives import BatchedObjective
 from declopt.program import Program
@@ -54,9 +58,11 @@ class TorchBackend:
         num_starts = len(starts)
         all_params = params if num_starts == 1 else params.expand(num_starts)
         u0 = torch.cat(list(starts), dim=0)
-        if program.is_constrained:
+        if program.is_constrained or program.smoothed is not None:
+            # Declarations with kinks go through smoothing continuation first (nonsmooth.py).
+            solve = solve_nonsmooth if program.smoothed is not None else solve_constrained
             with torch.no_grad():
-                result = solve_constrained(
+                result = solve(
                     program, all_params, u0, method=method, max_iter=max_iter, compile=compile
                 )
             pick = _pick_start(result.objective, result.converged, num_starts, params.size)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from declopt.frontend.atoms import ATOMS, TensorCache, operands, supported_atom_names
 from declopt.frontend.kinks import KINKS, KinkFn
+from declopt.frontend.smoothing import SMOOTHED
 from declopt.program import Program
 
 __all__ = [
@@ -42,6 +43,9 @@ class UnsupportedAtomError(DeclarationError):
 
 Env = Mapping[int, Tensor]
 Step = Callable[[list, Env, Tensor | None], Tensor]
+
+SMOOTHING_WIDTH = -1
+"""Env key of the smoothing width ``mu`` read by the smoothed atoms (leaf ids are positive)."""
 
 # Variable attributes that are not a plain sign/bound restriction of the entries.
 _UNSUPPORTED_VARIABLE_ATTRIBUTES = (
@@ -124,7 +128,11 @@ def _constant_step(const: cp.Constant) -> Step:
     return step
 
 
-def _atom_step(expr: cp.Expression, inputs: list[int]) -> Step:
+def _atom_step(expr: cp.Expression, inputs: list[int], smooth: bool = False) -> Step:
+    if smooth and type(expr) in SMOOTHED:
+        smoothed = SMOOTHED[type(expr)](expr)
+        idx = tuple(inputs)
+        return lambda slots, env, ref: smoothed(env[SMOOTHING_WIDTH], *[slots[k] for k in idx])
     rule = ATOMS.get(type(expr))
     if rule is None:
         raise _unsupported_atom(expr)
@@ -140,11 +148,15 @@ def _atom_step(expr: cp.Expression, inputs: list[int]) -> Step:
 
 
 def _build(
-    exprs: Sequence[cp.Expression], nodes: list[cp.Expression] | None = None
+    exprs: Sequence[cp.Expression],
+    nodes: list[cp.Expression] | None = None,
+    smooth: bool = False,
 ) -> tuple[list[Step], list[int], list[bool]]:
     """Post-order the expression DAG into steps; returns steps, the slot of each root, and whether
     each root is a constant (its cached tensor must not be handed out). When ``nodes`` is given it
-    receives the expression of every slot, in slot order."""
+    receives the expression of every slot, in slot order. With ``smooth``, the nonsmooth atoms
+    are replaced by their smoothed forms (:mod:`.smoothing`), which read ``env[SMOOTHING_WIDTH]``.
+    """
     steps: list[Step] = []
     slot_of: dict[int, int] = {}
     keep_alive: list[cp.Expression] = []  # id() keys are only unique while the objects live
@@ -169,7 +181,7 @@ def _build(
                     stack.append((node, True))
                     stack.extend((a, False) for a in reversed(ops) if id(a) not in slot_of)
                     continue
-                step = _atom_step(node, [slot_of[id(a)] for a in ops])
+                step = _atom_step(node, [slot_of[id(a)] for a in ops], smooth)
             keep_alive.append(node)
             slot_of[id(node)] = len(steps)
             is_const.append(isinstance(node, cp.Constant))
@@ -188,8 +200,8 @@ def _compile_kinks(
     See :mod:`declopt.frontend.kinks`: each nonsmooth atom contributes residuals that vanish when
     the solution sits on one of its kinks, and margins whose size says how far it is from one.
     A site that only appears inside inequalities (roots listed in ``inequality_roots``, each an
-    expression ``<= 0``) counts only while its inequality is active: the margins of sites of an
-    inactive inequality are ``inf``.
+    expression ``<= 0``) counts only while its inequality is active: its margin is at least the
+    inequality's gap ``max(0, -max g)``.
     """
     nodes: list[cp.Expression] = []
     steps, roots, _ = _build(exprs, nodes)
@@ -224,10 +236,10 @@ def _compile_kinks(
         for site, inputs, gate in sites:
             residual, margin = site(*[slots[i] for i in inputs])
             if gate is not None:
-                value = slots[gate]
-                tol = torch.finfo(value.dtype).eps ** 0.5 * (1 + value.abs().amax())
-                active = (value >= -tol).any()
-                margin = torch.where(active, margin, torch.full_like(margin, float("inf")))
+                # A site of an inequality is only as close to binding as the inequality itself:
+                # its margin is at least the inequality's gap, so one tolerance decides both.
+                gap = (-slots[gate].amax()).clamp(min=0)
+                margin = torch.where(gap > margin.abs(), gap, margin)
             residuals.append(residual.reshape(-1))
             margins.append(margin.reshape(-1))
         return torch.cat(residuals), torch.cat(margins)
@@ -235,8 +247,10 @@ def _compile_kinks(
     return evaluate
 
 
-def _compile_many(exprs: Sequence[cp.Expression]) -> Callable[[Env], list[Tensor]]:
-    steps, roots, const_root = _build(exprs)
+def _compile_many(
+    exprs: Sequence[cp.Expression], smooth: bool = False
+) -> Callable[[Env], list[Tensor]]:
+    steps, roots, const_root = _build(exprs, smooth=smooth)
 
     def evaluate(env: Env) -> list[Tensor]:
         ref = next(iter(env.values()), None)
@@ -429,14 +443,11 @@ def compile_problem(
     sign = -1.0 if isinstance(objective, cp.Maximize) else 1.0
     eqs, ineqs = _split_constraints(problem, variables)
 
-    obj_eval = _compile_many([objective.expr])
     first_ineq = 1 + len(eqs)
     kink_eval = _compile_kinks(
         [objective.expr, *eqs, *ineqs],
         frozenset(range(first_ineq, first_ineq + len(ineqs))),
     )
-    eq_eval = _compile_many(eqs) if eqs else None
-    ineq_eval = _compile_many(ineqs) if ineqs else None
 
     param_ids = [p.id for p in parameters]
     n_params = len(parameters)
@@ -449,46 +460,81 @@ def compile_problem(
         offset += size
     m = offset
 
-    def env_of(x: Sequence[Tensor], u: Tensor) -> dict[int, Tensor]:
-        if len(x) != n_params:
-            raise ValueError(f"expected {n_params} parameter tensors, got {len(x)}")
-        if tuple(u.shape) != (m,):
-            raise ValueError(
-                f"u must have shape ({m},) (unbatched; vmap for batches), got {tuple(u.shape)}"
-            )
-        # Variables first: u is always a float tensor, so it is the dtype/device reference for
-        # constants.
-        env: dict[int, Tensor] = {vid: u[a:b].reshape(shape) for vid, a, b, shape in var_slices}
-        env.update(zip(param_ids, x))
-        return env
+    def functions(smooth: bool) -> tuple[Callable, Callable | None, Callable | None, Callable]:
+        """``(objective, equalities, inequalities, env_of)``; with ``smooth``, the nonsmooth
+        atoms are smoothed and the parameter tuple carries the width ``mu`` last."""
+        obj_eval = _compile_many([objective.expr], smooth)
+        eq_eval = _compile_many(eqs, smooth) if eqs else None
+        ineq_eval = _compile_many(ineqs, smooth) if ineqs else None
+        expected = n_params + int(smooth)
 
-    def objective_fn(x: Sequence[Tensor], u: Tensor) -> Tensor:
-        val = obj_eval(env_of(x, u))[0].reshape(())
-        return -val if sign < 0 else val
+        def env_of(x: Sequence[Tensor], u: Tensor) -> dict[int, Tensor]:
+            if len(x) != expected:
+                raise ValueError(f"expected {expected} parameter tensors, got {len(x)}")
+            if tuple(u.shape) != (m,):
+                raise ValueError(
+                    f"u must have shape ({m},) (unbatched; vmap for batches), got {tuple(u.shape)}"
+                )
+            # Variables first: u is always a float tensor, so it is the dtype/device reference
+            # for constants.
+            env = {vid: u[a:b].reshape(shape) for vid, a, b, shape in var_slices}
+            env.update(zip(param_ids, x))
+            if smooth:
+                env[SMOOTHING_WIDTH] = x[-1]
+            return env
 
-    def residuals(
-        evaluate: Callable[[Env], list[Tensor]],
-    ) -> Callable[[Sequence[Tensor], Tensor], Tensor]:
-        def fn(x: Sequence[Tensor], u: Tensor) -> Tensor:
-            return torch.cat([r.reshape(-1) for r in evaluate(env_of(x, u))])
+        def objective_fn(x: Sequence[Tensor], u: Tensor) -> Tensor:
+            val = obj_eval(env_of(x, u))[0].reshape(())
+            return -val if sign < 0 else val
 
-        return fn
+        def residuals(
+            evaluate: Callable[[Env], list[Tensor]] | None,
+        ) -> Callable[[Sequence[Tensor], Tensor], Tensor] | None:
+            if evaluate is None:
+                return None
+
+            def fn(x: Sequence[Tensor], u: Tensor) -> Tensor:
+                return torch.cat([r.reshape(-1) for r in evaluate(env_of(x, u))])
+
+            return fn
+
+        return objective_fn, residuals(eq_eval), residuals(ineq_eval), env_of
+
+    objective_fn, equalities, inequalities, env_of = functions(smooth=False)
 
     def kinks_fn(x: Sequence[Tensor], u: Tensor) -> tuple[Tensor, Tensor]:
         return kink_eval(env_of(x, u))
 
+    names = tuple(p.name() for p in parameters)
+    shapes = tuple(tuple(int(d) for d in p.shape) for p in parameters)
+    variable_names = tuple(v.name() for v in variables)
+    variable_shapes = tuple(shape for _, _, _, shape in var_slices)
+    smoothed = None
+    if kink_eval is not None:
+        s_objective, s_equalities, s_inequalities, _ = functions(smooth=True)
+        smoothed = Program(
+            parameter_names=(*names, "smoothing width"),
+            parameter_shapes=(*shapes, ()),
+            variable_names=variable_names,
+            variable_shapes=variable_shapes,
+            objective=s_objective,
+            equalities=s_equalities,
+            inequalities=s_inequalities,
+            maximize=sign < 0,
+        )
     return Program(
-        parameter_names=tuple(p.name() for p in parameters),
-        parameter_shapes=tuple(tuple(int(d) for d in p.shape) for p in parameters),
-        variable_names=tuple(v.name() for v in variables),
-        variable_shapes=tuple(shape for _, _, _, shape in var_slices),
+        parameter_names=names,
+        parameter_shapes=shapes,
+        variable_names=variable_names,
+        variable_shapes=variable_shapes,
         objective=objective_fn,
-        equalities=residuals(eq_eval) if eq_eval is not None else None,
-        inequalities=residuals(ineq_eval) if ineq_eval is not None else None,
+        equalities=equalities,
+        inequalities=inequalities,
         is_convex=_safe(problem.is_dcp),
         is_dpp=_safe(problem.is_dpp),
         parameter_signs=tuple(_sign(p) for p in parameters),
         maximize=sign < 0,
         source=(problem, tuple(parameters), tuple(variables)),
         kinks=kinks_fn if kink_eval is not None else None,
+        smoothed=smoothed,
     )

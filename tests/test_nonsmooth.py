@@ -1,0 +1,118 @@
+"""The generic torch backend on declarations with kinks: smoothing continuation + kink finish."""
+
+from __future__ import annotations
+
+import math
+
+import cvxpy as cp
+import pytest
+import torch
+
+import declopt as dl
+from declopt.frontend import compile_problem
+
+F64 = torch.float64
+
+
+def _projection_problem(p: float, sphere: bool, n: int) -> tuple[cp.Problem, list, list]:
+    x, r, u = cp.Parameter(n), cp.Parameter(pos=True), cp.Variable(n)
+    norm = cp.norm(u, 1 if p == 1 else "inf")
+    constraint = norm == r if sphere else norm <= r
+    return cp.Problem(cp.Minimize(0.5 * cp.sum_squares(u - x)), [constraint]), [x, r], [u]
+
+
+@pytest.mark.parametrize("sphere", [True, False], ids=["sphere", "ball"])
+@pytest.mark.parametrize("p", [1.0, math.inf], ids=["l1", "linf"])
+def test_generic_backend_reaches_the_exact_l1_and_linf_projections(p: float, sphere: bool) -> None:
+    torch.manual_seed(0)
+    n, radius = 5, torch.tensor(1.0, dtype=F64)
+    problem, params, variables = _projection_problem(p, sphere, n)
+    generic = dl.Layer(problem, params, variables, backend="torch", on_failure="raise")
+    exact = (dl.nn.SphereProjection if sphere else dl.nn.BallProjection)(p, radius=radius)
+    # Far outside, just outside, and strictly inside the unit ball of the norm.
+    X = torch.cat([3 * torch.randn(2, n), 1.2 * torch.randn(1, n), 0.05 * torch.randn(1, n)])
+    X = X.to(F64).requires_grad_()
+    (U,) = generic(X, radius)
+    assert generic.info.backend == "torch" and bool(generic.info.converged.all())
+    expected = exact(X)
+    torch.testing.assert_close(U, expected, atol=1e-9, rtol=0)
+    # Same solution, so the same implicit gradient (from the same declaration).
+    v = torch.randn_like(U)
+    (g_generic,) = torch.autograd.grad(U, X, v)
+    (g_exact,) = torch.autograd.grad(expected, X, v)
+    torch.testing.assert_close(g_generic, g_exact, atol=1e-7, rtol=0)
+
+
+def test_lasso_is_soft_thresholding_even_next_to_the_threshold() -> None:
+    """Entries 1e-3..2e-2 above the threshold sit within the kink identification window of the
+    last smoothed solve; the release check must move them off the kink."""
+    n, lam = 8, 0.5
+    x, u = cp.Parameter(n), cp.Variable(n)
+    problem = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(u - x) + lam * cp.norm1(u)))
+    layer = dl.Layer(problem, [x], [u], backend="torch", on_failure="raise")
+    X = torch.tensor(
+        [
+            [0.51, -0.52, 0.49, 0.3, 1.0, -2.0, 0.505, 0.0],
+            [0.2, 0.6, -0.7, 0.501, 0.0, 0.1, 3.0, -0.499],
+        ],
+        dtype=F64,
+        requires_grad=True,
+    )
+    (U,) = layer(X)
+    soft = torch.sign(X) * (X.abs() - lam).clamp(min=0)
+    torch.testing.assert_close(U, soft, atol=1e-12, rtol=0)
+    v = torch.randn_like(U)
+    (grad,) = torch.autograd.grad(U, X, v)
+    torch.testing.assert_close(grad, v * (X.abs() > lam), atol=1e-9, rtol=0)
+
+
+def test_prox_of_a_pairwise_maximum_matches_its_closed_form_in_float32() -> None:
+    """``min 1/2 |u - x|^2 + sum(maximum(u, 0))``: ``x - 1`` above 1, ``0`` on ``[0, 1]``, ``x``
+    below 0; float32 in, float32 out."""
+    n = 8
+    x, u = cp.Parameter(n), cp.Variable(n)
+    problem = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(u - x) + cp.sum(cp.maximum(u, 0))))
+    layer = dl.Layer(problem, [x], [u], backend="torch", on_failure="raise")
+    X = torch.tensor([-2.0, -0.01, 0.0, 0.02, 0.5, 0.99, 1.01, 3.0])
+    (U,) = layer(X)
+    assert U.dtype == torch.float32
+    expected = torch.where(X > 1, X - 1, torch.where(X < 0, X, torch.zeros_like(X)))
+    torch.testing.assert_close(U, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda v: cp.norm1(v),
+        lambda v: cp.norm(v, "inf"),
+        lambda v: cp.max(v),
+        lambda v: cp.min(v),
+        lambda v: cp.sum(cp.abs(v)),
+        lambda v: cp.sum(cp.maximum(v, 0.3)),
+        lambda v: cp.sum(cp.minimum(v, -0.2, 2 * v)),
+    ],
+    ids=["norm1", "norm_inf", "max", "min", "abs", "maximum", "minimum"],
+)
+def test_smoothed_atoms_approach_the_originals(make) -> None:
+    """The smoothed declaration is within ``mu (1 + log n)`` per atom entry of the original and
+    converges to it as ``mu -> 0``."""
+    n = 6
+    x, u = cp.Parameter(n), cp.Variable(n)
+    program = compile_problem(cp.Problem(cp.Minimize(make(u) + 0 * cp.sum(x))), [x], [u])
+    assert program.smoothed is not None
+    torch.manual_seed(1)
+    X = torch.randn(n, dtype=F64)
+    for _ in range(5):
+        U = torch.randn(n, dtype=F64)
+        U[0] = 0.0  # on an abs kink
+        U[1] = U[2]  # a tie
+        exact = program.objective((X,), U)
+        for mu in (1e-1, 1e-3, 1e-6):
+            smooth = program.smoothed.objective((X, torch.tensor(mu, dtype=F64)), U)
+            assert abs(float(smooth - exact)) <= n * mu * (1 + math.log(n)) + 1e-12
+
+
+def test_declarations_without_kinks_have_no_smoothed_form() -> None:
+    x, u = cp.Parameter(3), cp.Variable(3)
+    program = compile_problem(cp.Problem(cp.Minimize(cp.sum_squares(u - x))), [x], [u])
+    assert program.kinks is None and program.smoothed is None
