@@ -49,9 +49,11 @@ class Program:
         maximize: the declaration maximises; ``objective`` is then its negation.
         source: ``(problem, parameters, variables)`` when compiled from CVXPY (backends that call
             CVXPY-based solvers need it), else ``None``.
-        kinks: ``(x, u) -> (residuals (K,), margins (K,))`` of the nonsmooth atoms' kink sites, or
-            ``None``. A site whose margin is ~0 holds the solution on a kink; the backward then
-            adds ``residual = 0`` as one more active equality (DESIGN.md §2).
+        kinks: ``(x, u, reference=None) -> (residuals (K,), margins (K,))`` of the nonsmooth
+            atoms' kink sites, or ``None``; with a ``reference`` point ``(m,)``, ties are
+            represented by the extremum at that point. A site whose margin is ~0 holds the
+            solution on a kink; the backward then adds ``residual = 0`` as one more active
+            equality (DESIGN.md §2).
         smoothed: with kinks, the same declaration with every nonsmooth atom replaced by a smooth
             approximation of width ``mu`` (:mod:`declopt.frontend.smoothing`), taking ``mu`` (a
             scalar tensor) as one more parameter after the declared ones; the torch backend
@@ -72,7 +74,7 @@ class Program:
     source: tuple[Any, tuple[Any, ...], tuple[Any, ...]] | None = field(
         default=None, compare=False, repr=False
     )
-    kinks: Callable[[Params, Tensor], tuple[Tensor, Tensor]] | None = None
+    kinks: Callable[..., tuple[Tensor, Tensor]] | None = None
     smoothed: Program | None = field(default=None, compare=False, repr=False)
 
     @property

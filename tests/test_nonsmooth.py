@@ -66,6 +66,22 @@ def test_lasso_is_soft_thresholding_even_next_to_the_threshold() -> None:
     torch.testing.assert_close(grad, v * (X.abs() > lam), atol=1e-9, rtol=0)
 
 
+def test_linf_sphere_with_coordinates_just_inside_the_cube_face() -> None:
+    """Coordinates 1e-6..1e-1 inside the face of the cube look tied with the maximum after
+    smoothing; they must be released (the projection clamps only the others)."""
+    n = 6
+    problem, params, variables = _projection_problem(math.inf, True, n)
+    layer = dl.Layer(problem, params, variables, backend="torch", on_failure="raise")
+    torch.manual_seed(7)
+    X = 2 * torch.randn(8, n, dtype=F64)
+    X[:, 0] = 3.0
+    inside = torch.tensor([1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 1e-4, 1e-6, 0.0], dtype=F64)
+    X[:, 1] = torch.sign(X[:, 1]) * (1 - inside)
+    radius = torch.tensor(1.0, dtype=F64)
+    (U,) = layer(X, radius)
+    torch.testing.assert_close(U, X.clamp(-1, 1), atol=1e-12, rtol=0)
+
+
 def test_prox_of_a_pairwise_maximum_matches_its_closed_form_in_float32() -> None:
     """``min 1/2 |u - x|^2 + sum(maximum(u, 0))``: ``x - 1`` above 1, ``0`` on ``[0, 1]``, ``x``
     below 0; float32 in, float32 out."""

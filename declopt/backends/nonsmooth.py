@@ -18,12 +18,17 @@ Newton and the augmented Lagrangian assume smooth functions; at an L1 or L-inf s
    only while the KKT residual falls. The result satisfies the nonsmooth KKT conditions to ~1e-12.
 
 Everything runs in float64 whatever the input dtype. Limitation: a solution coordinate within
-``IDENTIFY * mu`` (3e-2 in the declaration's units) of a kink without sitting on it is snapped onto
-it; the finish then moves away from the smoothed solution, and such problems are reported as not
-converged rather than returned as solved.
+``IDENTIFY * mu`` (3% of the problem's scale) of a kink without sitting on it is first held on
+it; the release check then finds that moving off lowers the Lagrangian, releases it and redoes the
+finish. Problems where that does not settle are reported as not converged, never returned as
+solved.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -46,21 +51,26 @@ from declopt.linalg import masked_least_squares, solve_symmetric
 from declopt.program import Program
 
 WIDTHS = (1e-1, 1e-2, 1e-3)
-"""Smoothing widths of the continuation, in the declaration's own units."""
+"""Smoothing widths of the continuation, relative to each problem's :func:`problem_scale`."""
 
 IDENTIFY = 30.0
-"""A kink is identified when its margin is within ``IDENTIFY * mu (1 + |u|_inf)`` after the last
+"""A kink is identified when its margin is within ``IDENTIFY * mu`` after the last
 smoothed solve (width ``mu``): smoothed solutions sit within a few ``mu`` of the kinks they
 converge to (``O(mu log n)`` for ties). A genuine solution coordinate that close to a kink without
 sitting on it would be snapped onto it."""
 
+SHRINK = 0.25
+"""A kink is only held if its margin shrank at least this much over the last tenfold cut of
+``mu`` (ideal: 0.1)."""
+
 FINISH_STEPS = 8
 RELEASE_ROUNDS = 3
-RELEASE_STEP = 1e-7
-"""Step (relative to ``1 + |u|_inf``) of the one-sided difference quotients that check a kink."""
-RELEASE_TOLERANCE = 1e-5
+RELEASE_STEP = 1e-6
+"""Step (relative to the problem's scale) of the one-sided difference quotients that check a
+kink."""
+RELEASE_TOLERANCE = 1e-8
 """A held kink is released when moving off it lowers the Lagrangian at a rate above this
-(relative to ``1 + |D_u f|_inf``)."""
+(relative to ``|D_u f|_inf``)."""
 
 
 def solve_nonsmooth(
@@ -87,11 +97,12 @@ def solve_nonsmooth(
     )
     u = u0.to(torch.float64)
     batch = u.shape[0]
+    scale = problem_scale(params, u)
     iterations = torch.zeros(batch, dtype=torch.int64, device=u.device)
     lam_g = None
+    margins = []
     for width in WIDTHS:
-        mu = torch.tensor(width, dtype=torch.float64, device=u.device)
-        stage = BatchedParams((*params.values, mu), (*params.in_dims, None), params.size)
+        stage = BatchedParams((*params.values, width * scale), (*params.in_dims, 0), params.size)
         if smoothed.is_constrained:
             result = solve_constrained(
                 smoothed, stage, u, method=method, max_iter=max_iter, compile=compile
@@ -103,15 +114,19 @@ def solve_nonsmooth(
             result = inner(BatchedObjective(smoothed.objective, stage, compile), u, budget)
             u = result.u
         iterations = iterations + result.iterations
-    tolerance = IDENTIFY * WIDTHS[-1]
+        margins.append(_margins(program, params, u).abs())
+    # A kink the solution sits on pulls the smoothed solutions in proportion to mu (their margin
+    # shrinks tenfold per stage); a solution merely near a kink keeps its distance.
+    shrinking = margins[-1] <= SHRINK * margins[-2]
+    tolerance = IDENTIFY * WIDTHS[-1] * scale
     smoothed_u = u
-    u, lam, residual = finish_on_kinks(program, params, u, lam_g, tolerance)
+    u, lam, residual = finish_on_kinks(program, params, u, lam_g, tolerance, scale, shrinking)
     p, _ = num_constraints(program, example_problem(params), u[0])
     f = BatchedObjective(program.objective, params).value(u)
     scale = 1 + f.abs() + u.abs().amax(-1)
     # The KKT residual cannot see a kink held by mistake (its multiplier absorbs anything); such
     # a kink drags the finish away from the smoothed solution, which a right one never does.
-    stayed = (u - smoothed_u).abs().amax(-1) <= tolerance * (1 + u.abs().amax(-1))
+    stayed = (u - smoothed_u).abs().amax(-1) <= tolerance
     converged = stayed & (residual <= torch.finfo(torch.float64).eps ** 0.5 * scale)
     q_end = lam.shape[-1] - _num_kinks(program, params, u)
     return ConstrainedResult(
@@ -130,8 +145,51 @@ def _num_kinks(program: Program, params: BatchedParams, u: Tensor) -> int:
     return int(program.kinks(example_problem(params), u[0])[0].numel())
 
 
+@lru_cache(maxsize=64)
+def pinned_ties(program: Program) -> Program:
+    """The declaration with one more parameter, a reference point ``(m,)`` at which the kinks'
+    tie representatives are chosen (:mod:`declopt.frontend.kinks`)."""
+    count = len(program.parameter_shapes)
+    kinks = program.kinks
+    assert kinks is not None
+
+    def declared(fn: Callable | None) -> Callable | None:
+        return None if fn is None else (lambda x, u: fn(x[:count], u))
+
+    return dataclasses.replace(
+        program,
+        parameter_names=(*program.parameter_names, "reference point"),
+        parameter_shapes=(*program.parameter_shapes, (program.num_variables,)),
+        parameter_signs=(),
+        objective=declared(program.objective),
+        equalities=declared(program.equalities),
+        inequalities=declared(program.inequalities),
+        kinks=lambda x, u: kinks(x[:count], u, x[count]),
+        smoothed=None,
+        source=None,
+    )
+
+
+def problem_scale(params: BatchedParams, u: Tensor) -> Tensor:
+    """``(B,)`` the size of a problem's data: the largest ``|entry|`` of its parameters and of
+    ``u`` (1 where all are zero). Smoothing widths and tolerances are relative to it."""
+    parts = [u.abs().amax(-1)]
+    for value, dim in zip(params.values, params.in_dims):
+        flat = value.reshape(value.shape[0], -1) if dim == 0 else value.reshape(1, -1)
+        if flat.shape[-1]:
+            parts.append(flat.abs().amax(-1).expand(u.shape[0]).to(u.dtype))
+    scale = torch.stack(parts).amax(0)
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
 def finish_on_kinks(
-    program: Program, params: BatchedParams, u: Tensor, lam_g: Tensor | None, tolerance: float
+    program: Program,
+    params: BatchedParams,
+    u: Tensor,
+    lam_g: Tensor | None,
+    tolerance: Tensor,
+    scale: Tensor,
+    eligible: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Newton-KKT steps with identified kinks and active inequalities as equalities.
 
@@ -144,26 +202,31 @@ def finish_on_kinks(
         u: ``(B, m)`` near-solutions (the last smoothed solve).
         lam_g: ``(B, q)`` inequality multipliers of the smoothed solve (seed convention), or
             ``None``; they decide which inequalities are active, as in the constrained polish.
-        tolerance: kinks whose margin is within ``tolerance (1 + |u|_inf)`` are held.
+        tolerance: ``(B,)`` kinks whose margin is within it are held.
+        scale: ``(B,)`` the problems' scale (:func:`problem_scale`) for the release check.
+        eligible: ``(B, K)`` kinks that may be held at all (default: every kink).
     Returns:
         ``(u, lam, residual)``: the finished points, least-squares multipliers ``[h; g; kinks]``
         and the KKT residual per problem (``inf`` where a mistaken kink remained).
     """
+    # Ties keep the representative they have at the smoothed solution, where it is the true
+    # extremum; at the exact ties the finish creates, argmax would pick an arbitrary member.
+    program = pinned_ties(program)
+    params = BatchedParams((*params.values, u), (*params.in_dims, 0), params.size)
     p, q = num_constraints(program, example_problem(params), u[0])
     g = batched_constraints(program, params, u)[:, p : p + q]
-    if lam_g is None:
-        g_active = g >= -tolerance * (1 + u.abs().amax(-1, keepdim=True))
-    else:
-        g_active = active_mask(g, lam_g, u)
-    released = torch.zeros(
-        u.shape[0], _num_kinks(program, params, u), dtype=torch.bool, device=u.device
-    )
+    g_active = g >= -tolerance.unsqueeze(-1) if lam_g is None else active_mask(g, lam_g, u)
+    if eligible is None:
+        eligible = torch.ones(
+            u.shape[0], _num_kinks(program, params, u), dtype=torch.bool, device=u.device
+        )
+    released = ~eligible
     pending = torch.ones(u.shape[0], dtype=torch.bool, device=u.device)
     out_u, out_lam, out_residual = u, None, None
     for _ in range(RELEASE_ROUNDS):
         rows = _Rows(program, params, p, g_active, tolerance, released)
         u_r, lam_r, residual_r = _newton_kkt(program, params, u, rows)
-        wrong = _held_by_mistake(program, params, u_r, lam_r, p + q, rows(u_r)[:, p + q :])
+        wrong = _held_by_mistake(program, params, u_r, lam_r, p + q, rows(u_r), scale)
         if out_lam is None:
             out_lam, out_residual = torch.zeros_like(lam_r), torch.zeros_like(residual_r)
         take = pending.unsqueeze(-1)
@@ -205,32 +268,59 @@ def _newton_kkt(
 
 
 def _held_by_mistake(
-    program: Program, params: BatchedParams, u: Tensor, lam: Tensor, k0: int, held: Tensor
+    program: Program,
+    params: BatchedParams,
+    u: Tensor,
+    lam: Tensor,
+    k0: int,
+    mask: Tensor,
+    scale: Tensor,
 ) -> Tensor:
-    """``(B, K)``: held kinks along whose normal the solution can move, to either side, and lower
-    ``L0 = f - lambda . [h; g]`` (first order, by one-sided difference quotients)."""
+    """``(B, K)``: held kinks that the solution can leave, to either side, and lower
+    ``L0 = f - lambda . [h; g]`` (first order, by one-sided difference quotients).
+
+    Leaving kink ``k`` means moving along ``d_k = A^+ e_k``: the shortest step that changes its
+    residual and (to first order) no other held row, so that the other kinks, the equalities and
+    the active inequalities stay put. ``mask: (B, k0 + K)`` are the rows held.
+    """
     batch, m = u.shape
+    held = mask[:, k0:]
     kinks = held.shape[-1]
     if kinks == 0 or not bool(held.any()):
         return held
-    normals = constraint_jacobian(program, params, u, with_kinks=True)[:, k0:]  # (B, K, m)
-    normals = normals / normals.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny)
+    jac = constraint_jacobian(program, params, u, with_kinks=True) * mask.unsqueeze(-1)
+    directions = torch.linalg.pinv(jac)[..., k0:].transpose(1, 2)  # (B, K, m)
+    norms = directions.norm(dim=-1, keepdim=True)
+    directions = torch.where(norms > 0, directions / norms.clamp_min(1e-300), 0.0)
     extended = BatchedParams((*params.values, lam[:, :k0]), (*params.in_dims, 0), batch)
     l0 = BatchedObjective(lagrangian(program), extended.expand(kinks))
-    step = RELEASE_STEP * (1 + u.abs().amax(-1))  # (B,)
+    step = RELEASE_STEP * scale  # (B,)
     base = u.repeat(kinks, 1)
-    moves = (step.view(1, batch, 1) * normals.transpose(0, 1)).reshape(kinks * batch, m)
+    moves = (step.view(1, batch, 1) * directions.transpose(0, 1)).reshape(kinks * batch, m)
     centre = l0.value(base)
-    slopes = [((l0.value(base + sign * moves) - centre) / step.repeat(kinks)) for sign in (1, -1)]
+    # Second-order one-sided differences: (4 L(h) - L(2h) - 3 L(0)) / 2h.
+    slopes = [
+        (4 * l0.value(base + sign * moves) - l0.value(base + 2 * sign * moves) - 3 * centre)
+        / (2 * step.repeat(kinks))
+        for sign in (1, -1)
+    ]
     slope = torch.minimum(*slopes).reshape(kinks, batch).transpose(0, 1)  # (B, K)
     grad_f = BatchedObjective(program.objective, params).grad(u)
-    tol = RELEASE_TOLERANCE * (1 + grad_f.abs().amax(-1, keepdim=True))
-    return held & (slope < -tol)
+    # Relative to the gradient's size (the problem's own units), plus the rounding floor of the
+    # difference quotient.
+    rounding = 64 * torch.finfo(u.dtype).eps * centre.abs().reshape(kinks, batch).amax(0) / step
+    tol = RELEASE_TOLERANCE * grad_f.abs().amax(-1) + rounding
+    return held & (slope < -tol.unsqueeze(-1))
+
+
+def _margins(program: Program, params: BatchedParams, u: Tensor) -> Tensor:
+    """``(B, K)`` the kink margins at ``u``."""
+    return vmap(kink_margin_fn(program), in_dims=(params.in_dims, 0))(params.values, u)
 
 
 class _Rows:
     """Rows ``[h; g; kinks]`` held as equalities at a point: all of ``h``, the active ``g``, and
-    the kinks whose margin is within ``tolerance (1 + |u|_inf)`` and that were not released."""
+    the kinks whose margin is within ``tolerance`` (per problem) and that were not released."""
 
     def __init__(
         self,
@@ -238,17 +328,14 @@ class _Rows:
         params: BatchedParams,
         p: int,
         g_active: Tensor,
-        tolerance: float,
+        tolerance: Tensor,
         released: Tensor,
     ) -> None:
         self.program, self.params, self.p = program, params, p
         self.g_active, self.tolerance, self.released = g_active, tolerance, released
 
     def __call__(self, u: Tensor) -> Tensor:
-        margins = vmap(kink_margin_fn(self.program), in_dims=(self.params.in_dims, 0))(
-            self.params.values, u
-        )
-        near = margins.abs() <= self.tolerance * (1 + u.abs().amax(-1, keepdim=True))
+        near = _margins(self.program, self.params, u).abs() <= self.tolerance.unsqueeze(-1)
         every_h = torch.ones(u.shape[0], self.p, dtype=torch.bool, device=u.device)
         return torch.cat([every_h, self.g_active, near & ~self.released], -1)
 

@@ -199,6 +199,7 @@ def _compile_kinks(
 
     See :mod:`declopt.frontend.kinks`: each nonsmooth atom contributes residuals that vanish when
     the solution sits on one of its kinks, and margins whose size says how far it is from one.
+    Given a second env (a reference point), ties are represented by the extremum *there*.
     A site that only appears inside inequalities (roots listed in ``inequality_roots``, each an
     expression ``<= 0``) counts only while its inequality is active: its margin is at least the
     inequality's gap ``max(0, -max g)``.
@@ -227,14 +228,20 @@ def _compile_kinks(
     if not sites:
         return None
 
-    def evaluate(env: Env) -> tuple[Tensor, Tensor]:
+    def run(env: Env) -> list[Tensor]:
         ref = next(iter(env.values()), None)
         slots: list[Tensor] = []
         for step in steps:
             slots.append(step(slots, env, ref))
+        return slots
+
+    def evaluate(env: Env, reference_env: Env | None = None) -> tuple[Tensor, Tensor]:
+        slots = run(env)
+        reference = run(reference_env) if reference_env is not None else None
         residuals, margins = [], []
         for site, inputs, gate in sites:
-            residual, margin = site(*[slots[i] for i in inputs])
+            at_reference = None if reference is None else [reference[i] for i in inputs]
+            residual, margin = site(*[slots[i] for i in inputs], reference=at_reference)
             if gate is not None:
                 # A site of an inequality is only as close to binding as the inequality itself:
                 # its margin is at least the inequality's gap, so one tolerance decides both.
@@ -502,8 +509,10 @@ def compile_problem(
 
     objective_fn, equalities, inequalities, env_of = functions(smooth=False)
 
-    def kinks_fn(x: Sequence[Tensor], u: Tensor) -> tuple[Tensor, Tensor]:
-        return kink_eval(env_of(x, u))
+    def kinks_fn(
+        x: Sequence[Tensor], u: Tensor, reference: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        return kink_eval(env_of(x, u), None if reference is None else env_of(x, reference))
 
     names = tuple(p.name() for p in parameters)
     shapes = tuple(tuple(int(d) for d in p.shape) for p in parameters)

@@ -8,6 +8,10 @@
 * ``margins`` measure the distance to the kink (``inf`` where a site cannot be on one, e.g. the
   maximiser itself).
 
+Every site also takes ``reference=`` (its inputs at a reference point): ties are then represented
+by the extremum at the reference point, so that the rows keep their meaning while a solver moves
+the point onto an exact tie.
+
 When the solution sits on a kink (``|margin| ~ 0``), the implicit backward adds ``residual = 0`` as
 one more active equality, so that a declaration with ``abs``/``max``/``norm1``/``norm_inf`` is
 differentiated along the piece it sits on (e.g. L1 and L-inf sphere projections).
@@ -21,7 +25,7 @@ entries that sit at zero without being maximisers: write ``norm(e, "inf")`` inst
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -35,11 +39,11 @@ from cvxpy.atoms.norm_inf import norm_inf
 from torch import Tensor
 
 KinkSite = Callable[..., tuple[Tensor, Tensor]]
-KinkFn = Callable[[Any], tuple[Tensor, Tensor]]
+KinkFn = Callable[..., tuple[Tensor, Tensor]]
 
 
 def _abs(expr: Any) -> KinkSite:
-    def site(x: Tensor) -> tuple[Tensor, Tensor]:
+    def site(x: Tensor, reference: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor]:
         return x.reshape(-1), x.reshape(-1)
 
     return site
@@ -49,7 +53,7 @@ def _pairwise(expr: Any) -> KinkSite:
     """``maximum(a, b)`` / ``minimum(a, b)``: the kink is ``a = b`` (broadcast)."""
     shape = tuple(int(d) for d in expr.shape)
 
-    def site(*xs: Tensor) -> tuple[Tensor, Tensor]:
+    def site(*xs: Tensor, reference: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor]:
         if len(xs) != 2:
             # More than two arguments: ties between the leading two only (rare in practice).
             xs = xs[:2]
@@ -65,14 +69,19 @@ def _ties(largest: bool, of_abs: bool) -> Callable[[Any], KinkSite]:
     def rule(expr: Any) -> KinkSite:
         axis = getattr(expr, "axis", None)
 
-        def site(x: Tensor) -> tuple[Tensor, Tensor]:
+        def rows(x: Tensor) -> Tensor:
             values = x.abs() if of_abs else x
             if axis is None:
-                values = values.reshape(1, -1)
-            else:
-                dim = int(axis) % values.dim()
-                values = values.movedim(dim, -1).reshape(-1, values.shape[dim])
-            pick = values.argmax(-1, keepdim=True) if largest else values.argmin(-1, keepdim=True)
+                return values.reshape(1, -1)
+            dim = int(axis) % values.dim()
+            return values.movedim(dim, -1).reshape(-1, values.shape[dim])
+
+        def site(x: Tensor, reference: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+            values = rows(x)
+            # The representative of a tie is the extremum at the reference point when given:
+            # at an exact tie the extremum itself is an arbitrary member of the tied set.
+            chooser = values if reference is None else rows(reference[0])
+            pick = chooser.argmax(-1, keepdim=True) if largest else chooser.argmin(-1, keepdim=True)
             best = values.gather(-1, pick)
             residual = values - best  # zero for entries tied with the extremum
             chosen = torch.zeros_like(values, dtype=torch.bool).scatter(-1, pick, True)
