@@ -21,10 +21,13 @@ from torch.func import grad, grad_and_value, jvp, vjp, vmap
 
 from declopt.backends.base import BatchedParams
 from declopt.compiling import maybe_compile
+from declopt.linalg import default_rcond
 from declopt.program import Params
 
 ObjectiveFn = Callable[[Params, Tensor], Tensor]
 InDims = tuple[int | None, ...]
+Wanted = tuple[bool, ...]
+"""Per parameter, whether its gradient is wanted (the others are constants of the pass)."""
 
 
 class Derivatives:
@@ -52,36 +55,158 @@ class Derivatives:
             g, (_, f) = grad_and_value(summed, has_aux=True)(u, values)
             return f, g
 
-        def hvp(values: Params, u: Tensor, v: Tensor) -> Tensor:
+        # Second derivatives: forward over reverse (jvp of the gradient) fuses under
+        # torch.compile (DESIGN.md §4), but eager functorch forward mode runs many ops through
+        # Python decompositions: there reverse over reverse (the gradient's pullback; H is
+        # symmetric) is 3-4x faster (measured: one Hessian-vector product 9.2 ms vs 2.2 ms, an
+        # augmented Lagrangian with m = 6, B = 14).
+        def hvp_forward(values: Params, u: Tensor, v: Tensor) -> Tensor:
             return jvp(lambda uu: gradient(uu, values), (u,), (v,))[1]
 
-        def hessian(values: Params, u: Tensor) -> Tensor:
+        def hvp_reverse(values: Params, u: Tensor, v: Tensor) -> Tensor:
+            _, pullback = vjp(lambda uu: gradient(uu, values), u)
+            return pullback(v)[0]
+
+        def grad_and_hessian_forward(values: Params, u: Tensor) -> tuple[Tensor, Tensor]:
+            # The gradient is the primal output of the Hessian's jvp: no pass of its own.
             batch, m = u.shape
             if m == 1:
-                return hvp(values, u, torch.ones_like(u)).unsqueeze(-1)
+                g, hv = jvp(lambda uu: gradient(uu, values), (u,), (torch.ones_like(u),))
+                return g, hv.unsqueeze(-1)
             probes = torch.eye(m, dtype=u.dtype, device=u.device).unsqueeze(1).expand(m, batch, m)
-            columns = vmap(lambda e: hvp(values, u, e))(probes)  # (m, B, m): column j = H e_j
-            return columns.permute(1, 2, 0)
+            g, columns = vmap(lambda e: jvp(lambda uu: gradient(uu, values), (u,), (e,)))(probes)
+            return g[0], columns.permute(1, 2, 0)  # columns (m, B, m): column j = H e_j
 
-        def param_vjp(values: Params, u: Tensor, w: Tensor) -> tuple[Tensor, ...]:
-            """``-d/dx sum_b w_b . D_u f(x_b, u_b)``, one tensor per parameter."""
+        def grad_and_hessian_reverse(values: Params, u: Tensor) -> tuple[Tensor, Tensor]:
+            g, pullback = vjp(lambda uu: gradient(uu, values), u)
+            batch, m = u.shape
+            if m == 1:
+                return g, pullback(torch.ones_like(u))[0].unsqueeze(-1)
+            probes = torch.eye(m, dtype=u.dtype, device=u.device).unsqueeze(1).expand(m, batch, m)
+            rows = vmap(pullback)(probes)[0]  # (m, B, m): row j = e_j^T H = (H e_j)^T
+            return g, rows.permute(1, 2, 0)
+
+        def hvp_eager(values: Params, u: Tensor, v: Tensor) -> Tensor:
+            hv = hvp_reverse(values, u, v)
+            # Some atoms' double backward is nan where their forward mode is not (e.g.
+            # vector_norm at 0): then forward over reverse decides.
+            return hv if bool(torch.isfinite(hv).all()) else hvp_forward(values, u, v)
+
+        def grad_and_hessian_eager(values: Params, u: Tensor) -> tuple[Tensor, Tensor]:
+            g, hess = grad_and_hessian_reverse(values, u)
+            if bool(torch.isfinite(hess).all()):
+                return g, hess
+            return grad_and_hessian_forward(values, u)
+
+        hvp = hvp_forward if compile else hvp_eager
+        grad_and_hessian = grad_and_hessian_forward if compile else grad_and_hessian_eager
+
+        def hessian(values: Params, u: Tensor) -> Tensor:
+            return grad_and_hessian(values, u)[1]
+
+        def param_vjp(
+            values: Params, u: Tensor, w: Tensor, wanted: Wanted | None = None
+        ) -> tuple[Tensor | None, ...]:
+            """``-d/dx sum_b w_b . D_u f(x_b, u_b)``, one tensor per parameter (``None`` where
+            ``wanted`` is False: that parameter is a constant of the pass)."""
+            wanted = (True,) * len(values) if wanted is None else wanted
+            free = [i for i, want in enumerate(wanted) if want]
+
+            def gradient_map(*xs: Tensor) -> Tensor:
+                return gradient(u, _substitute(values, free, xs))
+
             # Reverse over reverse: the pullback of the gradient map x -> D_u f(x, u). (The
             # equivalent grad-of-jvp form trips torch.compile's fake tensors on some atoms.)
-            _, pullback = vjp(lambda xs: gradient(u, xs), values)
-            return tuple(-g for g in pullback(w)[0])
+            _, pullback = vjp(gradient_map, *(values[i] for i in free))
+            return _scatter(len(values), free, tuple(-g for g in pullback(w)))
+
+        def scalar_vjp(
+            values: Params, u: Tensor, v: Tensor, wanted: Wanted
+        ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+            """``m = 1``: ``(g, h, grads)``: ``g = D_u f`` and ``h = D2_uu f``, both ``(B, 1)``, and
+            the implicit gradient ``-sum_b (v_b / h_b) D_x D_u f(x_b, u_b)`` of every wanted
+            parameter (in order; ``v_b / h_b`` is 0 where ``h_b`` is singular, as
+            :func:`declopt.linalg.solve_symmetric` does for a 1 x 1 system).
+
+            With one variable, one reverse pass of the gradient map with a cotangent of ones gives
+            ``h`` and every problem's ``D_x D_u f`` together: the Hessian and the parameter VJP
+            need not be two passes. Wanted shared parameters are expanded over the batch for it.
+            """
+            batch = u.shape[0]
+            free = [i for i, want in enumerate(wanted) if want]
+            dims = tuple(0 if d == 0 or want else None for d, want in zip(in_dims, wanted))
+            xs = tuple(
+                x.expand(batch, *x.shape) if d is None and want else x
+                for x, d, want in zip(values, in_dims, wanted)
+            )
+            per_problem = vmap(fn, in_dims=(dims, 0))
+
+            def gradient_map(uu: Tensor, *free_xs: Tensor) -> Tensor:
+                full = _substitute(xs, free, free_xs)
+                return grad(lambda u_: per_problem(full, u_).sum())(uu)
+
+            g, pullback = vjp(gradient_map, u, *(xs[i] for i in free))
+            h, *jacobians = pullback(torch.ones_like(g))
+            singular = h.abs() <= default_rcond(h.dtype, 1) * h.abs().clamp_min(
+                torch.finfo(h.dtype).tiny
+            )
+            scale = -(v / torch.where(singular, torch.ones_like(h), h)).masked_fill(singular, 0)
+            grads = []
+            for i, jac in zip(free, jacobians):
+                scaled = jac * scale.reshape(-1, *([1] * (jac.dim() - 1)))
+                grads.append(scaled if in_dims[i] == 0 else scaled.sum(0))
+            return g, h, tuple(grads)
 
         self.value = maybe_compile(value, compile)
         self.value_and_grad = maybe_compile(value_and_grad, compile)
         self.grad = maybe_compile(lambda values, u: gradient(u, values), compile)
         self.hvp = maybe_compile(hvp, compile)
         self.hessian = maybe_compile(hessian, compile)
+        self.grad_and_hessian = maybe_compile(grad_and_hessian, compile)
         self.param_vjp = maybe_compile(param_vjp, compile)
+        self.scalar_vjp = maybe_compile(scalar_vjp, compile)
+
+
+def _substitute(values: Params, index: list[int], replacements: tuple[Tensor, ...]) -> Params:
+    """``values`` with ``values[index[k]]`` replaced by ``replacements[k]``."""
+    out = list(values)
+    for i, x in zip(index, replacements):
+        out[i] = x
+    return tuple(out)
+
+
+def _scatter(size: int, index: list[int], items: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
+    """A tuple of ``size`` entries: ``items[k]`` at ``index[k]``, ``None`` elsewhere."""
+    out: list[Tensor | None] = [None] * size
+    for i, x in zip(index, items):
+        out[i] = x
+    return tuple(out)
 
 
 @lru_cache(maxsize=256)
 def derivatives_for(fn: ObjectiveFn, in_dims: InDims, compile: bool = False) -> Derivatives:
     """One :class:`Derivatives` per (function, batching pattern, compile), reused across calls."""
     return Derivatives(fn, in_dims, compile)
+
+
+@lru_cache(maxsize=256)
+def kink_test_for(
+    kinks: Callable[[Params, Tensor], tuple[Tensor, Tensor]], in_dims: InDims, compile: bool = False
+) -> Callable[[Params, Tensor], Tensor]:
+    """``(values, u) -> (B,)``: whether problem ``b`` sits on a kink, i.e. some margin of
+    ``kinks`` (a :attr:`Program.kinks`) is within ``sqrt(eps) (1 + |u_b|_inf)``.
+
+    Compiled with the rest when asked: it evaluates the whole objective once (the margins of
+    ``minimum`` and ``maximum`` are differences of their operands), a pass as costly as the
+    implicit backward itself when run eagerly.
+    """
+    margins = vmap(lambda x, u: kinks(x, u)[1], in_dims=(in_dims, 0))
+
+    def on_a_kink(values: Params, u: Tensor) -> Tensor:
+        tol = torch.finfo(u.dtype).eps ** 0.5 * (1 + u.abs().amax(-1, keepdim=True))
+        return (margins(values, u).abs() <= tol).any(-1)
+
+    return maybe_compile(on_a_kink, compile)
 
 
 class BatchedObjective:
@@ -112,6 +237,24 @@ class BatchedObjective:
         """Dense per-problem Hessians ``(B, m, m)`` from ``m`` probe vectors."""
         return self.derivatives.hessian(self.values, u)
 
-    def param_vjp(self, u: Tensor, w: Tensor) -> tuple[Tensor, ...]:
-        """``-d/dx sum_b w_b . D_u f(x_b, u_b)``: the implicit gradient of every parameter."""
-        return self.derivatives.param_vjp(self.values, u, w)
+    def grad_and_hessian(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """``(grad (B, m), Hessians (B, m, m))`` in the passes of the Hessian alone."""
+        return self.derivatives.grad_and_hessian(self.values, u)
+
+    def param_vjp(
+        self, u: Tensor, w: Tensor, wanted: Wanted | None = None
+    ) -> tuple[Tensor | None, ...]:
+        """``-d/dx sum_b w_b . D_u f(x_b, u_b)``: the implicit gradient of every parameter
+        (of the ``wanted`` ones; ``None`` for the others)."""
+        if wanted is None or all(wanted):
+            return self.derivatives.param_vjp(self.values, u, w)
+        return self.derivatives.param_vjp(self.values, u, w, tuple(wanted))
+
+    def scalar_vjp(
+        self, u: Tensor, v: Tensor, wanted: Wanted
+    ) -> tuple[Tensor, Tensor, tuple[Tensor | None, ...]]:
+        """``m = 1`` only: ``(grad (B, 1), Hessian (B, 1), implicit gradients)`` in one pass (see
+        :class:`Derivatives`); ``None`` for the parameters not ``wanted``."""
+        wanted = tuple(wanted)
+        g, h, grads = self.derivatives.scalar_vjp(self.values, u, v, wanted)
+        return g, h, _scatter(len(wanted), [i for i, want in enumerate(wanted) if want], grads)

@@ -16,6 +16,7 @@ How the forward was solved never enters here; only the declaration (the :class:`
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,7 @@ from declopt.backends.constrained import (
     constraint_jacobian,
     example_problem,
 )
-from declopt.derivatives import BatchedObjective
+from declopt.derivatives import BatchedObjective, kink_test_for
 from declopt.lagrangian import (
     equality_fn,
     inequality_fn,
@@ -36,7 +37,7 @@ from declopt.lagrangian import (
     lagrangian,
     weighted_constraints,
 )
-from declopt.linalg import LinearSolveReport, conjugate_gradient, solve_symmetric
+from declopt.linalg import LinearSolveReport, conjugate_gradient, default_rcond, solve_symmetric
 from declopt.program import Program
 
 DENSE_MAX_VARIABLES = 256
@@ -88,7 +89,8 @@ def implicit_vjp(
     degenerate: str = "warn",
     dense_max: int = DENSE_MAX_VARIABLES,
     compile: bool = False,
-) -> tuple[tuple[Tensor, ...], ImplicitReport]:
+    wanted: Sequence[bool] | None = None,
+) -> tuple[tuple[Tensor | None, ...], ImplicitReport]:
     """Gradients of ``sum_b v_b . y_b(x)`` with respect to every parameter tensor.
 
     Args:
@@ -102,6 +104,9 @@ def implicit_vjp(
         degenerate: see :data:`DEGENERATE_CHOICES`.
         dense_max: largest ``m`` for which the KKT matrix is formed densely.
         compile: run the derivative passes under ``torch.compile``.
+        wanted: per parameter, whether its gradient is needed (default: all). Unconstrained
+            problems skip the others (their gradient is ``None``); constrained ones may still
+            return them.
     Returns:
         One gradient per parameter, shaped like ``params.values[i]`` (shared parameters get the sum
         over the batch), and the per-problem report.
@@ -109,27 +114,57 @@ def implicit_vjp(
     if degenerate not in DEGENERATE_CHOICES:
         raise ValueError(f"degenerate must be one of {DEGENERATE_CHOICES}, got {degenerate!r}")
     batch, m = u.shape
-    if not program.is_constrained and not _on_a_kink(program, params, u):
+    if not program.is_constrained and not _on_a_kink(program, params, u, compile):
         objective = BatchedObjective(program.objective, params, compile=compile)
-        if m <= dense_max:
-            w, linear = solve_symmetric(objective.hessian(u), v)
+        wanted = (True,) * len(params.values) if wanted is None else tuple(wanted)
+        if m == 1 and _expandable(params, wanted):
+            # One variable: w = v / h, and the gradient is -w D_x D_u f per problem, so the
+            # Hessian, the gradient (for the report) and D_x D_u f come from one pass.
+            g, h, grads = objective.scalar_vjp(u, v, wanted)
+            linear = _scalar_report(h, v)
         else:
-            w, linear = conjugate_gradient(lambda d: objective.hvp(u, d), v)
+            if m <= dense_max:
+                g, hess = objective.grad_and_hessian(u)
+                w, linear = solve_symmetric(hess, v)
+            else:
+                g = objective.grad(u)
+                w, linear = conjugate_gradient(lambda d: objective.hvp(u, d), v)
+            grads = objective.param_vjp(u, w, wanted)
         none = torch.zeros(batch, dtype=torch.bool, device=u.device)
-        residual = objective.grad(u).abs().amax(-1)
-        report = ImplicitReport(linear, None, None, none, none, residual)
-        return objective.param_vjp(u, w), report
+        report = ImplicitReport(linear, None, None, none, none, g.abs().amax(-1))
+        return grads, report
     return _constrained_vjp(
-        program, params, u, v, eq_multipliers, ineq_multipliers, degenerate, compile
+        program, params, u, v, eq_multipliers, ineq_multipliers, degenerate, compile, dense_max
     )
 
 
-def _on_a_kink(program: Program, params: BatchedParams, u: Tensor) -> bool:
+_EXPAND_MAX = 64
+"""Largest shared parameter (elements) expanded over the batch for the one-pass ``m = 1`` VJP."""
+
+
+def _expandable(params: BatchedParams, wanted: tuple[bool, ...]) -> bool:
+    """Whether every wanted shared parameter is small enough to expand over the batch."""
+    return all(
+        d == 0 or not want or x.numel() <= _EXPAND_MAX
+        for x, d, want in zip(params.values, params.in_dims, wanted)
+    )
+
+
+def _scalar_report(h: Tensor, v: Tensor) -> LinearSolveReport:
+    """What :func:`solve_symmetric` reports for the ``1 x 1`` systems ``h w = v``, ``(B, 1)``."""
+    h, v = h.squeeze(-1), v.squeeze(-1)
+    tiny = torch.finfo(h.dtype).tiny
+    singular = h.abs() <= default_rcond(h.dtype, 1) * h.abs().clamp_min(tiny)
+    w = torch.where(singular, torch.zeros_like(v), v / torch.where(singular, 1.0, h))
+    residual = (h * w - v).abs() / v.abs().clamp_min(tiny)
+    return LinearSolveReport("eigh", singular, (h > 0) & ~singular, residual)
+
+
+def _on_a_kink(program: Program, params: BatchedParams, u: Tensor, compile: bool = False) -> bool:
     """Whether any problem of the batch sits on a kink of a nonsmooth atom."""
     if program.kinks is None:
         return False
-    margins = vmap(kink_margin_fn(program), in_dims=(params.in_dims, 0))(params.values, u)
-    return bool((margins.abs() <= _tolerance(u)).any())
+    return bool(kink_test_for(program.kinks, params.in_dims, compile)(params.values, u).any())
 
 
 def _tolerance(u: Tensor) -> Tensor:
@@ -146,6 +181,7 @@ def _constrained_vjp(
     lam_g: Tensor | None,
     degenerate: str,
     compile: bool,
+    dense_max: int = DENSE_MAX_VARIABLES,
 ) -> tuple[tuple[Tensor, ...], ImplicitReport]:
     batch, m = u.shape
     state = active_set(program, params, u, lam_h, lam_g, compile=compile)
@@ -170,12 +206,19 @@ def _constrained_vjp(
     lagrangian_derivatives = BatchedObjective(
         lagrangian(program, with_kinks), extended, compile=compile
     )
-    hess = lagrangian_derivatives.hessian(u)
-    top = torch.cat([hess, jac.transpose(-1, -2)], -1)
-    bottom = torch.cat([jac, torch.diag_embed((~row_mask).to(u.dtype))], -1)
-    kkt = torch.cat([top, bottom], -2)
     rhs = torch.cat([v, v.new_zeros(batch, k)], -1)
-    solution, linear = solve_symmetric(kkt, rhs, num_negative_expected=mask.sum(-1))
+    if m <= dense_max:
+        hess = lagrangian_derivatives.hessian(u)
+        top = torch.cat([hess, jac.transpose(-1, -2)], -1)
+        bottom = torch.cat([jac, torch.diag_embed((~row_mask).to(u.dtype))], -1)
+        kkt = torch.cat([top, bottom], -2)
+        solution, linear = solve_symmetric(kkt, rhs, num_negative_expected=mask.sum(-1))
+    else:
+        # Large m: never form the m x m Hessian (m probes) nor factor the bordered matrix;
+        # MINRES needs Hessian-vector products of the Lagrangian and products with A, A^T.
+        solution, linear = _kkt_minres(
+            lambda d: lagrangian_derivatives.hvp(u, d), jac, row_mask, rhs
+        )
     w = solution[:, :m]
     z = torch.zeros_like(lam).scatter(1, rows, solution[:, m:] * row_mask)
 
@@ -196,6 +239,99 @@ def _constrained_vjp(
         multiplier_residual=stationarity,
     )
     return grads, report
+
+
+def _kkt_minres(
+    hvp: Callable[[Tensor], Tensor], jac: Tensor, row_mask: Tensor, rhs: Tensor
+) -> tuple[Tensor, LinearSolveReport]:
+    """Solve the padded KKT systems ``[[H, A^T], [A, D]] s = rhs`` matrix-free by MINRES.
+
+    ``hvp: (B, m) -> (B, m)`` applies each problem's Lagrangian Hessian ``H``; ``jac: (B, k, m)``
+    holds the active rows ``A`` (padding rows zero), ``D = diag(~row_mask)`` puts a one on each
+    padding row. MINRES takes symmetric indefinite systems (the KKT matrix has ``k`` negative
+    eigenvalues) and, started from zero, converges to the minimum-norm solution of a consistent
+    singular system, as the dense pseudo-inverse does. It cannot count eigenvalues, so
+    ``second_order_ok`` only checks the curvature ``w.Hw > 0`` along the solution's ``w``
+    (necessary, not sufficient, for a strict minimum).
+    """
+    m = jac.shape[-1]
+    pad = (~row_mask).to(rhs.dtype)
+    jac_t = jac.transpose(-1, -2)
+
+    def matvec(s: Tensor) -> Tensor:
+        w, z = s[:, :m], s[:, m:]
+        top = hvp(w) + (jac_t @ z.unsqueeze(-1)).squeeze(-1)
+        bottom = (jac @ w.unsqueeze(-1)).squeeze(-1) + pad * z
+        return torch.cat([top, bottom], -1)
+
+    solution, converged, residual = _minres(matvec, rhs)
+    w = solution[:, :m]
+    curvature = (w * hvp(w)).sum(-1)
+    tiny = torch.finfo(rhs.dtype).tiny
+    flat = curvature <= torch.finfo(rhs.dtype).eps * (w * w).sum(-1).clamp_min(tiny)
+    singular = ~converged
+    report = LinearSolveReport("minres", singular, ~flat & ~singular, residual)
+    return solution, report
+
+
+def _minres(
+    matvec: Callable[[Tensor], Tensor],
+    rhs: Tensor,
+    max_iter: int | None = None,
+    rtol: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Batched MINRES (Paige & Saunders 1975) for symmetric ``K_b s_b = r_b``, matrix-free.
+
+    Every problem has its own Lanczos recurrence and stops on its own (its iterate is frozen);
+    the batch stops when all have. Returns ``(s (B, n), converged (B,), relative residual (B,))``
+    with the residual ``max |K s - r| / max |r|`` recomputed from one final product.
+    """
+    n = rhs.shape[-1]
+    max_iter = 2 * n + 10 if max_iter is None else max_iter
+    rtol = torch.finfo(rhs.dtype).eps ** 0.75 if rtol is None else rtol
+    tiny = torch.finfo(rhs.dtype).tiny
+
+    def dot(a: Tensor, b: Tensor) -> Tensor:
+        return (a * b).sum(-1, keepdim=True)
+
+    x = torch.zeros_like(rhs)
+    beta1 = dot(rhs, rhs).sqrt()
+    done = beta1 <= tiny
+    r1, r2, y = rhs, rhs, rhs
+    beta, old_beta = beta1, torch.zeros_like(beta1)
+    dbar = epsilon = torch.zeros_like(beta1)
+    phibar = beta1
+    cs, sn = -torch.ones_like(beta1), torch.zeros_like(beta1)
+    w, w2 = torch.zeros_like(rhs), torch.zeros_like(rhs)
+    for _ in range(max_iter):
+        if bool(done.all()):
+            break
+        safe_beta = torch.where(done, 1.0, beta)
+        vec = y / safe_beta
+        y = matvec(vec)
+        y = y - (beta / torch.where(old_beta > 0, old_beta, 1.0)) * r1 * (old_beta > 0)
+        alpha = dot(vec, y)
+        y = y - (alpha / safe_beta) * r2
+        r1, r2 = r2, y
+        old_beta, beta = beta, dot(y, y).sqrt()
+        old_epsilon = epsilon
+        delta = cs * dbar + sn * alpha
+        gbar = sn * dbar - cs * alpha
+        epsilon = sn * beta
+        dbar = -cs * beta
+        gamma = (gbar * gbar + beta * beta).sqrt().clamp_min(tiny)
+        cs, sn = gbar / gamma, beta / gamma
+        phi = cs * phibar
+        phibar = torch.where(done, phibar, sn * phibar)
+        w1, w2 = w2, w
+        w = (vec - old_epsilon * w1 - delta * w2) / gamma
+        x = torch.where(done, x, x + phi * w)
+        # Converged, or the Krylov space is exhausted (beta = 0: the iterate is exact).
+        done = done | (phibar <= rtol * beta1) | (beta <= tiny * beta1)
+    product = matvec(x)
+    scale = rhs.abs().amax(-1).clamp_min(tiny)
+    residual = (product - rhs).abs().amax(-1) / scale
+    return x, done.squeeze(-1) & (residual <= rtol**0.5), residual
 
 
 @dataclass

@@ -30,7 +30,15 @@ from declopt.program import Program
 
 Solver = Callable[..., Sequence[Tensor]]
 """A custom forward: called with the parameter tensors (batch dims included, detached), returns one
-tensor per variable of shape ``(*batch, *variable_shape)``."""
+tensor per variable of shape ``(*batch, *variable_shape)``.
+
+It may also bring its own backward, a method ``solver.vjp(params, outputs, grads)``: ``params`` the
+tensors it was called with (detached), ``outputs`` what it returned and ``grads`` the upstream
+gradients, one per variable, shaped ``(*batch, *variable_shape)``; it returns one gradient (or
+``None``) per parameter, shaped like that parameter or like its broadcast ``(*batch, *shape)``
+(the layer sums over broadcast dims). A layer uses it with ``backward="native"``, the default for
+a solver that has one; ``backward="implicit"`` differentiates the declaration instead.
+"""
 
 _POLICIES = ("warn", "raise", "ignore")
 
@@ -45,16 +53,18 @@ class Layer(nn.Module):
             exactly the parameters of ``problem``.
         variables: the ``cp.Variable`` outputs, in the order they are returned.
         backend: ``"auto"`` (default), ``"torch"`` or any registered backend name.
-        solver: optional custom forward (see :data:`Solver`); replaces the backend, the backward
-            still comes from the declaration.
+        solver: optional custom forward (see :data:`Solver`); replaces the backend. The backward
+            comes from the declaration, or from the solver's own ``vjp`` if it has one.
         initializers: callables like ``solver`` that return starting points; the torch backend
             solves from each of them (and from zero) and keeps the lowest objective.
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` when problems do not converge.
         on_gradient_issue: the same for singular/indefinite KKT systems in the backward.
         verify: check a custom solver's answer (stationarity) eagerly; default ``True``.
         backward: ``"implicit"`` (declopt's implicit backward from the declaration) or
-            ``"native"`` (the backend differentiates its own forward, e.g. cvxpylayers); default:
-            the backend's ``default_backward`` attribute, else ``"implicit"``.
+            ``"native"`` (the backend differentiates its own forward, e.g. cvxpylayers, or a
+            custom solver's ``vjp`` is used); default: the backend's ``default_backward``
+            attribute, ``"native"`` for a custom solver with a ``vjp``, else ``"implicit"``.
+            ``layer.info.backward`` is filled by the implicit backward only.
         compile: run the derivative passes of the solver and of the backward under
             ``torch.compile`` (fused kernels; the first call of each dtype pays seconds of
             compilation, later calls are several times faster).
@@ -99,11 +109,17 @@ class Layer(nn.Module):
             self.backend, self.reason = backends.select(backend, self.program)
         else:
             self.backend, self.reason = None, "a custom solver was given"
+        solver_vjp = callable(getattr(solver, "vjp", None))
         if backward is None:
-            backward = getattr(self.backend, "default_backward", "implicit")
+            default = "native" if solver_vjp else "implicit"
+            backward = getattr(self.backend, "default_backward", default)
         if backward not in ("implicit", "native"):
             raise ValueError(f"backward must be 'implicit' or 'native', got {backward!r}")
-        if backward == "native" and not getattr(self.backend, "native_backward", False):
+        if backward == "native" and not (
+            solver_vjp or getattr(self.backend, "native_backward", False)
+        ):
+            if solver is not None:
+                raise ValueError("the custom solver has no vjp method; use backward='implicit'")
             raise ValueError(
                 f"backend {self.backend_name!r} cannot differentiate its own forward; "
                 "use backward='implicit'"
@@ -130,7 +146,9 @@ class Layer(nn.Module):
     def forward(self, *params: Tensor) -> tuple[Tensor, ...]:
         inputs = prepare_inputs(self.program, params)
         call = _Call(self, inputs)
-        if self.backward == "native":
+        if self.backward == "native" and self.solver is not None:
+            u = _SolverVJPFunction.apply(call, *inputs.tensors)
+        elif self.backward == "native":
             u = call.solve(differentiable=True)
         else:
             u = _ImplicitFunction.apply(call, *inputs.params.values)
@@ -293,7 +311,14 @@ class _Call:
         )
         _escalate(policy, message, NonConvergenceWarning, stacklevel=6)
 
-    def backward(self, values: tuple[Tensor, ...], u: Tensor, grad_u: Tensor) -> tuple[Tensor, ...]:
+    def backward(
+        self,
+        values: tuple[Tensor, ...],
+        u: Tensor,
+        grad_u: Tensor,
+        wanted: Sequence[bool] | None = None,
+    ) -> tuple[Tensor | None, ...]:
+        """Implicit gradients of the parameters; those not ``wanted`` may be ``None``."""
         # The derivative passes are torch.func transforms: they need no autograd graph of their
         # own, and compiled code is both faster and more reliable on detached inputs.
         values = tuple(v.detach() for v in values)
@@ -311,6 +336,7 @@ class _Call:
                 degenerate=self.layer.degenerate,
                 dense_max=dense_max,
                 compile=self.layer.compile,
+                wanted=wanted,
             )
         batch = self.inputs.batch_shape
         linear = report.linear
@@ -327,6 +353,31 @@ class _Call:
             self.info.backward = info
         self._report_gradient_issues(info)
         return grads
+
+    def solver_vjp(self, tensors: tuple[Tensor, ...], u: Tensor, grad_u: Tensor) -> list:
+        """Gradients of the parameters from the custom solver's ``vjp`` (see :data:`Solver`)."""
+        batch = self.inputs.batch_shape
+        outputs = tuple(v.reshape(*batch, *v.shape[1:]) for v in self.program.unpack(u))
+        grads_out = tuple(v.reshape(*batch, *v.shape[1:]) for v in self.program.unpack(grad_u))
+        grads = tuple(self.layer.solver.vjp(tensors, outputs, grads_out))
+        if len(grads) != len(tensors):
+            raise SolverError(
+                f"the custom solver's vjp returned {len(grads)} gradient(s); the layer has "
+                f"{len(tensors)} parameter(s) ({', '.join(self.program.parameter_names)})"
+            )
+        result = []
+        for name, grad, tensor in zip(self.program.parameter_names, grads, tensors):
+            if grad is not None and grad.shape != tensor.shape:
+                try:
+                    grad = grad.sum_to_size(tensor.shape)
+                except RuntimeError:
+                    raise SolverError(
+                        f"the custom solver's vjp returned shape {tuple(grad.shape)} for "
+                        f"parameter {name!r}; expected {tuple(tensor.shape)} or its broadcast "
+                        f"{(*batch, *tensor.shape[tensor.dim() - len(batch) :])}"
+                    ) from None
+            result.append(grad)
+        return result
 
     def _report_gradient_issues(self, info: BackwardInfo) -> None:
         if bool(info.one_sided.any()) and self.layer.degenerate in ("warn", "raise"):
@@ -399,6 +450,25 @@ class _ImplicitFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_u: Tensor) -> tuple[Tensor | None, ...]:
         u, *values = ctx.saved_tensors
-        grads = ctx.call.backward(tuple(values), u, grad_u)
+        needs = ctx.needs_input_grad[1:]
+        grads = ctx.call.backward(tuple(values), u, grad_u, needs)
+        return (None, *(g if need else None for g, need in zip(grads, needs)))
+
+
+class _SolverVJPFunction(torch.autograd.Function):
+    """Forward: the custom solver (no graph). Backward: the solver's own ``vjp``."""
+
+    @staticmethod
+    def forward(ctx: Any, call: _Call, *tensors: Tensor) -> Tensor:
+        u = call.solve()
+        ctx.call = call
+        ctx.save_for_backward(u, *tensors)
+        return u
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_u: Tensor) -> tuple[Tensor | None, ...]:
+        u, *tensors = ctx.saved_tensors
+        grads = ctx.call.solver_vjp(tuple(tensors), u, grad_u)
         needs = ctx.needs_input_grad[1:]
         return (None, *(g if need else None for g, need in zip(grads, needs)))

@@ -1,4 +1,6 @@
-"""Sphere and ball projections: exact forwards, gradients from the declaration (kinks included)."""
+"""Sphere and ball projections: exact forwards; closed-form gradients (the default) and gradients
+from the declaration (``backward="implicit"``, kinks included), against each other, closed forms
+and finite differences."""
 
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ import declopt as dl
 from tests.helpers import batched_central_difference_vjp, implicit_vjp_of
 
 P_VALUES = [1.0, 2.0, float("inf")]
+BACKWARDS = ["native", "implicit"]
 F64 = torch.float64
+INF = float("inf")
 
 
 def vjp(module: torch.nn.Module, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -23,14 +27,15 @@ def vjp(module: torch.nn.Module, x: torch.Tensor, v: torch.Tensor) -> torch.Tens
 
 
 def jacobian(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Dense Jacobian of a projection of one vector, by the implicit backward."""
+    """Dense Jacobian of a projection of one vector, by the module's backward."""
     n = x.shape[-1]
     return torch.stack([vjp(module, x, torch.eye(n, dtype=x.dtype)[i]) for i in range(n)])
 
 
-def test_l2_sphere_matches_closed_form_value_and_jacobian() -> None:
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_l2_sphere_matches_closed_form_value_and_jacobian(backward: str) -> None:
     x = torch.tensor([0.3, -1.2, 2.0, 0.5], dtype=F64)
-    proj = dl.nn.SphereProjection(2, radius=2.0)
+    proj = dl.nn.SphereProjection(2, radius=2.0, backward=backward)
     y = proj(x)
     torch.testing.assert_close(y, 2 * x / x.norm())
     unit = x / x.norm()
@@ -38,26 +43,35 @@ def test_l2_sphere_matches_closed_form_value_and_jacobian() -> None:
     torch.testing.assert_close(jacobian(proj, x), expected, atol=1e-10, rtol=1e-9)
 
 
-def test_linf_sphere_outside_the_cube_is_clamp_with_zero_gradient_on_saturated_ties() -> None:
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_linf_sphere_outside_the_cube_is_clamp_with_zero_gradient_on_saturated_ties(
+    backward: str,
+) -> None:
     x = torch.tensor([2.0, -3.0, 0.4, 2.0, -0.7], dtype=F64)  # two tied maxima
-    proj = dl.nn.SphereProjection(float("inf"))
+    proj = dl.nn.SphereProjection(float("inf"), backward=backward)
     torch.testing.assert_close(proj(x), x.clamp(-1, 1))
     free = (x.abs() < 1).to(F64)
     torch.testing.assert_close(jacobian(proj, x), torch.diag(free), atol=1e-10, rtol=0)
 
 
-def test_linf_sphere_inside_the_cube_moves_the_largest_coordinate_to_the_face() -> None:
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_linf_sphere_inside_the_cube_moves_the_largest_coordinate_to_the_face(
+    backward: str,
+) -> None:
     x = torch.tensor([0.2, -0.6, 0.1], dtype=F64)
-    proj = dl.nn.SphereProjection(float("inf"))
+    proj = dl.nn.SphereProjection(float("inf"), backward=backward)
     torch.testing.assert_close(proj(x), torch.tensor([0.2, -1.0, 0.1], dtype=F64))
     torch.testing.assert_close(
         jacobian(proj, x), torch.diag(torch.tensor([1.0, 0.0, 1.0], dtype=F64)), atol=1e-10, rtol=0
     )
 
 
-def test_l1_sphere_outside_is_soft_threshold_with_its_jacobian_on_the_support() -> None:
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_l1_sphere_outside_is_soft_threshold_with_its_jacobian_on_the_support(
+    backward: str,
+) -> None:
     x = torch.tensor([1.5, -0.2, 0.9, -1.1, 0.05], dtype=F64)
-    proj = dl.nn.SphereProjection(1, radius=1.0)
+    proj = dl.nn.SphereProjection(1, radius=1.0, backward=backward)
     y = proj(x)
     tau = (1.5 + 0.9 + 1.1 - 1.0) / 3
     expected = torch.sign(x) * (x.abs() - tau).clamp(min=0)
@@ -68,10 +82,11 @@ def test_l1_sphere_outside_is_soft_threshold_with_its_jacobian_on_the_support() 
     torch.testing.assert_close(jacobian(proj, x), closed, atol=1e-10, rtol=0)
 
 
-def test_ball_projections_leave_interior_points_alone() -> None:
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_ball_projections_leave_interior_points_alone(backward: str) -> None:
     x = torch.tensor([0.1, -0.2, 0.05], dtype=F64)
     for p in P_VALUES:
-        proj = dl.nn.BallProjection(p)
+        proj = dl.nn.BallProjection(p, backward=backward)
         torch.testing.assert_close(proj(x), x)
         torch.testing.assert_close(jacobian(proj, x), torch.eye(3, dtype=F64), atol=1e-10, rtol=0)
 
@@ -83,18 +98,19 @@ def test_linf_ball_is_clamp() -> None:
     )
 
 
+@pytest.mark.parametrize("backward", BACKWARDS)
 @pytest.mark.parametrize("sphere", [True, False])
 @pytest.mark.parametrize("p", P_VALUES)
 @settings(max_examples=8, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([0.2, 3.0]))
 def test_projection_gradients_match_central_differences(
-    p: float, sphere: bool, seed: int, scale: float
+    p: float, sphere: bool, backward: str, seed: int, scale: float
 ) -> None:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(5, generator=g, dtype=F64) * scale  # one problem: FD batches perturbations
     radius = torch.tensor(1.3, dtype=F64)
     cls = dl.nn.SphereProjection if sphere else dl.nn.BallProjection
-    proj = cls(p)
+    proj = cls(p, backward=backward)
     layer = proj.layer(5)
 
     def run(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -121,12 +137,165 @@ def test_projection_gradients_match_central_differences(
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
+def layer_vjp(
+    cls: type, p: float, backward: str, x: torch.Tensor, r: torch.Tensor, v: torch.Tensor
+) -> list[torch.Tensor]:
+    """``[grad_x, grad_r]`` of ``<v, projection(x, r)>`` through the layer's ``backward``."""
+    layer = cls(p, backward=backward).layer(x.shape[-1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dl.GradientWarning)
+        return implicit_vjp_of(lambda x, r: layer(x, r)[0], [x, r], v)
+
+
+@pytest.mark.parametrize("sphere", [True, False])
 @pytest.mark.parametrize("p", P_VALUES)
-def test_float32_projection_gradients_agree_with_float64(p: float) -> None:
+@settings(max_examples=10, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    scales=st.lists(st.sampled_from([0.05, 0.3, 1.0, 3.0]), min_size=1, max_size=5),
+    n=st.integers(1, 8),
+    radius=st.sampled_from([0.5, 1.3]),
+)
+def test_closed_form_vjp_equals_the_implicit_backward(
+    p: float, sphere: bool, seed: int, scales: list[float], n: int, radius: float
+) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = (
+        torch.randn(len(scales), n, generator=g, dtype=F64)
+        * torch.tensor(scales, dtype=F64)[:, None]
+    )
+    v = torch.randn(len(scales), n, generator=g, dtype=F64)
+    r = torch.tensor(radius, dtype=F64)
+    cls = dl.nn.SphereProjection if sphere else dl.nn.BallProjection
+    closed = layer_vjp(cls, p, "native", x, r, v)
+    implicit = layer_vjp(cls, p, "implicit", x, r, v)
+    for got, want in zip(closed, implicit):
+        torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
+
+
+S, B = dl.nn.SphereProjection, dl.nn.BallProjection
+# (class, p, x, a direction (dx, dr) that keeps the degenerate piece binding), radius 1.
+DEGENERATE = {
+    "L2 ball, on the sphere": (B, 2.0, [0.6, 0.8, 0.0], ([0.6, 0.8, 0.3], -0.5)),
+    "L-inf ball, a coordinate on the face": (B, INF, [1.0, 0.2, -0.3], ([1.0, 0.5, -0.7], -0.2)),
+    "L-inf ball, on the face and outside": (B, INF, [1.0, 2.2, -0.3], ([1.0, 0.5, -0.7], -0.2)),
+    "L-inf sphere, tied maxima on the faces": (S, INF, [1.0, -1.0, -0.3], ([1.0, -1.0, 0.2], 0.0)),
+    "L-inf sphere, tied maxima inside": (S, INF, [0.5, -0.5, -0.3], None),
+    "L-inf ball, a zero inside": (B, INF, [0.5, 0.0, -0.3], None),
+    "L1 ball, on the sphere": (B, 1.0, [0.5, 0.2, -0.3], ([1.0, 0.5, -1.0], -0.3)),
+    "L1 ball, a zero inside": (B, 1.0, [0.5, 0.0, -0.3], None),
+    "L1 sphere, on it with a zero": (S, 1.0, [0.5, 0.0, -0.5], ([0.5, 0.0, -0.5], 0.1)),
+    "L1 sphere, inside with a zero": (S, 1.0, [0.5, 0.0, -0.2], ([0.1, 1.0, 0.3], 0.2)),
+    "L1 sphere, a coordinate on the threshold": (S, 1.0, [2.0, 1.0, 0.0], ([0.3, -1.0, 0.5], 0.2)),
+    "L2 sphere, x = 0": (S, 2.0, [0.0, 0.0, 0.0], None),
+}
+
+
+def full_jacobian(cls: type, p: float, backward: str, x: torch.Tensor) -> torch.Tensor:
+    """``[J_x | J_r]``, ``(n, n + 1)``, at radius 1, from one backward per output coordinate."""
+    r = torch.tensor(1.0, dtype=F64)
+    rows = []
+    for v in torch.eye(x.shape[-1], dtype=F64):
+        gx, gr = layer_vjp(cls, p, backward, x, r, v)
+        rows.append(torch.cat([gx, gr.reshape(1)]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("case", DEGENERATE)
+def test_closed_form_takes_the_active_side_at_degenerate_points(case: str) -> None:
+    """Ties, faces, zeros and thresholds: the closed form is the implicit backward's
+    ``degenerate="active"`` derivative, the one-sided derivative along perturbations that keep
+    the degenerate piece binding."""
+    cls, p, x, direction = DEGENERATE[case]
+    x = torch.tensor(x, dtype=F64)
+    closed = full_jacobian(cls, p, "native", x)
+    torch.testing.assert_close(closed, full_jacobian(cls, p, "implicit", x), atol=1e-9, rtol=0)
+    if direction is None:  # no side of it is differentiable along a useful direction
+        return
+    dx, dr = torch.tensor(direction[0], dtype=F64), direction[1]
+    step = 1e-7
+    layer = cls(p).layer(3)
+    with torch.no_grad():
+        r = torch.tensor(1.0, dtype=F64)
+        moved = layer(x + step * dx, r + step * dr)[0]
+        one_sided = (moved - layer(x, r)[0]) / step
+    torch.testing.assert_close(
+        closed @ torch.cat([dx, torch.tensor([dr], dtype=F64)]), one_sided, atol=1e-6, rtol=0
+    )
+
+
+@pytest.mark.parametrize("sphere", [True, False])
+@pytest.mark.parametrize("p", P_VALUES)
+def test_batched_radius_gets_one_gradient_per_problem(p: float, sphere: bool) -> None:
+    g = torch.Generator().manual_seed(3)
+    x = (
+        torch.randn(4, 6, generator=g, dtype=F64)
+        * torch.tensor([0.1, 0.5, 1.0, 3.0], dtype=F64)[:, None]
+    )
+    r = torch.tensor([0.5, 1.0, 1.5, 2.0], dtype=F64)
+    v = torch.randn(4, 6, generator=g, dtype=F64)
+    cls = dl.nn.SphereProjection if sphere else dl.nn.BallProjection
+    closed = layer_vjp(cls, p, "native", x, r, v)
+    assert closed[1].shape == (4,)
+    for got, want in zip(closed, layer_vjp(cls, p, "implicit", x, r, v)):
+        torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("sphere", [True, False])
+@pytest.mark.parametrize("p", P_VALUES)
+def test_matrix_free_kkt_solve_matches_the_dense_one(p: float, sphere: bool) -> None:
+    """Above ``dense_max`` variables the implicit backward solves the KKT system by MINRES."""
+    from declopt.nn.projections import ProjectionSolver, declaration
+
+    g = torch.Generator().manual_seed(5)
+    scales = torch.tensor([0.02, 0.1, 1.0, 3.0], dtype=F64)[:, None]
+    x = torch.randn(4, 12, generator=g, dtype=F64) * scales
+    r = torch.tensor(1.1, dtype=F64)
+    v = torch.randn(4, 12, generator=g, dtype=F64)
+    grads = {}
+    for dense_max in (100, 4):
+        layer = dl.Layer(
+            *declaration(p, 12, sphere),
+            solver=ProjectionSolver(p, sphere),
+            backward="implicit",
+            dense_max=dense_max,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", dl.GradientWarning)
+            grads[dense_max] = implicit_vjp_of(lambda x, r, f=layer: f(x, r)[0], [x, r], v)
+        assert layer.info.backward.method == ("eigh" if dense_max == 100 else "minres")
+    assert not layer.info.backward.singular.any()
+    assert layer.info.backward.second_order_ok.all()
+    cls = dl.nn.SphereProjection if sphere else dl.nn.BallProjection
+    for dense, free, closed in zip(grads[100], grads[4], layer_vjp(cls, p, "native", x, r, v)):
+        torch.testing.assert_close(free, dense, atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(free, closed, atol=1e-9, rtol=1e-9)
+
+
+def test_info_after_a_closed_form_backward() -> None:
+    proj = dl.nn.SphereProjection(1)
+    x = (torch.randn(3, 4, 6, dtype=F64) * 2).requires_grad_(True)
+    y = proj(x)
+    y.sum().backward()
+    info = proj.layer(6).info
+    assert info.backend == "custom" and info.converged.shape == (3, 4) and info.all_converged
+    assert info.backward is None  # filled by the implicit backward only
+    torch.testing.assert_close(info.objective, 0.5 * (y - x).detach().square().sum(-1))
+    assert float(info.kkt_residual.max()) < 1e-10
+
+
+def test_projections_reject_an_unknown_backward() -> None:
+    with pytest.raises(ValueError, match="backward must be 'native' or 'implicit'"):
+        dl.nn.SphereProjection(2, backward="closed")
+
+
+@pytest.mark.parametrize("backward", BACKWARDS)
+@pytest.mark.parametrize("p", P_VALUES)
+def test_float32_projection_gradients_agree_with_float64(p: float, backward: str) -> None:
     g = torch.Generator().manual_seed(1)
     x64 = torch.randn(16, 12, generator=g, dtype=F64) * 2
     v64 = torch.randn(16, 12, generator=g, dtype=F64)
-    proj = dl.nn.SphereProjection(p)
+    proj = dl.nn.SphereProjection(p, backward=backward)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dl.GradientWarning)
         g64 = implicit_vjp_of(proj, [x64], v64)[0]

@@ -424,6 +424,18 @@ def _power(expr: Any) -> Evaluator:
     # rational approximation p_used; so is torch.pow (nan for negative x and fractional p).
     if isinstance(expr.p, cp.Constant):
         p = float(expr.p.value)
+        # Common exponents as the elementwise op itself: the same values (x * x and 1 / x are
+        # correctly rounded, as pow; sqrt is nan below zero, as np.power with p = 0.5), and
+        # derivatives of a pass or two each, where pow's derivatives are pows again (square
+        # and sqrt are most of the passes of the robust penalties' implicit backward).
+        if p == 2:
+            return lambda x: x * x
+        if p == 0.5:
+            return torch.sqrt  # differs from np.power only at -inf (nan, not inf) and -0
+        if p == 1:
+            return lambda x: x
+        if p == -1:
+            return torch.reciprocal  # 1 / +-0 = +-inf, as np.power
         return lambda x: torch.pow(x, p)
     return lambda x, p: torch.pow(x, p)
 

@@ -32,7 +32,6 @@ Only the forward lives here; gradients come from the declaration (:class:`declop
 from __future__ import annotations
 
 import math
-import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -257,25 +256,12 @@ def _make_kernels(penalty: str, compile: bool, block_size: int) -> _Kernels:
     else:
         raise ValueError(f"no iterations for penalty {penalty!r}")
 
-    tag = f"{penalty}_{block_size}"
+    # maybe_compile gives each kernel a TorchDynamo cache of its own (one code object each).
     return _Kernels(
-        start=maybe_compile(_distinct(start, tag), compile),
-        block=maybe_compile(_distinct(block, tag), compile),
+        start=maybe_compile(start, compile),
+        block=maybe_compile(block, compile),
         block_size=block_size,
     )
-
-
-def _distinct(fn: Callable, tag: str) -> Callable:
-    """``fn`` with a code object of its own (named after ``tag``).
-
-    TorchDynamo caches compiled graphs per code object, with guards on the closure: the kernels
-    of different penalties, made by one factory, would otherwise share one cache and its
-    recompilation limit (8), past which calls silently run eagerly.
-    """
-    code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
-    new = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
-    new.__qualname__ = f"{fn.__qualname__}_{tag}"
-    return new
 
 
 def _welsch_step(alpha, a2, eps, y, s0, s1, s2, s3, accept, done):
