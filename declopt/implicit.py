@@ -37,7 +37,15 @@ from declopt.lagrangian import (
     lagrangian,
     weighted_constraints,
 )
-from declopt.linalg import LinearSolveReport, conjugate_gradient, default_rcond, solve_symmetric
+from declopt.linalg import (
+    LinearSolveReport,
+    compact_rows,
+    conjugate_gradient,
+    default_rcond,
+    masked_least_squares,
+    minres,
+    solve_symmetric,
+)
 from declopt.program import Program
 
 DENSE_MAX_VARIABLES = 256
@@ -195,7 +203,7 @@ def _constrained_vjp(
     )
     # Only active rows enter the KKT system: gather each problem's active rows to the front and
     # pad to the largest active count of the batch (not to all p + q + K rows).
-    rows, row_mask = _compact(mask)
+    rows, row_mask = compact_rows(mask)
     k = rows.shape[-1]
     jac = state.jacobian.gather(1, rows.unsqueeze(-1).expand(-1, -1, m)) * row_mask.unsqueeze(-1)
 
@@ -264,7 +272,7 @@ def _kkt_minres(
         bottom = (jac @ w.unsqueeze(-1)).squeeze(-1) + pad * z
         return torch.cat([top, bottom], -1)
 
-    solution, converged, residual = _minres(matvec, rhs)
+    solution, converged, residual = minres(matvec, rhs)
     w = solution[:, :m]
     curvature = (w * hvp(w)).sum(-1)
     tiny = torch.finfo(rhs.dtype).tiny
@@ -272,66 +280,6 @@ def _kkt_minres(
     singular = ~converged
     report = LinearSolveReport("minres", singular, ~flat & ~singular, residual)
     return solution, report
-
-
-def _minres(
-    matvec: Callable[[Tensor], Tensor],
-    rhs: Tensor,
-    max_iter: int | None = None,
-    rtol: float | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Batched MINRES (Paige & Saunders 1975) for symmetric ``K_b s_b = r_b``, matrix-free.
-
-    Every problem has its own Lanczos recurrence and stops on its own (its iterate is frozen);
-    the batch stops when all have. Returns ``(s (B, n), converged (B,), relative residual (B,))``
-    with the residual ``max |K s - r| / max |r|`` recomputed from one final product.
-    """
-    n = rhs.shape[-1]
-    max_iter = 2 * n + 10 if max_iter is None else max_iter
-    rtol = torch.finfo(rhs.dtype).eps ** 0.75 if rtol is None else rtol
-    tiny = torch.finfo(rhs.dtype).tiny
-
-    def dot(a: Tensor, b: Tensor) -> Tensor:
-        return (a * b).sum(-1, keepdim=True)
-
-    x = torch.zeros_like(rhs)
-    beta1 = dot(rhs, rhs).sqrt()
-    done = beta1 <= tiny
-    r1, r2, y = rhs, rhs, rhs
-    beta, old_beta = beta1, torch.zeros_like(beta1)
-    dbar = epsilon = torch.zeros_like(beta1)
-    phibar = beta1
-    cs, sn = -torch.ones_like(beta1), torch.zeros_like(beta1)
-    w, w2 = torch.zeros_like(rhs), torch.zeros_like(rhs)
-    for _ in range(max_iter):
-        if bool(done.all()):
-            break
-        safe_beta = torch.where(done, 1.0, beta)
-        vec = y / safe_beta
-        y = matvec(vec)
-        y = y - (beta / torch.where(old_beta > 0, old_beta, 1.0)) * r1 * (old_beta > 0)
-        alpha = dot(vec, y)
-        y = y - (alpha / safe_beta) * r2
-        r1, r2 = r2, y
-        old_beta, beta = beta, dot(y, y).sqrt()
-        old_epsilon = epsilon
-        delta = cs * dbar + sn * alpha
-        gbar = sn * dbar - cs * alpha
-        epsilon = sn * beta
-        dbar = -cs * beta
-        gamma = (gbar * gbar + beta * beta).sqrt().clamp_min(tiny)
-        cs, sn = gbar / gamma, beta / gamma
-        phi = cs * phibar
-        phibar = torch.where(done, phibar, sn * phibar)
-        w1, w2 = w2, w
-        w = (vec - old_epsilon * w1 - delta * w2) / gamma
-        x = torch.where(done, x, x + phi * w)
-        # Converged, or the Krylov space is exhausted (beta = 0: the iterate is exact).
-        done = done | (phibar <= rtol * beta1) | (beta <= tiny * beta1)
-    product = matvec(x)
-    scale = rhs.abs().amax(-1).clamp_min(tiny)
-    residual = (product - rhs).abs().amax(-1) / scale
-    return x, done.squeeze(-1) & (residual <= rtol**0.5), residual
 
 
 @dataclass
@@ -401,44 +349,17 @@ def active_set(
         # Only the kinks' multipliers are unknown: fit them to what the others leave over.
         leftover = grad_f - (lam_known.unsqueeze(-1) * jac[:, : p + q]).sum(-2)
         kink_jac = jac[:, p + q :] * kinks_active.unsqueeze(-1)
-        lam_kinks = _least_squares_multipliers(kink_jac, leftover, kinks_active)
+        lam_kinks = masked_least_squares(kink_jac, leftover, kinks_active)
         lam = torch.cat([lam_known, lam_kinks], -1)
     else:
         rows_active = torch.cat(
             [torch.ones(batch, p, dtype=torch.bool, device=u.device), g >= -tol], -1
         )
         mask = torch.cat([rows_active, kinks_active], -1)
-        lam = _least_squares_multipliers(jac * mask.unsqueeze(-1), grad_f, mask)
+        lam = masked_least_squares(jac * mask.unsqueeze(-1), grad_f, mask)
     lam_g = lam[:, p : p + q]
     active = (g >= -tol) | (lam_g < -tol)
     lam_tol = eps**0.5 * (1 + grad_f.abs().amax(-1, keepdim=True))
     weakly = active & (lam_g.abs() <= lam_tol)
     sign_violation = (active & (lam_g > lam_tol)).any(-1)
     return ActiveSet(p, c, jac, grad_f, lam, active, weakly, kinks_active, sign_violation)
-
-
-def _compact(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Per problem, the indices of its ``True`` rows first, cut to the batch's largest count.
-
-    Returns ``(rows (B, k_max), row_mask (B, k_max))``; padded slots repeat some row index with
-    ``row_mask`` False, so gathers stay in range and padding is masked out.
-    """
-    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)
-    k_max = int(mask.sum(-1).max()) if mask.numel() else 0
-    rows = order[:, :k_max]
-    return rows, mask.gather(1, rows)
-
-
-def _least_squares_multipliers(jac: Tensor, grad_f: Tensor, mask: Tensor) -> Tensor:
-    """Least-squares ``lambda`` of ``A^T lambda = D_u f`` over the rows in ``mask`` (others 0)."""
-    batch, k, m = jac.shape
-    if k == 0:
-        return jac.new_zeros(batch, 0)
-    rows, row_mask = _compact(mask)
-    if rows.shape[1] == 0:
-        return jac.new_zeros(batch, k)
-    active = jac.gather(1, rows.unsqueeze(-1).expand(-1, -1, m)) * row_mask.unsqueeze(-1)
-    normal = active @ active.transpose(-1, -2)  # (B, k_max, k_max); zero rows/cols for padding
-    rhs = (active @ grad_f.unsqueeze(-1)).squeeze(-1)
-    lam, _ = solve_symmetric(normal, rhs)
-    return jac.new_zeros(batch, k).scatter(1, rows, lam * row_mask)

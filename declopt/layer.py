@@ -147,11 +147,11 @@ class Layer(nn.Module):
         inputs = prepare_inputs(self.program, params)
         call = _Call(self, inputs)
         if self.backward == "native" and self.solver is not None:
-            u = _SolverVJPFunction.apply(call, *inputs.tensors)
+            u = _DeclaredFunction.apply(call, True, *inputs.tensors)
         elif self.backward == "native":
             u = call.solve(differentiable=True)
         else:
-            u = _ImplicitFunction.apply(call, *inputs.params.values)
+            u = _DeclaredFunction.apply(call, False, *inputs.params.values)
         self.info = call.info
         batch = inputs.batch_shape
         return tuple(v.reshape((*batch, *v.shape[1:])) for v in self.program.unpack(u))
@@ -436,39 +436,25 @@ class _Lazy:
         return self._get()[1]
 
 
-class _ImplicitFunction(torch.autograd.Function):
-    """Forward: the solver (no graph). Backward: the implicit function theorem."""
+class _DeclaredFunction(torch.autograd.Function):
+    """Forward: the solver (no graph). Backward: the implicit function theorem, or the custom
+    solver's own ``vjp`` when ``solver_vjp`` (then the inputs are the tensors the layer was called
+    with, not the batched parameters)."""
 
     @staticmethod
-    def forward(ctx: Any, call: _Call, *values: Tensor) -> Tensor:
+    def forward(ctx: Any, call: _Call, solver_vjp: bool, *inputs: Tensor) -> Tensor:
         u = call.solve()
-        ctx.call = call
-        ctx.save_for_backward(u, *values)
+        ctx.call, ctx.solver_vjp = call, solver_vjp
+        ctx.save_for_backward(u, *inputs)
         return u
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_u: Tensor) -> tuple[Tensor | None, ...]:
-        u, *values = ctx.saved_tensors
-        needs = ctx.needs_input_grad[1:]
-        grads = ctx.call.backward(tuple(values), u, grad_u, needs)
-        return (None, *(g if need else None for g, need in zip(grads, needs)))
-
-
-class _SolverVJPFunction(torch.autograd.Function):
-    """Forward: the custom solver (no graph). Backward: the solver's own ``vjp``."""
-
-    @staticmethod
-    def forward(ctx: Any, call: _Call, *tensors: Tensor) -> Tensor:
-        u = call.solve()
-        ctx.call = call
-        ctx.save_for_backward(u, *tensors)
-        return u
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_u: Tensor) -> tuple[Tensor | None, ...]:
-        u, *tensors = ctx.saved_tensors
-        grads = ctx.call.solver_vjp(tuple(tensors), u, grad_u)
-        needs = ctx.needs_input_grad[1:]
-        return (None, *(g if need else None for g, need in zip(grads, needs)))
+        u, *inputs = ctx.saved_tensors
+        needs = ctx.needs_input_grad[2:]
+        if ctx.solver_vjp:
+            grads = ctx.call.solver_vjp(tuple(inputs), u, grad_u)
+        else:
+            grads = ctx.call.backward(tuple(inputs), u, grad_u, needs)
+        return (None, None, *(g if need else None for g, need in zip(grads, needs)))

@@ -8,7 +8,8 @@ Well-posed systems are solved exactly; singular ones by the minimum-norm least-s
 (pseudo-inverse), and both facts are reported per problem, never hidden.
 
 For large systems :func:`conjugate_gradient` solves ``H w = v`` matrix-free from Hessian-vector
-products and reports problems whose curvature turned out non-positive.
+products and reports problems whose curvature turned out non-positive; :func:`minres` solves the
+symmetric indefinite KKT systems matrix-free.
 """
 
 from __future__ import annotations
@@ -182,6 +183,66 @@ def conjugate_gradient(
     singular = ~done | (rel > rtol**0.5)
     report = LinearSolveReport("cg", singular & ~bad_curvature, ~bad_curvature, rel)
     return z, report
+
+
+def minres(
+    matvec: Callable[[Tensor], Tensor],
+    rhs: Tensor,
+    max_iter: int | None = None,
+    rtol: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Batched MINRES (Paige & Saunders 1975) for symmetric ``K_b s_b = r_b``, matrix-free.
+
+    Every problem has its own Lanczos recurrence and stops on its own (its iterate is frozen);
+    the batch stops when all have. Returns ``(s (B, n), converged (B,), relative residual (B,))``
+    with the residual ``max |K s - r| / max |r|`` recomputed from one final product.
+    """
+    n = rhs.shape[-1]
+    max_iter = 2 * n + 10 if max_iter is None else max_iter
+    rtol = torch.finfo(rhs.dtype).eps ** 0.75 if rtol is None else rtol
+    tiny = torch.finfo(rhs.dtype).tiny
+
+    def dot(a: Tensor, b: Tensor) -> Tensor:
+        return (a * b).sum(-1, keepdim=True)
+
+    x = torch.zeros_like(rhs)
+    beta1 = dot(rhs, rhs).sqrt()
+    done = beta1 <= tiny
+    r1, r2, y = rhs, rhs, rhs
+    beta, old_beta = beta1, torch.zeros_like(beta1)
+    dbar = epsilon = torch.zeros_like(beta1)
+    phibar = beta1
+    cs, sn = -torch.ones_like(beta1), torch.zeros_like(beta1)
+    w, w2 = torch.zeros_like(rhs), torch.zeros_like(rhs)
+    for _ in range(max_iter):
+        if bool(done.all()):
+            break
+        safe_beta = torch.where(done, 1.0, beta)
+        vec = y / safe_beta
+        y = matvec(vec)
+        y = y - (beta / torch.where(old_beta > 0, old_beta, 1.0)) * r1 * (old_beta > 0)
+        alpha = dot(vec, y)
+        y = y - (alpha / safe_beta) * r2
+        r1, r2 = r2, y
+        old_beta, beta = beta, dot(y, y).sqrt()
+        old_epsilon = epsilon
+        delta = cs * dbar + sn * alpha
+        gbar = sn * dbar - cs * alpha
+        epsilon = sn * beta
+        dbar = -cs * beta
+        gamma = (gbar * gbar + beta * beta).sqrt().clamp_min(tiny)
+        cs, sn = gbar / gamma, beta / gamma
+        phi = cs * phibar
+        phibar = torch.where(done, phibar, sn * phibar)
+        w1, w2 = w2, w
+        w = (vec - old_epsilon * w1 - delta * w2) / gamma
+        x = torch.where(done, x, x + phi * w)
+        # Converged, or the Krylov space is exhausted (beta = 0: the iterate is exact).
+        done = done | (phibar <= rtol * beta1) | (beta <= tiny * beta1)
+    product = matvec(x)
+    scale = rhs.abs().amax(-1).clamp_min(tiny)
+    residual = (product - rhs).abs().amax(-1) / scale
+    return x, done.squeeze(-1) & (residual <= rtol**0.5), residual
 
 
 def _relative_residual(product: Tensor, rhs: Tensor) -> Tensor:

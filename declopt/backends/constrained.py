@@ -22,11 +22,13 @@ from torch import Tensor
 from torch.func import jacfwd, vmap
 
 from declopt.backends.base import BatchedParams
+from declopt.backends.kkt import kkt_report
 from declopt.backends.unconstrained import lbfgs, newton
 from declopt.derivatives import BatchedObjective
 from declopt.lagrangian import (
     augmented_lagrangian,
     constraint_fn,
+    inequality_fn,
     lagrangian,
     num_constraints,
 )
@@ -79,25 +81,15 @@ def kkt_residual(
     p: int,
     with_kinks: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """``(residual, objective)`` per problem for multipliers ``lam = [lam_h; lam_g]``.
-
-    The residual is the max of stationarity ``|D_u f - A^T lam|``, infeasibility ``|h|``,
-    ``max(g, 0)``, dual infeasibility ``max(lam_g, 0)`` and complementarity ``|lam_g g|``. With
-    ``with_kinks``, ``lam`` also holds multipliers of the kink residuals (nonsmooth stationarity).
-    """
-    extended = BatchedParams((*params.values, lam), (*params.in_dims, 0), params.size)
-    objective = BatchedObjective(lagrangian(program, with_kinks), extended)
-    _, grad_l = objective.value_and_grad(u)
-    f = BatchedObjective(program.objective, params).value(u)
-    c = batched_constraints(program, params, u)
-    h, g = c[:, :p], c[:, p:]
-    lam_g = lam[:, p : c.shape[-1]]
-    parts = [grad_l.abs().amax(-1)]
-    if h.shape[-1]:
-        parts.append(h.abs().amax(-1))
-    if g.shape[-1]:
-        parts += [g.clamp(min=0).amax(-1), lam_g.clamp(min=0).amax(-1), (lam_g * g).abs().amax(-1)]
-    return torch.stack(parts).amax(0), f
+    """``(residual, objective)`` per problem for multipliers ``lam = [lam_h; lam_g]`` (with
+    ``with_kinks``, followed by the kink residuals' multipliers): :func:`~declopt.backends.kkt.
+    kkt_report` with the multipliers in one tensor, as the solvers here keep them."""
+    q = lam.shape[-1] - p
+    if with_kinks:
+        q = inequality_fn(program)(example_problem(params), u[0]).numel()
+    kinks = lam[:, p + q :] if with_kinks else None
+    report = kkt_report(program, params, u, lam[:, :p], lam[:, p : p + q], kinks)
+    return report.residual, report.objective
 
 
 def solve_constrained(

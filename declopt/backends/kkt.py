@@ -15,10 +15,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.func import grad, vmap
+from torch.func import vmap
 
 from declopt.backends.base import BatchedParams
-from declopt.program import Params, Program
+from declopt.derivatives import BatchedObjective
+from declopt.lagrangian import equality_fn, inequality_fn, lagrangian
+from declopt.program import Program
 
 
 @dataclass(frozen=True)
@@ -44,10 +46,8 @@ class KKTReport:
 
 def constraint_rows(program: Program, params: BatchedParams, u: Tensor) -> tuple[Tensor, Tensor]:
     """``h (B, p)`` and ``g (B, q)`` at ``u (B, m)``; empty ``(B, 0)`` where there are none."""
-    batch = u.shape[0]
-    empty = u.new_zeros(batch, 0)
-    h = empty if program.equalities is None else _batched(program.equalities, params)(u)
-    g = empty if program.inequalities is None else _batched(program.inequalities, params)(u)
+    h = vmap(equality_fn(program), in_dims=(params.in_dims, 0))(params.values, u)
+    g = vmap(inequality_fn(program), in_dims=(params.in_dims, 0))(params.values, u)
     return h, g
 
 
@@ -57,34 +57,28 @@ def kkt_report(
     u: Tensor,
     eq_multipliers: Tensor | None,
     ineq_multipliers: Tensor | None,
+    kink_multipliers: Tensor | None = None,
 ) -> KKTReport:
     """The KKT residual pieces of ``u (B, m)`` with multipliers ``(B, p)`` / ``(B, q)``.
 
-    Everything is evaluated without autograd history (callers pass detached tensors). When the
-    program is constrained but a multiplier block is ``None``, stationarity cannot be judged and is
-    reported as zero; primal feasibility is always checked. ``dual feasibility`` violations
-    (``lambda_g > 0``) count as complementarity violations.
+    When the program is constrained but a multiplier block is ``None``, stationarity cannot be
+    judged and is reported as zero; primal feasibility is always checked. Dual feasibility
+    violations (``lambda_g > 0``) count as complementarity violations. With
+    ``kink_multipliers (B, K)``, stationarity is that of the Lagrangian with the kink residuals
+    (nonsmooth stationarity on the pieces the solution sits on).
     """
     h, g = constraint_rows(program, params, u)
     infeasible = torch.cat([h.abs(), g.clamp_min(0)], dim=-1)
     lam_h = _or_zeros(eq_multipliers, h)
     lam_g = _or_zeros(ineq_multipliers, g)
-    known = (program.equalities is None or eq_multipliers is not None) and (
-        program.inequalities is None or ineq_multipliers is not None
+    known = (h.shape[-1] == 0 or eq_multipliers is not None) and (
+        g.shape[-1] == 0 or ineq_multipliers is not None
     )
-
-    def lagrangian(x: Params, uu: Tensor, lh: Tensor, lg: Tensor) -> Tensor:
-        value = program.objective(x, uu)
-        if program.equalities is not None:
-            value = value - (lh * program.equalities(x, uu)).sum()
-        if program.inequalities is not None:
-            value = value - (lg * program.inequalities(x, uu)).sum()
-        return value
-
-    mapped = vmap(lagrangian, in_dims=(params.in_dims, 0, 0, 0))
-    with torch.enable_grad():
-        d_lagrangian = grad(lambda uu: mapped(params.values, uu, lam_h, lam_g).sum())(u)
-    objective = vmap(program.objective, in_dims=(params.in_dims, 0))(params.values, u)
+    with_kinks = kink_multipliers is not None
+    lam = torch.cat([lam_h, lam_g, *((kink_multipliers.to(u),) if with_kinks else ())], -1)
+    extended = BatchedParams((*params.values, lam), (*params.in_dims, 0), params.size)
+    _, d_lagrangian = BatchedObjective(lagrangian(program, with_kinks), extended).value_and_grad(u)
+    objective = BatchedObjective(program.objective, params).value(u)
     stationarity = d_lagrangian.abs().amax(-1) if known else torch.zeros_like(objective)
     complementarity = torch.cat([(lam_g * g).abs(), lam_g.clamp_min(0)], dim=-1)
     return KKTReport(
@@ -93,11 +87,6 @@ def kkt_report(
         infeasibility=_max_or_zero(infeasible),
         complementarity=_max_or_zero(complementarity),
     )
-
-
-def _batched(fn, params: BatchedParams):
-    mapped = vmap(fn, in_dims=(params.in_dims, 0))
-    return lambda u: mapped(params.values, u)
 
 
 def _or_zeros(value: Tensor | None, like: Tensor) -> Tensor:
