@@ -21,6 +21,7 @@ from torch.func import grad, grad_and_value, jvp, vjp, vmap
 
 from declopt.backends.base import BatchedParams
 from declopt.compiling import maybe_compile
+from declopt.lagrangian import kink_tolerance
 from declopt.linalg import default_rcond
 from declopt.program import Params
 
@@ -194,7 +195,7 @@ def kink_test_for(
     kinks: Callable[[Params, Tensor], tuple[Tensor, Tensor]], in_dims: InDims, compile: bool = False
 ) -> Callable[[Params, Tensor], Tensor]:
     """``(values, u) -> (B,)``: whether problem ``b`` sits on a kink, i.e. some margin of
-    ``kinks`` (a :attr:`Program.kinks`) is within ``sqrt(eps) (1 + |u_b|_inf)``.
+    ``kinks`` (a :attr:`Program.kinks`) is within :func:`~declopt.lagrangian.kink_tolerance`.
 
     Compiled with the rest when asked: it evaluates the whole objective once (the margins of
     ``minimum`` and ``maximum`` are differences of their operands), a pass as costly as the
@@ -203,8 +204,7 @@ def kink_test_for(
     margins = vmap(lambda x, u: kinks(x, u)[1], in_dims=(in_dims, 0))
 
     def on_a_kink(values: Params, u: Tensor) -> Tensor:
-        tol = torch.finfo(u.dtype).eps ** 0.5 * (1 + u.abs().amax(-1, keepdim=True))
-        return (margins(values, u).abs() <= tol).any(-1)
+        return (margins(values, u).abs() <= kink_tolerance(u)).any(-1)
 
     return maybe_compile(on_a_kink, compile)
 

@@ -34,6 +34,7 @@ from declopt.lagrangian import (
     equality_fn,
     inequality_fn,
     kink_margin_fn,
+    kink_tolerance,
     lagrangian,
     weighted_constraints,
 )
@@ -320,7 +321,8 @@ def active_set(
 
     Tolerances follow the dtype: an inequality is active when ``g >= -sqrt(eps) (1 + |u|)`` or
     its multiplier is clearly nonzero; weakly active when active with ``|lambda| <= sqrt(eps)
-    (1 + |D_u f|)``; a kink is active when its margin is within ``sqrt(eps) (1 + |u|)``. Missing
+    (1 + |D_u f|)``; a kink is active when its margin is within
+    :func:`~declopt.lagrangian.kink_tolerance` (tighter in float32). Missing
     multipliers (all of them, or the kinks', which no backend knows) come from least squares on
     the stationarity ``D_u f = lambda^T A`` over the active rows.
     """
@@ -337,7 +339,7 @@ def active_set(
     tol = _tolerance(u)
     if with_kinks:
         margins = vmap(kink_margin_fn(program), in_dims=(params.in_dims, 0))(params.values, u)
-        kinks_active = margins.abs() <= tol
+        kinks_active = margins.abs() <= kink_tolerance(u)
     else:
         kinks_active = torch.zeros(batch, 0, dtype=torch.bool, device=u.device)
     # A block with no rows is known whatever the backend said about it.

@@ -109,11 +109,14 @@ def masked_least_squares(jac: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     rows, row_mask = compact_rows(mask)
     if rows.shape[1] == 0:
         return jac.new_zeros(batch, k)
-    active = jac.gather(1, rows.unsqueeze(-1).expand(-1, -1, m)) * row_mask.unsqueeze(-1)
+    # The normal equations square the condition number (many tied kinks make it large): form and
+    # solve them in float64 whatever the data's dtype.
+    wide = torch.promote_types(jac.dtype, torch.float64)
+    active = jac.gather(1, rows.unsqueeze(-1).expand(-1, -1, m)).to(wide) * row_mask.unsqueeze(-1)
     normal = active @ active.transpose(-1, -2)  # (B, k_max, k_max); zero rows/cols for padding
-    rhs = (active @ target.unsqueeze(-1)).squeeze(-1)
+    rhs = (active @ target.to(wide).unsqueeze(-1)).squeeze(-1)
     lam, _ = solve_symmetric(normal, rhs)
-    return jac.new_zeros(batch, k).scatter(1, rows, lam * row_mask)
+    return jac.new_zeros(batch, k).scatter(1, rows, (lam * row_mask).to(jac.dtype))
 
 
 def robust_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
