@@ -16,7 +16,7 @@ How the forward was solved never enters here; only the declaration (the :class:`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,8 +43,8 @@ from declopt.linalg import (
     compact_rows,
     conjugate_gradient,
     default_rcond,
+    kkt_minres,
     masked_least_squares,
-    minres,
     solve_symmetric,
 )
 from declopt.program import Program
@@ -225,7 +225,7 @@ def _constrained_vjp(
     else:
         # Large m: never form the m x m Hessian (m probes) nor factor the bordered matrix;
         # MINRES needs Hessian-vector products of the Lagrangian and products with A, A^T.
-        solution, linear = _kkt_minres(
+        solution, linear = kkt_minres(
             lambda d: lagrangian_derivatives.hvp(u, d), jac, row_mask, rhs
         )
     w = solution[:, :m]
@@ -248,39 +248,6 @@ def _constrained_vjp(
         multiplier_residual=stationarity,
     )
     return grads, report
-
-
-def _kkt_minres(
-    hvp: Callable[[Tensor], Tensor], jac: Tensor, row_mask: Tensor, rhs: Tensor
-) -> tuple[Tensor, LinearSolveReport]:
-    """Solve the padded KKT systems ``[[H, A^T], [A, D]] s = rhs`` matrix-free by MINRES.
-
-    ``hvp: (B, m) -> (B, m)`` applies each problem's Lagrangian Hessian ``H``; ``jac: (B, k, m)``
-    holds the active rows ``A`` (padding rows zero), ``D = diag(~row_mask)`` puts a one on each
-    padding row. MINRES takes symmetric indefinite systems (the KKT matrix has ``k`` negative
-    eigenvalues) and, started from zero, converges to the minimum-norm solution of a consistent
-    singular system, as the dense pseudo-inverse does. It cannot count eigenvalues, so
-    ``second_order_ok`` only checks the curvature ``w.Hw > 0`` along the solution's ``w``
-    (necessary, not sufficient, for a strict minimum).
-    """
-    m = jac.shape[-1]
-    pad = (~row_mask).to(rhs.dtype)
-    jac_t = jac.transpose(-1, -2)
-
-    def matvec(s: Tensor) -> Tensor:
-        w, z = s[:, :m], s[:, m:]
-        top = hvp(w) + (jac_t @ z.unsqueeze(-1)).squeeze(-1)
-        bottom = (jac @ w.unsqueeze(-1)).squeeze(-1) + pad * z
-        return torch.cat([top, bottom], -1)
-
-    solution, converged, residual = minres(matvec, rhs)
-    w = solution[:, :m]
-    curvature = (w * hvp(w)).sum(-1)
-    tiny = torch.finfo(rhs.dtype).tiny
-    flat = curvature <= torch.finfo(rhs.dtype).eps * (w * w).sum(-1).clamp_min(tiny)
-    singular = ~converged
-    report = LinearSolveReport("minres", singular, ~flat & ~singular, residual)
-    return solution, report
 
 
 @dataclass

@@ -15,6 +15,7 @@ Multipliers are returned in the seed convention (``lambda = -mu``, ``lambda_g <=
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -32,11 +33,13 @@ from declopt.lagrangian import (
     lagrangian,
     num_constraints,
 )
-from declopt.linalg import solve_symmetric
+from declopt.linalg import kkt_minres, solve_newton
 from declopt.program import Program
 
 MAX_OUTER = 40
 POLISH_STEPS = 6
+DENSE_POLISH_MAX = 128
+"""Up to this many variables the polish forms the Lagrangian's Hessian; above, MINRES."""
 RHO0 = 10.0
 RHO_MAX = 1e10
 
@@ -166,20 +169,25 @@ def polish(
     k = lam.shape[-1]
     if k == 0:
         return u, lam
-    residual, _ = kkt_residual(program, params, u, lam, p)
+    residual, f = kkt_residual(program, params, u, lam, p)
+    # The rounding floor of the residual: problems there gain nothing from another step.
+    floor = 64 * torch.finfo(u.dtype).eps * (1 + f.abs() + u.abs().amax(-1))
     c = batched_constraints(program, params, u)
     mask = torch.ones_like(lam, dtype=torch.bool)
     mask[:, p:] = active_mask(c[:, p:], lam[:, p:], u)
     for _ in range(POLISH_STEPS):
+        if bool((residual <= floor).all()):
+            break
         extended = BatchedParams((*params.values, lam), (*params.in_dims, 0), batch)
         objective = BatchedObjective(lagrangian(program), extended)
         _, grad_l = objective.value_and_grad(u)
-        hess = objective.hessian(u)
         c = batched_constraints(program, params, u)
         jac = constraint_jacobian(program, params, u) * mask.unsqueeze(-1)
-        kkt = _bordered(hess, jac, mask)
         rhs = torch.cat([-grad_l, -(c * mask)], -1)
-        step, _ = solve_symmetric(kkt, rhs)
+        if m <= DENSE_POLISH_MAX:
+            step = solve_newton(_bordered(objective.hessian(u), jac, mask), rhs)
+        else:  # m Hessian probes would cost more than a few MINRES products
+            step, _ = kkt_minres(functools.partial(objective.hvp, u), jac, mask, rhs)
         u_new = u + step[:, :m]
         lam_new = torch.where(mask, lam - step[:, m:], torch.zeros_like(lam))
         new_residual, _ = kkt_residual(program, params, u_new, lam_new, p)

@@ -47,7 +47,7 @@ from declopt.backends.constrained import (
 from declopt.backends.unconstrained import lbfgs, newton
 from declopt.derivatives import BatchedObjective
 from declopt.lagrangian import kink_margin_fn, lagrangian, num_constraints
-from declopt.linalg import masked_least_squares, solve_symmetric
+from declopt.linalg import masked_least_squares, solve_newton
 from declopt.program import Program
 
 WIDTHS = (1e-1, 1e-2, 1e-3)
@@ -255,7 +255,7 @@ def _newton_kkt(
         c = batched_constraints(program, params, u, with_kinks=True)
         jac = constraint_jacobian(program, params, u, with_kinks=True) * mask.unsqueeze(-1)
         kkt = _bordered(objective.hessian(u), jac, mask)
-        step, _ = solve_symmetric(kkt, torch.cat([-grad_l, -(c * mask)], -1))
+        step = solve_newton(kkt, torch.cat([-grad_l, -(c * mask)], -1))
         u_new = u + step[:, : u.shape[-1]]
         lam_new, residual_new = _kkt_state(program, params, u_new, rows)
         better = torch.isfinite(residual_new) & (residual_new < residual)
