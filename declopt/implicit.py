@@ -49,8 +49,11 @@ from declopt.linalg import (
 )
 from declopt.program import Program
 
-DENSE_MAX_VARIABLES = 256
-"""Above this many variables the Hessian is not formed; CG runs on Hessian-vector products."""
+DENSE_MAX_VARIABLES = 128
+"""Above this many variables the Hessian is not formed: CG (unconstrained) or MINRES on the KKT
+system (constrained) runs on Hessian-vector products. (Measured, L2-ball projection m = 256,
+B = 128, float64: dense eigh backward 1.42 s, MINRES 0.12 s, gradients equal to 1.5e-13. Only the
+dense solve counts the KKT matrix's inertia for ``second_order_ok``.)"""
 
 
 @dataclass

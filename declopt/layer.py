@@ -72,7 +72,8 @@ class Layer(nn.Module):
             one-sided) enters the backward: ``"active"``, ``"inactive"``, ``"warn"`` (default:
             active + warning) or ``"raise"``; see :data:`declopt.implicit.DEGENERATE_CHOICES`.
         **options: passed to the backend (e.g. ``method="lbfgs"``, ``max_iter=100``), except
-            ``dense_max`` (largest ``m`` with a dense KKT solve in the backward; CG above).
+            ``dense_max`` (largest ``m`` with a dense KKT solve in the backward, default 128;
+            CG/MINRES above).
 
     Calling ``layer(*tensors)``: parameter ``i`` takes shape ``(*batch_i, *shape_i)``; the batch
     shapes broadcast to ``batch``; returns one tensor per variable, shape ``(*batch, *var_shape)``,
