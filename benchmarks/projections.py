@@ -238,9 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         f"load average {os.getloadavg()[0]:.1f} at start\n"
         "floor = F.normalize fwd+bwd; x = ratio to the floor; exact = the bare closed-form VJP; "
         "|dg| = max |implicit - closed-form gradient| / max |closed-form gradient| (|dg|64: the "
-        "same in float64; in float32 the implicit backward's activity tolerance, sqrt(eps) = "
-        "3e-4, counts coordinates that close to a kink as on it, the closed form decides "
-        "exactly)\n"
+        "same in float64)\n"
     )
     rows: list[dict] = []
     configs = [

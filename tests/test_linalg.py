@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import declopt as dl
-from declopt.linalg import conjugate_gradient, solve_symmetric
+from declopt.linalg import conjugate_gradient, masked_least_squares, solve_symmetric
 
 F64 = torch.float64
 
@@ -66,3 +66,22 @@ def test_flat_objective_gives_a_flagged_least_squares_gradient_not_nan() -> None
         Y.sum().backward()
     assert layer.info.backward.singular.all()
     torch.testing.assert_close(X.grad, torch.zeros_like(X))
+
+
+@pytest.mark.parametrize("k", [6, 200], ids=["dense", "cg"])
+def test_masked_least_squares_is_the_minimum_norm_fit_on_the_active_rows(k: int) -> None:
+    """Dense normal equations (Cholesky, eigh fallback) up to 128 active rows, CG above; a
+    duplicated row (dependent constraints) must still give the minimum-norm multipliers."""
+    g = torch.Generator().manual_seed(3)
+    batch, m = 3, 256
+    jac = torch.randn(batch, k, m, generator=g, dtype=torch.float64)
+    jac[:, 1] = jac[:, 0]  # dependent rows
+    target = torch.randn(batch, m, generator=g, dtype=torch.float64)
+    mask = torch.rand(batch, k, generator=g) < 0.8
+    mask[:, :2] = True
+    lam = masked_least_squares(jac, target, mask)
+    for b in range(batch):
+        rows = mask[b].nonzero().squeeze(-1)
+        expected = torch.linalg.pinv(jac[b, rows].T) @ target[b]
+        torch.testing.assert_close(lam[b, rows], expected, atol=1e-8, rtol=1e-8)
+        assert bool((lam[b, ~mask[b]] == 0).all())
