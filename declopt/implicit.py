@@ -40,6 +40,7 @@ from declopt.lagrangian import (
 )
 from declopt.linalg import (
     LinearSolveReport,
+    bordered_kkt,
     compact_rows,
     conjugate_gradient,
     default_rcond,
@@ -220,10 +221,7 @@ def _constrained_vjp(
     )
     rhs = torch.cat([v, v.new_zeros(batch, k)], -1)
     if m <= dense_max:
-        hess = lagrangian_derivatives.hessian(u)
-        top = torch.cat([hess, jac.transpose(-1, -2)], -1)
-        bottom = torch.cat([jac, torch.diag_embed((~row_mask).to(u.dtype))], -1)
-        kkt = torch.cat([top, bottom], -2)
+        kkt = bordered_kkt(lagrangian_derivatives.hessian(u), jac, row_mask)
         solution, linear = solve_symmetric(kkt, rhs, num_negative_expected=mask.sum(-1))
     else:
         # Large m: never form the m x m Hessian (m probes) nor factor the bordered matrix;

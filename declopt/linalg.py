@@ -97,6 +97,16 @@ def solve_newton(matrix: Tensor, rhs: Tensor) -> Tensor:
     return z
 
 
+def bordered_kkt(hess: Tensor, jac: Tensor, mask: Tensor) -> Tensor:
+    """``[[H, A^T], [A, D]]`` with ``D = 1`` on padded (inactive) rows so they solve to zero."""
+    batch, m, _ = hess.shape
+    k = jac.shape[1]
+    top = torch.cat([hess, jac.transpose(-1, -2)], -1)
+    corner = torch.diag_embed((~mask).to(hess.dtype))
+    bottom = torch.cat([jac, corner], -1)
+    return torch.cat([top, bottom], -2).reshape(batch, m + k, m + k)
+
+
 def compact_rows(mask: Tensor) -> tuple[Tensor, Tensor]:
     """Per problem, the indices of its ``True`` rows first, cut to the batch's largest count.
 

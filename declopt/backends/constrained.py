@@ -33,7 +33,7 @@ from declopt.lagrangian import (
     lagrangian,
     num_constraints,
 )
-from declopt.linalg import kkt_minres, solve_newton
+from declopt.linalg import bordered_kkt, kkt_minres, solve_newton
 from declopt.program import Program
 
 MAX_OUTER = 40
@@ -185,7 +185,7 @@ def polish(
         jac = constraint_jacobian(program, params, u) * mask.unsqueeze(-1)
         rhs = torch.cat([-grad_l, -(c * mask)], -1)
         if m <= DENSE_POLISH_MAX:
-            step = solve_newton(_bordered(objective.hessian(u), jac, mask), rhs)
+            step = solve_newton(bordered_kkt(objective.hessian(u), jac, mask), rhs)
         else:  # m Hessian probes would cost more than a few MINRES products
             step, _ = kkt_minres(functools.partial(objective.hvp, u), jac, mask, rhs)
         u_new = u + step[:, :m]
@@ -198,13 +198,3 @@ def polish(
         if not bool(ok.any()):
             break
     return u, lam
-
-
-def _bordered(hess: Tensor, jac: Tensor, mask: Tensor) -> Tensor:
-    """``[[H, A^T], [A, D]]`` with ``D = 1`` on padded (inactive) rows so they solve to zero."""
-    batch, m, _ = hess.shape
-    k = jac.shape[1]
-    top = torch.cat([hess, jac.transpose(-1, -2)], -1)
-    corner = torch.diag_embed((~mask).to(hess.dtype))
-    bottom = torch.cat([jac, corner], -1)
-    return torch.cat([top, bottom], -2).reshape(batch, m + k, m + k)

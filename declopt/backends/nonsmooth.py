@@ -8,20 +8,22 @@ Newton and the augmented Lagrangian assume smooth functions; at an L1 or L-inf s
    every nonsmooth atom within ``O(mu)`` of the original) for ``mu`` in :data:`WIDTHS`, each solve
    warm-started from the last. The smoothed solutions converge to the true one as ``mu -> 0``
    (measured: within ``2-9 mu`` for L1/L-inf sphere and ball projections).
-2. **Kink identification.** A kink site whose margin is within a few widths (:data:`IDENTIFY`)
-   of zero is taken
-   to hold at the solution: its residual becomes one more equality, exactly as in the implicit
-   backward (DESIGN.md §2). Along those pieces the declaration is smooth again.
-3. **Finish.** Newton steps on the KKT system of the original declaration with the identified
-   kinks and the active inequalities as equalities (multipliers by least squares at every step, so
-   that a tie whose representative changes between steps stays consistent), accepted per problem
-   only while the KKT residual falls. The result satisfies the nonsmooth KKT conditions to ~1e-12.
+2. **Kink identification.** A kink site is held when its margin is within a few widths
+   (:data:`IDENTIFY`) and shrank with the last cut of ``mu`` (:data:`SHRINK`): smoothed solutions
+   approach a kink they sit on in proportion to ``mu``, while one merely near a kink keeps its
+   distance. A held kink's residual becomes one more equality, exactly as in the implicit backward
+   (DESIGN.md §2); along those pieces the declaration is smooth again.
+3. **Finish.** Newton steps on the KKT system of the original declaration with the held kinks and
+   the active inequalities as equalities (multipliers by least squares at every step), accepted
+   per problem only while the KKT residual falls. Ties keep the representative they have at the
+   smoothed solution (at an exact tie ``argmax`` would pick an arbitrary member).
+4. **Release check.** The KKT residual cannot see a kink held by mistake (its multiplier absorbs
+   anything). So each held kink is left along ``A^+ e_k`` (every other held row fixed) to both
+   sides; if that lowers ``f - lambda . [h; g]``, the kink is released and the finish redone.
 
-Everything runs in float64 whatever the input dtype. Limitation: a solution coordinate within
-``IDENTIFY * mu`` (3% of the problem's scale) of a kink without sitting on it is first held on
-it; the release check then finds that moving off lowers the Lagrangian, releases it and redoes the
-finish. Problems where that does not settle are reported as not converged, never returned as
-solved.
+The result satisfies the nonsmooth KKT conditions to ~1e-15. Everything runs in float64 whatever
+the input dtype. Problems that do not settle are reported as not converged, never returned as
+solved; a solution coordinate within ~1e-8 (relative) of a kink may be snapped onto it.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ from torch.func import vmap
 from declopt.backends.base import BatchedParams
 from declopt.backends.constrained import (
     ConstrainedResult,
-    _bordered,
     active_mask,
     batched_constraints,
     constraint_jacobian,
@@ -47,7 +48,7 @@ from declopt.backends.constrained import (
 from declopt.backends.unconstrained import lbfgs, newton
 from declopt.derivatives import BatchedObjective
 from declopt.lagrangian import kink_margin_fn, lagrangian, num_constraints
-from declopt.linalg import masked_least_squares, solve_newton
+from declopt.linalg import bordered_kkt, masked_least_squares, solve_newton
 from declopt.program import Program
 
 WIDTHS = (1e-1, 1e-2, 1e-3)
@@ -123,11 +124,10 @@ def solve_nonsmooth(
     u, lam, residual = finish_on_kinks(program, params, u, lam_g, tolerance, scale, shrinking)
     p, _ = num_constraints(program, example_problem(params), u[0])
     f = BatchedObjective(program.objective, params).value(u)
-    scale = 1 + f.abs() + u.abs().amax(-1)
-    # The KKT residual cannot see a kink held by mistake (its multiplier absorbs anything); such
-    # a kink drags the finish away from the smoothed solution, which a right one never does.
+    size = 1 + f.abs() + u.abs().amax(-1)
+    # A belt to the release check's braces: the finish never moves far from a right smoothing.
     stayed = (u - smoothed_u).abs().amax(-1) <= tolerance
-    converged = stayed & (residual <= torch.finfo(torch.float64).eps ** 0.5 * scale)
+    converged = stayed & (residual <= torch.finfo(torch.float64).eps ** 0.5 * size)
     q_end = lam.shape[-1] - _num_kinks(program, params, u)
     return ConstrainedResult(
         u=u.to(dtype),
@@ -254,7 +254,7 @@ def _newton_kkt(
         _, grad_l = objective.value_and_grad(u)
         c = batched_constraints(program, params, u, with_kinks=True)
         jac = constraint_jacobian(program, params, u, with_kinks=True) * mask.unsqueeze(-1)
-        kkt = _bordered(objective.hessian(u), jac, mask)
+        kkt = bordered_kkt(objective.hessian(u), jac, mask)
         step = solve_newton(kkt, torch.cat([-grad_l, -(c * mask)], -1))
         u_new = u + step[:, : u.shape[-1]]
         lam_new, residual_new = _kkt_state(program, params, u_new, rows)
