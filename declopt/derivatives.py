@@ -110,9 +110,6 @@ class Derivatives:
         hvp = hvp_forward if compile else hvp_eager
         grad_and_hessian = grad_and_hessian_forward if compile else grad_and_hessian_eager
 
-        def hessian(values: Params, u: Tensor) -> Tensor:
-            return grad_and_hessian(values, u)[1]
-
         def param_vjp(
             values: Params, u: Tensor, w: Tensor, wanted: Wanted | None = None
         ) -> tuple[Tensor | None, ...]:
@@ -170,8 +167,19 @@ class Derivatives:
         self.value_and_grad = maybe_compile(value_and_grad, compile)
         self.grad = maybe_compile(lambda values, u: gradient(u, values), compile)
         self.hvp = maybe_compile(hvp, compile)
-        self.hessian = maybe_compile(hessian, compile)
-        self.grad_and_hessian = maybe_compile(grad_and_hessian, compile)
+        # m > 1 under compile: vmapping m probes inside jvp fails with dynamic shapes
+        # ("storage_offset() on symbolic sizes", every constrained declaration), and a compiled
+        # per-problem reverse Hessian measured 3x slower than eager (QP, m = 50); so only the
+        # m = 1 Hessian (pooling layers) is compiled.
+        compiled_hessian = maybe_compile(grad_and_hessian, compile)
+
+        def grad_and_hessian_dispatch(values: Params, u: Tensor) -> tuple[Tensor, Tensor]:
+            if u.shape[-1] == 1:
+                return compiled_hessian(values, u)
+            return grad_and_hessian_eager(values, u)
+
+        self.grad_and_hessian = grad_and_hessian_dispatch if compile else grad_and_hessian
+        self.hessian = lambda values, u: self.grad_and_hessian(values, u)[1]
         self.param_vjp = maybe_compile(param_vjp, compile)
         self.scalar_vjp = maybe_compile(scalar_vjp, compile)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+
+import cvxpy as cp
 import pytest
 import torch
 import torch._dynamo
@@ -102,3 +105,23 @@ def test_layer_forms_only_the_gradients_autograd_asks_for() -> None:
     pool(leaf).sum().backward()
     torch.testing.assert_close(alpha.grad, want)
     assert leaf.grad is not None
+
+
+def test_compiled_constrained_layer_compiles_without_falling_back(
+    recording_backend: list,
+) -> None:
+    """``compile=True`` on a constrained declaration (m > 1): the dense Hessians are taken eagerly
+    (vmapped probes inside jvp used to fail Dynamo's fake tensors for every constrained problem,
+    and the layer silently fell back to eager after a warning)."""
+    x, u = cp.Parameter(4), cp.Variable(4)
+    problem = cp.Problem(
+        cp.Minimize(cp.sum_squares(u - x) + cp.sum(cp.exp(u))), [cp.sum(u) == 1, u >= -1]
+    )
+    layer = dl.Layer(problem, [x], [u], backend="torch", compile=True)
+    X = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "torch.compile failed ...; eagerly"
+        (U,) = layer(X)
+        U.sum().backward()
+    assert bool(layer.info.converged.all()) and len(recording_backend) > 0
+    torch.testing.assert_close(U.sum(-1), torch.ones(3, dtype=torch.float64))
