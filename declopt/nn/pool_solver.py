@@ -141,7 +141,9 @@ def _pseudo_huber_sums(x: Tensor, alpha: Tensor, y: Tensor) -> tuple[Tensor, Ten
 def _huber_sums(x: Tensor, alpha: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(sum psi, sum psi', distance from y to the nearest kink)``; ``psi = clamp(z, +-alpha)``."""
     z = y.unsqueeze(-1) - x
-    g = z.clamp(-alpha, alpha).sum(-1)
+    # maximum/minimum, not clamp: eager clamp with tensor bounds is 2.7x slower (2.1 vs 0.78 ms
+    # per 1M floats), and alpha must stay a tensor (a float would recompile per value).
+    g = torch.minimum(torch.maximum(z, -alpha), alpha).sum(-1)
     u = z.abs_().sub_(alpha)  # |z| - alpha: <= 0 inside, 0 on a kink
     h = (u <= 0).sum(-1, dtype=x.dtype)
     kink = u.abs_().amin(-1)
