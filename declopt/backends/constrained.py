@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.func import jacfwd, vmap
+from torch.func import jacfwd, jacrev, vmap
 
 from declopt.backends.base import BatchedParams
 from declopt.backends.kkt import kkt_report
@@ -71,8 +71,13 @@ def batched_constraints(
 def constraint_jacobian(
     program: Program, params: BatchedParams, u: Tensor, with_kinks: bool = False
 ) -> Tensor:
-    """``D_u`` of :func:`batched_constraints`, ``(B, k, m)``, by forward mode (``m`` probes)."""
-    jac = jacfwd(constraint_fn(program, with_kinks), argnums=1)
+    """``D_u`` of :func:`batched_constraints`, ``(B, k, m)``: reverse mode (``k`` probes) when
+    ``k <= m``, forward mode (``m`` probes) otherwise. (Eager forward mode runs through Python
+    decompositions, so reverse mode is also faster per probe.)"""
+    fn = constraint_fn(program, with_kinks)
+    with torch.no_grad():
+        rows = fn(example_problem(params), u[0]).numel()
+    jac = (jacrev if rows <= u.shape[-1] else jacfwd)(fn, argnums=1)
     return vmap(jac, in_dims=(params.in_dims, 0))(params.values, u)
 
 
