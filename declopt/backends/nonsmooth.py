@@ -193,10 +193,10 @@ def finish_on_kinks(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Newton-KKT steps with identified kinks and active inequalities as equalities.
 
-    A held kink is then checked: releasing it to either side must not lower the Lagrangian of
-    the declared constraints (one-sided difference quotients along the kink's normal). A kink that
-    fails was held by mistake (the solution lies just off it); it is released and the finish is
-    redone from ``u``, up to :data:`RELEASE_ROUNDS` times.
+    Every held kink is then checked (:func:`_held_by_mistake`): leaving it to either side, with
+    the other held rows fixed, must not lower the Lagrangian of the declared constraints. A kink
+    that fails was held by mistake (the solution lies just off it); it is released and the finish
+    is redone from ``u``, up to :data:`RELEASE_ROUNDS` times.
 
     Args:
         u: ``(B, m)`` near-solutions (the last smoothed solve).
