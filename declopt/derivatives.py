@@ -108,7 +108,6 @@ class Derivatives:
             return grad_and_hessian_forward(values, u)
 
         hvp = hvp_forward if compile else hvp_eager
-        grad_and_hessian = grad_and_hessian_forward if compile else grad_and_hessian_eager
 
         def param_vjp(
             values: Params, u: Tensor, w: Tensor, wanted: Wanted | None = None
@@ -171,14 +170,14 @@ class Derivatives:
         # ("storage_offset() on symbolic sizes", every constrained declaration), and a compiled
         # per-problem reverse Hessian measured 3x slower than eager (QP, m = 50); so only the
         # m = 1 Hessian (pooling layers) is compiled.
-        compiled_hessian = maybe_compile(grad_and_hessian, compile)
+        scalar_hessian = maybe_compile(grad_and_hessian_forward, compile)
 
-        def grad_and_hessian_dispatch(values: Params, u: Tensor) -> tuple[Tensor, Tensor]:
-            if u.shape[-1] == 1:
-                return compiled_hessian(values, u)
+        def grad_and_hessian(values: Params, u: Tensor) -> tuple[Tensor, Tensor]:
+            if compile and u.shape[-1] == 1:
+                return scalar_hessian(values, u)
             return grad_and_hessian_eager(values, u)
 
-        self.grad_and_hessian = grad_and_hessian_dispatch if compile else grad_and_hessian
+        self.grad_and_hessian = grad_and_hessian
         self.hessian = lambda values, u: self.grad_and_hessian(values, u)[1]
         self.param_vjp = maybe_compile(param_vjp, compile)
         self.scalar_vjp = maybe_compile(scalar_vjp, compile)

@@ -26,6 +26,7 @@ from torch.func import vjp, vmap
 from declopt.backends.base import BatchedParams
 from declopt.backends.constrained import (
     batched_constraints,
+    batched_kink_margins,
     constraint_jacobian,
     example_problem,
 )
@@ -33,7 +34,6 @@ from declopt.derivatives import BatchedObjective, kink_test_for
 from declopt.lagrangian import (
     equality_fn,
     inequality_fn,
-    kink_margin_fn,
     kink_tolerance,
     lagrangian,
     weighted_constraints,
@@ -306,7 +306,7 @@ def active_set(
     grad_f = BatchedObjective(program.objective, params, compile=compile).grad(u)
     tol = _tolerance(u)
     if with_kinks:
-        margins = vmap(kink_margin_fn(program), in_dims=(params.in_dims, 0))(params.values, u)
+        margins = batched_kink_margins(program, params, u)
         kinks_active = margins.abs() <= kink_tolerance(u)
     else:
         kinks_active = torch.zeros(batch, 0, dtype=torch.bool, device=u.device)

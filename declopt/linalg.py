@@ -90,10 +90,14 @@ def solve_newton(matrix: Tensor, rhs: Tensor) -> Tensor:
     :func:`solve_symmetric` (minimum-norm least squares). For solver steps, which need no inertia
     or singularity report: LU is several times faster than the eigendecomposition."""
     z, info = torch.linalg.solve_ex(matrix, rhs)
-    bad = (info != 0) | ~torch.isfinite(z).all(-1)
+    return _min_norm_where((info != 0) | ~torch.isfinite(z).all(-1), z, matrix, rhs)
+
+
+def _min_norm_where(bad: Tensor, z: Tensor, matrix: Tensor, rhs: Tensor) -> Tensor:
+    """``z`` with the problems in ``bad`` (``(B,)``) re-solved by :func:`solve_symmetric`."""
     if bool(bad.any()):
-        fallback, _ = solve_symmetric(matrix, rhs)
-        z = torch.where(bad.unsqueeze(-1), fallback, z)
+        z = z.clone()
+        z[bad] = solve_symmetric(matrix[bad], rhs[bad])[0]
     return z
 
 
@@ -138,7 +142,6 @@ def masked_least_squares(jac: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     active = jac.gather(1, rows.unsqueeze(-1).expand(-1, -1, m)).to(wide) * row_mask.unsqueeze(-1)
     rhs = (active @ target.to(wide).unsqueeze(-1)).squeeze(-1)
     pad = (~row_mask).to(wide)
-    lam = None
     if rows.shape[1] > DENSE_LEAST_SQUARES_MAX:
         # Forming A A^T costs k^2 m; CG needs two products with A per iteration, and active
         # rows of kinks and constraints are usually near-orthogonal (few iterations).
@@ -147,8 +150,10 @@ def masked_least_squares(jac: Tensor, target: Tensor, mask: Tensor) -> Tensor:
             return (active @ back.unsqueeze(-1)).squeeze(-1) + pad * z
 
         lam, report = conjugate_gradient(normal_product, rhs, max_iter=LEAST_SQUARES_CG_ITER)
-        if bool(report.singular.any()):  # not converged: dense for those problems
-            lam = torch.where(report.singular.unsqueeze(-1), _dense_normal(active, rhs, pad), lam)
+        slow = report.singular  # not converged: dense for those problems
+        if bool(slow.any()):
+            lam = lam.clone()
+            lam[slow] = _dense_normal(active[slow], rhs[slow], pad[slow])
     else:
         lam = _dense_normal(active, rhs, pad)
     return jac.new_zeros(batch, k).scatter(1, rows, (lam * row_mask).to(jac.dtype))
@@ -177,10 +182,7 @@ def _solve_psd(matrix: Tensor, rhs: Tensor) -> Tensor:
     pivots = factor.diagonal(dim1=-2, dim2=-1).abs()
     dependent = pivots.amin(-1) ** 2 <= tol**2 * pivots.amax(-1) ** 2
     bad = (info != 0) | ~torch.isfinite(z).all(-1) | (residual > tol) | dependent
-    if bool(bad.any()):
-        fallback, _ = solve_symmetric(matrix, rhs)
-        z = torch.where(bad.unsqueeze(-1), fallback, z)
-    return z
+    return _min_norm_where(bad, z, matrix, rhs)
 
 
 def robust_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:

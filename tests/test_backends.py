@@ -191,15 +191,7 @@ def _solve(name: str, backend: str, data: Sequence[Tensor]) -> Solution:
 @EXAMPLES
 @given(seed=st.integers(0, 2**31 - 1))
 def test_unconstrained_convex_problems_agree_across_all_backends(name: str, seed: int) -> None:
-    data = _data(name, seed)
-    want_u, want_g = _forward_backward(_layer(name, "torch"), data)
-    for backend, backward in [("scipy", None), ("cvxpylayers", "implicit")]:
-        u, g = _forward_backward(_layer(name, backend, backward), data)
-        _assert_same(u, want_u, SOLUTION_ATOL[backend])
-        _assert_same_gradients(g, want_g, IMPLICIT_RTOL)
-    u, g = _forward_backward(_layer(name, "cvxpylayers"), data)  # native backward (diffcp)
-    _assert_same(u, want_u, SOLUTION_ATOL["cvxpylayers"])
-    _assert_same_gradients(g, want_g, NATIVE_RTOL)
+    _assert_backends_agree_with_torch(name, _data(name, seed))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -210,7 +202,12 @@ def test_unconstrained_convex_problems_agree_across_all_backends(name: str, seed
 @FEWER_EXAMPLES
 @given(seed=st.integers(0, 2**31 - 1))
 def test_constrained_convex_problems_agree_across_all_backends(name: str, seed: int) -> None:
-    data = _data(name, seed)
+    _assert_backends_agree_with_torch(name, _data(name, seed))
+
+
+def _assert_backends_agree_with_torch(name: str, data: list[Tensor]) -> None:
+    """scipy and cvxpylayers (implicit and its native diffcp backward) against the torch backend:
+    solutions and gradients."""
     want_u, want_g = _forward_backward(_layer(name, "torch"), data)
     for backend, backward, rtol in [
         ("scipy", None, IMPLICIT_RTOL),

@@ -24,12 +24,13 @@ from torch.func import jacfwd, jacrev, vmap
 
 from declopt.backends.base import BatchedParams
 from declopt.backends.kkt import kkt_report
-from declopt.backends.unconstrained import lbfgs, newton
+from declopt.backends.unconstrained import minimize
 from declopt.derivatives import BatchedObjective
 from declopt.lagrangian import (
     augmented_lagrangian,
     constraint_fn,
     inequality_fn,
+    kink_margin_fn,
     lagrangian,
     num_constraints,
 )
@@ -66,6 +67,11 @@ def batched_constraints(
     """``[h; g]`` (``[h; g; kinks]``) of every problem, ``(B, k)``."""
     fn = constraint_fn(program, with_kinks)
     return vmap(fn, in_dims=(params.in_dims, 0))(params.values, u)
+
+
+def batched_kink_margins(program: Program, params: BatchedParams, u: Tensor) -> Tensor:
+    """The kink margins of every problem, ``(B, K)`` (~0 where a solution sits on a kink)."""
+    return vmap(kink_margin_fn(program), in_dims=(params.in_dims, 0))(params.values, u)
 
 
 def constraint_jacobian(
@@ -121,14 +127,13 @@ def solve_constrained(
     done = torch.zeros(batch, dtype=torch.bool, device=u0.device)
     iterations = torch.zeros(batch, dtype=torch.int64, device=u0.device)
     previous = torch.full((batch,), float("inf"), dtype=u0.dtype, device=u0.device)
-    inner = newton if method == "newton" else lbfgs
     inner_iter = max_iter if max_iter is not None else (50 if method == "newton" else 500)
     fn = augmented_lagrangian(program)
     for _ in range(MAX_OUTER):
         extended = BatchedParams(
             (*params.values, mu_h, mu_g, rho), (*params.in_dims, 0, 0, 0), batch
         )
-        result = inner(BatchedObjective(fn, extended, compile), u, inner_iter)
+        result = minimize(BatchedObjective(fn, extended, compile), u, method, inner_iter)
         active = ~done
         u = torch.where(active.unsqueeze(-1), result.u, u)
         iterations = iterations + torch.where(active, result.iterations, 0)

@@ -30,24 +30,25 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from functools import lru_cache
 
 import torch
 from torch import Tensor
-from torch.func import vmap
 
 from declopt.backends.base import BatchedParams
 from declopt.backends.constrained import (
     ConstrainedResult,
     active_mask,
     batched_constraints,
+    batched_kink_margins,
     constraint_jacobian,
     example_problem,
     solve_constrained,
 )
-from declopt.backends.unconstrained import lbfgs, newton
+from declopt.backends.unconstrained import minimize
 from declopt.derivatives import BatchedObjective
-from declopt.lagrangian import kink_margin_fn, lagrangian, num_constraints
+from declopt.lagrangian import lagrangian, num_constraints
 from declopt.linalg import bordered_kkt, masked_least_squares, solve_newton
 from declopt.program import Program
 
@@ -110,32 +111,31 @@ def solve_nonsmooth(
             )
             u, lam_g = result.u, result.lam_g
         else:
-            inner = newton if method == "newton" else lbfgs
-            budget = max_iter if max_iter is not None else (50 if method == "newton" else 1000)
-            result = inner(BatchedObjective(smoothed.objective, stage, compile), u, budget)
+            result = minimize(
+                BatchedObjective(smoothed.objective, stage, compile), u, method, max_iter
+            )
             u = result.u
         iterations = iterations + result.iterations
-        margins.append(_margins(program, params, u).abs())
+        margins.append(batched_kink_margins(program, params, u).abs())
     # A kink the solution sits on pulls the smoothed solutions in proportion to mu (their margin
     # shrinks tenfold per stage); a solution merely near a kink keeps its distance.
     shrinking = margins[-1] <= SHRINK * margins[-2]
     tolerance = IDENTIFY * WIDTHS[-1] * scale
     smoothed_u = u
     u, lam, residual = finish_on_kinks(program, params, u, lam_g, tolerance, scale, shrinking)
-    p, _ = num_constraints(program, example_problem(params), u[0])
+    p, q = num_constraints(program, example_problem(params), u[0])
     f = BatchedObjective(program.objective, params).value(u)
     size = 1 + f.abs() + u.abs().amax(-1)
     # A belt to the release check's braces: the finish never moves far from a right smoothing.
     stayed = (u - smoothed_u).abs().amax(-1) <= tolerance
     converged = stayed & (residual <= torch.finfo(torch.float64).eps ** 0.5 * size)
-    q_end = lam.shape[-1] - _num_kinks(program, params, u)
     return ConstrainedResult(
         u=u.to(dtype),
         objective=f.to(dtype),
         converged=converged,
         iterations=iterations,
         lam_h=lam[:, :p].to(dtype),
-        lam_g=lam[:, p:q_end].to(dtype),
+        lam_g=lam[:, p : p + q].to(dtype),
         kkt_residual=residual.to(dtype),
     )
 
@@ -225,14 +225,14 @@ def finish_on_kinks(
     out_u, out_lam, out_residual = u, None, None
     for _ in range(RELEASE_ROUNDS):
         rows = _Rows(program, params, p, g_active, tolerance, released)
-        u_r, lam_r, residual_r = _newton_kkt(program, params, u, rows)
-        wrong = _held_by_mistake(program, params, u_r, lam_r, p + q, rows(u_r), scale)
+        point = _newton_kkt(program, params, u, rows)
+        wrong = _held_by_mistake(program, params, point, p + q, scale)
         if out_lam is None:
-            out_lam, out_residual = torch.zeros_like(lam_r), torch.zeros_like(residual_r)
+            out_lam, out_residual = torch.zeros_like(point.lam), torch.zeros_like(point.residual)
         take = pending.unsqueeze(-1)
-        out_u = torch.where(take, u_r, out_u)
-        out_lam = torch.where(take, lam_r, out_lam)
-        out_residual = torch.where(pending, residual_r, out_residual)
+        out_u = torch.where(take, point.u, out_u)
+        out_lam = torch.where(take, point.lam, out_lam)
+        out_residual = torch.where(pending, point.residual, out_residual)
         pending = pending & wrong.any(-1)
         released = released | (wrong & pending.unsqueeze(-1))
         if not bool(pending.any()):
@@ -241,55 +241,41 @@ def finish_on_kinks(
     return out_u, out_lam, out_residual
 
 
-def _newton_kkt(
-    program: Program, params: BatchedParams, u: Tensor, rows: _Rows
-) -> tuple[Tensor, Tensor, Tensor]:
+def _newton_kkt(program: Program, params: BatchedParams, u: Tensor, rows: _Rows) -> _KKTPoint:
     """:data:`FINISH_STEPS` Newton steps on the KKT equations of the rows held, each kept per
-    problem only if it lowers the KKT residual."""
-    lam, residual = _kkt_state(program, params, u, rows)
+    problem only if it lowers the KKT residual. The state evaluated to judge a step is the one
+    the next step starts from."""
+    point = _kkt_point(program, params, u, rows)
     for _ in range(FINISH_STEPS):
-        mask = rows(u)
-        extended = BatchedParams((*params.values, lam), (*params.in_dims, 0), params.size)
-        objective = BatchedObjective(lagrangian(program, True), extended)
-        _, grad_l = objective.value_and_grad(u)
-        c = batched_constraints(program, params, u, with_kinks=True)
-        jac = constraint_jacobian(program, params, u, with_kinks=True) * mask.unsqueeze(-1)
-        kkt = bordered_kkt(objective.hessian(u), jac, mask)
-        step = solve_newton(kkt, torch.cat([-grad_l, -(c * mask)], -1))
-        u_new = u + step[:, : u.shape[-1]]
-        lam_new, residual_new = _kkt_state(program, params, u_new, rows)
-        better = torch.isfinite(residual_new) & (residual_new < residual)
-        u = torch.where(better.unsqueeze(-1), u_new, u)
-        lam = torch.where(better.unsqueeze(-1), lam_new, lam)
-        residual = torch.where(better, residual_new, residual)
+        extended = BatchedParams((*params.values, point.lam), (*params.in_dims, 0), params.size)
+        hess = BatchedObjective(lagrangian(program, True), extended).hessian(point.u)
+        kkt = bordered_kkt(hess, point.jac, point.mask)
+        step = solve_newton(kkt, torch.cat([-point.grad_l, -(point.c * point.mask)], -1))
+        trial = _kkt_point(program, params, point.u + step[:, : u.shape[-1]], rows)
+        better = torch.isfinite(trial.residual) & (trial.residual < point.residual)
+        point = trial.where(better, point)
         if not bool(better.any()):
             break
-    return u, lam, residual
+    return point
 
 
 def _held_by_mistake(
-    program: Program,
-    params: BatchedParams,
-    u: Tensor,
-    lam: Tensor,
-    k0: int,
-    mask: Tensor,
-    scale: Tensor,
+    program: Program, params: BatchedParams, point: _KKTPoint, k0: int, scale: Tensor
 ) -> Tensor:
     """``(B, K)``: held kinks that the solution can leave, to either side, and lower
     ``L0 = f - lambda . [h; g]`` (first order, by one-sided difference quotients).
 
     Leaving kink ``k`` means moving along ``d_k = A^+ e_k``: the shortest step that changes its
     residual and (to first order) no other held row, so that the other kinks, the equalities and
-    the active inequalities stay put. ``mask: (B, k0 + K)`` are the rows held.
+    the active inequalities stay put. The first ``k0`` rows are ``[h; g]``.
     """
+    u, lam = point.u, point.lam
     batch, m = u.shape
-    held = mask[:, k0:]
+    held = point.mask[:, k0:]
     kinks = held.shape[-1]
     if kinks == 0 or not bool(held.any()):
         return held
-    jac = constraint_jacobian(program, params, u, with_kinks=True) * mask.unsqueeze(-1)
-    directions = torch.linalg.pinv(jac)[..., k0:].transpose(1, 2)  # (B, K, m)
+    directions = torch.linalg.pinv(point.jac)[..., k0:].transpose(1, 2)  # (B, K, m)
     norms = directions.norm(dim=-1, keepdim=True)
     directions = torch.where(norms > 0, directions / norms.clamp_min(1e-300), 0.0)
     extended = BatchedParams((*params.values, lam[:, :k0]), (*params.in_dims, 0), batch)
@@ -305,17 +291,11 @@ def _held_by_mistake(
         for sign in (1, -1)
     ]
     slope = torch.minimum(*slopes).reshape(kinks, batch).transpose(0, 1)  # (B, K)
-    grad_f = BatchedObjective(program.objective, params).grad(u)
     # Relative to the gradient's size (the problem's own units), plus the rounding floor of the
     # difference quotient.
     rounding = 64 * torch.finfo(u.dtype).eps * centre.abs().reshape(kinks, batch).amax(0) / step
-    tol = RELEASE_TOLERANCE * grad_f.abs().amax(-1) + rounding
+    tol = RELEASE_TOLERANCE * point.grad_f.abs().amax(-1) + rounding
     return held & (slope < -tol.unsqueeze(-1))
-
-
-def _margins(program: Program, params: BatchedParams, u: Tensor) -> Tensor:
-    """``(B, K)`` the kink margins at ``u``."""
-    return vmap(kink_margin_fn(program), in_dims=(params.in_dims, 0))(params.values, u)
 
 
 class _Rows:
@@ -335,14 +315,37 @@ class _Rows:
         self.g_active, self.tolerance, self.released = g_active, tolerance, released
 
     def __call__(self, u: Tensor) -> Tensor:
-        near = _margins(self.program, self.params, u).abs() <= self.tolerance.unsqueeze(-1)
+        near = batched_kink_margins(self.program, self.params, u).abs()
+        near = near <= self.tolerance.unsqueeze(-1)
         every_h = torch.ones(u.shape[0], self.p, dtype=torch.bool, device=u.device)
         return torch.cat([every_h, self.g_active, near & ~self.released], -1)
 
 
-def _kkt_state(
-    program: Program, params: BatchedParams, u: Tensor, rows: _Rows
-) -> tuple[Tensor, Tensor]:
+@dataclass
+class _KKTPoint:
+    """The rows held at ``u: (B, m)`` and their KKT state (rows ``[h; g; kinks]``, ``k``)."""
+
+    u: Tensor
+    mask: Tensor  # (B, k) rows held
+    c: Tensor  # (B, k) their residuals
+    jac: Tensor  # (B, k, m) their Jacobian, zero on rows not held
+    grad_f: Tensor  # (B, m)
+    lam: Tensor  # (B, k) least-squares multipliers, zero on rows not held
+    grad_l: Tensor  # (B, m) D_u f - A^T lam, the stationarity residual
+    residual: Tensor  # (B,) the KKT residual
+
+    def where(self, take: Tensor, other: _KKTPoint) -> _KKTPoint:
+        """Per problem, this point where ``take`` (``(B,)``), else ``other``."""
+
+        def pick(a: Tensor, b: Tensor) -> Tensor:
+            return torch.where(take.reshape(-1, *[1] * (a.dim() - 1)), a, b)
+
+        return _KKTPoint(
+            *(pick(getattr(self, f.name), getattr(other, f.name)) for f in fields(self))
+        )
+
+
+def _kkt_point(program: Program, params: BatchedParams, u: Tensor, rows: _Rows) -> _KKTPoint:
     """Least-squares multipliers of the rows held at ``u`` and the KKT residual: the max of
     stationarity, held-row infeasibility, ``max(g, 0)`` and wrong-sign inequality multipliers."""
     mask = rows(u)
@@ -351,10 +354,11 @@ def _kkt_state(
     jac = constraint_jacobian(program, params, u, with_kinks=True) * mask.unsqueeze(-1)
     grad_f = BatchedObjective(program.objective, params).grad(u)
     lam = masked_least_squares(jac, grad_f, mask)
-    stationarity = (grad_f - (lam.unsqueeze(-1) * jac).sum(-2)).abs().amax(-1)
+    grad_l = grad_f - (lam.unsqueeze(-1) * jac).sum(-2)
     q = rows.g_active.shape[-1]
-    parts = [stationarity, (c * mask).abs().amax(-1)]
+    parts = [grad_l.abs().amax(-1), (c * mask).abs().amax(-1)]
     if q:
         parts.append(c[:, p : p + q].clamp(min=0).amax(-1))
         parts.append(lam[:, p : p + q].clamp(min=0).amax(-1))
-    return lam, torch.stack(parts).amax(0)
+    residual = torch.stack(parts).amax(0)
+    return _KKTPoint(u, mask, c, jac, grad_f, lam, grad_l, residual)

@@ -17,7 +17,7 @@ from torch import Tensor
 from declopt.backends.base import BatchedParams, Solution
 from declopt.backends.constrained import solve_constrained
 from declopt.backends.nonsmooth import solve_nonsmooth
-from declopt.backends.unconstrained import MinimizeResult, lbfgs, newton
+from declopt.backends.unconstrained import MinimizeResult, minimize
 from declopt.derivatives import BatchedObjective
 from declopt.program import Program
 
@@ -77,10 +77,7 @@ class TorchBackend:
             )
         objective = BatchedObjective(program.objective, all_params, compile)
         with torch.no_grad():
-            if method == "newton":
-                result = newton(objective, u0, 50 if max_iter is None else max_iter)
-            else:
-                result = lbfgs(objective, u0, 1000 if max_iter is None else max_iter)
+            result = minimize(objective, u0, method, max_iter)
         best = _best_start(result, num_starts, params.size)
         return Solution(
             u=best.u,

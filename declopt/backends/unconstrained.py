@@ -205,3 +205,15 @@ def _two_loop(
         beta = rho[slot] * (y_hist[slot] * r).sum(-1)
         r = r + (alpha - beta).unsqueeze(-1) * s_hist[slot]
     return -r
+
+
+DEFAULT_MAX_ITER = {"newton": 50, "lbfgs": 1000}
+"""Iteration caps per problem when the caller gives none."""
+
+
+def minimize(
+    objective: BatchedObjective, u0: Tensor, method: str, max_iter: int | None = None
+) -> MinimizeResult:
+    """:func:`newton` (``method="newton"``) or :func:`lbfgs` from ``u0: (B, m)``."""
+    budget = DEFAULT_MAX_ITER[method] if max_iter is None else max_iter
+    return (newton if method == "newton" else lbfgs)(objective, u0, budget)
