@@ -5,8 +5,14 @@ backend chosen by one flag; differentiate it by the implicit function theorem.
 """
 
 from declopt import backends, nn, penalties
-from declopt.errors import GradientWarning, InputError, NonConvergenceWarning, SolverError
-from declopt.frontend import DeclarationError, UnsupportedAtomError
+from declopt.errors import (
+    DeclarationError,
+    GradientWarning,
+    InputError,
+    NonConvergenceWarning,
+    SolverError,
+    UnsupportedAtomError,
+)
 from declopt.info import BackwardInfo, LayerInfo
 from declopt.layer import Layer
 from declopt.program import Program

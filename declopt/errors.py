@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 
+class DeclarationError(ValueError):
+    """The CVXPY declaration cannot be turned into a :class:`~declopt.program.Program`."""
+
+
+class UnsupportedAtomError(DeclarationError):
+    """The declaration uses an atom or constraint type the torch front end cannot evaluate."""
+
+
 class InputError(ValueError):
     """A tensor handed to a layer does not fit the declaration (shape, batch, values)."""
 

@@ -20,6 +20,7 @@ from cvxpy.constraints import Equality, Inequality, NonNeg, NonPos, Zero
 from cvxpy.expressions.constants.callback_param import CallbackParam
 from torch import Tensor
 
+from declopt.errors import DeclarationError, UnsupportedAtomError
 from declopt.frontend.atoms import ATOMS, TensorCache, operands, supported_atom_names
 from declopt.frontend.kinks import KINKS, KinkFn
 from declopt.frontend.smoothing import SMOOTHED
@@ -31,14 +32,6 @@ __all__ = [
     "compile_expression",
     "compile_problem",
 ]
-
-
-class DeclarationError(ValueError):
-    """The CVXPY declaration cannot be turned into a :class:`~declopt.program.Program`."""
-
-
-class UnsupportedAtomError(DeclarationError):
-    """The declaration uses an atom or constraint type the torch front end cannot evaluate."""
 
 
 Env = Mapping[int, Tensor]
