@@ -5,6 +5,7 @@ backend chosen by one flag; differentiate it by the implicit function theorem.
 """
 
 from declopt import backends, nn, penalties
+from declopt.diagnostics import BackwardInfo, LayerInfo
 from declopt.errors import (
     DeclarationError,
     GradientWarning,
@@ -13,7 +14,6 @@ from declopt.errors import (
     SolverError,
     UnsupportedAtomError,
 )
-from declopt.info import BackwardInfo, LayerInfo
 from declopt.layer import Layer
 from declopt.program import Program
 

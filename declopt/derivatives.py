@@ -19,11 +19,10 @@ import torch
 from torch import Tensor
 from torch.func import grad, grad_and_value, jacrev, jvp, vjp, vmap
 
-from declopt.backends.base import BatchedParams
 from declopt.compiling import maybe_compile
-from declopt.lagrangian import kink_tolerance
+from declopt.kkt.functions import kink_tolerance
 from declopt.linalg import default_rcond
-from declopt.program import Params
+from declopt.program import BatchedParams, Params
 
 ObjectiveFn = Callable[[Params, Tensor], Tensor]
 InDims = tuple[int | None, ...]
@@ -210,7 +209,7 @@ def kink_test_for(
     kinks: Callable[[Params, Tensor], tuple[Tensor, Tensor]], in_dims: InDims, compile: bool = False
 ) -> Callable[[Params, Tensor], Tensor]:
     """``(values, u) -> (B,)``: whether problem ``b`` sits on a kink, i.e. some margin of
-    ``kinks`` (a :attr:`Program.kinks`) is within :func:`~declopt.lagrangian.kink_tolerance`.
+    ``kinks`` (a :attr:`Program.kinks`) is within :func:`~declopt.kkt.functions.kink_tolerance`.
 
     Compiled with the rest when asked: it evaluates the whole objective once (the margins of
     ``minimum`` and ``maximum`` are differences of their operands), a pass as costly as the

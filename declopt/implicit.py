@@ -23,15 +23,14 @@ import torch
 from torch import Tensor
 from torch.func import vjp, vmap
 
-from declopt.backends.base import BatchedParams
-from declopt.backends.constrained import (
+from declopt.backends.torch.augmented_lagrangian import (
     batched_constraints,
     batched_kink_margins,
     constraint_jacobian,
     example_problem,
 )
 from declopt.derivatives import BatchedObjective, kink_test_for
-from declopt.lagrangian import (
+from declopt.kkt.functions import (
     equality_fn,
     inequality_fn,
     kink_tolerance,
@@ -48,7 +47,7 @@ from declopt.linalg import (
     masked_least_squares,
     solve_symmetric,
 )
-from declopt.program import Program
+from declopt.program import BatchedParams, Program
 
 DENSE_MAX_VARIABLES = 128
 """Above this many variables the Hessian is not formed: CG (unconstrained) or MINRES on the KKT
@@ -290,7 +289,7 @@ def active_set(
     Tolerances follow the dtype: an inequality is active when ``g >= -sqrt(eps) (1 + |u|)`` or
     its multiplier is clearly nonzero; weakly active when active with ``|lambda| <= sqrt(eps)
     (1 + |D_u f|)``; a kink is active when its margin is within
-    :func:`~declopt.lagrangian.kink_tolerance` (tighter in float32). Missing
+    :func:`~declopt.kkt.functions.kink_tolerance` (tighter in float32). Missing
     multipliers (all of them, or the kinks', which no backend knows) come from least squares on
     the stationarity ``D_u f = lambda^T A`` over the active rows.
     """

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from declopt.backends.base import BatchedParams
 from declopt.errors import InputError
-from declopt.program import Program
+from declopt.program import BatchedParams, Program
 
 
 @dataclass(frozen=True)

@@ -18,15 +18,14 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from declopt import backends
-from declopt.backends.base import BatchedParams
-from declopt.backends.constrained import kkt_residual
+from declopt.backends.torch.augmented_lagrangian import kkt_residual
 from declopt.derivatives import BatchedObjective
+from declopt.diagnostics import BackwardInfo, LayerInfo
 from declopt.errors import GradientWarning, NonConvergenceWarning, SolverError
 from declopt.frontend import compile_problem
 from declopt.implicit import DEGENERATE_CHOICES, DENSE_MAX_VARIABLES, active_set, implicit_vjp
-from declopt.info import BackwardInfo, LayerInfo
 from declopt.inputs import PreparedInputs, prepare_inputs
-from declopt.program import Program
+from declopt.program import BatchedParams, Program
 
 Solver = Callable[..., Sequence[Tensor]]
 """A custom forward: called with the parameter tensors (batch dims included, detached), returns one

@@ -98,3 +98,29 @@ class Program:
     def pack(self, variables: Sequence[Tensor], batch_ndim: int) -> Tensor:
         """Inverse of :meth:`unpack`: ``(*batch, *shape)`` tensors to ``(*batch, m)``."""
         return torch.cat([v.reshape(*v.shape[:batch_ndim], -1) for v in variables], dim=-1)
+
+
+@dataclass(frozen=True)
+class BatchedParams:
+    """Parameter tensors of a flat batch of ``size`` problems.
+
+    ``values[i]`` has shape ``(size, *parameter_shapes[i])`` when ``in_dims[i] == 0`` and exactly
+    ``parameter_shapes[i]`` when ``in_dims[i] is None`` (shared by the whole batch).
+    """
+
+    values: tuple[Tensor, ...]
+    in_dims: tuple[int | None, ...]
+    size: int
+
+    def expand(self, repeats: int) -> BatchedParams:
+        """The same problems repeated ``repeats`` times along the batch (start-major order)."""
+        values = tuple(
+            v if d is None else v.repeat(repeats, *([1] * (v.dim() - 1)))
+            for v, d in zip(self.values, self.in_dims)
+        )
+        return BatchedParams(values, self.in_dims, self.size * repeats)
+
+    def select(self, index: Tensor) -> BatchedParams:
+        """The sub-batch of problems ``index`` (a 1-D long tensor)."""
+        values = tuple(v if d is None else v[index] for v, d in zip(self.values, self.in_dims))
+        return BatchedParams(values, self.in_dims, int(index.numel()))

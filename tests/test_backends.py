@@ -32,7 +32,8 @@ from torch.func import grad, jacrev
 import declopt as dl
 from declopt import backends
 from declopt.backends import BatchedParams, Solution
-from declopt.backends.cvxpylayers_backend import CvxpyLayersBackend, dpp_culprit
+from declopt.backends.cvxpylayers_backend import CvxpyLayersBackend
+from declopt.frontend.dpp import dpp_culprit
 from declopt.inputs import prepare_inputs
 
 F64 = torch.float64

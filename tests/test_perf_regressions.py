@@ -11,10 +11,10 @@ import torch._dynamo
 
 import declopt as dl
 from declopt import compiling, implicit
-from declopt.backends.base import BatchedParams
 from declopt.derivatives import Derivatives
 from declopt.implicit import implicit_vjp
 from declopt.linalg import solve_symmetric
+from declopt.program import BatchedParams
 
 
 @pytest.fixture

@@ -12,9 +12,10 @@ solve the program, else why not) and ``solve(program, params, **options) -> Solu
 from __future__ import annotations
 
 from declopt.backends.base import Backend, BatchedParams, Solution
-from declopt.backends.cvxpylayers_backend import CvxpyLayersBackend, dpp_culprit
+from declopt.backends.cvxpylayers_backend import CvxpyLayersBackend
 from declopt.backends.scipy_backend import ScipyBackend
-from declopt.backends.torch_backend import TorchBackend
+from declopt.backends.torch import TorchBackend
+from declopt.frontend.dpp import dpp_culprit
 from declopt.program import Program
 
 __all__ = ["Backend", "BatchedParams", "Solution", "available", "get", "register", "select"]

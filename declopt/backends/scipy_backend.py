@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.func import grad, grad_and_value, hessian, jacrev, jvp
 
 from declopt.backends.base import BatchedParams, Solution
-from declopt.backends.kkt import kkt_report
+from declopt.kkt.report import kkt_report
 from declopt.program import Params, Program
 
 DENSE_MAX_VARIABLES = 256

@@ -22,11 +22,9 @@ import torch
 from torch import Tensor
 from torch.func import jacfwd, jacrev, vmap
 
-from declopt.backends.base import BatchedParams
-from declopt.backends.kkt import kkt_report
-from declopt.backends.unconstrained import minimize
+from declopt.backends.torch.minimize import minimize
 from declopt.derivatives import BatchedObjective
-from declopt.lagrangian import (
+from declopt.kkt.functions import (
     augmented_lagrangian,
     constraint_fn,
     inequality_fn,
@@ -34,8 +32,9 @@ from declopt.lagrangian import (
     lagrangian,
     num_constraints,
 )
+from declopt.kkt.report import kkt_report
 from declopt.linalg import bordered_kkt, kkt_minres, solve_newton
-from declopt.program import Program
+from declopt.program import BatchedParams, Program
 
 MAX_OUTER = 40
 POLISH_STEPS = 6
@@ -96,7 +95,7 @@ def kkt_residual(
     with_kinks: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``(residual, objective)`` per problem for multipliers ``lam = [lam_h; lam_g]`` (with
-    ``with_kinks``, followed by the kink residuals' multipliers): :func:`~declopt.backends.kkt.
+    ``with_kinks``, followed by the kink residuals' multipliers): :func:`~declopt.kkt.report.
     kkt_report` with the multipliers in one tensor, as the solvers here keep them."""
     q = lam.shape[-1] - p
     if with_kinks:

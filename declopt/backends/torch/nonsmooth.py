@@ -36,8 +36,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from declopt.backends.base import BatchedParams
-from declopt.backends.constrained import (
+from declopt.backends.torch.augmented_lagrangian import (
     ConstrainedResult,
     active_mask,
     batched_constraints,
@@ -46,11 +45,11 @@ from declopt.backends.constrained import (
     example_problem,
     solve_constrained,
 )
-from declopt.backends.unconstrained import minimize
+from declopt.backends.torch.minimize import minimize
 from declopt.derivatives import BatchedObjective
-from declopt.lagrangian import lagrangian, num_constraints
+from declopt.kkt.functions import lagrangian, num_constraints
 from declopt.linalg import bordered_kkt, masked_least_squares, solve_newton
-from declopt.program import Program
+from declopt.program import BatchedParams, Program
 
 WIDTHS = (1e-1, 1e-2, 1e-3)
 """Smoothing widths of the continuation, relative to each problem's :func:`problem_scale`."""

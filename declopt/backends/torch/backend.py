@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from declopt.backends.base import BatchedParams, Solution
-from declopt.backends.constrained import solve_constrained
-from declopt.backends.nonsmooth import solve_nonsmooth
-from declopt.backends.unconstrained import MinimizeResult, minimize
+from declopt.backends.torch.augmented_lagrangian import solve_constrained
+from declopt.backends.torch.minimize import MinimizeResult, minimize
+from declopt.backends.torch.nonsmooth import solve_nonsmooth
 from declopt.derivatives import BatchedObjective
 from declopt.program import Program
 

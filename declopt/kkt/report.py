@@ -17,10 +17,9 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from declopt.backends.base import BatchedParams
 from declopt.derivatives import BatchedObjective
-from declopt.lagrangian import equality_fn, inequality_fn, lagrangian
-from declopt.program import Program
+from declopt.kkt.functions import equality_fn, inequality_fn, lagrangian
+from declopt.program import BatchedParams, Program
 
 
 @dataclass(frozen=True)
