@@ -20,8 +20,8 @@ from torch import Tensor
 from torch.func import grad, grad_and_value, jacrev, jvp, vjp, vmap
 
 from declopt.compiling import maybe_compile
-from declopt.kkt.functions import kink_tolerance
-from declopt.linalg import default_rcond
+from declopt.kkt.tolerances import problem_scale, solution_scale, table
+from declopt.linalg import scalar_singular
 from declopt.program import BatchedParams, Params
 
 ObjectiveFn = Callable[[Params, Tensor], Tensor]
@@ -151,9 +151,7 @@ class Derivatives:
 
             g, pullback = vjp(gradient_map, u, *(xs[i] for i in free))
             h, *jacobians = pullback(torch.ones_like(g))
-            singular = h.abs() <= default_rcond(h.dtype, 1) * h.abs().clamp_min(
-                torch.finfo(h.dtype).tiny
-            )
+            singular = scalar_singular(h)
             scale = -(v / torch.where(singular, torch.ones_like(h), h)).masked_fill(singular, 0)
             grads = []
             for i, jac in zip(free, jacobians):
@@ -209,7 +207,8 @@ def kink_test_for(
     kinks: Callable[[Params, Tensor], tuple[Tensor, Tensor]], in_dims: InDims, compile: bool = False
 ) -> Callable[[Params, Tensor], Tensor]:
     """``(values, u) -> (B,)``: whether problem ``b`` sits on a kink, i.e. some margin of
-    ``kinks`` (a :attr:`Program.kinks`) is within :func:`~declopt.kkt.functions.kink_tolerance`.
+    ``kinks`` (a :attr:`Program.kinks`) is within ``Tolerances.activity`` of the problem's scale
+    (the rule of :func:`~declopt.kkt.point.kkt_point`).
 
     Compiled with the rest when asked: it evaluates the whole objective once (the margins of
     ``minimum`` and ``maximum`` are differences of their operands), a pass as costly as the
@@ -218,7 +217,9 @@ def kink_test_for(
     margins = vmap(lambda x, u: kinks(x, u)[1], in_dims=(in_dims, 0))
 
     def on_a_kink(values: Params, u: Tensor) -> Tensor:
-        return (margins(values, u).abs() <= kink_tolerance(u)).any(-1)
+        scale = problem_scale(BatchedParams(values, in_dims, u.shape[0]), u)
+        tolerance = table(u.dtype).activity * solution_scale(u, scale)
+        return (margins(values, u).abs() <= tolerance.unsqueeze(-1)).any(-1)
 
     return maybe_compile(on_a_kink, compile)
 
@@ -231,6 +232,7 @@ class BatchedObjective:
 
     def __init__(self, fn: ObjectiveFn, params: BatchedParams, compile: bool = False) -> None:
         self.derivatives = derivatives_for(fn, params.in_dims, compile)
+        self.params = params
         self.values = params.values
 
     def value(self, u: Tensor) -> Tensor:

@@ -1,11 +1,15 @@
-"""Per-problem diagnostics of the last call of a layer (``layer.info``)."""
+"""Per-problem diagnostics of the last call of a layer (``layer.info``), and how a layer reports
+what needs the user's attention (warn or raise)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor
+
+from declopt.errors import SolverError
 
 
 @dataclass
@@ -108,3 +112,15 @@ class LayerInfo:
             )
         )
         return f"LayerInfo({fields})"
+
+
+def first_indices(mask: Tensor, count: int = 5) -> list[tuple[int, ...]]:
+    """Batch indices of the first ``count`` True entries of ``mask``."""
+    return [tuple(int(i) for i in row) for row in mask.nonzero()[:count]]
+
+
+def escalate(policy: str, message: str, category: type[Warning], stacklevel: int) -> None:
+    """Raise :class:`~declopt.errors.SolverError` (``policy="raise"``) or warn with ``category``."""
+    if policy == "raise":
+        raise SolverError(message)
+    warnings.warn(message, category, stacklevel=stacklevel)

@@ -8,7 +8,6 @@ the implicit function theorem (:mod:`declopt.implicit`).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,13 +17,25 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from declopt import backends
-from declopt.backends.torch.augmented_lagrangian import kkt_residual
 from declopt.derivatives import BatchedObjective
-from declopt.diagnostics import BackwardInfo, LayerInfo
+from declopt.diagnostics import BackwardInfo, LayerInfo, escalate, first_indices
 from declopt.errors import GradientWarning, NonConvergenceWarning, SolverError
 from declopt.frontend import compile_problem
-from declopt.implicit import DEGENERATE_CHOICES, DENSE_MAX_VARIABLES, active_set, implicit_vjp
+from declopt.implicit import implicit_vjp
 from declopt.inputs import PreparedInputs, prepare_inputs
+from declopt.kkt.point import KKTPoint, kkt_point
+from declopt.kkt.tolerances import gradient_scale, problem_scale, table
+from declopt.linalg import LinearSolver
+from declopt.policies import (
+    Backward,
+    Degenerate,
+    Implicit,
+    Native,
+    SolverVJP,
+    backward_strategy,
+    check_report,
+    degenerate_policy,
+)
 from declopt.program import BatchedParams, Program
 
 Solver = Callable[..., Sequence[Tensor]]
@@ -35,11 +46,10 @@ It may also bring its own backward, a method ``solver.vjp(params, outputs, grads
 tensors it was called with (detached), ``outputs`` what it returned and ``grads`` the upstream
 gradients, one per variable, shaped ``(*batch, *variable_shape)``; it returns one gradient (or
 ``None``) per parameter, shaped like that parameter or like its broadcast ``(*batch, *shape)``
-(the layer sums over broadcast dims). A layer uses it with ``backward="native"``, the default for
-a solver that has one; ``backward="implicit"`` differentiates the declaration instead.
+(the layer sums over broadcast dims). A layer uses it with ``backward="native"`` (or
+``dl.SolverVJP()``), the default for a solver that has one; ``backward="implicit"`` differentiates
+the declaration instead.
 """
-
-_POLICIES = ("warn", "raise", "ignore")
 
 
 class Layer(nn.Module):
@@ -51,28 +61,32 @@ class Layer(nn.Module):
         parameters: the ``cp.Parameter`` inputs, in the order the layer is called with; must be
             exactly the parameters of ``problem``.
         variables: the ``cp.Variable`` outputs, in the order they are returned.
-        backend: ``"auto"`` (default), ``"torch"`` or any registered backend name.
+        backend: ``"auto"`` (default; or ``dl.backends.Auto(prefer=...)``), ``"torch"`` or any
+            registered backend name.
         solver: optional custom forward (see :data:`Solver`); replaces the backend. The backward
             comes from the declaration, or from the solver's own ``vjp`` if it has one.
         initializers: callables like ``solver`` that return starting points; the torch backend
             solves from each of them (and from zero) and keeps the lowest objective.
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` when problems do not converge.
         on_gradient_issue: the same for singular/indefinite KKT systems in the backward.
-        verify: check a custom solver's answer (stationarity) eagerly; default ``True``.
-        backward: ``"implicit"`` (declopt's implicit backward from the declaration) or
-            ``"native"`` (the backend differentiates its own forward, e.g. cvxpylayers, or a
-            custom solver's ``vjp`` is used); default: the backend's ``default_backward``
-            attribute, ``"native"`` for a custom solver with a ``vjp``, else ``"implicit"``.
-            ``layer.info.backward`` is filled by the implicit backward only.
+        verify: check a custom solver's answer (KKT conditions) eagerly; default ``True``.
+        backward: a strategy (:class:`~declopt.policies.Implicit`,
+            :class:`~declopt.policies.Native`, :class:`~declopt.policies.SolverVJP`) or its name,
+            ``"implicit"`` or ``"native"`` (the backend's own backward, or a custom solver's
+            ``vjp``); default: the backend's ``default_backward`` attribute, ``"native"`` for a
+            custom solver with a ``vjp``, else ``"implicit"``. ``layer.info.backward`` is filled
+            by the implicit backward only.
+        degenerate: a :class:`~declopt.policies.Degenerate` (the side of the one-sided derivative
+            at a weakly active inequality, and whether to warn or raise), or ``"warn"``
+            (default: active side, warning), ``"raise"``, ``"active"``, ``"inactive"``.
+        linear_solver: a :class:`~declopt.linalg.LinearSolver` for the implicit backward's KKT
+            systems and the torch backend's polish and finish (default: dense up to 128
+            variables, Krylov above); ``dense_max=`` is sugar for its threshold.
         compile: run the derivative passes of the solver and of the backward under
             ``torch.compile`` (fused kernels; the first call of each dtype pays seconds of
-            compilation, later calls are several times faster).
-        degenerate: how a weakly active inequality (active, ~zero multiplier: the derivative is
-            one-sided) enters the backward: ``"active"``, ``"inactive"``, ``"warn"`` (default:
-            active + warning) or ``"raise"``; see :data:`declopt.implicit.DEGENERATE_CHOICES`.
-        **options: passed to the backend (e.g. ``method="lbfgs"``, ``max_iter=100``), except
-            ``dense_max`` (largest ``m`` with a dense KKT solve in the backward, default 128;
-            CG/MINRES above).
+            compilation, later calls are several times faster). Stored as ``layer.compiled``
+            (``nn.Module.compile`` stays the module method).
+        **options: passed to the backend (e.g. ``method="lbfgs"``, ``max_iter=100``).
 
     Calling ``layer(*tensors)``: parameter ``i`` takes shape ``(*batch_i, *shape_i)``; the batch
     shapes broadcast to ``batch``; returns one tensor per variable, shape ``(*batch, *var_shape)``,
@@ -85,21 +99,21 @@ class Layer(nn.Module):
         parameters: Sequence[cp.Parameter] = (),
         variables: Sequence[cp.Variable] = (),
         *,
-        backend: str = "auto",
+        backend: str | backends.Auto = "auto",
         solver: Solver | None = None,
         initializers: Sequence[Solver] = (),
         on_failure: str = "warn",
         on_gradient_issue: str = "warn",
         verify: bool = True,
-        backward: str | None = None,
+        backward: str | Backward | None = None,
+        degenerate: str | Degenerate = "warn",
+        linear_solver: LinearSolver | None = None,
         compile: bool = False,
-        degenerate: str = "warn",
         **options: Any,
     ) -> None:
         super().__init__()
-        for name, value in (("on_failure", on_failure), ("on_gradient_issue", on_gradient_issue)):
-            if value not in _POLICIES:
-                raise ValueError(f"{name} must be one of {_POLICIES}, got {value!r}")
+        self.on_failure = check_report("on_failure", on_failure)
+        self.on_gradient_issue = check_report("on_gradient_issue", on_gradient_issue)
         if isinstance(problem, Program):
             self.program = problem
         else:
@@ -109,32 +123,33 @@ class Layer(nn.Module):
             self.backend, self.reason = backends.select(backend, self.program)
         else:
             self.backend, self.reason = None, "a custom solver was given"
-        solver_vjp = callable(getattr(solver, "vjp", None))
+        has_vjp = callable(getattr(solver, "vjp", None))
         if backward is None:
-            default = "native" if solver_vjp else "implicit"
-            backward = getattr(self.backend, "default_backward", default)
-        if backward not in ("implicit", "native"):
-            raise ValueError(f"backward must be 'implicit' or 'native', got {backward!r}")
-        if backward == "native" and not (
-            solver_vjp or getattr(self.backend, "native_backward", False)
-        ):
-            if solver is not None:
-                raise ValueError("the custom solver has no vjp method; use backward='implicit'")
+            default = getattr(self.backend, "default_backward", "implicit")
+            backward = "native" if has_vjp else default
+        strategy = backward_strategy(backward, custom_solver=solver is not None)
+        if isinstance(strategy, SolverVJP) and not has_vjp:
+            raise ValueError("the custom solver has no vjp method; use backward='implicit'")
+        if isinstance(strategy, Native) and not getattr(self.backend, "native_backward", False):
             raise ValueError(
                 f"backend {self.backend_name!r} cannot differentiate its own forward; "
                 "use backward='implicit'"
             )
-        if degenerate not in DEGENERATE_CHOICES:
-            raise ValueError(f"degenerate must be one of {DEGENERATE_CHOICES}, got {degenerate!r}")
-        self.degenerate = degenerate
-        self.backward = backward
-        self.compile = compile
-        self.dense_max = options.pop("dense_max", DENSE_MAX_VARIABLES)
-        if compile and self.backend is not None and self.backend.name == "torch":
-            options = {**options, "compile": True}
+        self.backward_strategy = strategy
+        self.degenerate = degenerate_policy(degenerate)
+        dense_max = options.pop("dense_max", None)
+        if linear_solver is None:
+            linear_solver = LinearSolver() if dense_max is None else LinearSolver("auto", dense_max)
+        elif dense_max is not None:
+            raise ValueError("give either linear_solver= or dense_max=, not both")
+        self.linear_solver = linear_solver
+        self.compiled = bool(compile)
+        accepted = getattr(self.backend, "option_names", ())
+        if "compile" in accepted:
+            options.setdefault("compile", self.compiled)
+        if "linear_solver" in accepted:
+            options.setdefault("linear_solver", linear_solver)
         self.initializers = tuple(initializers)
-        self.on_failure = on_failure
-        self.on_gradient_issue = on_gradient_issue
         self.verify = verify
         self.options = options
         self.info: LayerInfo | None = None
@@ -143,12 +158,18 @@ class Layer(nn.Module):
     def backend_name(self) -> str:
         return "custom" if self.backend is None else self.backend.name
 
+    @property
+    def backward(self) -> str:
+        """The backward strategy's name: ``"implicit"`` or ``"native"``."""
+        return "implicit" if isinstance(self.backward_strategy, Implicit) else "native"
+
     def forward(self, *params: Tensor) -> tuple[Tensor, ...]:
         inputs = prepare_inputs(self.program, params)
         call = _Call(self, inputs)
-        if self.backward == "native" and self.solver is not None:
+        strategy = self.backward_strategy
+        if isinstance(strategy, SolverVJP):
             u = _DeclaredFunction.apply(call, True, *inputs.tensors)
-        elif self.backward == "native":
+        elif isinstance(strategy, Native):
             u = call.solve(differentiable=True)
         else:
             u = _DeclaredFunction.apply(call, False, *inputs.params.values)
@@ -163,82 +184,40 @@ class Layer(nn.Module):
 
 
 class _Call:
-    """Everything one call needs in its forward and backward; also holds its ``LayerInfo``."""
+    """Everything one call needs in its forward and backward; also holds its ``LayerInfo`` and
+    the KKT point of its solutions (shared by the diagnostics and the backward)."""
 
     def __init__(self, layer: Layer, inputs: PreparedInputs) -> None:
         self.layer = layer
         self.program = layer.program
         self.inputs = inputs
         self.info: LayerInfo | None = None
+        self.point: KKTPoint | None = None
+        self.multipliers: tuple[Tensor | None, Tensor | None] = (None, None)
+        params = inputs.params
+        self.detached = BatchedParams(
+            tuple(v.detach() for v in params.values), params.in_dims, params.size
+        )
 
     def solve(self, differentiable: bool = False) -> Tensor:
-        """The packed solutions ``(B, m)``; fills in ``self.info``.
+        """The packed solutions ``(B, m)``; fills in ``self.info`` and ``self.point``.
 
         With ``differentiable=True`` the backend is asked for a forward that carries its own
         autograd graph (``backward="native"``).
         """
-        layer, program, inputs = self.layer, self.program, self.inputs
-        size = inputs.params.size
-        sign = -1.0 if program.maximize else 1.0
-        lam_h = lam_g = None
+        layer, program = self.layer, self.program
         if layer.solver is not None:
-            u = self._pack(layer.solver(*inputs.tensors), "solver")
-            objective = BatchedObjective(program.objective, inputs.params, layer.compile)
-
-            def diagnose() -> tuple[Tensor, Tensor]:
-                if program.is_constrained or program.kinks is not None:
-                    state = active_set(program, inputs.params, u, None, None)
-                    lam = torch.where(
-                        state.mask(), state.multipliers, torch.zeros_like(state.multipliers)
-                    )
-                    residual, _ = kkt_residual(
-                        program, inputs.params, u, lam, state.num_eq, program.kinks is not None
-                    )
-                    return objective.value(u), residual
-                f, g = objective.value_and_grad(u)
-                return f, g.abs().amax(-1)
-
-            iterations = torch.zeros(size, dtype=torch.int64, device=u.device)
-            if layer.verify:
-                f, kkt = diagnose()
-                converged = kkt <= torch.finfo(u.dtype).eps ** 0.5 * (1 + f.abs())
-            else:
-                # Trusted solver: diagnostics are computed only if someone reads them.
-                converged = torch.ones(size, dtype=torch.bool, device=u.device)
-                lazy = _Lazy(diagnose)
-                f, kkt = lazy.first, lazy.second
+            u, converged, iterations, f, kkt = self._custom_solve()
         else:
-            starts = [
-                torch.zeros(size, program.num_variables, dtype=inputs.dtype, device=inputs.device)
-            ]
-            starts += [
-                self._pack(init(*inputs.tensors), "initializer") for init in layer.initializers
-            ]
-            extra = {"differentiable": True} if differentiable else {}
-            solution = layer.backend.solve(
-                program, inputs.params, starts=starts, **extra, **layer.options
-            )
-            u, converged, iterations = solution.u, solution.converged, solution.iterations
-            lam_h, lam_g = solution.eq_multipliers, solution.ineq_multipliers
-            f = solution.objective.detach()
-            if solution.kkt_residual is not None:
-                kkt = solution.kkt_residual.detach()
-            else:
-                detached = BatchedParams(
-                    tuple(v.detach() for v in inputs.params.values),
-                    inputs.params.in_dims,
-                    inputs.params.size,
-                )
-                objective = BatchedObjective(program.objective, detached)
-                kkt = objective.grad(u.detach()).abs().amax(-1)
-        batch = inputs.batch_shape
+            u, converged, iterations, f, kkt = self._backend_solve(differentiable)
+        batch = self.inputs.batch_shape
+        sign = -1.0 if program.maximize else 1.0
 
         def shaped(value: Tensor | Callable[[], Tensor], scale: float = 1.0) -> Any:
             if callable(value):
                 return lambda: (scale * value()).reshape(batch)
             return (scale * value).reshape(batch)
 
-        self.multipliers = (lam_h, lam_g)
         self.info = LayerInfo(
             backend=layer.backend_name,
             reason=layer.reason,
@@ -247,32 +226,83 @@ class _Call:
             objective=shaped(f, sign),
             kkt_residual=shaped(kkt),
         )
-        # Unverified custom solvers skip the (dense) active-set analysis in the forward; the
-        # backward does its own and reports one-sidedness in info.backward.
-        if program.is_constrained and (layer.solver is None or layer.verify):
-            self._constraint_info(u.detach(), lam_h, lam_g)
+        if program.is_constrained and self.point is not None:
+            self._constraint_info(self.point)
         self._report_failures()
         return u
 
-    def _constraint_info(self, u: Tensor, lam_h: Tensor | None, lam_g: Tensor | None) -> None:
-        """Active set, multipliers and one-sidedness of the solutions, into ``self.info``."""
-        inputs = self.inputs
-        detached = BatchedParams(
-            tuple(v.detach() for v in inputs.params.values),
-            inputs.params.in_dims,
-            inputs.params.size,
+    def _backend_solve(self, differentiable: bool) -> tuple[Tensor, ...]:
+        layer, program, inputs = self.layer, self.program, self.inputs
+        size = inputs.params.size
+        zeros = torch.zeros(size, program.num_variables, dtype=inputs.dtype, device=inputs.device)
+        starts = [zeros]
+        starts += [self._pack(init(*inputs.tensors), "initializer") for init in layer.initializers]
+        extra = {"differentiable": True} if differentiable else {}
+        solution = layer.backend.solve(
+            program, inputs.params, starts=starts, **extra, **layer.options
         )
-        with torch.no_grad():
-            state = active_set(self.program, detached, u, lam_h, lam_g)
-        batch = inputs.batch_shape
-        p, q = state.num_eq, state.active.shape[-1]
-        lam_h, lam_g = state.multipliers[:, :p], state.multipliers[:, p : p + q]
+        u = solution.u
+        lam_h, lam_g = solution.eq_multipliers, solution.ineq_multipliers
         self.multipliers = (lam_h, lam_g)
+        point = solution.point
+        if point is None and (program.is_constrained or program.kinks is not None):
+            with torch.no_grad():
+                point = kkt_point(
+                    program, self.detached, u.detach(), eq_multipliers=lam_h, ineq_multipliers=lam_g
+                )
+        self.point = point
+        if solution.kkt_residual is not None:
+            kkt = solution.kkt_residual.detach()
+        elif point is not None:
+            kkt = point.residual
+        else:
+            objective = BatchedObjective(program.objective, self.detached)
+            kkt = objective.grad(u.detach()).abs().amax(-1)
+        return u, solution.converged, solution.iterations, solution.objective.detach(), kkt
+
+    def _custom_solve(self) -> tuple[Any, ...]:
+        layer, inputs = self.layer, self.inputs
+        size = inputs.params.size
+        u = self._pack(layer.solver(*inputs.tensors), "solver")
+        iterations = torch.zeros(size, dtype=torch.int64, device=u.device)
+        if layer.verify:
+            f, kkt, converged = self._verify(u)
+            return u, converged, iterations, f, kkt
+        # Trusted solver: diagnostics are computed only if someone reads them.
+        converged = torch.ones(size, dtype=torch.bool, device=u.device)
+        lazy = _Lazy(lambda: self._verify(u)[:2])
+        return u, converged, iterations, lazy.first, lazy.second
+
+    def _verify(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(objective, kkt_residual, converged)`` of a custom solver's answer: the KKT point
+        with least-squares multipliers (kept for the backward) where there are constraints or
+        kinks; else stationarity relative to the curvature along ``u``."""
+        program, params = self.program, self.detached
+        with torch.no_grad():
+            if program.is_constrained or program.kinks is not None:
+                self.point = kkt_point(program, params, u)
+                return self.point.objective, self.point.residual, self.point.converged
+            objective = BatchedObjective(program.objective, params, self.layer.compiled)
+            f, g = objective.value_and_grad(u)
+            scale = problem_scale(params, u)
+            # Unconstrained: |D_u f| in the unit of the curvature times the scale (a gradient
+            # that rounding alone leaves at an exact optimum where f = 0 must still pass).
+            probe = torch.ones_like(u) * scale.unsqueeze(-1)
+            curvature = objective.hvp(u, probe).abs().amax(-1)
+            unit = torch.maximum(gradient_scale(f, g, scale), curvature)
+            stationarity = g.abs().amax(-1)
+            converged = stationarity <= table(u.dtype).converged * unit
+            return f, stationarity, converged & torch.isfinite(f)
+
+    def _constraint_info(self, point: KKTPoint) -> None:
+        """Active set, multipliers and one-sidedness of the solutions, into ``self.info``."""
+        batch = self.inputs.batch_shape
+        p, q = point.sizes.p, point.sizes.q
         info = self.info
-        info.active = state.active.reshape(*batch, q)
-        info.one_sided = state.weakly.any(-1).reshape(batch)
-        info.eq_multipliers = lam_h.reshape(*batch, p)
-        info.ineq_multipliers = lam_g.reshape(*batch, q)
+        info.active = point.active.reshape(*batch, q)
+        info.one_sided = point.weakly_active.any(-1).reshape(batch)
+        info.eq_multipliers = point.eq_multipliers.reshape(*batch, p)
+        info.ineq_multipliers = point.ineq_multipliers.reshape(*batch, q)
 
     def _pack(self, values: Sequence[Tensor] | Tensor, what: str) -> Tensor:
         """Solver/initializer output ``(*batch, *shape)`` (broadcastable) -> ``(B, m)``."""
@@ -305,11 +335,11 @@ class _Call:
         message = (
             f"{int((~info.converged).sum())} of {info.converged.numel()} problem(s) did not "
             f"converge (backend {info.backend!r}); first batch indices: "
-            f"{_first_indices(~info.converged)}; max KKT residual "
+            f"{first_indices(~info.converged)}; max KKT residual "
             f"{float(info.kkt_residual[~info.converged].max()):.3g}. See layer.info; raise "
             "max_iter=, give initializers=, or check that the problem is feasible and bounded."
         )
-        _escalate(policy, message, NonConvergenceWarning, stacklevel=6)
+        escalate(policy, message, NonConvergenceWarning, stacklevel=6)
 
     def backward(
         self,
@@ -323,19 +353,22 @@ class _Call:
         # own, and compiled code is both faster and more reliable on detached inputs.
         values = tuple(v.detach() for v in values)
         params = BatchedParams(values, self.inputs.params.in_dims, self.inputs.params.size)
-        dense_max = self.layer.dense_max
+        layer = self.layer
+        strategy = layer.backward_strategy
+        linear_solver = getattr(strategy, "linear_solver", None) or layer.linear_solver
+        lam_h, lam_g = self.multipliers
         with torch.no_grad():
-            lam_h, lam_g = getattr(self, "multipliers", (None, None))
             grads, report = implicit_vjp(
                 self.program,
                 params,
                 u,
                 grad_u,
+                point=self.point,
                 eq_multipliers=lam_h,
                 ineq_multipliers=lam_g,
-                degenerate=self.layer.degenerate,
-                dense_max=dense_max,
-                compile=self.layer.compile,
+                side=layer.degenerate.side,
+                linear_solver=linear_solver,
+                compile=layer.compiled,
                 wanted=wanted,
             )
         batch = self.inputs.batch_shape
@@ -380,16 +413,17 @@ class _Call:
         return result
 
     def _report_gradient_issues(self, info: BackwardInfo) -> None:
-        if bool(info.one_sided.any()) and self.layer.degenerate in ("warn", "raise"):
+        degenerate = self.layer.degenerate
+        if bool(info.one_sided.any()) and degenerate.report != "ignore":
             message = (
                 f"implicit backward: {int(info.one_sided.sum())} problem(s) have a weakly active "
                 f"inequality (active with a ~zero multiplier), so the derivative is one-sided; "
-                f"first batch indices: {_first_indices(info.one_sided)}. It was computed treating "
-                "them as active; choose the side with degenerate='active' or 'inactive' (see "
-                "declopt.implicit.DEGENERATE_CHOICES)."
+                f"first batch indices: {first_indices(info.one_sided)}. It was computed treating "
+                f"them as {degenerate.side}; choose the side with degenerate='active' or "
+                "'inactive', or dl.Degenerate(side=..., report='ignore') (see "
+                "declopt.implicit.SIDES)."
             )
-            policy = "raise" if self.layer.degenerate == "raise" else "warn"
-            _escalate(policy, message, GradientWarning, stacklevel=4)
+            escalate(degenerate.report, message, GradientWarning, stacklevel=4)
         policy = self.layer.on_gradient_issue
         bad = info.singular | ~info.second_order_ok | info.sign_violation
         if policy == "ignore" or not bool(bad.any()):
@@ -398,22 +432,10 @@ class _Call:
             f"implicit backward: {int(info.singular.sum())} singular and "
             f"{int((~info.second_order_ok).sum())} not-strict-minimum KKT system(s) and "
             f"{int(info.sign_violation.sum())} wrong-sign multiplier(s) among "
-            f"{bad.numel()} problem(s); first batch indices: {_first_indices(bad)}. Singular "
+            f"{bad.numel()} problem(s); first batch indices: {first_indices(bad)}. Singular "
             "systems use the minimum-norm least-squares gradient. See layer.info.backward."
         )
-        _escalate(policy, message, GradientWarning, stacklevel=4)
-
-
-def _first_indices(mask: Tensor, count: int = 5) -> list[tuple[int, ...]]:
-    """Batch indices of the first ``count`` True entries of ``mask``."""
-    return [tuple(int(i) for i in row) for row in mask.nonzero()[:count]]
-
-
-def _escalate(policy: str, message: str, category: type[Warning], stacklevel: int) -> None:
-    """Raise :class:`SolverError` (``policy="raise"``) or warn with ``category``."""
-    if policy == "raise":
-        raise SolverError(message)
-    warnings.warn(message, category, stacklevel=stacklevel)
+        escalate(policy, message, GradientWarning, stacklevel=4)
 
 
 class _Lazy:

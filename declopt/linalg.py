@@ -20,6 +20,39 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+DENSE_MAX = 128
+"""Up to this many variables, Newton and KKT systems are formed and factored; above, Krylov
+methods run on Hessian-vector products (the backward, the constrained polish and the nonsmooth
+finish alike; measurements in benchmarks/README.md)."""
+
+
+@dataclass(frozen=True)
+class LinearSolver:
+    """How the Newton and KKT systems of a problem with ``m`` variables are solved.
+
+    Attributes:
+        kind: ``"dense"`` (form the matrix; eigendecomposition in the backward, which also counts
+            its inertia, LU in solver steps), ``"krylov"`` (CG / MINRES on Hessian-vector
+            products; the Hessian is never formed) or ``"auto"`` (dense up to ``dense_max``
+            variables).
+        dense_max: the ``"auto"`` threshold.
+    """
+
+    kind: str = "auto"
+    dense_max: int = DENSE_MAX
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("auto", "dense", "krylov"):
+            raise ValueError(
+                f"LinearSolver kind must be 'auto', 'dense' or 'krylov', got {self.kind!r}"
+            )
+        if not isinstance(self.dense_max, int) or self.dense_max < 0:
+            raise ValueError(f"dense_max must be a nonnegative int, got {self.dense_max!r}")
+
+    def is_dense(self, m: int) -> bool:
+        """Whether systems with ``m`` variables are formed densely."""
+        return self.kind == "dense" or (self.kind == "auto" and m <= self.dense_max)
+
 
 @dataclass
 class LinearSolveReport:
@@ -82,6 +115,23 @@ def solve_symmetric(
     residual = _relative_residual(sym @ solution.unsqueeze(-1), rhs)
     report = LinearSolveReport("eigh", singular, second_order_ok, residual)
     return solution, report
+
+
+def scalar_solve(h: Tensor, v: Tensor) -> tuple[Tensor, LinearSolveReport]:
+    """:func:`solve_symmetric` for ``1 x 1`` systems ``h w = v``, ``(B, 1)`` each, without the
+    eigendecomposition: ``w = v / h``, and ``w = 0`` where ``h`` is singular."""
+    h1, v1 = h.squeeze(-1), v.squeeze(-1)
+    singular = scalar_singular(h1)
+    w = torch.where(singular, torch.zeros_like(v1), v1 / torch.where(singular, 1.0, h1))
+    residual = (h1 * w - v1).abs() / v1.abs().clamp_min(torch.finfo(h.dtype).tiny)
+    return w.unsqueeze(-1), LinearSolveReport("eigh", singular, (h1 > 0) & ~singular, residual)
+
+
+def scalar_singular(h: Tensor) -> Tensor:
+    """Where a ``1 x 1`` system ``h`` counts as singular (the cut-off of :func:`solve_symmetric`;
+    a lone eigenvalue is its own scale, so only an exact or subnormal zero is singular)."""
+    tiny = torch.finfo(h.dtype).tiny
+    return h.abs() <= default_rcond(h.dtype, 1) * h.abs().clamp_min(tiny)
 
 
 def solve_newton(matrix: Tensor, rhs: Tensor) -> Tensor:
@@ -159,7 +209,7 @@ def masked_least_squares(jac: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     return jac.new_zeros(batch, k).scatter(1, rows, (lam * row_mask).to(jac.dtype))
 
 
-DENSE_LEAST_SQUARES_MAX = 128
+DENSE_LEAST_SQUARES_MAX = DENSE_MAX
 """Up to this many active rows, least-squares multipliers solve the normal equations densely."""
 LEAST_SQUARES_CG_ITER = 50
 

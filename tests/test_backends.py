@@ -457,17 +457,28 @@ def test_auto_sends_non_dpp_problems_to_torch_and_names_the_culprit() -> None:
     assert "not DPP-convex" in layer.reason and "exp(" in layer.reason
 
 
-def test_auto_policy_switch_keeps_unconstrained_problems_on_torch(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_auto_preference_is_an_argument_that_keeps_dpp_problems_on_torch() -> None:
     problem, parameters, variables = _ridge()
     assert dl.Layer(problem, parameters, variables).backend_name == "cvxpylayers"
-    monkeypatch.setattr(backends, "AUTO_PREFERS_CVXPYLAYERS", False)
-    assert dl.Layer(problem, parameters, variables).backend_name == "torch"
+    on_torch = dl.Layer(problem, parameters, variables, backend=backends.Auto(prefer="torch"))
+    assert on_torch.backend_name == "torch" and "torch backend takes it" in on_torch.reason
+    with pytest.raises(ValueError, match="prefer"):
+        backends.Auto(prefer="scs")
+
+
+def test_auto_preferring_torch_still_sends_what_torch_refuses_to_cvxpylayers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Refusing:
+        name = "torch"
+
+        def supports(self, program: dl.Program) -> str | None:
+            return "it refuses everything (test double)"
+
+    monkeypatch.setitem(backends._REGISTRY, "torch", Refusing())
     problem, parameters, variables = _qp()
-    constrained = dl.Layer(problem, parameters, variables)
-    if backends.get("torch").supports(constrained.program) is not None:
-        assert constrained.backend_name == "cvxpylayers" and "torch cannot" in constrained.reason
+    layer = dl.Layer(problem, parameters, variables, backend=backends.Auto(prefer="torch"))
+    assert layer.backend_name == "cvxpylayers" and "torch cannot" in layer.reason
 
 
 def test_registry_lists_the_backends_and_rejects_unknown_or_duplicate_names() -> None:

@@ -201,8 +201,8 @@ def test_nonsmooth_objective_is_differentiated_on_its_kinks() -> None:
 
 def test_backend_multipliers_decide_activity_when_a_block_has_no_rows() -> None:
     """A conic solver returns points ~1e-8 inside the constraint; its multiplier says active."""
-    from declopt.implicit import active_set
     from declopt.inputs import prepare_inputs
+    from declopt.kkt.point import kkt_point
 
     p, z = cp.Parameter(3), cp.Variable(3)
     problem = cp.Problem(cp.Minimize(cp.sum_squares(z - p)), [cp.norm(z, 2) <= 1])
@@ -210,4 +210,4 @@ def test_backend_multipliers_decide_activity_when_a_block_has_no_rows() -> None:
     P = torch.tensor([[3.0, 4.0, 0.0]], dtype=torch.float64)
     params = prepare_inputs(layer.program, [P]).params
     u, lam_g = P / 5 * (1 - 1e-7), torch.tensor([[-4.0]], dtype=torch.float64)
-    assert active_set(layer.program, params, u, None, lam_g).active.all()
+    assert kkt_point(layer.program, params, u, ineq_multipliers=lam_g).active.all()

@@ -11,6 +11,8 @@ solve the program, else why not) and ``solve(program, params, **options) -> Solu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from declopt.backends.base import Backend, BatchedParams, Solution
 from declopt.backends.cvxpylayers_backend import CvxpyLayersBackend
 from declopt.backends.scipy_backend import ScipyBackend
@@ -18,7 +20,16 @@ from declopt.backends.torch import TorchBackend
 from declopt.frontend.dpp import dpp_culprit
 from declopt.program import Program
 
-__all__ = ["Backend", "BatchedParams", "Solution", "available", "get", "register", "select"]
+__all__ = [
+    "Auto",
+    "Backend",
+    "BatchedParams",
+    "Solution",
+    "available",
+    "get",
+    "register",
+    "select",
+]
 
 _REGISTRY: dict[str, Backend] = {}
 
@@ -46,36 +57,50 @@ def get(name: str) -> Backend:
         ) from None
 
 
-AUTO_PREFERS_CVXPYLAYERS = True
-"""The ``"auto"`` policy for DPP-convex problems. ``True`` (DESIGN.md §2): all of them go to
-cvxpylayers, an exact conic solver that also takes nonsmooth atoms. ``False``: only those the torch
-backend refuses; the others stay on torch, which is faster on unconstrained ones (Huber pooling:
-~10x forward, ~50x forward+backward; ``benchmarks/backends.py``)."""
+@dataclass(frozen=True)
+class Auto:
+    """Automatic dispatch (``backend="auto"`` is ``Auto()``).
+
+    ``prefer="cvxpylayers"`` (default) sends every DPP-convex problem to cvxpylayers, an exact
+    conic solver that also takes nonsmooth atoms; ``prefer="torch"`` sends it there only when the
+    torch backend refuses it, and keeps the rest on torch, which is faster on unconstrained ones
+    (Huber pooling: ~10x forward, ~50x forward+backward; ``benchmarks/backends.py``). Problems
+    that are not DPP-convex always go to torch.
+    """
+
+    prefer: str = "cvxpylayers"
+
+    def __post_init__(self) -> None:
+        if self.prefer not in ("cvxpylayers", "torch"):
+            raise ValueError(f"Auto(prefer=) must be 'cvxpylayers' or 'torch', got {self.prefer!r}")
 
 
-def select(name: str, program: Program) -> tuple[Backend, str]:
+def select(name: str | Auto, program: Program) -> tuple[Backend, str]:
     """The backend for ``program`` and the reason it was chosen (``layer.info.reason``).
 
-    ``"auto"`` sends DPP-convex problems to ``"cvxpylayers"`` (all of them, or only those the
-    torch backend cannot solve: see :data:`AUTO_PREFERS_CVXPYLAYERS`) and everything else to
+    ``"auto"`` / :class:`Auto` sends DPP-convex problems to ``"cvxpylayers"`` (all of them, or
+    only those the torch backend cannot solve: see :class:`Auto`) and everything else to
     ``"torch"``; the reason names the test that decided (for a problem that is not DPP-convex, the
     subexpression that breaks the rules). An explicit name that cannot take the program raises
     ``ValueError`` with the backend's own reason.
     """
-    if name != "auto":
+    if name == "auto":
+        name = Auto()
+    if not isinstance(name, Auto):
         backend = get(name)
         problem = backend.supports(program)
         if problem is not None:
             raise ValueError(f"backend {name!r} cannot solve this problem: {problem}")
         return backend, f"requested backend={name!r}"
+    prefers_cvxpylayers = name.prefer == "cvxpylayers"
     torch_backend = get("torch")
     torch_refusal = torch_backend.supports(program)
     dpp_convex = program.is_convex and program.is_dpp
-    if dpp_convex and (AUTO_PREFERS_CVXPYLAYERS or torch_refusal is not None):
+    if dpp_convex and (prefers_cvxpylayers or torch_refusal is not None):
         cvx = _REGISTRY.get("cvxpylayers")
         refusal = "it is not registered" if cvx is None else cvx.supports(program)
         if refusal is None:
-            because = "" if AUTO_PREFERS_CVXPYLAYERS else f" and torch cannot ({torch_refusal})"
+            because = "" if prefers_cvxpylayers else f" and torch cannot ({torch_refusal})"
             return cvx, f"auto: the problem is DPP-convex{because}, so cvxpylayers solves it"
         why = f"the problem is DPP-convex but cvxpylayers cannot take it ({refusal})"
     elif dpp_convex:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
+from declopt.kkt.point import KKTPoint
 from declopt.program import BatchedParams, Program
 
 __all__ = ["Backend", "BatchedParams", "Solution"]
@@ -36,6 +37,9 @@ class Solution:
             or ``None``.
         kkt_residual: ``(B,)`` the backend's own KKT residual (stationarity of the Lagrangian and
             primal feasibility, max-abs); ``None`` lets the layer compute it from the declaration.
+        point: the :class:`~declopt.kkt.point.KKTPoint` of the declaration at ``u`` when the
+            backend has it (then ``layer.info`` and the implicit backward reuse it instead of
+            evaluating the declaration again); ``None`` otherwise.
     """
 
     u: Tensor
@@ -45,6 +49,7 @@ class Solution:
     eq_multipliers: Tensor | None = None
     ineq_multipliers: Tensor | None = None
     kkt_residual: Tensor | None = None
+    point: KKTPoint | None = None
 
 
 class Backend(Protocol):

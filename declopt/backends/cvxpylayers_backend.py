@@ -39,7 +39,7 @@ from torch import Tensor
 
 from declopt.backends.base import BatchedParams, Solution
 from declopt.frontend.dpp import dpp_culprit
-from declopt.kkt.report import KKTReport, kkt_report
+from declopt.kkt.point import KKTPoint, kkt_point
 from declopt.program import Program
 
 DEFAULT_SOLVER_ARGS: dict[str, Any] = {"eps": 1e-8, "max_iters": 100_000}
@@ -294,6 +294,7 @@ class CvxpyLayersBackend:
         elif not bool(converged.all()):
             packed = packed.where(converged)
             report = _report(program, detached, packed)
+        point = None if differentiable else report.to(ref.dtype, ref.device)
         return Solution(
             u=packed.u.to(dtype=ref.dtype, device=ref.device),
             converged=converged.to(ref.device),
@@ -302,6 +303,7 @@ class CvxpyLayersBackend:
             eq_multipliers=_multipliers_or_none(program, packed.eq, ref),
             ineq_multipliers=_multipliers_or_none(program, packed.ineq, ref),
             kkt_residual=report.residual.to(dtype=ref.dtype, device=ref.device),
+            point=point,
         )
 
 
@@ -315,10 +317,14 @@ def _solver_args(given: dict[str, Any], max_iter: int | None) -> dict[str, Any]:
     return args
 
 
-def _report(program: Program, params: BatchedParams, packed: Packed) -> KKTReport:
-    eq = packed.eq if program.equalities is not None else None
-    ineq = packed.ineq if program.inequalities is not None else None
-    return kkt_report(program, params, packed.u.detach(), eq, ineq)
+def _report(program: Program, params: BatchedParams, packed: Packed) -> KKTPoint:
+    """The declaration's KKT point at the solver's answers, with the solver's multipliers."""
+    eq = packed.eq.detach() if program.equalities is not None else None
+    ineq = packed.ineq.detach() if program.inequalities is not None else None
+    with torch.no_grad():
+        return kkt_point(
+            program, params, packed.u.detach(), eq_multipliers=eq, ineq_multipliers=ineq
+        )
 
 
 def _multipliers_or_none(program: Program, rows: Tensor, ref: Tensor) -> Tensor | None:

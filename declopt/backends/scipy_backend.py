@@ -11,8 +11,9 @@ checked against this one:
   convention (with ``method="trust-constr"`` too; see :func:`_multipliers`), followed by a few
   Newton steps on the active constraints' KKT system, which take SLSQP's ~1e-8 to ~1e-15.
 
-Every answer is checked against the declaration (primal feasibility, and stationarity when the
-multipliers are known) before it counts as converged.
+Every answer is checked against the declaration (primal feasibility, and the KKT conditions when
+the multipliers are known: a run SciPy flags as failed still counts when they hold, as SLSQP often
+stops with "positive directional derivative" at an exact optimum) before it counts as converged.
 """
 
 from __future__ import annotations
@@ -25,18 +26,21 @@ import numpy as np
 import torch
 from scipy.optimize import OptimizeResult, minimize
 from torch import Tensor
-from torch.func import grad, grad_and_value, hessian, jacrev, jvp
+from torch.func import grad_and_value, hessian, jacrev, jvp
 
 from declopt.backends.base import BatchedParams, Solution
-from declopt.kkt.report import kkt_report
+from declopt.kkt.newton import polish
+from declopt.kkt.point import kkt_point
+from declopt.kkt.tolerances import problem_scale
 from declopt.program import Params, Program
 
 DENSE_MAX_VARIABLES = 256
 """``method="auto"`` uses ``trust-exact`` up to this many variables, ``trust-krylov`` above."""
 
 ACTIVE_TOL = 1e-6
-"""After SLSQP, inequalities with ``g >= -ACTIVE_TOL`` or ``lambda <= -ACTIVE_TOL`` are taken as
-active by the Newton polish (see :meth:`_ScalarProblem.polish`)."""
+"""After SLSQP, inequalities within ``ACTIVE_TOL`` of their boundary (relative to the row's scale,
+see :mod:`declopt.kkt.tolerances`) or with a negative multiplier are taken as active by the Newton
+polish (:func:`declopt.kkt.newton.polish`)."""
 
 POLISH_STEPS = 4
 """Newton steps of the polish (quadratic convergence: 4 take ~1e-8 to machine precision)."""
@@ -44,10 +48,6 @@ POLISH_STEPS = 4
 FEASIBILITY_TOL = 1e-7
 """Largest constraint violation of a converged answer (override with ``feasibility_tol=``)."""
 
-STATIONARITY_RTOL = 1e-6
-"""A run that SciPy flags as failed still counts as converged when it is feasible and
-``max |D_u L| <= STATIONARITY_RTOL * (1 + |f|)`` (SLSQP often stops with "positive directional
-derivative" at an exact optimum when asked for full precision)."""
 
 _TOLERANCES: dict[str, dict[str, float]] = {
     "SLSQP": {"ftol": 1e-10},  # the Newton polish takes it the rest of the way
@@ -119,20 +119,48 @@ class ScipyBackend:
         eq = _stack_multipliers(program, [r.eq for r in runs], program.equalities is not None)
         ineq = _stack_multipliers(program, [r.ineq for r in runs], program.inequalities is not None)
         batch = BatchedParams(values, params.in_dims, params.size)
-        report = kkt_report(program, batch, u, eq, ineq)
-        feasible = report.infeasibility <= feasibility_tol
-        success = torch.tensor([r.success for r in runs])
-        stationary = report.stationarity <= STATIONARITY_RTOL * (1 + report.objective.abs())
         multipliers_known = not program.is_constrained or (eq is not None and ineq is not None)
-        converged = feasible & (success | (stationary & multipliers_known))
+        if multipliers_known:
+            # SLSQP stops at ~1e-8 (its QP multipliers and the last step limit it), trust-region
+            # methods when rounding in f hides the predicted decrease: with the active set right
+            # (empty when unconstrained), Newton on the KKT equations converges quadratically,
+            # and a step that raises the KKT residual (a wrong active set) is not taken.
+            blocks = [t for t in (eq, ineq) if t is not None]
+            lam = torch.cat(blocks, -1) if blocks else u.new_zeros(u.shape[0], 0)
+            point = polish(
+                program,
+                batch,
+                u,
+                lam,
+                problem_scale(batch, u),
+                POLISH_STEPS,
+                identification=ACTIVE_TOL,
+            )
+        else:
+            point = kkt_point(program, batch, u)
+        if program.kinks is not None:  # the declared point carries the kink rows too
+            point = kkt_point(
+                program,
+                batch,
+                point.u,
+                eq_multipliers=point.eq_multipliers if eq is not None else None,
+                ineq_multipliers=point.ineq_multipliers if ineq is not None else None,
+            )
+        feasible = point.infeasibility <= feasibility_tol
+        success = torch.tensor([r.success for r in runs])
+        converged = feasible & (success | (point.converged & multipliers_known))
+
+        def out(t: Tensor) -> Tensor:
+            return t.to(dtype=ref.dtype, device=ref.device)
+
         return Solution(
-            u=u.to(dtype=ref.dtype, device=ref.device),
+            u=out(point.u),
             converged=converged.to(ref.device),
             iterations=torch.tensor([r.iterations for r in runs], device=ref.device),
-            objective=report.objective.to(dtype=ref.dtype, device=ref.device),
-            eq_multipliers=None if eq is None else eq.to(dtype=ref.dtype, device=ref.device),
-            ineq_multipliers=None if ineq is None else ineq.to(dtype=ref.dtype, device=ref.device),
-            kkt_residual=report.residual.to(dtype=ref.dtype, device=ref.device),
+            objective=out(point.objective),
+            eq_multipliers=None if eq is None else out(point.eq_multipliers),
+            ineq_multipliers=None if ineq is None else out(point.ineq_multipliers),
+            kkt_residual=out(point.residual),
         )
 
 
@@ -220,76 +248,8 @@ class _ScalarProblem:
         result = minimize(self.fun, np.array(u0, dtype=np.float64), **kwargs)
         u = np.where(np.isfinite(result.x), result.x, 0.0)  # never hand back NaN
         eq, ineq = _multipliers(result, self.program, self._sizes(u))
-        if self._known(eq, ineq):
-            u, eq, ineq = self.polish(u, eq, ineq)
         objective = float(self._f(_tensor(u)))
         return _Run(u, objective, bool(result.success), int(result.get("nit", 0)), eq, ineq)
-
-    def polish(
-        self, u: np.ndarray, eq: np.ndarray | None, ineq: np.ndarray | None
-    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """A few Newton steps on the KKT system of the constraints active at SciPy's answer.
-
-        SLSQP stops at ~1e-8 (its QP multipliers and the last step limit it), and trust-region
-        methods stop when rounding in ``f`` hides the predicted decrease. With the active set right
-        (empty when unconstrained), Newton on ``[D_u f - J^T lambda; c] = 0`` (``c`` the
-        equalities and active inequalities, ``J = D_u c``) converges quadratically to machine
-        precision. The polished point is kept only if its KKT residual (which also counts the
-        inactive rows and the sign of the multipliers) is no larger, so a wrong active set costs
-        nothing.
-        """
-        t = _tensor(u)
-        lam_h = _tensor(eq) if eq is not None else t.new_zeros(0)
-        lam_g = _tensor(ineq) if ineq is not None else t.new_zeros(0)
-        g0 = self._rows(t)[lam_h.numel() :]
-        active = (g0 >= -ACTIVE_TOL) | (lam_g <= -ACTIVE_TOL)
-        p = lam_h.numel()
-
-        def rows(uu: Tensor) -> Tensor:
-            r = self._rows(uu)
-            return torch.cat([r[:p], r[p:][active]])
-
-        def lagrangian(uu: Tensor, lam: Tensor) -> Tensor:
-            return self._f(uu) - (lam * rows(uu)).sum()
-
-        lam = torch.cat([lam_h, lam_g[active]])
-        m = t.numel()
-        for _ in range(POLISH_STEPS):
-            residual = torch.cat([grad(lagrangian)(t, lam), rows(t)])
-            if float(residual.abs().max()) <= 1e-15:
-                break
-            H = hessian(lagrangian)(t, lam)
-            J = jacrev(rows)(t)
-            k = J.shape[0]
-            K = torch.cat([torch.cat([H, -J.T], 1), torch.cat([J, t.new_zeros(k, k)], 1)], 0)
-            step = torch.linalg.lstsq(K, -residual.unsqueeze(-1)).solution.squeeze(-1)
-            t, lam = t + step[:m], lam + step[m:]
-        new_g = torch.zeros_like(lam_g)
-        new_g[active] = lam[p:]
-        before = self._kkt(_tensor(u), lam_h, lam_g)
-        after = self._kkt(t, lam[:p], new_g)
-        if not after <= before:  # also rejects NaN
-            return u, eq, ineq
-        polished_eq = lam[:p].numpy() if eq is not None else None
-        polished_ineq = new_g.numpy() if ineq is not None else None
-        return t.numpy(), polished_eq, polished_ineq
-
-    def _rows(self, u: Tensor) -> Tensor:
-        """``[h; g]`` at ``u`` (empty when unconstrained)."""
-        parts = [fn(u).reshape(-1) for fn in (self._h, self._g) if fn is not None]
-        return torch.cat(parts) if parts else u.new_zeros(0)
-
-    def _kkt(self, u: Tensor, lam_h: Tensor, lam_g: Tensor) -> float:
-        """Max of stationarity, infeasibility and multiplier-sign violation at ``u``."""
-        lam = torch.cat([lam_h, lam_g])
-        stationarity = grad(lambda uu: self._f(uu) - (lam * self._rows(uu)).sum())(u)
-        r = self._rows(u)
-        p = lam_h.numel()
-        pieces = [stationarity.abs(), r[:p].abs(), r[p:].clamp_min(0), lam_g.clamp_min(0)]
-        return float(torch.cat(pieces).max())
-
-    def _known(self, eq: np.ndarray | None, ineq: np.ndarray | None) -> bool:
-        return (self._h is None or eq is not None) and (self._g is None or ineq is not None)
 
     def _sizes(self, u: np.ndarray) -> tuple[int, int]:
         t = _tensor(u)

@@ -39,39 +39,13 @@ def inequality_fn(program: Program) -> PerProblem:
     return (lambda x, u: g(x, u).reshape(-1)) if g is not None else (lambda x, u: _empty(u))
 
 
-def kink_fn(program: Program) -> PerProblem:
-    """Kink residuals ``r(x, u) -> (K,)`` of the nonsmooth atoms (empty when there are none)."""
-    kinks = program.kinks
-    return (lambda x, u: kinks(x, u)[0]) if kinks is not None else (lambda x, u: _empty(u))
-
-
-def kink_margin_fn(program: Program) -> PerProblem:
-    """Kink margins ``(x, u) -> (K,)``: ~0 where the solution sits on a kink."""
-    kinks = program.kinks
-    return (lambda x, u: kinks(x, u)[1]) if kinks is not None else (lambda x, u: _empty(u))
-
-
-def kink_tolerance(u: Tensor) -> Tensor:
-    """``(B, 1)``: a solution ``u: (B, m)`` sits on a kink whose margin is within this.
-
-    ``min(sqrt(eps), max(64 eps, 1.5e-8)) (1 + |u|_inf)``: in float64 the ``~1e-8`` accuracy of
-    external solvers (cvxpylayers' SCS/Clarabel) at their kinks; in float32, 64 ulps (7.6e-6).
-    Exact forwards (closed forms, declopt's nonsmooth finish) put the solution exactly on its
-    kinks; the float32 ``sqrt(eps) = 3.4e-4`` of the inequality test would also count entries
-    that merely lie that close to a kink, and change their derivative by O(1).
-    """
-    eps = torch.finfo(u.dtype).eps
-    relative = min(eps**0.5, max(64 * eps, torch.finfo(torch.float64).eps ** 0.5))
-    return relative * (1 + u.abs().amax(-1, keepdim=True))
-
-
 def constraint_fn(program: Program, with_kinks: bool = False) -> PerProblem:
     """``c(x, u) = [h; g] -> (p + q,)``, with the kink residuals appended if ``with_kinks``."""
     h, g = equality_fn(program), inequality_fn(program)
-    if not with_kinks:
+    kinks = program.kinks
+    if not with_kinks or kinks is None:
         return lambda x, u: torch.cat([h(x, u), g(x, u)])
-    r = kink_fn(program)
-    return lambda x, u: torch.cat([h(x, u), g(x, u), r(x, u)])
+    return lambda x, u: torch.cat([h(x, u), g(x, u), kinks(x, u)[0].reshape(-1)])
 
 
 @lru_cache(maxsize=256)
@@ -122,12 +96,3 @@ def weighted_constraints(program: Program, with_kinks: bool = False) -> PerProbl
         return (extended[count] * c(extended[:count], u)).sum()
 
     return fn
-
-
-def num_constraints(program: Program, example_x: Params, example_u: Tensor) -> tuple[int, int]:
-    """``(p, q)`` from one evaluation on an unbatched example."""
-    with torch.no_grad():
-        return (
-            equality_fn(program)(example_x, example_u).numel(),
-            inequality_fn(program)(example_x, example_u).numel(),
-        )

@@ -1,10 +1,11 @@
-"""The batched torch backend: any smooth declaration, CPU or GPU, float32 or float64.
+"""The batched torch backend: any declaration, CPU or GPU, float32 or float64.
 
 Solves all problems of a batch, and all starting points of every problem, in one batched run of
 damped Newton (small ``m``) or L-BFGS (large ``m``), then keeps each problem's lowest objective.
-Constraints go through an augmented Lagrangian (:mod:`.constrained`); declarations with kinks
-(``abs``, ``max``, ``norm1``, ...) through smoothing continuation and a finish on the identified
-kinks (:mod:`.nonsmooth`).
+Constraints go through an augmented Lagrangian (:mod:`.augmented_lagrangian`); declarations with
+kinks (``abs``, ``max``, ``norm1``, ...) through smoothing continuation and a finish on the
+identified kinks (:mod:`.nonsmooth`). Constrained and nonsmooth solutions come back with their
+KKT point, which the layer's diagnostics and the implicit backward reuse.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from declopt.backends.torch.augmented_lagrangian import solve_constrained
 from declopt.backends.torch.minimize import MinimizeResult, minimize
 from declopt.backends.torch.nonsmooth import solve_nonsmooth
 from declopt.derivatives import BatchedObjective
+from declopt.linalg import LinearSolver
 from declopt.program import Program
 
 NEWTON_MAX_VARIABLES = 128
@@ -34,9 +36,13 @@ class TorchBackend:
         starts: list of ``(B, m)`` starting points; every problem is solved from each of them and
             keeps the lowest objective among converged runs. The layer fills this in.
         compile: evaluate the objective and its derivatives under ``torch.compile``.
+        linear_solver: a :class:`~declopt.linalg.LinearSolver` for the polish and finish steps
+            (the layer passes its own).
     """
 
     name = "torch"
+    supports_compile = True
+    option_names = ("method", "max_iter", "compile", "linear_solver")
 
     def supports(self, program: Program) -> str | None:
         return None
@@ -50,6 +56,7 @@ class TorchBackend:
         method: str = "auto",
         max_iter: int | None = None,
         compile: bool = False,
+        linear_solver: LinearSolver = LinearSolver(),
     ) -> Solution:
         if method == "auto":
             method = "newton" if program.num_variables <= NEWTON_MAX_VARIABLES else "lbfgs"
@@ -63,17 +70,26 @@ class TorchBackend:
             solve = solve_nonsmooth if program.smoothed is not None else solve_constrained
             with torch.no_grad():
                 result = solve(
-                    program, all_params, u0, method=method, max_iter=max_iter, compile=compile
+                    program,
+                    all_params,
+                    u0,
+                    method=method,
+                    max_iter=max_iter,
+                    compile=compile,
+                    linear_solver=linear_solver,
                 )
-            pick = _pick_start(result.objective, result.converged, num_starts, params.size)
+            point = result.point
+            pick = _pick_start(point.objective, result.converged, num_starts, params.size)
+            point = point.select(pick) if num_starts > 1 else point
             return Solution(
-                u=result.u[pick],
+                u=point.u,
                 converged=result.converged[pick],
                 iterations=result.iterations.reshape(num_starts, -1).sum(0),
-                objective=result.objective[pick],
-                eq_multipliers=result.lam_h[pick],
-                ineq_multipliers=result.lam_g[pick],
-                kkt_residual=result.kkt_residual[pick],
+                objective=point.objective,
+                eq_multipliers=point.eq_multipliers,
+                ineq_multipliers=point.ineq_multipliers,
+                kkt_residual=point.residual,
+                point=point,
             )
         objective = BatchedObjective(program.objective, all_params, compile)
         with torch.no_grad():
@@ -84,6 +100,7 @@ class TorchBackend:
             converged=best.converged,
             iterations=best.iterations,
             objective=best.objective,
+            kkt_residual=best.gradient.abs().amax(-1),
         )
 
 

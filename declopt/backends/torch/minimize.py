@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from declopt.derivatives import BatchedObjective
+from declopt.kkt.tolerances import problem_scale
 
 ARMIJO = 1e-4
 MAX_BACKTRACKS = 40
@@ -30,11 +31,18 @@ class MinimizeResult:
 def tolerances(dtype: torch.dtype) -> tuple[float, float]:
     """``(step_tol, grad_tol)`` for a dtype.
 
-    A Newton step shorter than ``step_tol`` (relative) leaves an error of order ``step_tol**2``,
-    i.e. machine precision; L-BFGS stops when ``|grad|_inf <= grad_tol * (1 + |f|)``.
+    A Newton step shorter than ``step_tol`` times the problem's scale leaves an error of order
+    ``step_tol**2``, i.e. machine precision; L-BFGS stops when ``|grad|_inf * scale <= grad_tol *
+    (|f| + |f(u0)|)`` (both sides in the objective's unit).
     """
     eps = torch.finfo(dtype).eps
     return eps**0.5, eps ** (2.0 / 3.0)
+
+
+def _decrement_floor(f: Tensor, f0: Tensor) -> Tensor:
+    """Newton decrements ``g . H^-1 g`` below this are rounding: a few ulps of the objective's
+    size (its value here and at the start, so that an optimum at ``f = 0`` has a unit too)."""
+    return 16 * torch.finfo(f.dtype).eps * (f.abs() + f0.abs())
 
 
 def _finite(f: Tensor) -> Tensor:
@@ -64,11 +72,14 @@ def backtracking(
     return t, ok & active
 
 
-def newton_direction(hessian: Tensor, gradient: Tensor) -> tuple[Tensor, Tensor]:
+def newton_direction(
+    hessian: Tensor, gradient: Tensor, scale: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Newton direction ``-H^-1 g``, shifted to ``-(H + s I)^-1 g`` where ``H`` is not PD.
 
     Returns ``(d, shifted)``. The shift makes the direction a descent direction on nonconvex
-    problems (Levenberg-Marquardt style), sized from the most negative eigenvalue.
+    problems (Levenberg-Marquardt style), sized from the most negative eigenvalue. ``scale:
+    (B,)`` is the unit of ``u`` (a step shorter than ``1e-3`` of it counts as vanished).
     """
     m = hessian.shape[-1]
     if m == 1:
@@ -76,16 +87,20 @@ def newton_direction(hessian: Tensor, gradient: Tensor) -> tuple[Tensor, Tensor]
         positive = h > 0
         # Non-positive curvature: a unit step downhill (either way at a stationary maximum);
         # the line search shortens it.
-        downhill = torch.where(gradient > 0, -1.0, 1.0).to(h.dtype)
+        unit = torch.ones_like(h) if scale is None else scale.unsqueeze(-1)
+        downhill = torch.where(gradient > 0, -unit, unit).to(h.dtype)
         newton = -gradient / torch.where(positive, h, 1.0)
         return torch.where(positive, newton, downhill), ~positive[..., 0]
     # One symmetric eigendecomposition gives the PD test, the shift and the solve (Cholesky is
     # several times slower than eigh for the small batched matrices met here).
     eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (hessian + hessian.transpose(-1, -2)))
     lowest = eigenvalues[..., 0]
-    scale = eigenvalues.abs().amax(-1).clamp_min(torch.finfo(hessian.dtype).tiny)
-    shifted = lowest <= m * torch.finfo(hessian.dtype).eps * scale
-    shift = torch.where(shifted, -lowest + 1e-3 * scale.clamp_min(1.0), torch.zeros_like(lowest))
+    unit = torch.ones_like(lowest) if scale is None else scale
+    size = eigenvalues.abs().amax(-1).clamp_min(torch.finfo(hessian.dtype).tiny)
+    shifted = lowest <= m * torch.finfo(hessian.dtype).eps * size
+    # The shift's floor keeps a (near-)zero Hessian's step within ~1000 units of u.
+    floor = torch.maximum(size, gradient.norm(dim=-1) / unit)
+    shift = torch.where(shifted, -lowest + 1e-3 * floor, torch.zeros_like(lowest))
     coefficients = (eigenvectors.transpose(-1, -2) @ gradient.unsqueeze(-1)).squeeze(-1)
     d = -(eigenvectors @ (coefficients / (eigenvalues + shift.unsqueeze(-1))).unsqueeze(-1))
     d = d.squeeze(-1)
@@ -93,17 +108,25 @@ def newton_direction(hessian: Tensor, gradient: Tensor) -> tuple[Tensor, Tensor]
     # direction of most negative curvature, pointing downhill, so the problem can leave it.
     curve = eigenvectors[..., 0]
     curve = torch.where(((curve * gradient).sum(-1) > 0).unsqueeze(-1), -curve, curve)
-    tiny = d.norm(dim=-1) < 1e-3
-    d = torch.where((shifted & tiny).unsqueeze(-1), d + curve, d)
+    tiny = d.norm(dim=-1) < 1e-3 * unit
+    d = torch.where((shifted & tiny).unsqueeze(-1), d + unit.unsqueeze(-1) * curve, d)
     return d, shifted
 
 
-def newton(objective: BatchedObjective, u0: Tensor, max_iter: int) -> MinimizeResult:
-    """Damped Newton with dense Hessians, for small ``m``."""
+def newton(objective: BatchedObjective, u0: Tensor, max_iter: int, scale: Tensor) -> MinimizeResult:
+    """Damped Newton with dense Hessians, for small ``m``.
+
+    A problem converges when a full, unshifted step is shorter than ``step_tol * scale``, or
+    when the full step was refused while its Newton decrement was at the rounding floor of the
+    objective (on piecewise quadratic objectives such as an augmented Lagrangian the iterate can
+    sit on a seam where the Hessian's piece flips between iterations and the step never
+    shrinks).
+    """
     step_tol, _ = tolerances(u0.dtype)
     u = u0
     f, g = objective.value_and_grad(u)
     f = _finite(f)
+    f0 = torch.where(torch.isfinite(f), f, torch.zeros_like(f))
     batch = u.shape[0]
     converged = torch.zeros(batch, dtype=torch.bool, device=u.device)
     failed = ~torch.isfinite(f) | ~torch.isfinite(g).all(-1)
@@ -112,7 +135,7 @@ def newton(objective: BatchedObjective, u0: Tensor, max_iter: int) -> MinimizeRe
         active = ~(converged | failed)
         if not bool(active.any()):
             break
-        d, shifted = newton_direction(objective.hessian(u), g)
+        d, shifted = newton_direction(objective.hessian(u), g, scale)
         d = torch.where(active.unsqueeze(-1), d, torch.zeros_like(d))
         slope = (g * d).sum(-1)
         t, found = backtracking(objective, u, f, slope, d, active)
@@ -121,8 +144,11 @@ def newton(objective: BatchedObjective, u0: Tensor, max_iter: int) -> MinimizeRe
         f_new, g_new = objective.value_and_grad(u)
         f = torch.where(active, _finite(f_new), f)
         g = torch.where(active.unsqueeze(-1), g_new, g)
-        small_step = d.abs().amax(-1) <= step_tol * (1 + u.abs().amax(-1))
+        small_step = d.abs().amax(-1) <= step_tol * scale
         converged = converged | (active & found & (t == 1) & ~shifted & small_step)
+        # A seam: the full step was refused although it promised no more than rounding.
+        seam = ~shifted & (t < 1) & (-slope <= _decrement_floor(f, f0))
+        converged = converged | (active & seam)
         # No descent possible: we are at the rounding floor if the step was already tiny.
         stuck = active & ~found
         converged = converged | (stuck & small_step & ~shifted)
@@ -131,7 +157,7 @@ def newton(objective: BatchedObjective, u0: Tensor, max_iter: int) -> MinimizeRe
 
 
 def lbfgs(
-    objective: BatchedObjective, u0: Tensor, max_iter: int, history: int = 10
+    objective: BatchedObjective, u0: Tensor, max_iter: int, scale: Tensor, history: int = 10
 ) -> MinimizeResult:
     """L-BFGS with per-problem history, for large ``m``.
 
@@ -143,6 +169,7 @@ def lbfgs(
     u = u0
     f, g = objective.value_and_grad(u)
     f = _finite(f)
+    f0 = torch.where(torch.isfinite(f), f, torch.zeros_like(f)).abs()
     s_hist = u.new_zeros(history, batch, m)
     y_hist = u.new_zeros(history, batch, m)
     rho = u.new_zeros(history, batch)
@@ -150,7 +177,7 @@ def lbfgs(
     iterations = torch.zeros(batch, dtype=torch.int64, device=u.device)
 
     def is_converged(f: Tensor, g: Tensor) -> Tensor:
-        return g.abs().amax(-1) <= grad_tol * (1 + f.abs())
+        return g.abs().amax(-1) * scale <= grad_tol * (f.abs() + f0)
 
     converged = is_converged(f, g)
     failed = ~torch.isfinite(f) | ~torch.isfinite(g).all(-1)
@@ -212,8 +239,19 @@ DEFAULT_MAX_ITER = {"newton": 50, "lbfgs": 1000}
 
 
 def minimize(
-    objective: BatchedObjective, u0: Tensor, method: str, max_iter: int | None = None
+    objective: BatchedObjective,
+    u0: Tensor,
+    method: str,
+    max_iter: int | None = None,
+    scale: Tensor | None = None,
 ) -> MinimizeResult:
-    """:func:`newton` (``method="newton"``) or :func:`lbfgs` from ``u0: (B, m)``."""
+    """:func:`newton` (``method="newton"``) or :func:`lbfgs` from ``u0: (B, m)``.
+
+    ``scale: (B,)`` is each problem's unit of ``u`` for the stopping tests (default: the
+    largest ``|entry|`` of its parameters and of ``u0``, see
+    :func:`~declopt.kkt.tolerances.problem_scale`).
+    """
     budget = DEFAULT_MAX_ITER[method] if max_iter is None else max_iter
-    return (newton if method == "newton" else lbfgs)(objective, u0, budget)
+    if scale is None:
+        scale = problem_scale(objective.params, u0)
+    return (newton if method == "newton" else lbfgs)(objective, u0, budget, scale)

@@ -1,0 +1,135 @@
+"""Newton steps on the KKT equations of a held set of rows: the one loop behind the torch
+backend's constrained polish, its nonsmooth finish and the scipy backend's polish.
+
+At a :class:`~declopt.kkt.point.KKTPoint` with multipliers ``lambda`` on the held rows ``A``,
+linearising ``D_u L = D_u f - A^T lambda = 0`` and ``c_held = 0`` gives
+
+    [ H  A^T ] [ du]   [ -D_u L  ]        H = D2_uu L
+    [ A   D  ] [ dz] = [ -c_held ]        lambda_new = lambda - dz
+
+with ``D = 1`` on the rows not held (they solve to zero), so one batched solve serves problems
+with different held sets.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from declopt.derivatives import BatchedObjective
+from declopt.kkt.functions import lagrangian
+from declopt.kkt.point import KKTPoint, kkt_point, sizes
+from declopt.kkt.tolerances import table
+from declopt.linalg import LinearSolver, bordered_kkt, kkt_minres, solve_newton
+from declopt.program import BatchedParams, Program
+
+
+def newton_kkt_step(
+    program: Program,
+    params: BatchedParams,
+    point: KKTPoint,
+    *,
+    linear_solver: LinearSolver = LinearSolver(),
+) -> tuple[Tensor, Tensor]:
+    """``(u_new (B, m), lambda_new (B, k))`` after one Newton step (LU, least squares where
+    singular) or MINRES on Hessian-vector products, as ``linear_solver`` says."""
+    u, held = point.u, point.held
+    batch, m = u.shape
+    with_kinks = point.sizes.kinks > 0
+    extended = BatchedParams((*params.values, point.multipliers), (*params.in_dims, 0), batch)
+    lagrangian_derivatives = BatchedObjective(lagrangian(program, with_kinks), extended)
+    jac = point.jacobian * held.unsqueeze(-1)
+    rows = torch.where(held, point.rows, torch.zeros_like(point.rows))
+    rhs = torch.cat([-point.grad_lagrangian, -rows], -1)
+    if linear_solver.is_dense(m):
+        step = solve_newton(bordered_kkt(lagrangian_derivatives.hessian(u), jac, held), rhs)
+    else:  # m Hessian probes would cost more than a few MINRES products
+        step, _ = kkt_minres(functools.partial(lagrangian_derivatives.hvp, u), jac, held, rhs)
+    lam = torch.where(held, point.multipliers - step[:, m:], torch.zeros_like(point.multipliers))
+    return u + step[:, :m], lam
+
+
+def newton_kkt(
+    program: Program,
+    params: BatchedParams,
+    point: KKTPoint,
+    evaluate: Callable[[Tensor, Tensor], KKTPoint],
+    steps: int,
+    *,
+    linear_solver: LinearSolver = LinearSolver(),
+) -> KKTPoint:
+    """Up to ``steps`` Newton-KKT steps from ``point``, each kept per problem only if it lowers
+    the relative KKT residual; problems at the rounding floor stop.
+
+    ``evaluate(u, lambda) -> KKTPoint`` makes the point at a trial step (it decides the held
+    rows and whether to keep the Newton multipliers or refit them); the point that judged a
+    step is the one the next step starts from.
+    """
+    floor = table(point.u.dtype).floor
+    for _ in range(steps):
+        if bool((point.relative_residual <= floor).all()):
+            break
+        u, lam = newton_kkt_step(program, params, point, linear_solver=linear_solver)
+        trial = evaluate(u, lam)
+        better = torch.isfinite(trial.relative_residual) & (
+            trial.relative_residual < point.relative_residual
+        )
+        point = trial.where(better, point)
+        if not bool(better.any()):
+            break
+    return point
+
+
+def polish(
+    program: Program,
+    params: BatchedParams,
+    u: Tensor,
+    lam: Tensor,
+    scale: Tensor,
+    steps: int,
+    *,
+    identification: float | None = None,
+    linear_solver: LinearSolver = LinearSolver(),
+) -> KKTPoint:
+    """:func:`newton_kkt` from a solver's near-solution ``(u, lam)`` (``lam = [lam_h; lam_g]``,
+    seed convention) on the rows it identifies as active, then the declaration's KKT point there
+    (its own activity rule, the polished multipliers; kinks are not rows here).
+
+    A row is identified as active when it is within ``identification`` (relative to its row
+    scale; default ``Tolerances.identification``) of its boundary or has a negative multiplier.
+    """
+    tol = table(u.dtype).identification if identification is None else identification
+    count = sizes(program, u.shape[-1])
+    p, q = count.p, count.q
+
+    def identified(rows: Tensor, margins: Tensor, norms: Tensor) -> Tensor:
+        # The iterate is ~sqrt(eps) accurate: a row within that distance of its boundary, or
+        # with a clearly nonzero multiplier, is taken as active.
+        g, lam_g = rows[:, p:], lam[:, p:]
+        near = g >= -tol * norms[:, p:] * scale.unsqueeze(-1)
+        every_h = torch.ones_like(rows[:, :p], dtype=torch.bool)
+        return torch.cat([every_h, near | (lam_g < 0)], -1)
+
+    start = kkt_point(
+        program, params, u, multipliers=lam, held=identified, with_kinks=False, scale=scale
+    )
+    held = start.held
+
+    def evaluate(u_new: Tensor, lam_new: Tensor) -> KKTPoint:
+        return kkt_point(
+            program, params, u_new, multipliers=lam_new, held=held, with_kinks=False, scale=scale
+        )
+
+    polished = newton_kkt(program, params, start, evaluate, steps, linear_solver=linear_solver)
+    return kkt_point(
+        program,
+        params,
+        polished.u,
+        eq_multipliers=polished.eq_multipliers if p else None,
+        ineq_multipliers=polished.ineq_multipliers if q else None,
+        with_kinks=False,
+        scale=scale,
+    )

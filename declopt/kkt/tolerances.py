@@ -1,0 +1,101 @@
+"""The one table of tolerances: every "is this zero?" that declopt asks, in one place.
+
+Every tolerance is *relative*: a number from :func:`table` (it follows the dtype) times a scale of
+the problem it judges, never an absolute ``1 + |u|``. So scaling all data of a declaration by
+``s`` (which scales a homogeneous problem's solution by ``s`` too) changes no decision, whatever the
+units (tested from ``1e-8`` to ``1e8``; docs/design.md, "Tolerances").
+
+Scales:
+
+* :func:`problem_scale` ``(B,)``: the largest ``|entry|`` of a problem's parameters and solution,
+  the unit of ``u`` for the solvers (steps, smoothing widths, identification).
+* :func:`solution_scale` ``(B,)``: the largest ``|entry|`` of the solution itself, the unit of the
+  activity tests at a returned solution (distance to a bound, kink margins).
+* a row's scale: ``|D_u c_i|_inf * problem_scale``: the change of constraint ``c_i`` over one unit
+  of ``u``, so ``|c_i| / (|D_u c_i| scale)`` is the distance to its boundary in units of ``u``.
+* the gradient scale: ``max(|D_u f|_inf, |f| / problem_scale)``, the unit of stationarity and of
+  multipliers times their rows' gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+from torch import Tensor
+
+from declopt.program import BatchedParams
+
+_FLOAT64_EPS = torch.finfo(torch.float64).eps
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Relative tolerances for one dtype (multiply by the matching scale, see the module).
+
+    Attributes:
+        activity: a returned solution sits on an inequality's boundary or on a kink when it is
+            within this (times its scale) of it: ``1.5e-8`` in float64 (the accuracy of the
+            external conic solvers, which stop there) and 64 ulps (``7.6e-6``) in float32 (exact
+            forwards put solutions on their kinks to a few ulps; ``sqrt(eps) = 3.4e-4`` would
+            also count entries that merely lie that close, and change their derivative by O(1)).
+        identification: the torch solver's active-set guess from an augmented-Lagrangian iterate,
+            which is only ``~sqrt(eps)`` accurate: ``sqrt(eps)``.
+        multiplier: a multiplier is ~zero (its inequality weakly active, the derivative
+            one-sided) or of the wrong sign beyond this, relative to the gradient scale:
+            ``sqrt(eps)``.
+        converged: a KKT point is accepted as a solution when every relative residual piece is
+            within this: ``sqrt(eps)``.
+        floor: the rounding floor of a residual (nothing below it is worth another Newton step):
+            64 ulps.
+    """
+
+    activity: float
+    identification: float
+    multiplier: float
+    converged: float
+    floor: float
+
+
+@cache
+def table(dtype: torch.dtype) -> Tolerances:
+    """The tolerances of ``dtype``."""
+    eps = torch.finfo(dtype).eps
+    return Tolerances(
+        activity=min(eps**0.5, max(64 * eps, _FLOAT64_EPS**0.5)),
+        identification=eps**0.5,
+        multiplier=eps**0.5,
+        converged=eps**0.5,
+        floor=64 * eps,
+    )
+
+
+def problem_scale(params: BatchedParams, u: Tensor) -> Tensor:
+    """``(B,)``: the largest ``|entry|`` of every problem's parameters and of ``u: (B, m)``
+    (1 where all are zero): the unit of ``u`` that relative tolerances multiply."""
+    parts = [u.detach().abs().amax(-1)] if u.shape[-1] else [u.new_zeros(u.shape[0])]
+    for value, dim in zip(params.values, params.in_dims):
+        value = value.detach()
+        flat = value.reshape(value.shape[0], -1) if dim == 0 else value.reshape(1, -1)
+        if flat.shape[-1]:
+            parts.append(flat.abs().amax(-1).expand(u.shape[0]).to(u.dtype))
+    scale = torch.stack(parts).amax(0)
+    return torch.where((scale > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
+
+
+def solution_scale(u: Tensor, fallback: Tensor) -> Tensor:
+    """``(B,)``: the largest ``|u|`` entry of each solution (``fallback`` where ``u = 0``): the
+    unit of activity tests at a returned solution. Exact forwards and the solvers' polish put a
+    solution on its active bounds and kinks to a few ulps *of u*; parameters much larger than
+    the solution (data projected onto a small set) must not widen the test."""
+    size = u.detach().abs().amax(-1) if u.shape[-1] else torch.zeros_like(fallback)
+    return torch.where((size > 0) & torch.isfinite(size), size, fallback)
+
+
+def gradient_scale(objective: Tensor, grad_f: Tensor, scale: Tensor) -> Tensor:
+    """``(B,)``: ``max(|D_u f|_inf, |f| / scale)``, the unit of stationarity (``f`` per ``u``);
+    ``tiny`` where both vanish."""
+    size = grad_f.abs().amax(-1) if grad_f.shape[-1] else torch.zeros_like(objective)
+    size = torch.maximum(size, objective.abs() / scale)
+    return size.clamp_min(torch.finfo(grad_f.dtype).tiny)
