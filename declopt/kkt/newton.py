@@ -21,7 +21,7 @@ from torch import Tensor
 
 from declopt.derivatives import BatchedObjective
 from declopt.kkt.functions import lagrangian
-from declopt.kkt.point import KKTPoint, kkt_point, sizes
+from declopt.kkt.point import KKTPoint, kkt_point, reassess, sizes
 from declopt.kkt.tolerances import table
 from declopt.linalg import LinearSolver, bordered_kkt, kkt_minres, solve_newton
 from declopt.program import BatchedParams, Program
@@ -124,12 +124,8 @@ def polish(
         )
 
     polished = newton_kkt(program, params, start, evaluate, steps, linear_solver=linear_solver)
-    return kkt_point(
-        program,
-        params,
-        polished.u,
+    return reassess(
+        polished,
         eq_multipliers=polished.eq_multipliers if p else None,
         ineq_multipliers=polished.ineq_multipliers if q else None,
-        with_kinks=False,
-        scale=scale,
     )

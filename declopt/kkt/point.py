@@ -209,7 +209,6 @@ def kkt_point(
     count = sizes(program, m)
     if not with_kinks:
         count = Sizes(count.p, count.q, 0)
-    p, q = count.p, count.q
     scale = problem_scale(params, u) if scale is None else scale
     f, grad_f = _objective_and_gradient(program.objective, params.in_dims)(params.values, u)
     if count.total:
@@ -219,6 +218,72 @@ def kkt_point(
     else:
         jac = u.new_zeros(batch, 0, m)
         rows, margins = u.new_zeros(batch, 0), u.new_zeros(batch, 0)
+    return _assess(
+        u,
+        f,
+        grad_f,
+        rows,
+        jac,
+        margins,
+        count,
+        scale,
+        tol,
+        eq_multipliers=eq_multipliers,
+        ineq_multipliers=ineq_multipliers,
+        multipliers=multipliers,
+        held=held,
+    )
+
+
+def reassess(
+    point: KKTPoint,
+    *,
+    eq_multipliers: Tensor | None = None,
+    ineq_multipliers: Tensor | None = None,
+    multipliers: Tensor | None = None,
+    held: Tensor | Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+    tolerances: Tolerances | None = None,
+) -> KKTPoint:
+    """The KKT point at ``point.u`` with other multipliers or held rows (arguments as for
+    :func:`kkt_point`), from the evaluations ``point`` already holds: no pass over the
+    declaration."""
+    u = point.u
+    return _assess(
+        u,
+        point.objective,
+        point.grad_f,
+        point.rows,
+        point.jacobian,
+        point.margins,
+        point.sizes,
+        point.scale,
+        table(u.dtype) if tolerances is None else tolerances,
+        eq_multipliers=eq_multipliers,
+        ineq_multipliers=ineq_multipliers,
+        multipliers=multipliers,
+        held=held,
+    )
+
+
+def _assess(
+    u: Tensor,
+    f: Tensor,
+    grad_f: Tensor,
+    rows: Tensor,
+    jac: Tensor,
+    margins: Tensor,
+    count: Sizes,
+    scale: Tensor,
+    tol: Tolerances,
+    *,
+    eq_multipliers: Tensor | None,
+    ineq_multipliers: Tensor | None,
+    multipliers: Tensor | None,
+    held: Tensor | Callable[[Tensor, Tensor, Tensor], Tensor] | None,
+) -> KKTPoint:
+    """Activity, multipliers and residual pieces from the evaluations at ``u``."""
+    p, q = count.p, count.q
+    m = u.shape[-1]
     norms = jac.abs().amax(-1) if m else torch.zeros_like(rows)  # (B, k)
 
     known_lam_g = ineq_multipliers

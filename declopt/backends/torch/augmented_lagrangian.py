@@ -63,13 +63,20 @@ def solve_constrained(
     max_iter: int | None = None,
     compile: bool = False,
     linear_solver: LinearSolver = LinearSolver(),
+    multipliers: Tensor | None = None,
 ) -> ConstrainedResult:
-    """Solve a flat batch of constrained problems from ``u0: (B, m)``."""
+    """Solve a flat batch of constrained problems from ``u0: (B, m)``.
+
+    ``multipliers: (B, p + q)`` (seed convention) warm-start the outer loop, e.g. from a nearby
+    problem's solution (the smoothing continuation); default zero.
+    """
     batch, m = u0.shape
     count = sizes(program, m)
     p, q = count.p, count.q
     scale = problem_scale(params, u0)
     mu_h, mu_g = u0.new_zeros(batch, p), u0.new_zeros(batch, q)
+    if multipliers is not None:
+        mu_h, mu_g = -multipliers[:, :p].to(u0), (-multipliers[:, p:].to(u0)).clamp_min(0)
     rho = u0.new_full((batch,), RHO0)
     u = u0
     done = torch.zeros(batch, dtype=torch.bool, device=u0.device)

@@ -97,6 +97,7 @@ def solve_nonsmooth(
     scale = problem_scale(params, u)
     iterations = torch.zeros(batch, dtype=torch.int64, device=u.device)
     lam_g = None
+    lam: Tensor | None = None  # each stage warm-starts the next one's multipliers
     margins = []
     for width in WIDTHS:
         stage = BatchedParams((*params.values, width * scale), (*params.in_dims, 0), params.size)
@@ -109,8 +110,10 @@ def solve_nonsmooth(
                 max_iter=max_iter,
                 compile=compile,
                 linear_solver=linear_solver,
+                multipliers=lam,
             )
             u, lam_g = result.u, result.point.ineq_multipliers
+            lam = torch.cat([result.point.eq_multipliers, lam_g], -1)
         else:
             objective = BatchedObjective(smoothed.objective, stage, compile)
             result = minimize(objective, u, method, max_iter, scale=scale)
