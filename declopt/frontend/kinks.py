@@ -56,7 +56,8 @@ def boundary_ties(rows: Tensor, chooser: Tensor, b: int) -> tuple[Tensor, Tensor
 def prefix_ties(rows: Tensor, chooser: Tensor) -> tuple[Tensor, Tensor]:
     """Ties inside each prefix (``cummax``): ``(R, n, n)`` sites ``[r, i, j]``, entry ``j <= i``
     tied with the maximiser of ``rows[r, :i+1]`` (``inf`` margin for ``j > i`` and the
-    maximiser itself)."""
+    maximiser itself). A prefix whose maximiser is also the next prefix's registers nothing:
+    the next one repeats its sites (duplicate rows would make the KKT systems singular)."""
     n = rows.shape[-1]
     rep = torch.cummax(chooser, dim=-1).indices  # (R, n): maximiser of each prefix
     best = rows.gather(-1, rep)  # (R, n)
@@ -64,5 +65,9 @@ def prefix_ties(rows: Tensor, chooser: Tensor) -> tuple[Tensor, Tensor]:
     j = torch.arange(n, device=rows.device)
     later = j.view(1, 1, n) > j.view(1, n, 1)
     chosen = j.view(1, 1, n) == rep.unsqueeze(-1)
-    margin = torch.where(later | chosen, torch.full_like(residual, INF), residual.abs())
+    repeated = torch.cat(
+        [rep[..., 1:] == rep[..., :-1], torch.zeros_like(rep[..., :1], dtype=torch.bool)], -1
+    )
+    skip = later | chosen | repeated.unsqueeze(-1)
+    margin = torch.where(skip, torch.full_like(residual, INF), residual.abs())
     return residual, margin
