@@ -21,9 +21,8 @@ from cvxpy.expressions.constants.callback_param import CallbackParam
 from torch import Tensor
 
 from declopt.errors import DeclarationError, UnsupportedAtomError
-from declopt.frontend.atoms import ATOMS, TensorCache, operands, supported_atom_names
-from declopt.frontend.kinks import KINKS, KinkFn
-from declopt.frontend.smoothing import SMOOTHED
+from declopt.frontend import gating
+from declopt.frontend.atoms import RULES, KinkSite, TensorCache, operands, supported_atom_names
 from declopt.program import Program
 
 __all__ = [
@@ -36,6 +35,7 @@ __all__ = [
 
 Env = Mapping[int, Tensor]
 Step = Callable[[list, Env, Tensor | None], Tensor]
+KinkFn = Callable[..., tuple[Tensor, Tensor]]
 
 SMOOTHING_WIDTH = -1
 """Env key of the smoothing width ``mu`` read by the smoothed atoms (leaf ids are positive)."""
@@ -122,14 +122,14 @@ def _constant_step(const: cp.Constant) -> Step:
 
 
 def _atom_step(expr: cp.Expression, inputs: list[int], smooth: bool = False) -> Step:
-    if smooth and type(expr) in SMOOTHED:
-        smoothed = SMOOTHED[type(expr)](expr)
-        idx = tuple(inputs)
-        return lambda slots, env, ref: smoothed(env[SMOOTHING_WIDTH], *[slots[k] for k in idx])
-    rule = ATOMS.get(type(expr))
+    rule = RULES.get(type(expr))
     if rule is None:
         raise _unsupported_atom(expr)
-    ev = rule(expr)
+    smoothed = rule.smoothed(expr) if smooth and rule.smoothed is not None else None
+    if smoothed is not None:
+        idx = tuple(inputs)
+        return lambda slots, env, ref: smoothed(env[SMOOTHING_WIDTH], *[slots[k] for k in idx])
+    ev = rule.evaluate(expr)
     if len(inputs) == 1:
         (i,) = inputs
         return lambda slots, env, ref: ev(slots[i])
@@ -167,7 +167,7 @@ def _build(
             elif isinstance(node, (cp.Parameter, cp.Variable)):
                 step = _leaf_step(node)
             else:
-                if type(node) not in ATOMS:
+                if type(node) not in RULES:
                     raise _unsupported_atom(node)
                 ops = operands(node)
                 if not expanded:
@@ -185,6 +185,66 @@ def _build(
     return steps, roots, [is_const[r] for r in roots]
 
 
+def _kink_site(node: cp.Expression) -> KinkSite | None:
+    rule = RULES.get(type(node))
+    return None if rule is None or rule.kinks is None else rule.kinks(node)
+
+
+def _pattern(root: cp.Expression, node: cp.Expression) -> gating.Pattern | None:
+    """Which rows of the inequality ``root`` depend on which entries of ``node``'s output
+    (:mod:`.gating`): broadcasting along elementwise paths, else the Jacobian's nonzeros at a
+    random point of the smoothed rows."""
+    pattern = gating.elementwise_pattern(root, node)
+    if pattern is not None:
+        return pattern
+    nodes: list[cp.Expression] = []
+    steps, (root_slot,), _ = _build([root], nodes, smooth=True)
+    k = next(i for i, e in enumerate(nodes) if e is node)
+    env = dict(gating.random_env(root))
+    env[SMOOTHING_WIDTH] = torch.tensor(1.0, dtype=torch.float64)
+    ref = torch.zeros((), dtype=torch.float64)
+
+    def downstream(value: Tensor) -> Tensor:
+        slots: list[Tensor] = []
+        for i, step in enumerate(steps):
+            slots.append(value if i == k else step(slots, env, ref))
+        return slots[root_slot].reshape(-1)
+
+    with torch.no_grad():
+        slots: list[Tensor] = []
+        for step in steps[: k + 1]:
+            slots.append(step(slots, env, ref))
+    return gating.jacobian_pattern(downstream, slots[k].detach())
+
+
+class _Gate:
+    """The smallest gap ``max(0, -g_r)`` over the inequality rows that depend on each output
+    entry of one kink node (``inf`` for entries no row depends on)."""
+
+    def __init__(self, roots: list[tuple[int, int, gating.Pattern | None]], size: int) -> None:
+        self.size = size
+        self.roots = [slot for slot, _, _ in roots]
+        rows, entries = [], []
+        offset = 0
+        for _, q, pattern in roots:
+            if pattern is None:  # unknown: every row of this inequality may bind every entry
+                r, e = np.meshgrid(np.arange(q), np.arange(size), indexing="ij")
+                pattern = (r.reshape(-1), e.reshape(-1))
+            rows.append(pattern[0] + offset)
+            entries.append(pattern[1])
+            offset += q
+        self.rows = TensorCache(np.concatenate(rows).astype(np.int64))
+        self.entries = TensorCache(np.concatenate(entries).astype(np.int64))
+
+    def __call__(self, slots: list[Tensor]) -> Tensor:
+        g = torch.cat([slots[s].reshape(-1) for s in self.roots])
+        gap = (-g).clamp(min=0)
+        rows = self.rows.get(torch.long, g.device)
+        entries = self.entries.get(torch.long, g.device)
+        start = torch.full((self.size,), float("inf"), dtype=g.dtype, device=g.device)
+        return start.scatter_reduce(0, entries, gap.index_select(0, rows), "amin")
+
+
 def _compile_kinks(
     exprs: Sequence[cp.Expression], inequality_roots: frozenset[int] = frozenset()
 ) -> KinkFn | None:
@@ -194,13 +254,13 @@ def _compile_kinks(
     the solution sits on one of its kinks, and margins whose size says how far it is from one.
     Given a second env (a reference point), ties are represented by the extremum *there*.
     A site that only appears inside inequalities (roots listed in ``inequality_roots``, each an
-    expression ``<= 0``) counts only while its inequality is active: its margin is at least the
-    inequality's gap ``max(0, -max g)``.
+    expression ``<= 0``) counts only while an inequality row that depends on it is active: its
+    margin is at least the smallest gap ``max(0, -g_r)`` among those rows (:mod:`.gating`).
     """
     nodes: list[cp.Expression] = []
     steps, roots, _ = _build(exprs, nodes)
     slot_of = {id(node): i for i, node in enumerate(nodes)}
-    owner: dict[int, int] = {}  # kink node id -> first root (in order) that contains it
+    owners: dict[int, list[int]] = {}  # kink node id -> the roots (in order) that contain it
     for r, root in enumerate(exprs):
         stack, seen = [root], set()
         while stack:
@@ -208,16 +268,28 @@ def _compile_kinks(
             if id(node) in seen:
                 continue
             seen.add(id(node))
-            if type(node) in KINKS:
-                owner.setdefault(id(node), r)
-            stack.extend(operands(node) if type(node) in ATOMS else [])
+            rule = RULES.get(type(node))
+            if rule is not None and rule.kinks is not None:
+                owners.setdefault(id(node), []).append(r)
+            stack.extend(operands(node) if rule is not None else [])
     sites = []
     for node in nodes:
-        rule = KINKS.get(type(node))
-        if rule is not None:
-            r = owner[id(node)]
-            gate = roots[r] if r in inequality_roots else None
-            sites.append((rule(node), [slot_of[id(a)] for a in operands(node)], gate))
+        site = _kink_site(node)
+        if site is None:
+            continue
+        containing = owners[id(node)]
+        gate = None
+        if all(r in inequality_roots for r in containing):
+            size = math.prod(int(d) for d in node.shape)
+            gate = _Gate(
+                [
+                    (roots[r], math.prod(int(d) for d in exprs[r].shape), _pattern(exprs[r], node))
+                    for r in containing
+                ],
+                size,
+            )
+        owner_index = TensorCache(np.asarray(site.owners, dtype=np.int64))
+        sites.append((site.fn, [slot_of[id(a)] for a in operands(node)], gate, owner_index))
     if not sites:
         return None
 
@@ -232,13 +304,13 @@ def _compile_kinks(
         slots = run(env)
         reference = run(reference_env) if reference_env is not None else None
         residuals, margins = [], []
-        for site, inputs, gate in sites:
+        for site, inputs, gate, owner_index in sites:
             at_reference = None if reference is None else [reference[i] for i in inputs]
             residual, margin = site(*[slots[i] for i in inputs], reference=at_reference)
             if gate is not None:
-                # A site of an inequality is only as close to binding as the inequality itself:
-                # its margin is at least the inequality's gap, so one tolerance decides both.
-                gap = (-slots[gate].amax()).clamp(min=0)
+                # A site of an inequality is only as close to binding as the rows it affects:
+                # its margin is at least their smallest gap, so one tolerance decides both.
+                gap = gate(slots).index_select(0, owner_index.get(torch.long, margin.device))
                 margin = torch.where(gap > margin.abs(), gap, margin)
             residuals.append(residual.reshape(-1))
             margins.append(margin.reshape(-1))

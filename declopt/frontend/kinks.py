@@ -1,104 +1,73 @@
-"""Kink sites of nonsmooth atoms (DESIGN.md §2).
+"""Kink-site builders shared by the nonsmooth atoms (see docs/design.md, 'Kinks').
 
-``KINKS`` maps a CVXPY atom class to a rule that, given the atom, returns a function of the atom's
-*input* tensors giving ``(residuals, margins)`` (same length, flattened):
+A site is a smooth *residual* that vanishes on a kink, with a *margin* measuring the distance to
+it (``inf`` where the site cannot be on one). When a solution sits on a kink (``|margin| ~ 0``)
+the implicit backward adds ``residual = 0`` as one more active equality, so the declaration is
+differentiated along the piece it sits on. The builders work on ``(R, n)`` *rows*: one row per
+atom-output entry, ``n`` the entries it depends on nonsmoothly.
 
-* ``residuals`` are smooth functions that vanish on a kink (``e`` for ``abs(e)`` at ``e = 0``;
-  ``e_j - e_{j*}`` for an entry ``j`` tied with the maximiser ``j*`` of ``max(e)``);
-* ``margins`` measure the distance to the kink (``inf`` where a site cannot be on one, e.g. the
-  maximiser itself).
+Ties are represented by an entry chosen at a ``chooser`` (the rows at the reference point when
+one is given, else the rows themselves): at an exact tie the extremum itself is an arbitrary
+member of the tied set, so the rows keep their meaning only if the representative is pinned.
 
-Every site also takes ``reference=`` (its inputs at a reference point): ties are then represented
-by the extremum at the reference point, so that the rows keep their meaning while a solver moves
-the point onto an exact tie.
-
-When the solution sits on a kink (``|margin| ~ 0``), the implicit backward adds ``residual = 0`` as
-one more active equality, so that a declaration with ``abs``/``max``/``norm1``/``norm_inf`` is
-differentiated along the piece it sits on (e.g. L1 and L-inf sphere projections).
-
-Scope: kinks are registered where the atom's value depends on them locally. ``norm_inf`` registers
-only ties of the maximum (an ``abs`` kink of an entry that is not a maximiser does not affect the
-norm). An explicit ``abs`` nested inside ``max`` registers its own kinks too, which over-constrains
-entries that sit at zero without being maximisers: write ``norm(e, "inf")`` instead.
-``huber`` is continuously differentiable and registers nothing.
+Scope: a site registers where the atom's value depends on it locally; an explicit ``abs`` nested
+inside ``max`` registers its own zeros too (over-constraining entries at zero that are not
+maximisers): write ``norm(e, "inf")`` instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
-
 import torch
-from cvxpy.atoms.elementwise.abs import abs as abs_
-from cvxpy.atoms.elementwise.maximum import maximum
-from cvxpy.atoms.elementwise.minimum import minimum
-from cvxpy.atoms.max import max as max_
-from cvxpy.atoms.min import min as min_
-from cvxpy.atoms.norm1 import norm1
-from cvxpy.atoms.norm_inf import norm_inf
 from torch import Tensor
 
-KinkSite = Callable[..., tuple[Tensor, Tensor]]
-KinkFn = Callable[..., tuple[Tensor, Tensor]]
+INF = float("inf")
 
 
-def _abs(expr: Any) -> KinkSite:
-    def site(x: Tensor, reference: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        return x.reshape(-1), x.reshape(-1)
-
-    return site
+def unit_sign(x: Tensor) -> Tensor:
+    """``+1`` where ``x >= 0``, else ``-1`` (piecewise constant: no derivative)."""
+    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
 
 
-def _pairwise(expr: Any) -> KinkSite:
-    """``maximum(a, b)`` / ``minimum(a, b)``: the kink is ``a = b`` (broadcast)."""
-    shape = tuple(int(d) for d in expr.shape)
-
-    def site(*xs: Tensor, reference: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        if len(xs) != 2:
-            # More than two arguments: ties between the leading two only (rare in practice).
-            xs = xs[:2]
-        diff = (xs[0] - xs[1]).expand(shape) if shape else (xs[0] - xs[1]).reshape(())
-        return diff.reshape(-1), diff.reshape(-1)
-
-    return site
+def ties(rows: Tensor, chooser: Tensor, largest: bool) -> tuple[Tensor, Tensor]:
+    """Entries tied with the extremum of each row: residual ``x_j - x_rep``, margin the residual
+    itself (``inf`` for the representative ``rep``, the extremum of ``chooser``)."""
+    pick = chooser.argmax(-1, keepdim=True) if largest else chooser.argmin(-1, keepdim=True)
+    residual = rows - rows.gather(-1, pick)
+    chosen = torch.zeros_like(rows, dtype=torch.bool).scatter(-1, pick, True)
+    margin = torch.where(chosen, torch.full_like(residual, INF), residual)
+    return residual, margin
 
 
-def _ties(largest: bool, of_abs: bool) -> Callable[[Any], KinkSite]:
-    """Ties of ``max``/``min`` (of ``abs`` for ``norm_inf``) along the reduced axis."""
-
-    def rule(expr: Any) -> KinkSite:
-        axis = getattr(expr, "axis", None)
-
-        def rows(x: Tensor) -> Tensor:
-            values = x.abs() if of_abs else x
-            if axis is None:
-                return values.reshape(1, -1)
-            dim = int(axis) % values.dim()
-            return values.movedim(dim, -1).reshape(-1, values.shape[dim])
-
-        def site(x: Tensor, reference: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor]:
-            values = rows(x)
-            # The representative of a tie is the extremum at the reference point when given:
-            # at an exact tie the extremum itself is an arbitrary member of the tied set.
-            chooser = values if reference is None else rows(reference[0])
-            pick = chooser.argmax(-1, keepdim=True) if largest else chooser.argmin(-1, keepdim=True)
-            best = values.gather(-1, pick)
-            residual = values - best  # zero for entries tied with the extremum
-            chosen = torch.zeros_like(values, dtype=torch.bool).scatter(-1, pick, True)
-            margin = torch.where(chosen, torch.full_like(residual, float("inf")), residual)
-            return residual.reshape(-1), margin.reshape(-1)
-
-        return site
-
-    return rule
+def boundary_ties(rows: Tensor, chooser: Tensor, b: int) -> tuple[Tensor, Tensor]:
+    """Ties across the boundary between the ``b`` largest entries of each row and the rest
+    (``1 <= b < n``): the kink is ``v_b = v_{b+1}`` (sorted values). Residual ``x_j - x_rep``
+    with ``rep`` the ``b``-th largest entry of ``chooser``; margin ``max(|x_j - x_rep|, v_b -
+    v_{b+1})``: an entry tied with ``rep`` is on a kink only while the tie straddles the boundary
+    (a tie among the ``b`` largest, or among the rest, does not change the sum)."""
+    rep = torch.topk(chooser, b, dim=-1).indices[..., b - 1 : b]
+    top = torch.topk(rows, b + 1, dim=-1).values
+    gap = (top[..., b - 1 : b] - top[..., b : b + 1]).clamp(min=0)
+    residual = rows - rows.gather(-1, rep)
+    chosen = torch.zeros_like(rows, dtype=torch.bool).scatter(-1, rep, True)
+    margin = torch.maximum(residual.abs(), gap)
+    return residual, torch.where(chosen, torch.full_like(margin, INF), margin)
 
 
-KINKS: dict[type, Callable[[Any], KinkSite]] = {
-    abs_: _abs,
-    norm1: _abs,
-    maximum: _pairwise,
-    minimum: _pairwise,
-    max_: _ties(largest=True, of_abs=False),
-    min_: _ties(largest=False, of_abs=False),
-    norm_inf: _ties(largest=True, of_abs=True),
-}
+def prefix_ties(rows: Tensor, chooser: Tensor) -> tuple[Tensor, Tensor]:
+    """Ties inside each prefix (``cummax``): ``(R, n, n)`` sites ``[r, i, j]``, entry ``j <= i``
+    tied with the maximiser of ``rows[r, :i+1]`` (``inf`` margin for ``j > i`` and the
+    maximiser itself). A prefix whose maximiser is also the next prefix's registers nothing:
+    the next one repeats its sites (duplicate rows would make the KKT systems singular)."""
+    n = rows.shape[-1]
+    rep = torch.cummax(chooser, dim=-1).indices  # (R, n): maximiser of each prefix
+    best = rows.gather(-1, rep)  # (R, n)
+    residual = rows.unsqueeze(-2) - best.unsqueeze(-1)  # [r, i, j] = x_j - x_rep(i)
+    j = torch.arange(n, device=rows.device)
+    later = j.view(1, 1, n) > j.view(1, n, 1)
+    chosen = j.view(1, 1, n) == rep.unsqueeze(-1)
+    repeated = torch.cat(
+        [rep[..., 1:] == rep[..., :-1], torch.zeros_like(rep[..., :1], dtype=torch.bool)], -1
+    )
+    skip = later | chosen | repeated.unsqueeze(-1)
+    margin = torch.where(skip, torch.full_like(residual, INF), residual.abs())
+    return residual, margin

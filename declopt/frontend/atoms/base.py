@@ -1,0 +1,113 @@
+"""The per-atom record: one :class:`AtomRule` holds everything the front end knows about an atom.
+
+A rule says how to *evaluate* the atom (a torch function of its operand tensors, exactly
+``node.numeric``), what a solver may exploit about its derivatives (``elementwise``, ``affine``,
+``smooth``), and, for a nonsmooth atom, where its *kinks* are and a *smoothed* stand-in
+(see docs/design.md, 'Kinks').
+
+:func:`check_rules` runs when :mod:`declopt.frontend.atoms` is imported: every atom the front end
+accepts is either declared smooth (with the reason, when that needs one) or carries both its kink
+sites and its smoothing; anything else raises :class:`AtomRuleError`, so that a new nonsmooth atom
+cannot be added without the facts the implicit backward and the torch backend rely on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import cvxpy as cp
+import numpy as np
+from cvxpy.atoms.elementwise.huber import huber
+from cvxpy.atoms.elementwise.power import Power
+from torch import Tensor
+
+Evaluator = Callable[..., Tensor]
+"""``f(*operand_tensors) -> Tensor`` of exactly ``node.shape``."""
+SmoothEvaluator = Callable[..., Tensor]
+"""``f(mu, *operand_tensors) -> Tensor``: a smoothed atom; ``mu`` is a scalar tensor, ``> 0``."""
+
+
+@dataclass(frozen=True)
+class KinkSite:
+    """The kink sites of one atom node.
+
+    ``fn(*operand_tensors, reference=None) -> (residuals (K,), margins (K,))``: smooth residuals
+    that vanish on a kink, and margins measuring the distance to it (``inf`` where a site cannot
+    be on one). With ``reference`` (the operands at a reference point), ties are represented by
+    the extremum there. ``owners[k]`` is the flat (row-major) index of the atom-output entry that
+    site ``k`` belongs to: a kink inside an inequality is gated by the rows that depend on it.
+    """
+
+    fn: Callable[..., tuple[Tensor, Tensor]]
+    owners: np.ndarray
+
+
+KinkRule = Callable[[Any], KinkSite | None]
+"""Given the CVXPY node, its :class:`KinkSite` (``None``: this instance is smooth)."""
+SmoothRule = Callable[[Any], SmoothEvaluator | None]
+"""Given the CVXPY node, its smoothed form (``None`` exactly where the kink rule gives ``None``)."""
+
+
+@dataclass(frozen=True)
+class AtomRule:
+    """Everything known about one CVXPY atom class.
+
+    Attributes:
+        evaluate: given the node (static data: axis, exponent, key, shapes), its evaluator.
+        smooth: the atom is continuously differentiable on the interior of its domain. A
+            nonsmooth atom (``smooth=False``) must give ``kinks`` and ``smoothed``.
+        kinks: given the node, its :class:`KinkSite` (nonsmooth atoms only).
+        smoothed: given the node, a smooth stand-in within ``O(mu)`` of it (nonsmooth atoms only;
+            max-type atoms lie below the original).
+        elementwise: output entry ``i`` depends only on entry ``i`` of each operand (operands of
+            another shape are broadcast, numpy-style).
+        affine: the atom is affine in its operands jointly.
+        note: why the declared smoothness holds where it is not obvious (C1 only, domain
+            boundaries, instances without kinks).
+    """
+
+    evaluate: Callable[[Any], Evaluator]
+    smooth: bool = True
+    kinks: KinkRule | None = None
+    smoothed: SmoothRule | None = None
+    elementwise: bool = False
+    affine: bool = False
+    note: str = ""
+
+
+class AtomRuleError(RuntimeError):
+    """The atom table is inconsistent (raised at import, a programming error)."""
+
+
+def check_rules(rules: Mapping[type, AtomRule]) -> None:
+    """Raise :class:`AtomRuleError` unless every rule is declared smooth or has both its kink
+    sites and its smoothing (and a smooth rule has neither)."""
+    problems = []
+    for cls, rule in rules.items():
+        name = getattr(cls, "__name__", repr(cls))
+        if not isinstance(rule, AtomRule):
+            problems.append(f"{name}: not an AtomRule")
+        elif rule.smooth and (rule.kinks is not None or rule.smoothed is not None):
+            problems.append(f"{name}: declared smooth but has kinks or a smoothing")
+        elif not rule.smooth and (rule.kinks is None or rule.smoothed is None):
+            problems.append(f"{name}: declared nonsmooth without both kink sites and a smoothing")
+        elif rule.affine and not rule.smooth:
+            problems.append(f"{name}: declared affine and nonsmooth")
+    if problems:
+        raise AtomRuleError("inconsistent atom rules: " + "; ".join(problems))
+
+
+def operands(expr: cp.Expression) -> list[cp.Expression]:
+    """The sub-expressions an atom's evaluator receives, in order.
+
+    Usually ``expr.args``; a few atoms keep a numeric operand as an attribute rather than an
+    argument (``power``'s exponent, ``huber``'s threshold) so that it may be a Parameter.
+    """
+    args = list(expr.args)
+    if isinstance(expr, Power) and not isinstance(expr.p, cp.Constant):
+        args.append(expr.p)
+    elif isinstance(expr, huber):
+        args.append(expr.M)
+    return args

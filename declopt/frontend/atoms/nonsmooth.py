@@ -1,0 +1,405 @@
+"""Nonsmooth atoms: each rule carries its evaluation, its kink sites and its smoothing together.
+
+Kink sites (:mod:`declopt.frontend.kinks`), per atom-output entry:
+
+* ``abs``, ``norm1``: every entry at zero;
+* ``maximum``/``minimum`` (any number of broadcast arguments), ``max``/``min``: every argument
+  (entry) tied with the winning one;
+* ``norm_inf``: entries tied with the largest ``|x_j|`` (residuals with unit slope at zero), and
+  the origin (the largest ``|x_j|`` itself at zero);
+* ``sum_largest`` (``sum_smallest`` is ``-sum_largest(-x)``): ties straddling each boundary where
+  the weights of the sorted entries drop (after the ``floor(k)``-th and, for fractional ``k``,
+  the ``ceil(k)``-th);
+* ``cummax``: ties inside every prefix;
+* ``Pnorm`` with ``p > 1``: the origin (all entries at zero; ``p = 1``/``inf`` are ``norm1``/
+  ``norm_inf``). A ``p < 1`` "norm" is smooth on its domain's interior and has no sites.
+
+``pos``/``neg`` are ``maximum(x, 0)``/``-minimum(x, 0)`` in CVXPY and need no rule of their own.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from cvxpy.atoms.cummax import cummax
+from cvxpy.atoms.elementwise.abs import abs as abs_
+from cvxpy.atoms.elementwise.maximum import maximum
+from cvxpy.atoms.elementwise.minimum import minimum
+from cvxpy.atoms.max import max as max_
+from cvxpy.atoms.min import min as min_
+from cvxpy.atoms.norm1 import norm1
+from cvxpy.atoms.norm_inf import norm_inf
+from cvxpy.atoms.pnorm import Pnorm, PnormApprox
+from cvxpy.atoms.sum_largest import sum_largest
+from torch import Tensor
+
+from declopt.frontend import kinks as K
+from declopt.frontend import smoothing as S
+from declopt.frontend.atoms.base import AtomRule, Evaluator, KinkSite, SmoothEvaluator
+from declopt.frontend.atoms.tensors import Shape, cumulative, reduction, rows_of, shape_of
+
+
+def _size(expr: Any) -> int:
+    return math.prod(shape_of(expr))
+
+
+def _per_row(rows: int, sites: int) -> np.ndarray:
+    """Owners of ``sites`` sites per row, rows in output order."""
+    return np.repeat(np.arange(rows, dtype=np.int64), sites)
+
+
+def _chooser(to_rows: Any, x: Tensor, reference: Any) -> Tensor:
+    return to_rows(x) if reference is None else to_rows(reference[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# abs, norm1
+
+
+def _abs_kinks(expr: Any) -> KinkSite:
+    def fn(x: Tensor, reference: Any = None) -> tuple[Tensor, Tensor]:
+        return x.reshape(-1), x.reshape(-1)
+
+    return KinkSite(fn, np.arange(_size(expr), dtype=np.int64))
+
+
+def _norm1(expr: Any) -> Evaluator:
+    return reduction(
+        expr, lambda x, d, k: torch.sum(torch.abs(x), dim=d, keepdim=k), flatten_if_no_axis=True
+    )
+
+
+def _norm1_kinks(expr: Any) -> KinkSite:
+    to_rows, n = rows_of(expr)
+
+    def fn(x: Tensor, reference: Any = None) -> tuple[Tensor, Tensor]:
+        rows = to_rows(x).reshape(-1)
+        return rows, rows
+
+    return KinkSite(fn, _per_row(_size(expr), n))
+
+
+def _norm1_smoothed(expr: Any) -> SmoothEvaluator:
+    to_rows, _ = rows_of(expr)
+    shape = shape_of(expr)
+    return lambda mu, x: S.smooth_abs(to_rows(x), mu).sum(-1).reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# maximum, minimum (elementwise, any number of broadcast arguments)
+
+
+def _stacked(expr: Any) -> Any:
+    shape = shape_of(expr)
+    return lambda xs: torch.stack([torch.broadcast_to(x, shape).reshape(-1) for x in xs], -1)
+
+
+def _elementwise_extremum(largest: bool) -> AtomRule:
+    op = torch.maximum if largest else torch.minimum
+    sign = 1.0 if largest else -1.0
+
+    def evaluate(expr: Any) -> Evaluator:
+        return lambda *xs: functools.reduce(op, xs)
+
+    def kinks(expr: Any) -> KinkSite:
+        stack = _stacked(expr)
+
+        def fn(*xs: Tensor, reference: Any = None) -> tuple[Tensor, Tensor]:
+            rows = stack(xs)  # (out_size, number of arguments)
+            chooser = rows if reference is None else stack(reference)
+            residual, margin = K.ties(rows, chooser, largest)
+            return residual.reshape(-1), margin.reshape(-1)
+
+        return KinkSite(fn, _per_row(_size(expr), len(expr.args)))
+
+    def smoothed(expr: Any) -> SmoothEvaluator:
+        return lambda mu, *xs: functools.reduce(lambda a, b: S.pair_max(a, b, mu, sign), xs)
+
+    return AtomRule(evaluate, smooth=False, kinks=kinks, smoothed=smoothed, elementwise=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# max, min, norm_inf (reductions)
+
+
+def _reduced_extremum(largest: bool) -> AtomRule:
+    op = torch.amax if largest else torch.amin
+    sign = 1.0 if largest else -1.0
+
+    def evaluate(expr: Any) -> Evaluator:
+        return reduction(expr, lambda x, d, k: op(x, dim=d, keepdim=k))
+
+    def kinks(expr: Any) -> KinkSite:
+        to_rows, n = rows_of(expr)
+
+        def fn(x: Tensor, reference: Any = None) -> tuple[Tensor, Tensor]:
+            residual, margin = K.ties(to_rows(x), _chooser(to_rows, x, reference), largest)
+            return residual.reshape(-1), margin.reshape(-1)
+
+        return KinkSite(fn, _per_row(_size(expr), n))
+
+    def smoothed(expr: Any) -> SmoothEvaluator:
+        to_rows, _ = rows_of(expr)
+        shape = shape_of(expr)
+        return lambda mu, x: S.soft_max(to_rows(x), mu, sign).reshape(shape)
+
+    return AtomRule(evaluate, smooth=False, kinks=kinks, smoothed=smoothed)
+
+
+def _norm_inf(expr: Any) -> Evaluator:
+    return reduction(
+        expr, lambda x, d, k: torch.amax(torch.abs(x), dim=d, keepdim=k), flatten_if_no_axis=True
+    )
+
+
+def _norm_inf_kinks(expr: Any) -> KinkSite:
+    to_rows, n = rows_of(expr)
+
+    def fn(x: Tensor, reference: Any = None) -> tuple[Tensor, Tensor]:
+        rows = to_rows(x)
+        chooser = _chooser(to_rows, x, reference)
+        # |x_j| as s_j x_j with the sign s at the chooser (+1 at zero): the same value, and a
+        # unit slope where x_j = 0, so that the rows still pin the entries at the origin.
+        signed = K.unit_sign(chooser) * rows
+        residual, margin = K.ties(signed, chooser.abs(), largest=True)
+        pick = chooser.abs().argmax(-1, keepdim=True)
+        origin = signed.gather(-1, pick)  # the largest |x_j|: zero only at the origin
+        reach = rows.abs().amax(-1, keepdim=True)
+        residual = torch.cat([residual, origin], -1)
+        margin = torch.cat([margin, reach], -1)
+        return residual.reshape(-1), margin.reshape(-1)
+
+    return KinkSite(fn, _per_row(_size(expr), n + 1))
+
+
+def _norm_inf_smoothed(expr: Any) -> SmoothEvaluator:
+    to_rows, _ = rows_of(expr)
+    shape = shape_of(expr)
+    return lambda mu, x: S.soft_max(S.smooth_abs(to_rows(x), mu), mu).reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pnorm
+
+
+def _pnorm(expr: Any) -> Evaluator:
+    # PnormApprox.p is the rational approximation CVXPY evaluates with (numeric uses self.p).
+    p = float(expr.p)
+    if p >= 1:
+        return reduction(
+            expr,
+            lambda x, d, k: torch.linalg.vector_norm(x, ord=p, dim=d, keepdim=k),
+            flatten_if_no_axis=True,
+        )
+    # p < 1 (concave "norm", axis=None only): -inf if any entry is negative; for p < 0, 0 if any
+    # entry is 0; else (sum |x|^p)^(1/p) as np.linalg.norm.
+    shape = shape_of(expr)
+
+    def f(x: Tensor) -> Tensor:
+        v = x.reshape(-1)
+        a = torch.abs(v)
+        zero = v == 0
+        if p < 0:
+            a = torch.where(zero, 1.0, a)  # keeps a**p finite where the result is replaced
+        val = torch.sum(a**p) ** (1.0 / p)
+        if p < 0:
+            val = torch.where(torch.any(zero), 0.0, val)
+        val = torch.where(torch.any(v < 0), -torch.inf, val)
+        return val.reshape(shape)
+
+    return f
+
+
+def _pnorm_kinks(expr: Any) -> KinkSite | None:
+    p = float(expr.p)
+    if p < 1:
+        return None
+    to_rows, n = rows_of(expr)
+
+    def fn(x: Tensor, reference: Any = None) -> tuple[Tensor, Tensor]:
+        rows = to_rows(x)
+        reach = torch.linalg.vector_norm(rows, ord=p, dim=-1, keepdim=True)
+        return rows.reshape(-1), reach.expand_as(rows).reshape(-1)
+
+    return KinkSite(fn, _per_row(_size(expr), n))
+
+
+def _pnorm_smoothed(expr: Any) -> SmoothEvaluator | None:
+    p = float(expr.p)
+    if p < 1:
+        return None
+    to_rows, _ = rows_of(expr)
+    shape = shape_of(expr)
+    return lambda mu, x: S.smooth_pnorm(to_rows(x), p, mu).reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# sum_largest
+
+
+def _sum_largest_layout(expr: Any) -> tuple[Any, int, int, float]:
+    to_rows, n = rows_of(expr)
+    k = float(expr.k)
+    kf = math.floor(k)
+    return to_rows, n, kf, k - kf
+
+
+def _sum_largest(expr: Any) -> Evaluator:
+    # Sum of the k largest entries; fractional k adds frac(k) times the next largest entry.
+    to_rows, n, kf, frac = _sum_largest_layout(expr)
+    shape = shape_of(expr)
+    kk = min(kf, n)
+    use_frac = frac > 0 and kf < n
+    t = kk + 1 if use_frac else kk
+
+    def f(x: Tensor) -> Tensor:
+        top = torch.topk(to_rows(x), t, dim=-1).values
+        res = torch.sum(top[..., :kk], dim=-1)
+        if use_frac:
+            res = res + frac * top[..., kk]
+        return res.reshape(shape)
+
+    return f
+
+
+def _sum_largest_boundaries(expr: Any) -> tuple[int, ...]:
+    """Sorted positions ``b`` (``1 <= b < n``) after which the weights of the sorted entries
+    drop: 1 -> frac after ``floor(k)``, frac -> 0 after ``floor(k) + 1``."""
+    _, n, kf, frac = _sum_largest_layout(expr)
+    drops = [kf] + ([kf + 1] if frac > 0 else [])
+    return tuple(b for b in drops if 1 <= b < n)
+
+
+def _sum_largest_kinks(expr: Any) -> KinkSite | None:
+    boundaries = _sum_largest_boundaries(expr)
+    if not boundaries:
+        return None  # k >= n (a plain sum) or k < 1 with n = 1
+    to_rows, n, _, _ = _sum_largest_layout(expr)
+
+    def fn(x: Tensor, reference: Any = None) -> tuple[Tensor, Tensor]:
+        rows = to_rows(x)
+        chooser = _chooser(to_rows, x, reference)
+        parts = [K.boundary_ties(rows, chooser, b) for b in boundaries]
+        residual = torch.cat([r for r, _ in parts], -1)
+        margin = torch.cat([m for _, m in parts], -1)
+        return residual.reshape(-1), margin.reshape(-1)
+
+    return KinkSite(fn, _per_row(_size(expr), n * len(boundaries)))
+
+
+def _sum_largest_smoothed(expr: Any) -> SmoothEvaluator | None:
+    if not _sum_largest_boundaries(expr):
+        return None
+    to_rows, n, kf, frac = _sum_largest_layout(expr)
+    shape = shape_of(expr)
+    lo, hi = min(kf, n), min(kf + 1, n)
+
+    def f(mu: Tensor, x: Tensor) -> Tensor:
+        rows = to_rows(x)
+        value = S.soft_sum_largest(rows, lo, mu)
+        if frac > 0 and hi > lo:
+            value = (1 - frac) * value + frac * S.soft_sum_largest(rows, hi, mu)
+        return value.reshape(shape)
+
+    return f
+
+
+# ---------------------------------------------------------------------------------------------
+# cummax
+
+
+def _cummax_layout(expr: Any) -> tuple[Any, Any, np.ndarray] | None:
+    """``(to_rows, from_rows, owners (R, n))`` along the cumulative axis; ``None`` for a scalar."""
+    arg = expr.args[0]
+    shape: Shape = shape_of(arg)
+    out_shape = shape_of(expr)
+    size = math.prod(shape)
+    if arg.ndim == 0 or size <= 1:
+        return None
+    flat = np.arange(size, dtype=np.int64)
+    if expr.axis is None:  # numpy flattens in C order
+        return (lambda x: x.reshape(1, -1)), (lambda r: r.reshape(out_shape)), flat[None, :]
+    axis = int(expr.axis) % arg.ndim
+    moved = (*(d for i, d in enumerate(shape) if i != axis), shape[axis])
+    owners = np.moveaxis(flat.reshape(shape), axis, -1).reshape(-1, shape[axis])
+
+    def to_rows(x: Tensor) -> Tensor:
+        return x.movedim(axis, -1).reshape(-1, shape[axis])
+
+    def from_rows(r: Tensor) -> Tensor:
+        return r.reshape(moved).movedim(-1, axis)
+
+    return to_rows, from_rows, owners
+
+
+def _cummax_kinks(expr: Any) -> KinkSite | None:
+    layout = _cummax_layout(expr)
+    if layout is None:
+        return None
+    to_rows, _, owners = layout
+    n = owners.shape[-1]
+
+    def fn(x: Tensor, reference: Any = None) -> tuple[Tensor, Tensor]:
+        residual, margin = K.prefix_ties(to_rows(x), _chooser(to_rows, x, reference))
+        return residual.reshape(-1), margin.reshape(-1)
+
+    return KinkSite(fn, np.repeat(owners.reshape(-1), n))
+
+
+def _cummax_smoothed(expr: Any) -> SmoothEvaluator | None:
+    layout = _cummax_layout(expr)
+    if layout is None:
+        return None
+    to_rows, from_rows, _ = layout
+    return lambda mu, x: from_rows(S.soft_cummax(to_rows(x), mu))
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+
+NONSMOOTH: dict[type, AtomRule] = {
+    abs_: AtomRule(
+        lambda expr: torch.abs,
+        smooth=False,
+        kinks=_abs_kinks,
+        smoothed=lambda expr: lambda mu, x: S.smooth_abs(x, mu),
+        elementwise=True,
+    ),
+    norm1: AtomRule(_norm1, smooth=False, kinks=_norm1_kinks, smoothed=_norm1_smoothed),
+    maximum: _elementwise_extremum(largest=True),
+    minimum: _elementwise_extremum(largest=False),
+    max_: _reduced_extremum(largest=True),
+    min_: _reduced_extremum(largest=False),
+    norm_inf: AtomRule(_norm_inf, smooth=False, kinks=_norm_inf_kinks, smoothed=_norm_inf_smoothed),
+    Pnorm: AtomRule(
+        _pnorm,
+        smooth=False,
+        kinks=_pnorm_kinks,
+        smoothed=_pnorm_smoothed,
+        note="p > 1: a kink at the origin only; p < 1: smooth on the interior of its domain",
+    ),
+    PnormApprox: AtomRule(
+        _pnorm,
+        smooth=False,
+        kinks=_pnorm_kinks,
+        smoothed=_pnorm_smoothed,
+        note="p > 1: a kink at the origin only; p < 1: smooth on the interior of its domain",
+    ),
+    sum_largest: AtomRule(
+        _sum_largest,
+        smooth=False,
+        kinks=_sum_largest_kinks,
+        smoothed=_sum_largest_smoothed,
+        note="k >= n: a plain sum, no kinks",
+    ),
+    cummax: AtomRule(
+        cumulative(lambda x, d: torch.cummax(x, dim=d).values),
+        smooth=False,
+        kinks=_cummax_kinks,
+        smoothed=_cummax_smoothed,
+    ),
+}
