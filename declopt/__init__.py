@@ -15,6 +15,8 @@ from declopt.errors import (
     UnsupportedAtomError,
 )
 from declopt.layer import Layer
+from declopt.linalg import LinearSolver
+from declopt.policies import Degenerate, Implicit, Native, SolverVJP
 from declopt.program import Program
 
 __all__ = [

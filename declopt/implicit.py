@@ -122,9 +122,11 @@ def implicit_vjp(
     if held is None:
         objective = BatchedObjective(program.objective, params, compile=compile)
         grads, g, linear = _unconstrained(objective, params, u, v, wanted, linear_solver)
-        none = torch.zeros(batch, dtype=torch.bool, device=u.device)
-        multiplier_residual = g.abs().amax(-1) if point is None else point.stationarity
-        return grads, ImplicitReport(linear, point, none, none, multiplier_residual)
+        if point is None:
+            none = torch.zeros(batch, dtype=torch.bool, device=u.device)
+            return grads, ImplicitReport(linear, None, none, none, g.abs().amax(-1))
+        flags = (point.weakly_active.any(-1), point.sign_violation, point.stationarity)
+        return grads, ImplicitReport(linear, point, *flags)
 
     # Only held rows enter the KKT system: gather each problem's held rows to the front and pad
     # to the largest count of the batch (padding: zero in A, one on the diagonal).

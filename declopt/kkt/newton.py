@@ -83,6 +83,11 @@ def newton_kkt(
     return point
 
 
+RELEASE_ROUNDS = 3
+"""Rounds of :func:`polish`: the first holds every identified row, each later one releases the
+inequalities the previous one held with a wrong-sign multiplier."""
+
+
 def polish(
     program: Program,
     params: BatchedParams,
@@ -99,7 +104,9 @@ def polish(
     (its own activity rule, the polished multipliers; kinks are not rows here).
 
     A row is identified as active when it is within ``identification`` (relative to its row
-    scale; default ``Tolerances.identification``) of its boundary or has a negative multiplier.
+    scale; default ``Tolerances.identification``) of its boundary or has a negative multiplier;
+    an inequality that comes out of the polish with a positive multiplier is released and the
+    polish redone (up to :data:`RELEASE_ROUNDS` times).
     """
     tol = table(u.dtype).identification if identification is None else identification
     count = sizes(program, u.shape[-1])
@@ -117,15 +124,37 @@ def polish(
         program, params, u, multipliers=lam, held=identified, with_kinks=False, scale=scale
     )
     held = start.held
+    is_inequality = torch.zeros_like(held)
+    is_inequality[:, p:] = True
+    pending = torch.ones(u.shape[0], dtype=torch.bool, device=u.device)
+    out: KKTPoint | None = None
+    for _ in range(RELEASE_ROUNDS):
 
-    def evaluate(u_new: Tensor, lam_new: Tensor) -> KKTPoint:
-        return kkt_point(
-            program, params, u_new, multipliers=lam_new, held=held, with_kinks=False, scale=scale
+        def evaluate(u_new: Tensor, lam_new: Tensor, held: Tensor = held) -> KKTPoint:
+            return kkt_point(
+                program,
+                params,
+                u_new,
+                multipliers=lam_new,
+                held=held,
+                with_kinks=False,
+                scale=scale,
+            )
+
+        begin = reassess(start, multipliers=lam, held=held)
+        polished = newton_kkt(program, params, begin, evaluate, steps, linear_solver=linear_solver)
+        final = reassess(
+            polished,
+            eq_multipliers=polished.eq_multipliers if p else None,
+            ineq_multipliers=polished.ineq_multipliers if q else None,
         )
-
-    polished = newton_kkt(program, params, start, evaluate, steps, linear_solver=linear_solver)
-    return reassess(
-        polished,
-        eq_multipliers=polished.eq_multipliers if p else None,
-        ineq_multipliers=polished.ineq_multipliers if q else None,
-    )
+        out = final if out is None else final.where(pending, out)
+        # An inequality held with a positive multiplier was identified by mistake (a point just
+        # inside its bound): release it and polish again from the solver's point.
+        wrong = polished.held & is_inequality & (polished.multipliers > 0)
+        pending = pending & wrong.any(-1)
+        if not bool(pending.any()):
+            break
+        held = held & ~(wrong & pending.unsqueeze(-1))
+    assert out is not None
+    return out

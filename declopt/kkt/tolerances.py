@@ -43,8 +43,9 @@ class Tolerances:
         identification: the torch solver's active-set guess from an augmented-Lagrangian iterate,
             which is only ``~sqrt(eps)`` accurate: ``sqrt(eps)``.
         multiplier: a multiplier is ~zero (its inequality weakly active, the derivative
-            one-sided) or of the wrong sign beyond this, relative to the gradient scale:
-            ``sqrt(eps)``.
+            one-sided) or of the wrong sign beyond this, relative to the gradient scale: the same
+            number as ``activity`` (in float32 a multiplier of 1e-4 of the gradient is no
+            rounding error).
         converged: a KKT point is accepted as a solution when every relative residual piece is
             within this: ``sqrt(eps)``.
         floor: the rounding floor of a residual (nothing below it is worth another Newton step):
@@ -62,10 +63,11 @@ class Tolerances:
 def table(dtype: torch.dtype) -> Tolerances:
     """The tolerances of ``dtype``."""
     eps = torch.finfo(dtype).eps
+    activity = min(eps**0.5, max(64 * eps, _FLOAT64_EPS**0.5))
     return Tolerances(
-        activity=min(eps**0.5, max(64 * eps, _FLOAT64_EPS**0.5)),
+        activity=activity,
         identification=eps**0.5,
-        multiplier=eps**0.5,
+        multiplier=activity,
         converged=eps**0.5,
         floor=64 * eps,
     )
