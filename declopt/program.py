@@ -53,7 +53,10 @@ class Program:
             atoms' kink sites, or ``None``; with a ``reference`` point ``(m,)``, ties are
             represented by the extremum at that point. A site whose margin is ~0 holds the
             solution on a kink; the backward then adds ``residual = 0`` as one more active
-            equality (DESIGN.md §2).
+            equality (docs/design.md, "Kinks").
+        kinks_isolated: every kink site is an isolated point (``AtomRule.isolated_kinks``, e.g.
+            the origin of a 2-norm): solvers may treat the declaration as smooth and deal with
+            kinks only where a solution lands on one.
         smoothed: with kinks, the same declaration with every nonsmooth atom replaced by a smooth
             approximation of width ``mu`` (:mod:`declopt.frontend.smoothing`), taking ``mu`` (a
             scalar tensor) as one more parameter after the declared ones; the torch backend
@@ -75,6 +78,7 @@ class Program:
         default=None, compare=False, repr=False
     )
     kinks: Callable[..., tuple[Tensor, Tensor]] | None = None
+    kinks_isolated: bool = False
     smoothed: Program | None = field(default=None, compare=False, repr=False)
 
     @property

@@ -245,6 +245,24 @@ class _Gate:
         return start.scatter_reduce(0, entries, gap.index_select(0, rows), "amin")
 
 
+def kinks_are_isolated(exprs: Sequence[cp.Expression]) -> bool:
+    """Whether every nonsmooth atom in ``exprs`` has only isolated kinks
+    (:attr:`AtomRule.isolated_kinks`)."""
+    stack, seen, isolated = list(exprs), set(), True
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        rule = RULES.get(type(node))
+        if rule is None:
+            continue
+        if _kink_site(node) is not None:
+            isolated = isolated and rule.isolated_kinks
+        stack.extend(operands(node))
+    return isolated
+
+
 def _compile_kinks(
     exprs: Sequence[cp.Expression], inequality_roots: frozenset[int] = frozenset()
 ) -> KinkFn | None:
@@ -610,5 +628,6 @@ def compile_problem(
         maximize=sign < 0,
         source=(problem, tuple(parameters), tuple(variables)),
         kinks=kinks_fn if kink_eval is not None else None,
+        kinks_isolated=kink_eval is not None and kinks_are_isolated([objective.expr, *eqs, *ineqs]),
         smoothed=smoothed,
     )

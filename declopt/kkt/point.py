@@ -207,9 +207,18 @@ def kkt_point(
     with_kinks = program.kinks is not None if with_kinks is None else with_kinks
     batch, m = u.shape
     count = sizes(program, m)
+    scale = problem_scale(params, u) if scale is None else scale
+    if (
+        with_kinks
+        and held is None
+        and count.kinks
+        and not _any_on_a_kink(program, params, u, scale, tol)
+    ):
+        # No solution of the batch sits on a kink: its rows would all be dropped, and their
+        # Jacobian can cost more than everything else (a 2-norm's origin: m rows).
+        with_kinks = False
     if not with_kinks:
         count = Sizes(count.p, count.q, 0)
-    scale = problem_scale(params, u) if scale is None else scale
     f, grad_f = _objective_and_gradient(program.objective, params.in_dims)(params.values, u)
     if count.total:
         jac, (rows, margins) = _rows_and_jacobian(program, params.in_dims, with_kinks, m)(
@@ -343,6 +352,17 @@ def _assess(
         sign_violation=sign_violation.any(-1),
         converged=converged,
     )
+
+
+def _any_on_a_kink(
+    program: Program, params: BatchedParams, u: Tensor, scale: Tensor, tol: Tolerances
+) -> bool:
+    """Whether some kink margin of the batch is within the default activity test."""
+    kinks = program.kinks
+    assert kinks is not None
+    margins = vmap(lambda x, uu: kinks(x, uu)[1], in_dims=(params.in_dims, 0))(params.values, u)
+    unit = solution_scale(u, scale).unsqueeze(-1)
+    return bool((margins.abs() <= tol.activity * unit).any())
 
 
 def _max(rows: Tensor) -> Tensor:

@@ -20,6 +20,8 @@ from declopt.backends.torch.augmented_lagrangian import solve_constrained
 from declopt.backends.torch.minimize import MinimizeResult, minimize
 from declopt.backends.torch.nonsmooth import solve_nonsmooth
 from declopt.derivatives import BatchedObjective
+from declopt.kkt.point import sizes as program_sizes
+from declopt.kkt.tolerances import problem_scale, table
 from declopt.linalg import LinearSolver
 from declopt.program import Program
 
@@ -65,6 +67,10 @@ class TorchBackend:
         num_starts = len(starts)
         all_params = params if num_starts == 1 else params.expand(num_starts)
         u0 = torch.cat(list(starts), dim=0)
+        options = {"method": method, "max_iter": max_iter, "compile": compile}
+        if program.smoothed is not None and program.kinks_isolated:
+            with torch.no_grad():
+                return _smooth_first(program, all_params, u0, num_starts, linear_solver, options)
         if program.is_constrained or program.smoothed is not None:
             # Declarations with kinks go through smoothing continuation first (nonsmooth.py).
             solve = solve_nonsmooth if program.smoothed is not None else solve_constrained
@@ -102,6 +108,64 @@ class TorchBackend:
             objective=best.objective,
             kkt_residual=best.gradient.abs().amax(-1),
         )
+
+
+def _smooth_first(
+    program: Program,
+    params: BatchedParams,
+    u0: Tensor,
+    num_starts: int,
+    linear_solver: LinearSolver,
+    options: dict,
+) -> Solution:
+    """Declarations whose kinks are isolated points (a 2-norm's origin): solve them as smooth,
+    then re-solve by smoothing continuation only the problems that end on or near a kink (or did
+    not converge). The layer evaluates the declaration's KKT point (kinks included) once."""
+    batch = params.size // num_starts
+    if program.is_constrained:
+        result = solve_constrained(program, params, u0, linear_solver=linear_solver, **options)
+        u, converged, f = result.u, result.converged, result.point.objective
+        lam = torch.cat([result.point.eq_multipliers, result.point.ineq_multipliers], -1)
+    else:
+        objective = BatchedObjective(program.objective, params, options["compile"])
+        result = minimize(objective, u0, options["method"], options["max_iter"])
+        u, converged, f = result.u, result.converged, result.objective
+        lam = u.new_zeros(u.shape[0], 0)
+    iterations = result.iterations
+    kinks = program.kinks
+    assert kinks is not None
+    margins = torch.func.vmap(lambda x, uu: kinks(x, uu)[1], in_dims=(params.in_dims, 0))(
+        params.values, u
+    )
+    tolerance = table(u.dtype).identification * problem_scale(params, u)
+    near = (margins.abs() <= tolerance.unsqueeze(-1)).any(-1) | ~converged
+    if bool(near.any()):
+        index = near.nonzero().squeeze(-1)
+        redo = solve_nonsmooth(
+            program, params.select(index), u0[index], linear_solver=linear_solver, **options
+        )
+        point = redo.point
+        u, f, converged, iterations, lam = (
+            t.index_copy(0, index, new)
+            for t, new in (
+                (u, point.u),
+                (f, point.objective),
+                (converged, redo.converged),
+                (iterations, iterations[index] + redo.iterations),
+                (lam, torch.cat([point.eq_multipliers, point.ineq_multipliers], -1)),
+            )
+        )
+    pick = _pick_start(f, converged, num_starts, batch)
+    p = program_sizes(program, u.shape[-1]).p
+    constrained = program.is_constrained
+    return Solution(
+        u=u[pick],
+        converged=converged[pick],
+        iterations=iterations.reshape(num_starts, -1).sum(0),
+        objective=f[pick],
+        eq_multipliers=lam[pick, :p] if constrained else None,
+        ineq_multipliers=lam[pick, p:] if constrained else None,
+    )
 
 
 def _pick_start(objective: Tensor, converged: Tensor, num_starts: int, batch: int) -> Tensor:

@@ -64,6 +64,10 @@ class AtomRule:
         elementwise: output entry ``i`` depends only on entry ``i`` of each operand (operands of
             another shape are broadcast, numpy-style).
         affine: the atom is affine in its operands jointly.
+        isolated_kinks: its kinks are isolated points (where its whole argument vanishes, as for
+            ``norm(x, 2)``), not surfaces: a smooth solver meets one only if the solution sits
+            exactly there, so the torch backend solves such declarations as smooth first and
+            takes the nonsmooth path only for the problems that end up on a kink.
         note: why the declared smoothness holds where it is not obvious (C1 only, domain
             boundaries, instances without kinks).
     """
@@ -74,6 +78,7 @@ class AtomRule:
     smoothed: SmoothRule | None = None
     elementwise: bool = False
     affine: bool = False
+    isolated_kinks: bool = False
     note: str = ""
 
 

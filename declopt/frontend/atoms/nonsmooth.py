@@ -106,6 +106,16 @@ def _elementwise_extremum(largest: bool) -> AtomRule:
         return lambda *xs: functools.reduce(op, xs)
 
     def kinks(expr: Any) -> KinkSite:
+        if len(expr.args) == 2:
+            # Two arguments: one site per entry, ``a - b``, whichever wins (the same tie row as
+            # the loser's ``x_loser - x_winner`` up to sign, without the argmin and gathers).
+            shape = shape_of(expr)
+
+            def pair(a: Tensor, b: Tensor, reference: Any = None) -> tuple[Tensor, Tensor]:
+                diff = torch.broadcast_to(a - b, shape).reshape(-1)
+                return diff, diff
+
+            return KinkSite(pair, _per_row(_size(expr), 1))
         stack = _stacked(expr)
 
         def fn(*xs: Tensor, reference: Any = None) -> tuple[Tensor, Tensor]:
@@ -380,6 +390,7 @@ NONSMOOTH: dict[type, AtomRule] = {
         smooth=False,
         kinks=_pnorm_kinks,
         smoothed=_pnorm_smoothed,
+        isolated_kinks=True,
         note="p > 1: a kink at the origin only; p < 1: smooth on the interior of its domain",
     ),
     PnormApprox: AtomRule(
@@ -387,6 +398,7 @@ NONSMOOTH: dict[type, AtomRule] = {
         smooth=False,
         kinks=_pnorm_kinks,
         smoothed=_pnorm_smoothed,
+        isolated_kinks=True,
         note="p > 1: a kink at the origin only; p < 1: smooth on the interior of its domain",
     ),
     sum_largest: AtomRule(
