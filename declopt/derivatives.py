@@ -2,8 +2,9 @@
 
 Problems in a batch are independent, so the gradient of the summed objective is every problem's
 gradient at once, and a Hessian-vector product of the sum applies each problem's Hessian to its own
-probe vector. This is the forward-over-reverse form that DESIGN.md §4 measured fastest and that
-composes with ``torch.compile``; we never ``vmap`` a per-problem ``grad``/``hessian``.
+probe vector. This is the form that composes with ``torch.compile`` and measured fastest
+(docs/design.md, "Derivatives of the declared objective"); we never ``vmap`` a per-problem
+``grad``/``hessian``.
 
 :class:`Derivatives` holds the pure functions (explicit tensor arguments, no captured tensors) for
 one objective and one batching pattern, so that they can be compiled once and reused by every call
@@ -56,10 +57,9 @@ class Derivatives:
             return f, g
 
         # Second derivatives: forward over reverse (jvp of the gradient) fuses under
-        # torch.compile (DESIGN.md §4), but eager functorch forward mode runs many ops through
-        # Python decompositions: there reverse over reverse (the gradient's pullback; H is
-        # symmetric) is 3-4x faster (measured: one Hessian-vector product 9.2 ms vs 2.2 ms, an
-        # augmented Lagrangian with m = 6, B = 14).
+        # torch.compile, but eager functorch forward mode runs many ops through Python
+        # decompositions: there reverse over reverse (the gradient's pullback; H is symmetric)
+        # is 3-4x faster (docs/design.md, "Derivatives of the declared objective").
         def hvp_forward(values: Params, u: Tensor, v: Tensor) -> Tensor:
             return jvp(lambda uu: gradient(uu, values), (u,), (v,))[1]
 
@@ -82,9 +82,8 @@ class Derivatives:
             return g, g
 
         # Per problem, reverse over reverse, vmapped over the batch: m probes of the summed batch
-        # would make vmap materialise every batched matrix m times (measured: a QP's augmented
-        # Lagrangian, m = 50, B = 64: 125 ms that way, 12 ms this way; elementwise objectives
-        # cost the same either way).
+        # would make vmap materialise every batched matrix m times (10x slower on a QP's
+        # augmented Lagrangian, docs/design.md; elementwise objectives cost the same either way).
         per_problem_hessian = vmap(jacrev(gradient_twice, argnums=1, has_aux=True), (in_dims, 0))
 
         def grad_and_hessian_reverse(values: Params, u: Tensor) -> tuple[Tensor, Tensor]:

@@ -208,25 +208,33 @@ def kkt_point(
     batch, m = u.shape
     count = sizes(program, m)
     scale = problem_scale(params, u) if scale is None else scale
-    if (
-        with_kinks
-        and held is None
-        and count.kinks
-        and not _any_on_a_kink(program, params, u, scale, tol)
-    ):
-        # No solution of the batch sits on a kink: its rows would all be dropped, and their
-        # Jacobian can cost more than everything else (a 2-norm's origin: m rows).
-        with_kinks = False
-    if not with_kinks:
-        count = Sizes(count.p, count.q, 0)
     f, grad_f = _objective_and_gradient(program.objective, params.in_dims)(params.values, u)
-    if count.total:
-        jac, (rows, margins) = _rows_and_jacobian(program, params.in_dims, with_kinks, m)(
+    jac, rows, margins = None, None, None
+    if with_kinks and held is None and count.kinks and count.p + count.q:
+        # The default rule holds a kink only where a solution sits on it: the rows' pass first
+        # carries the margins alone, and the kink rows' Jacobian (for a 2-norm's origin, m rows)
+        # is formed only if some solution of the batch is on a kink.
+        jac, (rows, margins) = _rows_and_jacobian(program, params.in_dims, "margins", m)(
             params.values, u
         )
-    else:
+        if _on_a_kink(margins, u, scale, tol):
+            jac = None
+        else:
+            with_kinks = False
+    elif with_kinks and held is None and count.kinks:
+        margins = vmap(_margin_fn(program), in_dims=(params.in_dims, 0))(params.values, u)
+        with_kinks = _on_a_kink(margins, u, scale, tol)
+    if not with_kinks:
+        count = Sizes(count.p, count.q, 0)
+    if jac is None and count.total:
+        jac, (rows, margins) = _rows_and_jacobian(
+            program, params.in_dims, "kinks" if with_kinks else "constraints", m
+        )(params.values, u)
+    elif jac is None:
         jac = u.new_zeros(batch, 0, m)
-        rows, margins = u.new_zeros(batch, 0), u.new_zeros(batch, 0)
+        rows = u.new_zeros(batch, 0)
+    if not with_kinks:
+        margins = u.new_zeros(batch, 0)
     return _assess(
         u,
         f,
@@ -354,13 +362,14 @@ def _assess(
     )
 
 
-def _any_on_a_kink(
-    program: Program, params: BatchedParams, u: Tensor, scale: Tensor, tol: Tolerances
-) -> bool:
-    """Whether some kink margin of the batch is within the default activity test."""
+def _margin_fn(program: Program) -> Callable[[Params, Tensor], Tensor]:
     kinks = program.kinks
     assert kinks is not None
-    margins = vmap(lambda x, uu: kinks(x, uu)[1], in_dims=(params.in_dims, 0))(params.values, u)
+    return lambda x, u: kinks(x, u)[1].reshape(-1)
+
+
+def _on_a_kink(margins: Tensor, u: Tensor, scale: Tensor, tol: Tolerances) -> bool:
+    """Whether some kink margin ``(B, K)`` of the batch is within the default activity test."""
     unit = solution_scale(u, scale).unsqueeze(-1)
     return bool((margins.abs() <= tol.activity * unit).any())
 
@@ -438,23 +447,30 @@ def _objective_and_gradient(
 
 @lru_cache(maxsize=256)
 def _rows_and_jacobian(
-    program: Program, in_dims: InDims, with_kinks: bool, m: int
+    program: Program, in_dims: InDims, mode: str, m: int
 ) -> Callable[[Params, Tensor], tuple[Tensor, tuple[Tensor, Tensor]]]:
-    """``(values, u) -> (D_u c (B, k, m), (c (B, k), margins (B, K)))`` in one pass: reverse
-    mode (``k`` probes) when there are no more rows than variables, forward mode (``m``
-    probes) otherwise. Eager forward mode runs through Python decompositions, so reverse mode
-    is also faster per probe."""
+    """``(values, u) -> (D_u c (B, k, m), (c (B, k), margins (B, K)))`` in one pass.
+
+    ``mode``: ``"constraints"`` (rows ``[h; g]``, no margins), ``"margins"`` (rows ``[h; g]``,
+    the kink margins along as a by-product of the same evaluation) or ``"kinks"`` (rows
+    ``[h; g; kink residuals]`` and margins). Reverse mode (``k`` probes) when there are no more
+    rows than variables, forward mode (``m`` probes) otherwise; eager forward mode runs through
+    Python decompositions, so reverse mode is also faster per probe.
+    """
     h, g, kinks = equality_fn(program), inequality_fn(program), program.kinks
     count = sizes(program, m)
-    k = count.p + count.q + (count.kinks if with_kinks else 0)
+    k = count.p + count.q + (count.kinks if mode == "kinks" else 0)
 
     def rows(x: Params, u: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         parts = [h(x, u), g(x, u)]
         margins = u.new_zeros(0)
-        if with_kinks and kinks is not None:
+        if mode != "constraints" and kinks is not None:
             residuals, margins = kinks(x, u)
-            parts.append(residuals.reshape(-1))
             margins = margins.reshape(-1)
+            if mode == "kinks":
+                parts.append(residuals.reshape(-1))
+            else:  # only the margins: no derivative flows through them
+                margins = margins.detach()
         c = torch.cat(parts)
         return c, (c, margins)
 
