@@ -11,6 +11,10 @@ class UnsupportedAtomError(DeclarationError):
     """The declaration uses an atom or constraint type the torch front end cannot evaluate."""
 
 
+class AtomRuleError(RuntimeError):
+    """The atom table is inconsistent (raised at import, a programming error)."""
+
+
 class InputError(ValueError):
     """A tensor handed to a layer does not fit the declaration (shape, batch, values)."""
 

@@ -18,4 +18,4 @@ def test_readme_has_python_blocks() -> None:
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_code_block_runs(index: int) -> None:
     namespace: dict[str, object] = {}
-    exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), namespace)  # noqa: S102
+    exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), namespace)

@@ -23,6 +23,8 @@ from cvxpy.atoms.elementwise.huber import huber
 from cvxpy.atoms.elementwise.power import Power
 from torch import Tensor
 
+from declopt.errors import AtomRuleError
+
 Evaluator = Callable[..., Tensor]
 """``f(*operand_tensors) -> Tensor`` of exactly ``node.shape``."""
 SmoothEvaluator = Callable[..., Tensor]
@@ -80,10 +82,6 @@ class AtomRule:
     affine: bool = False
     isolated_kinks: bool = False
     note: str = ""
-
-
-class AtomRuleError(RuntimeError):
-    """The atom table is inconsistent (raised at import, a programming error)."""
 
 
 def check_rules(rules: Mapping[type, AtomRule]) -> None:
