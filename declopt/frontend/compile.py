@@ -9,7 +9,7 @@ per-atom rules.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import cvxpy as cp
@@ -245,22 +245,26 @@ class _Gate:
         return start.scatter_reduce(0, entries, gap.index_select(0, rows), "amin")
 
 
-def kinks_are_isolated(exprs: Sequence[cp.Expression]) -> bool:
-    """Whether every nonsmooth atom in ``exprs`` has only isolated kinks
-    (:attr:`AtomRule.isolated_kinks`)."""
-    stack, seen, isolated = list(exprs), set(), True
+def _nodes(roots: Sequence[cp.Expression]) -> Iterator[cp.Expression]:
+    """Every node reachable from ``roots``, once each (a shared subexpression is one node)."""
+    stack, seen = list(roots), set()
     while stack:
         node = stack.pop()
         if id(node) in seen:
             continue
         seen.add(id(node))
-        rule = RULES.get(type(node))
-        if rule is None:
-            continue
-        if _kink_site(node) is not None:
-            isolated = isolated and rule.isolated_kinks
-        stack.extend(operands(node))
-    return isolated
+        yield node
+        stack.extend(operands(node) if type(node) in RULES else [])
+
+
+def kinks_are_isolated(exprs: Sequence[cp.Expression]) -> bool:
+    """Whether every nonsmooth atom in ``exprs`` has only isolated kinks
+    (:attr:`AtomRule.isolated_kinks`)."""
+    return all(
+        RULES[type(node)].isolated_kinks
+        for node in _nodes(exprs)
+        if type(node) in RULES and _kink_site(node) is not None
+    )
 
 
 def _compile_kinks(
@@ -280,16 +284,10 @@ def _compile_kinks(
     slot_of = {id(node): i for i, node in enumerate(nodes)}
     owners: dict[int, list[int]] = {}  # kink node id -> the roots (in order) that contain it
     for r, root in enumerate(exprs):
-        stack, seen = [root], set()
-        while stack:
-            node = stack.pop()
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
+        for node in _nodes([root]):
             rule = RULES.get(type(node))
             if rule is not None and rule.kinks is not None:
                 owners.setdefault(id(node), []).append(r)
-            stack.extend(operands(node) if rule is not None else [])
     sites = []
     for node in nodes:
         site = _kink_site(node)
