@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,6 +28,25 @@ class PreparedInputs:
     batch_shape: torch.Size
     dtype: torch.dtype
     device: torch.device
+
+    def rebatch(self, program: Program, tensors: Sequence[Tensor]) -> BatchedParams:
+        """:attr:`params` again from ``tensors`` shaped like :attr:`tensors` (e.g. the same
+        tensors with their autograd graph, for a differentiable backward)."""
+        return _flatten(program, tensors, self.batch_shape)
+
+    def gradients(
+        self, program: Program, grads: Sequence[Tensor | None]
+    ) -> tuple[Tensor | None, ...]:
+        """Gradients of the flat :attr:`params` back to the shapes of :attr:`tensors` (summed over
+        the dims each tensor was broadcast along)."""
+        out: list[Tensor | None] = []
+        for shape, tensor, grad, dim in zip(
+            program.parameter_shapes, self.tensors, grads, self.params.in_dims
+        ):
+            if grad is not None and dim == 0:
+                grad = grad.reshape(*self.batch_shape, *shape).sum_to_size(tensor.shape)
+            out.append(grad)
+        return tuple(out)
 
 
 def prepare_inputs(program: Program, args: Sequence[object]) -> PreparedInputs:
@@ -66,27 +86,41 @@ def prepare_inputs(program: Program, args: Sequence[object]) -> PreparedInputs:
     for name, sign, tensor, bshape in zip(names, _signs(program), tensors, batch_shapes):
         _check_values(name, sign, tensor, len(bshape))
 
+    params = _flatten(program, tensors, batch_shape)
+    return PreparedInputs(tensors, params, batch_shape, dtype, device)
+
+
+def _flatten(program: Program, tensors: Sequence[Tensor], batch_shape: torch.Size) -> BatchedParams:
+    """``(*batch_i, *shape_i)`` tensors to a flat batch of ``prod(batch_shape)`` problems; a tensor
+    without batch dims stays shared (``in_dim None``, never copied)."""
     size = math.prod(batch_shape)
     values, in_dims = [], []
-    for shape, tensor, bshape in zip(program.parameter_shapes, tensors, batch_shapes):
-        if len(bshape) == 0:
+    for shape, tensor in zip(program.parameter_shapes, tensors):
+        if tensor.dim() == len(shape):
             values.append(tensor)
             in_dims.append(None)
         else:
             full = tensor.expand(*batch_shape, *shape)
             values.append(full.reshape(size, *shape))
             in_dims.append(0)
-    params = BatchedParams(tuple(values), tuple(in_dims), size)
-    return PreparedInputs(tensors, params, batch_shape, dtype, device)
+    return BatchedParams(tuple(values), tuple(in_dims), size)
 
 
 def _common_dtype_device(args: Sequence[object]) -> tuple[torch.dtype, torch.device]:
+    """The floating dtype the inputs promote to (tensors and NumPy arrays; Python numbers do not
+    decide, as in torch's own promotion) and the first tensor's device."""
     tensors = [a for a in args if isinstance(a, Tensor)]
     device = tensors[0].device if tensors else torch.device("cpu")
     for t in tensors:
         if t.is_complex():
             raise InputError("complex parameters are not supported; pass real tensors")
+    arrays = [a for a in args if isinstance(a, np.ndarray | np.generic)]
+    if any(np.iscomplexobj(a) for a in arrays):
+        raise InputError("complex parameters are not supported; pass real arrays")
     floating = [t.dtype for t in tensors if t.is_floating_point()]
+    floating += [
+        torch.from_numpy(np.asarray(a)).dtype for a in arrays if np.asarray(a).dtype.kind == "f"
+    ]
     dtype = floating[0] if floating else torch.get_default_dtype()
     for d in floating[1:]:
         dtype = torch.promote_types(dtype, d)

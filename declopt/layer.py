@@ -8,20 +8,20 @@ the implicit function theorem (:mod:`declopt.implicit`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import cvxpy as cp
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from declopt import backends
 from declopt.derivatives import BatchedObjective
 from declopt.diagnostics import BackwardInfo, LayerInfo, escalate, first_indices
 from declopt.errors import GradientWarning, NonConvergenceWarning, SolverError
 from declopt.frontend import compile_problem
-from declopt.implicit import implicit_vjp
+from declopt.implicit import implicit_jvp, implicit_vjp
 from declopt.inputs import PreparedInputs, prepare_inputs
 from declopt.kkt.point import KKTPoint, kkt_point
 from declopt.kkt.tolerances import gradient_scale, problem_scale, table
@@ -164,18 +164,15 @@ class Layer(nn.Module):
         return "implicit" if isinstance(self.backward_strategy, Implicit) else "native"
 
     def forward(self, *params: Tensor) -> tuple[Tensor, ...]:
-        inputs = prepare_inputs(self.program, params)
-        call = _Call(self, inputs)
-        strategy = self.backward_strategy
-        if isinstance(strategy, SolverVJP):
-            u = _DeclaredFunction.apply(call, True, *inputs.tensors)
-        elif isinstance(strategy, Native):
+        if isinstance(self.backward_strategy, Native):
+            inputs = prepare_inputs(self.program, params)
+            call = _Call(self, inputs)
             u = call.solve(differentiable=True)
-        else:
-            u = _DeclaredFunction.apply(call, False, *inputs.params.values)
+            self.info = call.info
+            return call.outputs(u)
+        *outputs, call = _LayerFunction.apply(self, *params)
         self.info = call.info
-        batch = inputs.batch_shape
-        return tuple(v.reshape((*batch, *v.shape[1:])) for v in self.program.unpack(u))
+        return tuple(outputs)
 
     def extra_repr(self) -> str:
         names = ", ".join(self.program.parameter_names)
@@ -192,6 +189,7 @@ class _Call:
         self.program = layer.program
         self.inputs = inputs
         self.info: LayerInfo | None = None
+        self.u: Tensor | None = None
         self.point: KKTPoint | None = None
         self.multipliers: tuple[Tensor | None, Tensor | None] = (None, None)
         params = inputs.params
@@ -230,6 +228,20 @@ class _Call:
             self._constraint_info(self.point)
         self._report_failures()
         return u
+
+    def empty(self) -> None:
+        """``self.info`` for a call with no problems (an empty batch): nothing to solve."""
+        batch = self.inputs.batch_shape
+        flags = torch.zeros(batch, dtype=torch.bool, device=self.inputs.device)
+        values = torch.zeros(batch, dtype=self.inputs.dtype, device=self.inputs.device)
+        self.info = LayerInfo(
+            backend=self.layer.backend_name,
+            reason=self.layer.reason,
+            converged=flags,
+            iterations=torch.zeros(batch, dtype=torch.int64, device=self.inputs.device),
+            objective=values,
+            kkt_residual=values.clone(),
+        )
 
     def _backend_solve(self, differentiable: bool) -> tuple[Tensor, ...]:
         layer, program, inputs = self.layer, self.program, self.inputs
@@ -341,65 +353,119 @@ class _Call:
         )
         escalate(policy, message, NonConvergenceWarning, stacklevel=6)
 
-    def backward(
+    def outputs(self, u: Tensor) -> tuple[Tensor, ...]:
+        """The packed solutions ``(B, m)`` as one tensor per variable, ``(*batch, *shape)``."""
+        batch = self.inputs.batch_shape
+        return tuple(v.reshape((*batch, *v.shape[1:])) for v in self.program.unpack(u))
+
+    def _packed(self, per_variable: Sequence[Tensor | None], like: Tensor) -> Tensor:
+        """One tensor per variable ``(*batch, *shape)`` (``None``: zero) as ``(B, m)``."""
+        size = self.inputs.params.size
+        parts = [
+            like.new_zeros(size, math.prod(shape)) if t is None else t.reshape(size, -1)
+            for t, shape in zip(per_variable, self.program.variable_shapes)
+        ]
+        return torch.cat(parts, -1)
+
+    def vjp(
         self,
-        values: tuple[Tensor, ...],
-        u: Tensor,
-        grad_u: Tensor,
-        wanted: Sequence[bool] | None = None,
+        tensors: Sequence[Tensor],
+        outputs: Sequence[Tensor],
+        grads: Sequence[Tensor | None],
+        wanted: Sequence[bool],
     ) -> tuple[Tensor | None, ...]:
-        """Implicit gradients of the parameters; those not ``wanted`` may be ``None``."""
-        # The derivative passes are torch.func transforms: they need no autograd graph of their
-        # own, and compiled code is both faster and more reliable on detached inputs.
-        values = tuple(v.detach() for v in values)
-        params = BatchedParams(values, self.inputs.params.in_dims, self.inputs.params.size)
+        """Implicit gradients of the call's (converted) parameter tensors.
+
+        Under ``create_graph=True`` (grad mode on in the backward) the VJP is built from
+        differentiable operations of the parameters and of the solutions, which carry their own
+        graph back through this layer: second derivatives follow (the KKT point, multipliers
+        included, is recomputed on that graph). Otherwise it runs detached, on the forward's
+        KKT point.
+        """
+        differentiable = torch.is_grad_enabled()
+        if not differentiable:
+            tensors = tuple(t.detach() for t in tensors)
+            outputs = tuple(t.detach() for t in outputs)
+        params = self.inputs.rebatch(self.program, tensors)
+        u = self._packed(outputs, outputs[0])
+        grad_u = self._packed(grads, u)
         layer = self.layer
         strategy = layer.backward_strategy
         linear_solver = getattr(strategy, "linear_solver", None) or layer.linear_solver
-        lam_h, lam_g = self.multipliers
-        with torch.no_grad():
-            grads, report = implicit_vjp(
+        lam_h, lam_g = (None, None) if differentiable else self.multipliers
+        with torch.set_grad_enabled(differentiable):
+            grads_flat, report = implicit_vjp(
                 self.program,
                 params,
                 u,
                 grad_u,
-                point=self.point,
+                point=None if differentiable else self.point,
                 eq_multipliers=lam_h,
                 ineq_multipliers=lam_g,
                 side=layer.degenerate.side,
                 linear_solver=linear_solver,
-                compile=layer.compiled,
-                wanted=wanted,
+                compile=layer.compiled and not differentiable,
+                wanted=tuple(wanted),
             )
+        self._backward_info(report)
+        return self.inputs.gradients(self.program, grads_flat)
+
+    def jvp(self, tensors: Sequence[Tensor], tangents: Sequence[Tensor | None]) -> tuple:
+        """Forward-mode tangents of the outputs (the KKT solve of the backward, transposed)."""
+        params = self.inputs.params
+        flat_tangents = self.inputs.rebatch(
+            self.program,
+            [torch.zeros_like(t) if d is None else d for t, d in zip(tensors, tangents)],
+        ).values
+        u = self.u
+        du = implicit_jvp(
+            self.program,
+            params,
+            u,
+            flat_tangents,
+            point=self.point,
+            side=self.layer.degenerate.side,
+            linear_solver=getattr(self.layer.backward_strategy, "linear_solver", None)
+            or self.layer.linear_solver,
+        )
+        return self.outputs(du)
+
+    def _backward_info(self, report: Any) -> None:
         batch = self.inputs.batch_shape
         linear = report.linear
+
+        def shaped(t: Tensor) -> Tensor:
+            return t.detach().reshape(batch)
+
         info = BackwardInfo(
             method=linear.method,
-            singular=linear.singular.reshape(batch),
-            second_order_ok=linear.second_order_ok.reshape(batch),
-            residual=linear.residual.reshape(batch),
-            one_sided=report.one_sided.reshape(batch),
-            sign_violation=report.sign_violation.reshape(batch),
-            multiplier_residual=report.multiplier_residual.reshape(batch),
+            singular=shaped(linear.singular),
+            second_order_ok=shaped(linear.second_order_ok),
+            residual=shaped(linear.residual),
+            one_sided=shaped(report.one_sided),
+            sign_violation=shaped(report.sign_violation),
+            multiplier_residual=shaped(report.multiplier_residual),
         )
         if self.info is not None:
             self.info.backward = info
         self._report_gradient_issues(info)
-        return grads
 
-    def solver_vjp(self, tensors: tuple[Tensor, ...], u: Tensor, grad_u: Tensor) -> list:
+    def solver_vjp(
+        self, tensors: Sequence[Tensor], outputs: Sequence[Tensor], grads: Sequence[Tensor | None]
+    ) -> tuple[Tensor | None, ...]:
         """Gradients of the parameters from the custom solver's ``vjp`` (see :data:`Solver`)."""
         batch = self.inputs.batch_shape
-        outputs = tuple(v.reshape(*batch, *v.shape[1:]) for v in self.program.unpack(u))
-        grads_out = tuple(v.reshape(*batch, *v.shape[1:]) for v in self.program.unpack(grad_u))
-        grads = tuple(self.layer.solver.vjp(tensors, outputs, grads_out))
-        if len(grads) != len(tensors):
+        grads_out = tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outputs, grads))
+        tensors = tuple(t.detach() for t in tensors)
+        outputs = tuple(o.detach() for o in outputs)
+        result = tuple(self.layer.solver.vjp(tensors, outputs, grads_out))
+        if len(result) != len(tensors):
             raise SolverError(
-                f"the custom solver's vjp returned {len(grads)} gradient(s); the layer has "
+                f"the custom solver's vjp returned {len(result)} gradient(s); the layer has "
                 f"{len(tensors)} parameter(s) ({', '.join(self.program.parameter_names)})"
             )
-        result = []
-        for name, grad, tensor in zip(self.program.parameter_names, grads, tensors):
+        shaped = []
+        for name, grad, tensor in zip(self.program.parameter_names, result, tensors):
             if grad is not None and grad.shape != tensor.shape:
                 try:
                     grad = grad.sum_to_size(tensor.shape)
@@ -409,8 +475,8 @@ class _Call:
                         f"parameter {name!r}; expected {tuple(tensor.shape)} or its broadcast "
                         f"{(*batch, *tensor.shape[tensor.dim() - len(batch) :])}"
                     ) from None
-            result.append(grad)
-        return result
+            shaped.append(grad)
+        return tuple(shaped)
 
     def _report_gradient_issues(self, info: BackwardInfo) -> None:
         degenerate = self.layer.degenerate
@@ -458,25 +524,104 @@ class _Lazy:
         return self._get()[1]
 
 
-class _DeclaredFunction(torch.autograd.Function):
-    """Forward: the solver (no graph). Backward: the implicit function theorem, or the custom
-    solver's own ``vjp`` when ``solver_vjp`` (then the inputs are the tensors the layer was called
-    with, not the batched parameters)."""
+class _LayerFunction(torch.autograd.Function):
+    """A layer call as one autograd Function of the user's parameter tensors.
+
+    ``forward(layer, *params) -> (*outputs, call)``: checks and batches the inputs, solves (no
+    graph) and returns one tensor per variable and the call's state (:class:`_Call`: its KKT
+    point, ``LayerInfo``). ``backward`` is the implicit VJP (or a custom solver's ``vjp``),
+    differentiable under ``create_graph=True``; ``jvp`` the implicit tangent; ``vmap`` folds a
+    vmapped dim into the layer's own batch dims, so ``torch.func`` transforms compose with it.
+    """
 
     @staticmethod
-    def forward(ctx: Any, call: _Call, solver_vjp: bool, *inputs: Tensor) -> Tensor:
-        u = call.solve()
-        ctx.call, ctx.solver_vjp = call, solver_vjp
-        ctx.save_for_backward(u, *inputs)
-        return u
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_u: Tensor) -> tuple[Tensor | None, ...]:
-        u, *inputs = ctx.saved_tensors
-        needs = ctx.needs_input_grad[2:]
-        if ctx.solver_vjp:
-            grads = ctx.call.solver_vjp(tuple(inputs), u, grad_u)
+    def forward(layer: Layer, *params: Any) -> tuple[Any, ...]:
+        inputs = prepare_inputs(layer.program, params)
+        call = _Call(layer, inputs)
+        if inputs.params.size == 0:
+            call.empty()
+            m = layer.program.num_variables
+            u = torch.zeros(0, m, dtype=inputs.dtype, device=inputs.device)
         else:
-            grads = ctx.call.backward(tuple(inputs), u, grad_u, needs)
-        return (None, None, *(g if need else None for g, need in zip(grads, needs)))
+            u = call.solve()
+        call.u = u
+        return (*call.outputs(u), call)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+        _, *params = inputs
+        *outputs, call = output
+        ctx.call = call
+        ctx.tensors = call.inputs.tensors  # converted copies, no graph: for jvp
+        # The converted inputs are functions of the user's tensors: the backward differentiates
+        # with respect to those, and converts its gradients back to each one's dtype.
+        ctx.save_for_backward(*(p if isinstance(p, Tensor) else None for p in params), *outputs)
+        ctx.num_params = len(params)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        call: _Call = ctx.call
+        saved = ctx.saved_tensors
+        raw, outputs = saved[: ctx.num_params], saved[ctx.num_params :]
+        needs = ctx.needs_input_grad[1:]
+        grads = grads[: len(outputs)]
+        if call.inputs.params.size == 0 or all(g is None for g in grads):
+            return (None, *(None for _ in raw))
+        inputs = call.inputs
+        tensors = tuple(
+            t.to(dtype=inputs.dtype, device=inputs.device) if isinstance(t, Tensor) else c
+            for t, c in zip(raw, inputs.tensors)
+        )
+        if isinstance(call.layer.backward_strategy, SolverVJP):
+            flat = call.solver_vjp(tensors, outputs, grads)
+        else:
+            flat = call.vjp(tensors, outputs, grads, needs)
+        out = []
+        for t, g, need in zip(raw, flat, needs):
+            out.append(g.to(t.dtype) if need and g is not None and isinstance(t, Tensor) else None)
+        return (None, *out)
+
+    @staticmethod
+    def jvp(ctx: Any, layer_tangent: Any, *tangents: Tensor | None) -> tuple[Any, ...]:
+        call: _Call = ctx.call
+        if isinstance(call.layer.backward_strategy, SolverVJP):
+            raise NotImplementedError(
+                "forward-mode AD through a layer with a custom solver vjp; use "
+                "backward='implicit' for torch.func.jvp / jacfwd"
+            )
+        inputs = call.inputs
+        tangents = tuple(
+            None if d is None else d.to(dtype=inputs.dtype, device=inputs.device) for d in tangents
+        )
+        if inputs.params.size == 0:
+            return (*call.outputs(call.u), None)
+        with torch.no_grad():
+            return (*call.jvp(ctx.tensors, tangents), None)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], layer: Layer, *params: Any) -> tuple:
+        moved = _fold_vmapped(layer.program, in_dims[1:], params, info.batch_size)
+        *outputs, call = _LayerFunction.apply(layer, *moved)
+        return (*outputs, call), (*(0 for _ in outputs), None)
+
+
+def _fold_vmapped(
+    program: Program, in_dims: Sequence[int | None], params: Sequence[Any], size: int
+) -> list[Any]:
+    """The vmapped dim of every parameter moved to the front as one more (leading) batch dim,
+    with singleton dims after it so that it lines up across parameters whose own batch dims
+    differ in number; parameters vmap does not map stay as they are (broadcast)."""
+    batch_ndims = [
+        (p.dim() - (d is not None) - len(shape)) if isinstance(p, Tensor) else 0
+        for p, d, shape in zip(params, in_dims, program.parameter_shapes)
+    ]
+    widest = max(batch_ndims, default=0)
+    moved = []
+    for p, d, ndim in zip(params, in_dims, batch_ndims):
+        if d is None or not isinstance(p, Tensor):
+            moved.append(p)
+            continue
+        p = p.movedim(d, 0)
+        moved.append(p.reshape(size, *([1] * (widest - ndim)), *p.shape[1:]))
+    return moved
