@@ -93,12 +93,17 @@ def solve_symmetric(
         rcond: eigenvalues with ``|lambda| <= rcond * max|lambda|`` count as zero.
     Returns:
         ``z: (B, n)`` and the report.
+
+    Under grad mode (a differentiable backward, for second derivatives) the well-posed systems
+    are solved by LU, whose derivative is well defined where eigenvectors are not (repeated
+    eigenvalues, as in ``H = c I``); the eigendecomposition then only judges the systems.
     """
     n = matrix.shape[-1]
     rcond = default_rcond(matrix.dtype, n) if rcond is None else rcond
     # eigh reads one triangle only; symmetrise so autodiff rounding asymmetry is averaged.
     sym = 0.5 * (matrix + matrix.transpose(-1, -2))
-    eigenvalues, eigenvectors = robust_eigh(sym)
+    differentiable = torch.is_grad_enabled()
+    eigenvalues, eigenvectors = robust_eigh(sym.detach() if differentiable else sym)
     scale = eigenvalues.abs().amax(dim=-1, keepdim=True)
     tiny = torch.finfo(matrix.dtype).tiny
     zero = eigenvalues.abs() <= rcond * scale.clamp_min(tiny)
@@ -108,6 +113,9 @@ def solve_symmetric(
     )
     coeffs = (eigenvectors.transpose(-1, -2) @ rhs.unsqueeze(-1)).squeeze(-1) * inverse
     solution = (eigenvectors @ coeffs.unsqueeze(-1)).squeeze(-1)
+    if differentiable and not bool(singular.all()):
+        exact = torch.linalg.solve_ex(sym, rhs)[0]
+        solution = torch.where(singular.unsqueeze(-1), solution, exact)
 
     num_negative = (eigenvalues < 0).sum(dim=-1)
     expected = torch.as_tensor(num_negative_expected, device=matrix.device)
