@@ -564,6 +564,7 @@ class _LayerFunction(torch.autograd.Function):
         call: _Call = ctx.call
         saved = ctx.saved_tensors
         raw, outputs = saved[: ctx.num_params], saved[ctx.num_params :]
+        _refuse_vmapped_derivative(raw, call.inputs.tensors, "torch.func.grad / vjp / jacrev")
         needs = ctx.needs_input_grad[1:]
         grads = grads[: len(outputs)]
         if call.inputs.params.size == 0 or all(g is None for g in grads):
@@ -591,6 +592,7 @@ class _LayerFunction(torch.autograd.Function):
                 "backward='implicit' for torch.func.jvp / jacfwd"
             )
         inputs = call.inputs
+        _refuse_vmapped_derivative(tangents, ctx.tensors, "torch.func.jvp / jacfwd")
         tangents = tuple(
             None if d is None else d.to(dtype=inputs.dtype, device=inputs.device) for d in tangents
         )
@@ -604,6 +606,22 @@ class _LayerFunction(torch.autograd.Function):
         moved = _fold_vmapped(layer.program, in_dims[1:], params, info.batch_size)
         *outputs, call = _LayerFunction.apply(layer, *moved)
         return (*outputs, call), (*(0 for _ in outputs), None)
+
+
+def _refuse_vmapped_derivative(
+    given: Sequence[Any], physical: Sequence[Any], transform: str
+) -> None:
+    """A derivative transform *inside* ``torch.func.vmap`` (``vmap(grad(f))``, per-sample
+    gradients) reaches the layer's derivative with vmapped tensors whose logical shapes are not
+    those of the (folded) call it differentiates: say so instead of failing deep inside."""
+    for t, p in zip(given, physical):
+        if isinstance(t, Tensor) and isinstance(p, Tensor) and t.shape != p.shape:
+            raise NotImplementedError(
+                f"{transform} inside torch.func.vmap is not supported through a declopt layer. "
+                "The layer batches by itself: call it on the batched tensors and differentiate "
+                "that (e.g. jacrev(vmap(f)) instead of vmap(jacrev(f)), or one backward of the "
+                "summed per-problem losses: the problems of a batch are independent)."
+            )
 
 
 def _fold_vmapped(
