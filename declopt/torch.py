@@ -62,7 +62,7 @@ class CvxpyLayer(Layer):
             layer_options["canon_backend"] = canon_backend
         if solver is not None and str(solver).upper() == "DIFFCP":
             solver = None
-        takes_cvxpylayers_options = backend in ("cvxpylayers", "auto")
+        takes_cvxpylayers_options = backend == "cvxpylayers"
         if takes_cvxpylayers_options:
             options.setdefault("on_solver_error", "raise")
             if layer_options:
