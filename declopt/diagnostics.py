@@ -48,7 +48,10 @@ class LayerInfo:
         objective: objective value at the returned solution (of the declaration as written, so a
             ``Maximize`` problem reports its maximum).
         kkt_residual: ``max |D_u L|`` at the returned solution.
-        backward: filled in by the backward pass, ``None`` until then.
+        backward: filled in by the implicit backward pass, ``None`` until then.
+        gradient: which backward differentiates this call: ``"implicit"`` (declopt's, from the
+            declaration), ``"native (cvxpylayers)"`` (the backend's own: diffcp for
+            cvxpylayers) or ``"solver_vjp"`` (a custom solver's ``vjp``).
         active: ``(*batch, q)`` constrained problems only (not filled for custom solvers run with
             ``verify=False``): inequalities active at the solution.
         one_sided: ``(*batch)`` constrained problems only: some active inequality has a ~zero
@@ -81,6 +84,7 @@ class LayerInfo:
         self.one_sided: Tensor | None = None
         self.eq_multipliers: Tensor | None = None
         self.ineq_multipliers: Tensor | None = None
+        self.gradient: str | None = None
 
     @property
     def objective(self) -> Tensor:
@@ -109,6 +113,7 @@ class LayerInfo:
                 "objective",
                 "kkt_residual",
                 "backward",
+                "gradient",
             )
         )
         return f"LayerInfo({fields})"

@@ -20,7 +20,7 @@ from declopt import backends
 from declopt.derivatives import BatchedObjective
 from declopt.diagnostics import BackwardInfo, LayerInfo, escalate, first_indices
 from declopt.errors import GradientWarning, NonConvergenceWarning, SolverError
-from declopt.frontend import compile_problem
+from declopt.frontend import compile_layer
 from declopt.implicit import implicit_jvp, implicit_vjp
 from declopt.inputs import PreparedInputs, prepare_inputs
 from declopt.kkt.point import KKTPoint, kkt_point
@@ -60,11 +60,16 @@ class Layer(nn.Module):
             fine) or a :class:`~declopt.program.Program` of torch functions.
         parameters: the ``cp.Parameter`` inputs, in the order the layer is called with; must be
             exactly the parameters of ``problem``.
-        variables: the ``cp.Variable`` outputs, in the order they are returned.
+        variables: the ``cp.Variable`` outputs, in the order they are returned: some or all of
+            the problem's variables (the others are solved for and dropped) and dual variables
+            of its constraints (``constraint.dual_variables[0]``, CVXPY's sign: ``>= 0`` for
+            ``<=`` constraints; returned by the cvxpylayers backend, with its gradients).
         backend: ``"auto"`` (default; or ``dl.backends.Auto(prefer=...)``), ``"torch"`` or any
             registered backend name.
         solver: optional custom forward (see :data:`Solver`); replaces the backend. The backward
-            comes from the declaration, or from the solver's own ``vjp`` if it has one.
+            comes from the declaration, or from the solver's own ``vjp`` if it has one. A string
+            (``"SCS"``, ``cp.CLARABEL``, ``"ECOS"``; or a cvxpylayers solver such as
+            ``"MOREAU"``) is a solver *name*: the cvxpylayers backend solves with it.
         initializers: callables like ``solver`` that return starting points; the torch backend
             solves from each of them (and from zero) and keeps the lowest objective.
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` when problems do not converge.
@@ -86,9 +91,12 @@ class Layer(nn.Module):
             ``torch.compile`` (fused kernels; the first call of each dtype pays seconds of
             compilation, later calls are several times faster). Stored as ``layer.compiled``
             (``nn.Module.compile`` stays the module method).
-        **options: passed to the backend (e.g. ``method="lbfgs"``, ``max_iter=100``).
+        **options: passed to the backend (e.g. ``method="lbfgs"``, ``max_iter=100``);
+            ``gp=True`` declares a log-log convex program (solved by cvxpylayers).
 
-    Calling ``layer(*tensors)``: parameter ``i`` takes shape ``(*batch_i, *shape_i)``; the batch
+    Calling ``layer(*tensors, solver_args=None)``: ``solver_args`` (a dict) is merged over the
+    layer's ``solver_args=`` option for this call (backends that take it: cvxpylayers).
+    Parameter ``i`` takes shape ``(*batch_i, *shape_i)``; the batch
     shapes broadcast to ``batch``; returns one tensor per variable, shape ``(*batch, *var_shape)``,
     with the inputs' dtype and device. ``layer.info`` then describes every problem of the call.
     """
@@ -100,7 +108,7 @@ class Layer(nn.Module):
         variables: Sequence[cp.Variable] = (),
         *,
         backend: str | backends.Auto = "auto",
-        solver: Solver | None = None,
+        solver: Solver | str | None = None,
         initializers: Sequence[Solver] = (),
         on_failure: str = "warn",
         on_gradient_issue: str = "warn",
@@ -114,10 +122,17 @@ class Layer(nn.Module):
         super().__init__()
         self.on_failure = check_report("on_failure", on_failure)
         self.on_gradient_issue = check_report("on_gradient_issue", on_gradient_issue)
+        solver, backend = _solver_name(solver, backend, options)
         if isinstance(problem, Program):
             self.program = problem
+            self.num_outputs = len(problem.variable_shapes)
         else:
-            self.program = compile_problem(problem, parameters, variables)
+            self.program = compile_layer(
+                problem, parameters, variables, gp=bool(options.pop("gp", False))
+            )
+            self.num_outputs = len(variables)  # the compiled program may solve for more
+        if solver is not None and not self.program.has_functions:
+            raise self.program.frontend_error  # a custom forward is checked on the declaration
         self.solver = solver
         if solver is None:
             self.backend, self.reason = backends.select(backend, self.program)
@@ -135,6 +150,7 @@ class Layer(nn.Module):
                 f"backend {self.backend_name!r} cannot differentiate its own forward; "
                 "use backward='implicit'"
             )
+        _check_source_only(self.program, strategy)
         self.backward_strategy = strategy
         self.degenerate = degenerate_policy(degenerate)
         dense_max = options.pop("dense_max", None)
@@ -163,16 +179,19 @@ class Layer(nn.Module):
         """The backward strategy's name: ``"implicit"`` or ``"native"``."""
         return "implicit" if isinstance(self.backward_strategy, Implicit) else "native"
 
-    def forward(self, *params: Tensor) -> tuple[Tensor, ...]:
+    def forward(
+        self, *params: Tensor, solver_args: dict[str, Any] | None = None
+    ) -> tuple[Tensor, ...]:
+        options = _call_options(self, solver_args)
         if isinstance(self.backward_strategy, Native):
             inputs = prepare_inputs(self.program, params)
-            call = _Call(self, inputs)
-            u = call.solve(differentiable=True)
-            self.info = call.info
-            return call.outputs(u)
-        *outputs, call = _LayerFunction.apply(self, *params)
+            call = _Call(self, inputs, options)
+            outputs = call.outputs(call.solve(differentiable=True))
+        else:
+            *outputs, call = _LayerFunction.apply(self, options, *params)
         self.info = call.info
-        return tuple(outputs)
+        self.info.gradient = _gradient_name(self)
+        return tuple(outputs[: self.num_outputs])
 
     def extra_repr(self) -> str:
         names = ", ".join(self.program.parameter_names)
@@ -184,8 +203,11 @@ class _Call:
     """Everything one call needs in its forward and backward; also holds its ``LayerInfo`` and
     the KKT point of its solutions (shared by the diagnostics and the backward)."""
 
-    def __init__(self, layer: Layer, inputs: PreparedInputs) -> None:
+    def __init__(
+        self, layer: Layer, inputs: PreparedInputs, options: dict[str, Any] | None = None
+    ) -> None:
         self.layer = layer
+        self.options = layer.options if options is None else options
         self.program = layer.program
         self.inputs = inputs
         self.info: LayerInfo | None = None
@@ -251,7 +273,7 @@ class _Call:
         starts += [self._pack(init(*inputs.tensors), "initializer") for init in layer.initializers]
         extra = {"differentiable": True} if differentiable else {}
         solution = layer.backend.solve(
-            program, inputs.params, starts=starts, **extra, **layer.options
+            program, inputs.params, starts=starts, **extra, **self.options
         )
         u = solution.u
         lam_h, lam_g = solution.eq_multipliers, solution.ineq_multipliers
@@ -504,6 +526,65 @@ class _Call:
         escalate(policy, message, GradientWarning, stacklevel=4)
 
 
+_DIFFCP_SOLVE_METHODS = {"SCS": "SCS", "ECOS": "ECOS", "CLARABEL": "Clarabel"}
+"""Solver names diffcp solves with itself (``solver_args["solve_method"]``), in its spelling."""
+
+
+def _solver_name(
+    solver: Solver | str | None, backend: str | backends.Auto, options: dict[str, Any]
+) -> tuple[Solver | None, str | backends.Auto]:
+    """A solver *name* (a string) routes to the cvxpylayers backend: diffcp's own cone solvers
+    become ``solver_args["solve_method"]``, other names (``"MOREAU"``, ``"DIFFCP"``, ...) go to
+    ``cvxpylayers.torch.CvxpyLayer(solver=)``. A callable stays a custom forward."""
+    if not isinstance(solver, str):
+        return solver, backend
+    if backend not in ("auto", "cvxpylayers") and not isinstance(backend, backends.Auto):
+        raise ValueError(
+            f"solver={solver!r} names a cvxpylayers solver, but backend={backend!r}; drop "
+            "backend= or pass backend='cvxpylayers' (a callable solver= is a custom forward)"
+        )
+    method = _DIFFCP_SOLVE_METHODS.get(solver.upper())
+    if method is not None:
+        options["solver_args"] = {"solve_method": method, **(options.get("solver_args") or {})}
+    elif solver.upper() != "DIFFCP":
+        options["layer_options"] = {"solver": solver, **(options.get("layer_options") or {})}
+    return None, "cvxpylayers"
+
+
+def _call_options(layer: Layer, solver_args: dict[str, Any] | None) -> dict[str, Any]:
+    """The backend options of one call: call-time ``solver_args`` merged over the layer's."""
+    if solver_args is None:
+        return layer.options
+    if "solver_args" not in getattr(layer.backend, "call_options", ()):
+        raise ValueError(
+            f"backend {layer.backend_name!r} takes no solver_args; pass its options to "
+            "dl.Layer(...) instead (solver_args is for backend='cvxpylayers')"
+        )
+    merged = {**(layer.options.get("solver_args") or {}), **solver_args}
+    return {**layer.options, "solver_args": merged}
+
+
+def _check_source_only(program: Program, strategy: Backward) -> None:
+    """A source-only program has no declaration in torch to differentiate implicitly."""
+    if program.has_functions or not isinstance(strategy, Implicit):
+        return
+    raise ValueError(
+        "backward='implicit' needs the torch front end, which cannot compile this declaration "
+        f"({program.frontend_error}); use the backend's own backward (backward='native', the "
+        "default for cvxpylayers)"
+    )
+
+
+def _gradient_name(layer: Layer) -> str:
+    """``LayerInfo.gradient``: which backward differentiates the layer's outputs."""
+    strategy = layer.backward_strategy
+    if isinstance(strategy, SolverVJP):
+        return "solver_vjp"
+    if isinstance(strategy, Native):
+        return f"native ({layer.backend_name})"
+    return "implicit"
+
+
 class _Lazy:
     """Computes a pair once, on first access of either half."""
 
@@ -527,17 +608,17 @@ class _Lazy:
 class _LayerFunction(torch.autograd.Function):
     """A layer call as one autograd Function of the user's parameter tensors.
 
-    ``forward(layer, *params) -> (*outputs, call)``: checks and batches the inputs, solves (no
-    graph) and returns one tensor per variable and the call's state (:class:`_Call`: its KKT
-    point, ``LayerInfo``). ``backward`` is the implicit VJP (or a custom solver's ``vjp``),
+    ``forward(layer, options, *params) -> (*outputs, call)``: checks and batches the inputs,
+    solves (no graph) and returns one tensor per variable and the call's state (:class:`_Call`:
+    its KKT point, ``LayerInfo``). ``backward`` is the implicit VJP (or a custom solver's ``vjp``),
     differentiable under ``create_graph=True``; ``jvp`` the implicit tangent; ``vmap`` folds a
     vmapped dim into the layer's own batch dims, so ``torch.func`` transforms compose with it.
     """
 
     @staticmethod
-    def forward(layer: Layer, *params: Any) -> tuple[Any, ...]:
+    def forward(layer: Layer, options: dict[str, Any], *params: Any) -> tuple[Any, ...]:
         inputs = prepare_inputs(layer.program, params)
-        call = _Call(layer, inputs)
+        call = _Call(layer, inputs, options)
         if inputs.params.size == 0:
             call.empty()
             m = layer.program.num_variables
@@ -549,7 +630,7 @@ class _LayerFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
-        _, *params = inputs
+        _, _, *params = inputs
         *outputs, call = output
         ctx.call = call
         ctx.tensors = call.inputs.tensors  # converted copies, no graph: for jvp
@@ -565,10 +646,10 @@ class _LayerFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         raw, outputs = saved[: ctx.num_params], saved[ctx.num_params :]
         _refuse_vmapped_derivative(raw, call.inputs.tensors, "torch.func.grad / vjp / jacrev")
-        needs = ctx.needs_input_grad[1:]
+        needs = ctx.needs_input_grad[2:]
         grads = grads[: len(outputs)]
         if call.inputs.params.size == 0 or all(g is None for g in grads):
-            return (None, *(None for _ in raw))
+            return (None, None, *(None for _ in raw))
         inputs = call.inputs
         tensors = tuple(
             t.to(dtype=inputs.dtype, device=inputs.device) if isinstance(t, Tensor) else c
@@ -581,10 +662,10 @@ class _LayerFunction(torch.autograd.Function):
         out = []
         for t, g, need in zip(raw, flat, needs):
             out.append(g.to(t.dtype) if need and g is not None and isinstance(t, Tensor) else None)
-        return (None, *out)
+        return (None, None, *out)
 
     @staticmethod
-    def jvp(ctx: Any, layer_tangent: Any, *tangents: Tensor | None) -> tuple[Any, ...]:
+    def jvp(ctx: Any, _layer: Any, _options: Any, *tangents: Tensor | None) -> tuple[Any, ...]:
         call: _Call = ctx.call
         if isinstance(call.layer.backward_strategy, SolverVJP):
             raise NotImplementedError(
@@ -602,9 +683,11 @@ class _LayerFunction(torch.autograd.Function):
             return (*call.jvp(ctx.tensors, tangents), None)
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple[Any, ...], layer: Layer, *params: Any) -> tuple:
-        moved = _fold_vmapped(layer.program, in_dims[1:], params, info.batch_size)
-        *outputs, call = _LayerFunction.apply(layer, *moved)
+    def vmap(
+        info: Any, in_dims: tuple[Any, ...], layer: Layer, options: dict[str, Any], *params: Any
+    ) -> tuple:
+        moved = _fold_vmapped(layer.program, in_dims[2:], params, info.batch_size)
+        *outputs, call = _LayerFunction.apply(layer, options, *moved)
         return (*outputs, call), (*(0 for _ in outputs), None)
 
 

@@ -40,7 +40,8 @@ class Program:
         variable_names: one name per variable.
         variable_shapes: the declared shape of each variable; ``u`` is their row-major
             concatenation, ``m = sum(prod(shape))``.
-        objective: ``f(x, u) -> ()``, the scalar objective.
+        objective: ``f(x, u) -> ()``, the scalar objective; ``None`` for a *source-only*
+            program (see ``frontend_error``).
         equalities: ``h(x, u) -> (p,)`` with ``h = 0`` at a feasible point, or ``None``.
         inequalities: ``g(x, u) -> (q,)`` with ``g <= 0`` at a feasible point, or ``None``.
         is_convex: the declaration is DCP (convex objective over a convex set).
@@ -61,13 +62,20 @@ class Program:
             approximation of width ``mu`` (:mod:`declopt.frontend.smoothing`), taking ``mu`` (a
             scalar tensor) as one more parameter after the declared ones; the torch backend
             solves it for ``mu -> 0`` before finishing on the kinks. ``None`` without kinks.
+        frontend_error: for a *source-only* program, the exception the torch front end raised
+            on this declaration (an atom, cone or attribute it cannot evaluate, a dual variable
+            or a log-log program); the program then has no torch functions (``objective`` etc.
+            are ``None``), its variables are the layer's outputs as listed, and only a backend
+            that solves ``source`` itself (``takes_source_only = True``: cvxpylayers) can take
+            it, with its own backward. ``None`` for a compiled program.
+        log_log: the declaration is a log-log convex program (cvxpylayers' ``gp=True``).
     """
 
     parameter_names: tuple[str, ...]
     parameter_shapes: tuple[Shape, ...]
     variable_names: tuple[str, ...]
     variable_shapes: tuple[Shape, ...]
-    objective: ObjectiveFn
+    objective: ObjectiveFn | None
     equalities: ResidualFn | None = None
     inequalities: ResidualFn | None = None
     is_convex: bool = False
@@ -80,6 +88,13 @@ class Program:
     kinks: Callable[..., tuple[Tensor, Tensor]] | None = None
     kinks_isolated: bool = False
     smoothed: Program | None = field(default=None, compare=False, repr=False)
+    frontend_error: Exception | None = field(default=None, compare=False, repr=False)
+    log_log: bool = False
+
+    @property
+    def has_functions(self) -> bool:
+        """The program has torch functions (False for a source-only program)."""
+        return self.objective is not None
 
     @property
     def num_variables(self) -> int:

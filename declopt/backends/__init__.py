@@ -7,6 +7,11 @@ backward) and ``"scipy"`` (per-problem ``scipy.optimize.minimize``, the slow ref
 A backend is any object with a ``name``, ``supports(program) -> str | None`` (``None`` if it can
 solve the program, else why not) and ``solve(program, params, **options) -> Solution`` (see
 :mod:`declopt.backends.base`). Third parties add their own with :func:`register`.
+
+A *source-only* program (``Program.has_functions`` False: the torch front end could not compile
+the declaration, see :func:`declopt.frontend.compile_layer`) goes only to a backend with
+``takes_source_only = True`` (cvxpylayers); :func:`select` refuses it for the others by raising
+the front end's own error.
 """
 
 from __future__ import annotations
@@ -86,6 +91,8 @@ def select(name: str | Auto, program: Program) -> tuple[Backend, str]:
     """
     if name == "auto":
         name = Auto()
+    if not program.has_functions:
+        return _select_source_only(name, program)
     if not isinstance(name, Auto):
         backend = get(name)
         problem = backend.supports(program)
@@ -110,6 +117,36 @@ def select(name: str | Auto, program: Program) -> tuple[Backend, str]:
     if torch_refusal is not None:
         raise ValueError(f"no registered backend can solve this problem: {why}; {torch_refusal}")
     return torch_backend, f"auto: {why}, so torch solves it"
+
+
+def takes(backend: Backend, program: Program) -> str | None:
+    """``backend.supports(program)``, refusing a source-only program for a backend that needs
+    torch functions."""
+    if not program.has_functions and not getattr(backend, "takes_source_only", False):
+        return f"the torch front end cannot compile the declaration: {program.frontend_error}"
+    return backend.supports(program)
+
+
+def _select_source_only(name: str | Auto, program: Program) -> tuple[Backend, str]:
+    """A source-only program goes to a backend that solves the CVXPY declaration itself; for
+    any other the front end's own error is raised (its type and message unchanged)."""
+    error = program.frontend_error
+    if not isinstance(name, Auto):
+        backend = get(name)
+        if not getattr(backend, "takes_source_only", False):
+            raise error  # type: ignore[misc]
+        refusal = backend.supports(program)
+        if refusal is not None:
+            raise ValueError(f"backend {name!r} cannot solve this problem: {refusal}")
+        return backend, f"requested backend={name!r} (the torch front end cannot compile it)"
+    cvx = _REGISTRY.get("cvxpylayers")
+    refusal = "it is not registered" if cvx is None else cvx.supports(program)
+    if refusal is None:
+        return cvx, (
+            f"auto: the torch front end cannot compile the declaration ({error}), and "
+            "cvxpylayers can, so cvxpylayers solves it"
+        )
+    raise error  # type: ignore[misc]
 
 
 def _culprit(program: Program) -> str:

@@ -120,6 +120,23 @@ def _cat_rows(blocks: list[Tensor], n: int, like: Tensor) -> Tensor:
     return torch.cat(blocks, dim=-1) if blocks else like.new_zeros(n, 0).detach()
 
 
+def build_source_layer(
+    problem: cp.Problem,
+    parameters: Sequence[cp.Parameter],
+    outputs: Sequence[cp.Variable],
+    **layer_options: Any,
+) -> CompiledCvxpyLayer:
+    """The ``CvxpyLayer`` of a source-only program: exactly ``outputs`` (primal variables and/or
+    dual variables, as cvxpylayers takes them), no multipliers; its construction errors
+    (``ValueError("Problem must be DPP.")``, ...) are cvxpylayers' own."""
+    from cvxpylayers.torch import CvxpyLayer
+
+    layer = CvxpyLayer(
+        problem, parameters=list(parameters), variables=list(outputs), **layer_options
+    )
+    return CompiledCvxpyLayer(layer, len(outputs), (), (), 0, 0)
+
+
 def build_cvxpylayer(
     problem: cp.Problem,
     parameters: Sequence[cp.Parameter],
@@ -209,6 +226,17 @@ class CvxpyLayersBackend:
             ``"lsmr"``, ...); ``"auto"`` (default): see :data:`DENSE_DERIVATIVE_MAX`.
         n_jobs: threads diffcp uses across the batch (``-1``: one per core; its default).
         feasibility_tol: see :data:`FEASIBILITY_TOL`.
+        on_solver_error: ``"isolate"`` (default: bisect a batch diffcp rejects, failed members
+            come back as zeros with ``converged=False``) or ``"raise"`` (cvxpylayers' own
+            behaviour: diffcp's ``SolverError`` propagates for the whole batch, and answers are
+            returned as the solver gave them).
+        layer_options: keyword arguments for ``cvxpylayers.torch.CvxpyLayer`` itself
+            (``solver=``, ``verbose=``, ``canon_backend=``); one layer is built per distinct set.
+
+    Source-only programs (``Program.has_functions`` False: PSD / SOC cones, ``log_det``, dual
+    variables as outputs, ``gp=True``, ...) are solved as declared, with the native backward
+    only; there is no declaration to check answers against, so ``objective`` and
+    ``kkt_residual`` are NaN and ``converged`` is the solver's verdict.
 
     ``starts`` (initial points) are ignored: conic solvers start from their own point.
     """
@@ -216,9 +244,11 @@ class CvxpyLayersBackend:
     name = "cvxpylayers"
     native_backward = True
     default_backward = "native"
+    takes_source_only = True
+    call_options = ("solver_args",)
 
     def __init__(self) -> None:
-        self._compiled: weakref.WeakKeyDictionary[Program, CompiledCvxpyLayer] = (
+        self._compiled: weakref.WeakKeyDictionary[Program, dict[str, CompiledCvxpyLayer]] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -231,24 +261,39 @@ class CvxpyLayersBackend:
         problem, parameters, _ = program.source
         if not parameters:
             return "cvxpylayers needs at least one parameter; use backend='torch'"
-        culprit = dpp_culprit(problem)
-        if culprit is not None:
-            return _not_dpp_message(culprit)
+        if program.log_log:
+            if not program.is_dpp:
+                return "cvxpylayers takes log-log programs only when they are DGP under DPP"
+        else:
+            culprit = dpp_culprit(problem)
+            if culprit is not None:
+                return _not_dpp_message(culprit)
         try:
             import cvxpylayers.torch  # noqa: F401
         except ImportError:
             return "cvxpylayers is not installed (pip install cvxpylayers)"
         return None
 
-    def compiled(self, program: Program) -> CompiledCvxpyLayer:
-        """The cached ``CvxpyLayer`` of ``program`` (built on first call)."""
-        compiled = self._compiled.get(program)
+    def compiled(
+        self, program: Program, layer_options: dict[str, Any] | None = None
+    ) -> CompiledCvxpyLayer:
+        """The cached ``CvxpyLayer`` of ``program`` (built on first call per ``layer_options``,
+        the keyword arguments of ``cvxpylayers.torch.CvxpyLayer``)."""
+        options = dict(layer_options or {})
+        key = repr(sorted(options.items()))
+        cache = self._compiled.setdefault(program, {})
+        compiled = cache.get(key)
         if compiled is None:
-            reason = self.supports(program)
-            if reason is not None:
-                raise ValueError(reason)
-            compiled = build_cvxpylayer(*program.source)  # type: ignore[misc]
-            self._compiled[program] = compiled
+            if program.has_functions:
+                reason = self.supports(program)
+                if reason is not None:
+                    raise ValueError(reason)
+                compiled = build_cvxpylayer(*program.source, **options)  # type: ignore[misc]
+            else:
+                if program.log_log:
+                    options["gp"] = True
+                compiled = build_source_layer(*program.source, **options)  # type: ignore[misc]
+            cache[key] = compiled
         return compiled
 
     def solve(
@@ -263,13 +308,19 @@ class CvxpyLayersBackend:
         derivative_mode: str = "auto",
         n_jobs: int = -1,
         feasibility_tol: float = FEASIBILITY_TOL,
+        on_solver_error: str = "isolate",
+        layer_options: dict[str, Any] | None = None,
     ) -> Solution:
-        compiled = self.compiled(program)
+        if on_solver_error not in ("isolate", "raise"):
+            raise ValueError(
+                f"on_solver_error must be 'isolate' or 'raise', got {on_solver_error!r}"
+            )
+        compiled = self.compiled(program, layer_options)
         ref = starts[0] if starts else params.values[0]
         size = params.size
         args = _solver_args(solver_args or {}, max_iter)
         args["n_jobs_forward"] = n_jobs
-        if derivative_mode == "auto":
+        if derivative_mode == "auto" and hasattr(compiled.layer.ctx.solver_ctx, "A_shape"):
             rows, columns = compiled.layer.ctx.solver_ctx.A_shape
             derivative_mode = "dense" if rows + columns <= DENSE_DERIVATIVE_MAX else "lsmr"
         args["mode"] = derivative_mode
@@ -279,21 +330,26 @@ class CvxpyLayersBackend:
         detached = BatchedParams(tuple(v.detach() for v in values), params.in_dims, size)
         solver = _BatchSolver(compiled, program.num_variables, values, params.in_dims, args)
         grad_mode = torch.enable_grad if differentiable else torch.no_grad
+        solver.isolate = on_solver_error == "isolate"
         with grad_mode():
             packed, solved = solver.solve(torch.arange(size))
+        if not program.has_functions:
+            return _source_solution(packed, solved, ref)
         report = _report(program, detached, packed)
         converged = solved & torch.isfinite(packed.u.detach()).all(-1)
-        converged &= report.infeasibility <= feasibility_tol
-        if differentiable and bool((solved & ~converged).any()):
-            # A member the solver accepted but the check rejected shares a graph with the good
-            # ones, and the native backward of a failed cone program can be NaN: re-solve the good
-            # members on their own.
-            with grad_mode():
-                packed, _ = solver.solve(converged.nonzero().squeeze(-1), size)
-            report = _report(program, detached, packed)
-        elif not bool(converged.all()):
-            packed = packed.where(converged)
-            report = _report(program, detached, packed)
+        # on_solver_error="raise" (cvxpylayers' semantics): answers stay as the solver gave them.
+        if solver.isolate:
+            converged &= report.infeasibility <= feasibility_tol
+            if differentiable and bool((solved & ~converged).any()):
+                # A member the solver accepted but the check rejected shares a graph with the good
+                # ones, and the native backward of a failed cone program can be NaN: re-solve the
+                # good members on their own.
+                with grad_mode():
+                    packed, _ = solver.solve(converged.nonzero().squeeze(-1), size)
+                report = _report(program, detached, packed)
+            elif not bool(converged.all()):
+                packed = packed.where(converged)
+                report = _report(program, detached, packed)
         point = None if differentiable else report.to(ref.dtype, ref.device)
         return Solution(
             u=packed.u.to(dtype=ref.dtype, device=ref.device),
@@ -305,6 +361,20 @@ class CvxpyLayersBackend:
             kkt_residual=report.residual.to(dtype=ref.dtype, device=ref.device),
             point=point,
         )
+
+
+def _source_solution(packed: Packed, solved: Tensor, ref: Tensor) -> Solution:
+    """A source-only program's answers as the solver gave them: there is no declaration to
+    check them against (``objective`` and ``kkt_residual`` are NaN, no multipliers)."""
+    size = packed.u.shape[0]
+    nan = torch.full((size,), float("nan"), dtype=ref.dtype, device=ref.device)
+    return Solution(
+        u=packed.u.to(dtype=ref.dtype, device=ref.device),
+        converged=(solved & torch.isfinite(packed.u.detach()).all(-1)).to(ref.device),
+        iterations=torch.zeros(size, dtype=torch.int64, device=ref.device),
+        objective=nan,
+        kkt_residual=nan,
+    )
 
 
 def _solver_args(given: dict[str, Any], max_iter: int | None) -> dict[str, Any]:
@@ -357,6 +427,7 @@ class _BatchSolver:
         self.values = values
         self.in_dims = in_dims
         self.args = args
+        self.isolate = True  # False: diffcp's SolverError propagates (cvxpylayers' behaviour)
 
     def solve(self, rows: Tensor, size: int | None = None) -> tuple[Packed, Tensor]:
         """Solutions of the problems ``rows`` (1-D indices into the batch) and the ``(n,)`` mask
@@ -373,7 +444,11 @@ class _BatchSolver:
             try:
                 packed, accurate = self._call(part)
             except SolverError:
+                if not self.isolate:
+                    raise
                 packed, accurate = None, False
+            if not self.isolate:
+                return packed, torch.full((part.numel(),), accurate, dtype=torch.bool)
             if accurate:
                 done.append((part, packed))
             elif part.numel() > 1:

@@ -4,7 +4,16 @@ from declopt.frontend.compile import (
     DeclarationError,
     UnsupportedAtomError,
     compile_expression,
+    compile_layer,
     compile_problem,
+    source_program,
 )
 
-__all__ = ["DeclarationError", "UnsupportedAtomError", "compile_expression", "compile_problem"]
+__all__ = [
+    "DeclarationError",
+    "UnsupportedAtomError",
+    "compile_expression",
+    "compile_layer",
+    "compile_problem",
+    "source_program",
+]

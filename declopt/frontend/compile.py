@@ -29,7 +29,9 @@ __all__ = [
     "DeclarationError",
     "UnsupportedAtomError",
     "compile_expression",
+    "compile_layer",
     "compile_problem",
+    "source_program",
 ]
 
 
@@ -379,9 +381,20 @@ def _names(items: Sequence[Any]) -> str:
     return ", ".join(item.name() for item in items)
 
 
+def _dual_owner(problem: cp.Problem) -> dict[int, cp.Constraint]:
+    """The constraint of each dual variable of the problem (by the dual variable's id)."""
+    return {dv.id: c for c in problem.constraints for dv in c.dual_variables}
+
+
 def _check_leaves(
-    problem: cp.Problem, parameters: Sequence[cp.Parameter], variables: Sequence[cp.Variable]
+    problem: cp.Problem,
+    parameters: Sequence[cp.Parameter],
+    variables: Sequence[cp.Variable],
+    *,
+    subset: bool = False,
 ) -> None:
+    """Validate the parameter / variable lists. With ``subset``, ``variables`` may list only some
+    of the problem's variables and dual variables of its constraints (``c.dual_variables[0]``)."""
     if not isinstance(problem, cp.Problem):
         raise DeclarationError(f"expected a cvxpy Problem, got {type(problem).__name__}")
     for p in parameters:
@@ -407,23 +420,28 @@ def _check_leaves(
 
     if not variables:
         raise DeclarationError(
-            "variables is empty; list the cp.Variable objects of the problem (all of them)."
+            "variables is empty; list the cp.Variable objects of the problem "
+            f"({'some or all' if subset else 'all'} of them)."
         )
     problem_vars = problem.variables()
     if not problem_vars:
         raise DeclarationError("the problem has no variables; there is nothing to optimise.")
     listed = {v.id for v in variables}
     missing_v = [v for v in problem_vars if v.id not in listed]
-    if missing_v:
+    if missing_v and not subset:
         raise DeclarationError(
             f"the problem's variables {_names(missing_v)} are not listed in variables; "
             "list every variable of the problem."
         )
     in_problem = {v.id for v in problem_vars}
+    if subset:
+        in_problem |= set(_dual_owner(problem))
     extra_v = [v for v in variables if v.id not in in_problem]
     if extra_v:
+        also = " or dual variables of its constraints" if subset else ""
         raise DeclarationError(
-            f"variables {_names(extra_v)} do not occur in the problem; remove them from variables."
+            f"variables {_names(extra_v)} do not occur in the problem; list variables of the "
+            f"problem{also} (c.dual_variables[0])."
         )
 
     problem_params = problem.parameters()
@@ -441,7 +459,15 @@ def _check_leaves(
             f"parameters {_names(extra_p)} do not occur in the problem; the parameters must be "
             "exactly the problem's parameters (problem.parameters())."
         )
+    if not subset:
+        _check_supported_leaves(parameters, variables)
 
+
+def _check_supported_leaves(
+    parameters: Sequence[cp.Parameter], variables: Sequence[cp.Variable]
+) -> None:
+    """What the torch front end cannot evaluate among the leaves: complex data, variable
+    attributes other than sign/bounds."""
     for leaf in (*parameters, *variables):
         if leaf.is_complex():
             raise DeclarationError(
@@ -451,11 +477,95 @@ def _check_leaves(
     for v in variables:
         bad = [a for a in _UNSUPPORTED_VARIABLE_ATTRIBUTES if v.attributes.get(a)]
         if bad:
-            raise DeclarationError(
-                f"variable {v.name()} is declared with {', '.join(bad)}=...; declopt supports only "
-                "nonneg/nonpos/pos/neg/bounds as variable attributes. Declare a plain variable and "
-                "state the restriction as explicit constraints."
+            raise UnsupportedAtomError(
+                f"variable {v.name()} is declared with {', '.join(bad)}=...; declopt's torch "
+                "front end supports only nonneg/nonpos/pos/neg/bounds as variable attributes. "
+                "Declare a plain variable and state the restriction as explicit constraints "
+                "(or use backend='cvxpylayers', which takes it as declared)."
             )
+
+
+def compile_layer(
+    problem: cp.Problem,
+    parameters: Sequence[cp.Parameter],
+    variables: Sequence[cp.Variable],
+    *,
+    gp: bool = False,
+) -> Program:
+    """The :class:`~declopt.program.Program` of a layer returning ``variables``.
+
+    ``variables`` may be a subset of the problem's variables: the compiled program then solves
+    for all of them, the listed ones first (a layer returns the first ``len(variables)``).
+    When the torch front end cannot compile the declaration (an unsupported atom, cone or
+    variable attribute), when ``variables`` lists dual variables, or with ``gp=True``, the
+    result is a *source-only* program (:func:`source_program`) that only cvxpylayers can solve.
+
+    Raises:
+        DeclarationError: bad parameter/variable lists (never deferred).
+    """
+    parameters, variables = list(parameters), list(variables)
+    _check_leaves(problem, parameters, variables, subset=True)
+    duals = _dual_owner(problem)
+    listed_duals = [v for v in variables if v.id in duals]
+    if gp:
+        return source_program(
+            problem,
+            parameters,
+            variables,
+            DeclarationError(
+                "gp=True (a log-log convex program): declopt's torch front end does not compile "
+                "log-log programs; cvxpylayers solves it"
+            ),
+            log_log=True,
+        )
+    if listed_duals:
+        return source_program(
+            problem,
+            parameters,
+            variables,
+            DeclarationError(
+                f"dual variables as outputs ({_names(listed_duals)}) are returned by the "
+                "cvxpylayers backend only; with backend='torch' read layer.info.eq_multipliers / "
+                "ineq_multipliers (seed convention: lambda = -dual)"
+            ),
+        )
+    listed = {v.id for v in variables}
+    rest = [v for v in problem.variables() if v.id not in listed]
+    try:
+        return compile_problem(problem, parameters, [*variables, *rest])
+    except DeclarationError as error:
+        return source_program(problem, parameters, variables, error)
+
+
+def source_program(
+    problem: cp.Problem,
+    parameters: Sequence[cp.Parameter],
+    outputs: Sequence[cp.Variable],
+    error: Exception,
+    *,
+    log_log: bool = False,
+) -> Program:
+    """A *source-only* Program: the declaration and its outputs (primal or dual variables), no
+    torch functions; ``error`` says why the torch front end did not compile it."""
+    if log_log:
+        convex = _safe(lambda: problem.is_dgp(dpp=True))
+        dpp = convex
+    else:
+        convex, dpp = _safe(problem.is_dcp), _safe(problem.is_dpp)
+    return Program(
+        parameter_names=tuple(p.name() for p in parameters),
+        parameter_shapes=tuple(tuple(int(d) for d in p.shape) for p in parameters),
+        variable_names=tuple(v.name() for v in outputs),
+        variable_shapes=tuple(tuple(int(d) for d in v.shape) for v in outputs),
+        objective=None,
+        is_convex=convex,
+        is_dpp=dpp,
+        parameter_signs=tuple(_sign(p) for p in parameters),
+        maximize=isinstance(problem.objective, cp.Maximize),
+        source=(problem, tuple(parameters), tuple(outputs)),
+        frontend_error=error,
+        log_log=log_log,
+    )
 
 
 def _split_constraints(

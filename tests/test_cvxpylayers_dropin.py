@@ -1,0 +1,361 @@
+"""``declopt.torch.CvxpyLayer`` ported from cvxpylayers 1.2's documented usage (its README and
+examples): each pattern runs through the drop-in with the default backend (cvxpylayers) and, where
+the torch front end compiles the declaration, with ``backend="torch"``; outputs and gradients are
+compared between the two (float64, 1e-5) and with ``cvxpylayers.torch.CvxpyLayer`` itself."""
+
+from __future__ import annotations
+
+import cvxpy as cp
+import pytest
+import torch
+from cvxpylayers.torch import CvxpyLayer as Reference
+from diffcp.cone_program import SolverError as DiffcpSolverError
+
+import declopt as dl
+from declopt.torch import CvxpyLayer
+
+TOL = 1e-5
+F64 = torch.float64
+
+
+def _outputs_and_grads(layer, *params, **call):
+    params = [p.detach().clone().requires_grad_(True) for p in params]
+    outs = layer(*params, **call)
+    torch.manual_seed(0)
+    weights = [torch.randn_like(o) for o in outs]
+    sum((w * o).sum() for w, o in zip(weights, outs)).backward()
+    return [o.detach() for o in outs], [p.grad for p in params]
+
+
+def _close(a, b, tol=TOL):
+    for x, y in zip(a, b):
+        assert torch.allclose(x.to(F64), y.to(F64), atol=tol, rtol=tol), (x, y)
+
+
+def _agree(problem, parameters, variables, params, torch_backend=True, reference=True, **call):
+    """Drop-in (default backend) against torch and cvxpylayers itself; returns the outputs."""
+    outs, grads = _outputs_and_grads(CvxpyLayer(problem, parameters, variables), *params, **call)
+    if torch_backend:
+        layer = CvxpyLayer(problem, parameters, variables, backend="torch")
+        t_outs, t_grads = _outputs_and_grads(layer, *params)
+        _close(outs, t_outs)
+        _close(grads, t_grads)
+    if reference:
+        ref = Reference(problem, parameters, variables)
+        r_outs, r_grads = _outputs_and_grads(ref, *params, solver_args={"eps": 1e-10})
+        _close(outs, r_outs, 1e-4)
+        _close(grads, r_grads, 1e-4)
+    return outs
+
+
+def _least_squares():
+    x = cp.Variable(2)
+    A, b = cp.Parameter((3, 2)), cp.Parameter(3)
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(A @ x - b) + 0.1 * cp.sum_squares(x)))
+    return problem, [A, b], [x]
+
+
+def test_readme_pnorm_example_runs_unchanged() -> None:
+    torch.manual_seed(0)
+    n, m = 2, 3
+    x = cp.Variable(n)
+    A = cp.Parameter((m, n))
+    b = cp.Parameter(m)
+    problem = cp.Problem(cp.Minimize(0.5 * cp.pnorm(A @ x - b, p=1)), [x >= 0])
+    assert problem.is_dpp()
+    layer = CvxpyLayer(problem, parameters=[A, b], variables=[x])
+    A_tch = torch.randn(m, n, requires_grad=True)
+    b_tch = torch.randn(m, requires_grad=True)
+    (solution,) = layer(A_tch, b_tch)
+    solution.sum().backward()
+    assert solution.shape == (n,) and A_tch.grad.shape == (m, n)
+    (expected,) = Reference(problem, parameters=[A, b], variables=[x])(
+        A_tch, b_tch, solver_args={"eps": 1e-10}
+    )
+    assert torch.allclose(solution.double(), expected.double(), atol=1e-4)
+
+
+def test_least_squares_layer_matches_torch_backend_and_cvxpylayers() -> None:
+    torch.manual_seed(1)
+    problem, parameters, variables = _least_squares()
+    _agree(
+        problem, parameters, variables, [torch.randn(3, 2, dtype=F64), torch.randn(3, dtype=F64)]
+    )
+
+
+def test_relu_layer_with_a_subset_of_variables() -> None:
+    # cvxpylayers' ReLU example: the layer returns y only (here with an auxiliary t dropped).
+    x = cp.Parameter(4)
+    y, t = cp.Variable(4), cp.Variable()
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(y - x) + cp.square(t)), [y >= 0, t >= 1])
+    X = torch.randn(5, 4, dtype=F64)
+    (Y,) = _agree(problem, [x], [y], [X])
+    assert torch.allclose(Y, torch.relu(X), atol=1e-6)
+
+
+def test_sigmoid_layer_matches_torch_sigmoid() -> None:
+    x = cp.Parameter(3)
+    y = cp.Variable(3)
+    objective = -x @ y - cp.sum(cp.entr(y) + cp.entr(1.0 - y))
+    problem = cp.Problem(cp.Minimize(objective))
+    X = torch.tensor([-1.0, 0.2, 1.5], dtype=F64)
+    # SCS's exponential cones are inexact; Clarabel solves them to 1e-8.
+    layer = CvxpyLayer(problem, [x], [y], solver=cp.CLARABEL)
+    outs, grads = _outputs_and_grads(layer, X)
+    assert torch.allclose(outs[0], torch.sigmoid(X), atol=1e-5)
+    # d sigmoid = s (1 - s): the native backward reproduces it. (The torch backend does not
+    # converge from u = 0 on entr(1 - y); not compared here.)
+    s_ = torch.sigmoid(X)
+    torch.manual_seed(0)
+    w = torch.randn(3, dtype=F64)
+    assert torch.allclose(grads[0], w * s_ * (1 - s_), atol=1e-4)
+
+
+def test_softmax_layer_matches_torch_softmax() -> None:
+    x = cp.Parameter(4)
+    y = cp.Variable(4)
+    problem = cp.Problem(cp.Minimize(-x @ y - cp.sum(cp.entr(y))), [cp.sum(y) == 1])
+    X = torch.tensor([0.3, -1.0, 2.0, 0.5], dtype=F64)
+    # Exponential cones: Clarabel (SCS is inexact on them). The torch backend is not compared:
+    # its Newton solve from u = 0 meets entr's boundary (a known limitation, not the drop-in's).
+    (Y,) = CvxpyLayer(problem, [x], [y], solver_args={"solve_method": "Clarabel"})(X)
+    assert torch.allclose(Y, torch.softmax(X, -1), atol=1e-5)
+
+
+def test_batched_parameters_give_batched_outputs() -> None:
+    torch.manual_seed(2)
+    problem, parameters, variables = _least_squares()
+    A, b = torch.randn(6, 3, 2, dtype=F64), torch.randn(6, 3, dtype=F64)
+    (X,) = _agree(problem, parameters, variables, [A, b])
+    assert X.shape == (6, 2)
+
+
+def test_unbatched_parameter_is_shared_by_the_batch() -> None:
+    torch.manual_seed(3)
+    problem, parameters, variables = _least_squares()
+    A, b = torch.randn(3, 2, dtype=F64), torch.randn(4, 3, dtype=F64)
+    (X,) = _agree(problem, parameters, variables, [A, b])
+    assert X.shape == (4, 2)
+
+
+def test_solver_args_at_call_time_override_construction() -> None:
+    problem, parameters, variables = _least_squares()
+    layer = CvxpyLayer(problem, parameters, variables, solver_args={"eps": 1e-3})
+    A, b = torch.randn(3, 2, dtype=F64), torch.randn(3, dtype=F64)
+    (loose,) = layer(A, b)
+    (tight,) = layer(A, b, solver_args={"eps": 1e-10, "max_iters": 10_000})
+    (exact,) = CvxpyLayer(problem, parameters, variables, backend="torch")(A, b)
+    assert (tight - exact).abs().max() < 1e-7
+    assert (tight - exact).abs().max() <= (loose - exact).abs().max()
+
+
+def test_dl_layer_takes_solver_args_at_call_time() -> None:
+    problem, parameters, variables = _least_squares()
+    layer = dl.Layer(problem, parameters, variables, backend="cvxpylayers")
+    (X,) = layer(torch.randn(3, 2), torch.randn(3), solver_args={"solve_method": "Clarabel"})
+    assert X.shape == (2,)
+
+
+def test_solver_args_are_refused_by_a_backend_that_takes_none() -> None:
+    problem, parameters, variables = _least_squares()
+    layer = dl.Layer(problem, parameters, variables, backend="torch")
+    with pytest.raises(ValueError, match="takes no solver_args"):
+        layer(torch.randn(3, 2), torch.randn(3), solver_args={"eps": 1e-6})
+
+
+def test_solver_name_string_routes_to_cvxpylayers() -> None:
+    problem, parameters, variables = _least_squares()
+    layer = dl.Layer(problem, parameters, variables, solver=cp.CLARABEL)
+    assert layer.backend_name == "cvxpylayers" and layer.solver is None
+    assert layer.options["solver_args"]["solve_method"] == "Clarabel"
+    layer(torch.randn(3, 2, dtype=F64), torch.randn(3, dtype=F64))
+    assert layer.info.gradient == "native (cvxpylayers)"
+
+
+def test_gp_example_matches_cvxpylayers() -> None:
+    x, y, z = (cp.Variable(pos=True) for _ in range(3))
+    a = cp.Parameter(pos=True, value=2.0)
+    b = cp.Parameter(pos=True, value=1.0)
+    c = cp.Parameter(value=0.5)
+    problem = cp.Problem(
+        cp.Minimize(1 / (x * y * z)), [a * (x * y + x * z + y * z) <= b, x >= y**c]
+    )
+    assert problem.is_dgp(dpp=True)
+    params = [
+        torch.tensor(2.0, dtype=F64),
+        torch.tensor(1.0, dtype=F64),
+        torch.tensor(0.5, dtype=F64),
+    ]
+    layer = CvxpyLayer(problem, parameters=[a, b, c], variables=[x, y, z], gp=True)
+    outs, grads = _outputs_and_grads(layer, *params)
+    ref = Reference(problem, parameters=[a, b, c], variables=[x, y, z], gp=True)
+    r_outs, r_grads = _outputs_and_grads(ref, *params, solver_args={"eps": 1e-10})
+    _close(outs, r_outs, 1e-4)
+    _close(grads, r_grads, 1e-4)
+
+
+def test_gp_with_torch_backend_is_refused_at_construction() -> None:
+    x = cp.Variable(pos=True)
+    a = cp.Parameter(pos=True)
+    problem = cp.Problem(cp.Minimize(x + a / x))
+    with pytest.raises(dl.DeclarationError, match="gp=True"):
+        CvxpyLayer(problem, [a], [x], gp=True, backend="torch")
+
+
+def _sdp():
+    C = cp.Parameter((3, 3), symmetric=True)
+    X = cp.Variable((3, 3), symmetric=True)
+    problem = cp.Problem(
+        cp.Minimize(cp.trace(C @ X) + cp.sum_squares(X)), [X >> 0, cp.trace(X) == 1]
+    )
+    return problem, C, X
+
+
+def test_sdp_with_psd_constraint_runs_through_the_default_backend() -> None:
+    problem, C, X = _sdp()
+    M = torch.tensor([[1.0, 0.2, 0.0], [0.2, 2.0, 0.1], [0.0, 0.1, 0.5]], dtype=F64)
+    layer = CvxpyLayer(problem, [C], [X])
+    outs, grads = _outputs_and_grads(layer, M)
+    assert torch.linalg.eigvalsh(outs[0]).min() > -1e-6
+    ref = Reference(problem, [C], [X])
+    r_outs, r_grads = _outputs_and_grads(ref, M, solver_args={"eps": 1e-10})
+    _close(outs, r_outs, 1e-4)
+    _close(grads, r_grads, 1e-4)
+    assert layer.info.gradient == "native (cvxpylayers)"
+
+
+def test_sdp_implicit_backward_is_refused_with_a_clear_error() -> None:
+    problem, C, X = _sdp()
+    with pytest.raises(ValueError, match=r"implicit.*torch front end"):
+        dl.Layer(problem, [C], [X], backend="cvxpylayers", backward="implicit")
+
+
+def test_auto_sends_what_the_front_end_cannot_compile_to_cvxpylayers() -> None:
+    t = cp.Parameter(2)
+    x, s = cp.Variable(2), cp.Variable()
+    problem = cp.Problem(cp.Minimize(s + cp.sum_squares(x - t)), [cp.SOC(s, x)])
+    layer = dl.Layer(problem, [t], [x])
+    assert layer.backend_name == "cvxpylayers" and "torch front end" in layer.reason
+    (X,) = layer(torch.tensor([3.0, 4.0], dtype=F64))
+    # prox of the 2-norm: shrink towards 0 by 1/2.
+    assert torch.allclose(X, torch.tensor([2.7, 3.6], dtype=F64), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "atom",
+    [
+        lambda X: -cp.log_det(X),
+        lambda X: cp.lambda_max(X),
+        lambda X: -cp.geo_mean(cp.diag(X)),
+        lambda X: cp.normNuc(X),
+        lambda X: cp.sigma_max(X),
+    ],
+    ids=["log_det", "lambda_max", "geo_mean", "normNuc", "sigma_max"],
+)
+def test_atoms_the_front_end_cannot_compile_work_with_cvxpylayers(atom) -> None:
+    P = cp.Parameter((2, 2))
+    X = cp.Variable((2, 2), symmetric=True)
+    problem = cp.Problem(cp.Minimize(atom(X) + cp.sum_squares(X - P)), [X >> 0])
+    M = torch.tensor([[1.0, 0.3], [0.3, 0.8]], dtype=F64)
+    layer = CvxpyLayer(problem, [P], [X], backend="cvxpylayers")
+    outs, grads = _outputs_and_grads(layer, M)
+    ref = Reference(problem, [P], [X])
+    r_outs, r_grads = _outputs_and_grads(ref, M, solver_args={"eps": 1e-10})
+    _close(outs, r_outs, 1e-4)
+    _close(grads, r_grads, 1e-3)
+
+
+def _dual_problem():
+    x = cp.Variable(2)
+    c, b = cp.Parameter(2), cp.Parameter()
+    eq_con = cp.sum(x) == b
+    ineq_con = x >= 0
+    problem = cp.Problem(cp.Minimize(c @ x + cp.sum_squares(x)), [eq_con, ineq_con])
+    return problem, [c, b], x, eq_con, ineq_con
+
+
+def test_dual_variables_as_outputs_with_gradients_match_cvxpylayers() -> None:
+    problem, parameters, x, eq_con, ineq_con = _dual_problem()
+    variables = [x, eq_con.dual_variables[0], ineq_con.dual_variables[0]]
+    params = [torch.tensor([1.0, 2.0], dtype=F64), torch.tensor(1.0, dtype=F64)]
+    outs, grads = _outputs_and_grads(CvxpyLayer(problem, parameters, variables), *params)
+    ref = Reference(problem, parameters, variables)
+    r_outs, r_grads = _outputs_and_grads(ref, *params, solver_args={"eps": 1e-10})
+    _close(outs, r_outs, 1e-4)
+    _close(grads, r_grads, 1e-4)
+
+
+def test_dual_variables_follow_cvxpy_sign_and_the_torch_multipliers_the_seed_sign() -> None:
+    problem, parameters, x, _, ineq_con = _dual_problem()
+    params = [torch.tensor([1.0, 4.0], dtype=F64), torch.tensor(1.0, dtype=F64)]
+    layer = CvxpyLayer(problem, parameters, [x, ineq_con.dual_variables[0]])
+    _, dual = layer(*params)
+    assert bool((dual >= -1e-7).all()) and dual.max() > 0.1  # x_2 >= 0 is active
+    torch_layer = dl.Layer(problem, parameters, [x], backend="torch")
+    torch_layer(*params)
+    # CVXPY's dual of `x >= 0` (g = -x <= 0) is -lambda_g in the seed convention.
+    assert torch.allclose(-torch_layer.info.ineq_multipliers, dual, atol=1e-6)
+
+
+def test_dual_variables_with_the_torch_backend_are_refused() -> None:
+    problem, parameters, x, eq_con, _ = _dual_problem()
+    with pytest.raises(dl.DeclarationError, match="dual variables"):
+        dl.Layer(problem, parameters, [x, eq_con.dual_variables[0]], backend="torch")
+
+
+def test_infeasible_problem_raises_diffcp_solver_error() -> None:
+    t = cp.Parameter()
+    y = cp.Variable()
+    problem = cp.Problem(cp.Minimize(y), [y >= t, y <= t - 1])
+    with pytest.raises(DiffcpSolverError, match="infeasible"):
+        CvxpyLayer(problem, [t], [y])(torch.tensor(1.0))
+
+
+def test_unbounded_problem_raises_diffcp_solver_error() -> None:
+    t = cp.Parameter()
+    y = cp.Variable()
+    problem = cp.Problem(cp.Minimize(y), [y <= t])
+    with pytest.raises(DiffcpSolverError, match="unbounded"):
+        CvxpyLayer(problem, [t], [y])(torch.tensor(1.0))
+
+
+def test_torch_backend_failure_raises_diffcp_solver_error() -> None:
+    t = cp.Parameter()
+    y = cp.Variable()
+    problem = cp.Problem(cp.Minimize(cp.square(y)), [y >= t, y <= t - 1])
+    with pytest.raises(DiffcpSolverError):
+        CvxpyLayer(problem, [t], [y], backend="torch")(torch.tensor(1.0, dtype=F64))
+
+
+def test_wrong_parameter_count_raises_cvxpylayers_value_error() -> None:
+    problem, parameters, variables = _least_squares()
+    layer = CvxpyLayer(problem, parameters, variables)
+    with pytest.raises(ValueError, match="A tensor must be provided for each CVXPY parameter"):
+        layer(torch.randn(3, 2))
+
+
+def test_wrong_parameter_shape_raises_cvxpylayers_value_error() -> None:
+    problem, parameters, variables = _least_squares()
+    layer = CvxpyLayer(problem, parameters, variables)
+    with pytest.raises(ValueError, match="Invalid parameter shape for parameter 1"):
+        layer(torch.randn(3, 2), torch.randn(4))
+
+
+def test_parameters_not_matching_the_problem_raise_cvxpylayers_value_error() -> None:
+    problem, parameters, variables = _least_squares()
+    with pytest.raises(ValueError, match=r"must exactly match problem\.parameters"):
+        CvxpyLayer(problem, parameters[:1], variables)
+
+
+def test_non_dpp_problem_raises_problem_must_be_dpp() -> None:
+    p = cp.Parameter(pos=True)
+    x = cp.Variable()
+    problem = cp.Problem(cp.Minimize(cp.square(x - p * p)))
+    with pytest.raises(ValueError, match=r"Problem must be DPP\."):
+        CvxpyLayer(problem, [p], [x])
+
+
+def test_variable_outside_the_problem_raises_cvxpylayers_value_error() -> None:
+    problem, parameters, _ = _least_squares()
+    with pytest.raises(ValueError, match=r"must be a subset of problem\.variables"):
+        CvxpyLayer(problem, parameters, [cp.Variable(2)])
