@@ -8,6 +8,7 @@ the implicit function theorem (:mod:`declopt.implicit`).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -123,13 +124,14 @@ class Layer(nn.Module):
         self.on_failure = check_report("on_failure", on_failure)
         self.on_gradient_issue = check_report("on_gradient_issue", on_gradient_issue)
         solver, backend = _solver_name(solver, backend, options)
+        self._declaration: tuple[Any, ...] | None = None
         if isinstance(problem, Program):
             self.program = problem
             self.num_outputs = len(problem.variable_shapes)
         else:
-            self.program = compile_layer(
-                problem, parameters, variables, gp=bool(options.pop("gp", False))
-            )
+            gp = bool(options.pop("gp", False))
+            self._declaration = (problem, tuple(parameters), tuple(variables), gp)
+            self.program = compile_layer(problem, parameters, variables, gp=gp)
             self.num_outputs = len(variables)  # the compiled program may solve for more
         if solver is not None and not self.program.has_functions:
             raise self.program.frontend_error  # a custom forward is checked on the declaration
@@ -160,11 +162,18 @@ class Layer(nn.Module):
             raise ValueError("give either linear_solver= or dense_max=, not both")
         self.linear_solver = linear_solver
         self.compiled = bool(compile)
-        accepted = getattr(self.backend, "option_names", ())
+        accepted = () if self.backend is None else backends.option_names(self.backend) or ()
         if "compile" in accepted:
             options.setdefault("compile", self.compiled)
         if "linear_solver" in accepted:
             options.setdefault("linear_solver", linear_solver)
+        if self.backend is not None:
+            backends.check_options(self.backend, options)
+        elif options:
+            raise ValueError(
+                f"options {', '.join(map(repr, sorted(options)))} are for a backend; a layer with "
+                "a custom solver takes none"
+            )
         self.initializers = tuple(initializers)
         self.verify = verify
         self.options = options
@@ -173,6 +182,42 @@ class Layer(nn.Module):
     @property
     def backend_name(self) -> str:
         return "custom" if self.backend is None else self.backend.name
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle / ``deepcopy`` / ``torch.save``: a CVXPY declaration travels as itself and is
+        compiled again on load (its torch functions are closures); the backend travels by its
+        registered name; ``info`` (the last call's diagnostics) stays behind."""
+        state = dict(self.__dict__)
+        if self._declaration is not None:
+            state["program"] = None
+        if self.backend is not None:
+            state["backend"] = self.backend.name
+        state["info"] = None
+        return state
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Layer:
+        """A deep copy shares the CVXPY declaration (copying it would give its leaves new ids,
+        which CVXPY's compiled caches do not follow) and compiles it again."""
+        if self._declaration is not None:
+            problem, parameters, variables, _ = self._declaration
+            for obj in (self._declaration, problem, *parameters, *variables):
+                memo[id(obj)] = obj
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self._declaration is not None and self.program is None:
+            problem, parameters, variables, gp = self._declaration
+            # A copied problem keeps CVXPY's compilation cache, keyed by the original leaves' ids.
+            cache = getattr(problem, "_cache", None)
+            if cache is not None and hasattr(cache, "invalidate"):
+                cache.invalidate()
+            self.program = compile_layer(problem, parameters, variables, gp=gp)
+        if isinstance(self.backend, str):
+            self.backend = backends.get(self.backend)
 
     @property
     def backward(self) -> str:

@@ -16,7 +16,9 @@ the front end's own error.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from typing import Any
 
 from declopt.backends.base import Backend, BatchedParams, Solution
 from declopt.backends.cvxpylayers_backend import CvxpyLayersBackend
@@ -46,6 +48,34 @@ def register(name: str, backend: Backend, *, overwrite: bool = False) -> None:
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"a backend named {name!r} is already registered; pass overwrite=True")
     _REGISTRY[name] = backend
+
+
+_PROTOCOL_ARGUMENTS = ("self", "program", "params", "starts", "differentiable")
+
+
+def option_names(backend: Backend) -> tuple[str, ...] | None:
+    """The options ``backend.solve`` takes (its ``option_names`` attribute, else its keyword
+    parameters beyond the protocol's), or ``None`` if it takes any (``**options``)."""
+    names = getattr(backend, "option_names", None)
+    if names is not None:
+        return tuple(names)
+    parameters = inspect.signature(backend.solve).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return tuple(p.name for p in parameters if p.name not in _PROTOCOL_ARGUMENTS)
+
+
+def check_options(backend: Backend, options: dict[str, Any]) -> None:
+    """``ValueError`` naming every option ``backend`` does not take, and the ones it does."""
+    names = option_names(backend)
+    if names is None:
+        return
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise ValueError(
+            f"backend {backend.name!r} takes no option {', '.join(map(repr, unknown))}; its "
+            f"options are {', '.join(names) or '(none)'}"
+        )
 
 
 def available() -> list[str]:

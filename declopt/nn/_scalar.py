@@ -10,7 +10,9 @@ def register_positive_scalar(module: nn.Module, name: str, value: float | Tensor
     """Set ``module.<name>`` to ``value``: an ``nn.Parameter`` stays learnable, anything else
     becomes a buffer. Raises ``ValueError`` unless ``value`` is a positive scalar."""
     if not isinstance(value, Tensor):
-        value = torch.tensor(float(value), dtype=torch.get_default_dtype())
+        # float64, cast to each input's dtype on use: a float32 buffer would leak its rounding
+        # into float64 results (radius 1.7 -> 1.7000000477).
+        value = torch.tensor(float(value), dtype=torch.float64)
     if value.dim() != 0 or not bool(value > 0):
         raise ValueError(f"{name} must be a positive scalar, got {value}")
     if isinstance(value, nn.Parameter):

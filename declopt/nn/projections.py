@@ -231,6 +231,12 @@ class _Projection(nn.Module):
         (u,) = self.layer(moved.shape[-1])(moved, self.radius.to(moved.dtype))
         return u.movedim(-1, self.dim)
 
+    def __getstate__(self) -> dict:
+        # The declared layers are a cache (and hold closures): rebuilt on first use after load.
+        state = dict(self.__dict__)
+        state["_layers"] = {}
+        return state
+
     def extra_repr(self) -> str:
         extra = "" if self.backward == "native" else f", backward={self.backward!r}"
         return f"p={self.p:g}, radius={float(self.radius):g}, dim={self.dim}{extra}"

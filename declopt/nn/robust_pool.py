@@ -134,6 +134,12 @@ class RobustPool(nn.Module):
             y = y.squeeze(0)
         return y.unsqueeze(self.dim) if self.keepdim else y
 
+    def __getstate__(self) -> dict:
+        # The declared layers are a cache (and hold closures): rebuilt on first use after load.
+        state = dict(self.__dict__)
+        state["_layers"] = {}
+        return state
+
     def extra_repr(self) -> str:
         return f"penalty={self.penalty!r}, alpha={float(self.alpha):g}, dim={self.dim}"
 
