@@ -14,6 +14,7 @@ from declopt.errors import (
     SolverError,
     UnsupportedAtomError,
 )
+from declopt.gradcheck import GradcheckReport, gradcheck
 from declopt.layer import Layer
 from declopt.linalg import LinearSolver
 from declopt.policies import Degenerate, Implicit, Native, SolverVJP
@@ -23,6 +24,7 @@ __all__ = [
     "BackwardInfo",
     "DeclarationError",
     "Degenerate",
+    "GradcheckReport",
     "GradientWarning",
     "Implicit",
     "InputError",
@@ -36,6 +38,7 @@ __all__ = [
     "SolverVJP",
     "UnsupportedAtomError",
     "backends",
+    "gradcheck",
     "nn",
     "penalties",
 ]

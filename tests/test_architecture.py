@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("declopt.policies", "declopt.diagnostics", "declopt.inputs", "declopt.frontend"),
     ("declopt.backends",),
     ("declopt.layer",),
-    ("declopt.penalties", "declopt.nn", "declopt.torch"),
+    ("declopt.penalties", "declopt.nn", "declopt.torch", "declopt.gradcheck"),
 ]
 
 
