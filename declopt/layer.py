@@ -224,6 +224,9 @@ class Layer(nn.Module):
         """The backward strategy's name: ``"implicit"`` or ``"native"``."""
         return "implicit" if isinstance(self.backward_strategy, Implicit) else "native"
 
+    # Under torch.compile(model) the layer is one graph break: Dynamo cannot trace solvers with
+    # data-dependent control flow (nor CVXPY); the layer's own compile=True still applies.
+    @torch.compiler.disable
     def forward(
         self, *params: Tensor, solver_args: dict[str, Any] | None = None
     ) -> tuple[Tensor, ...]:
@@ -231,7 +234,14 @@ class Layer(nn.Module):
         if isinstance(self.backward_strategy, Native):
             inputs = prepare_inputs(self.program, params)
             call = _Call(self, inputs, options)
-            outputs = call.outputs(call.solve(differentiable=True))
+            if inputs.params.size == 0:  # nothing to solve; outputs still on the inputs' graph
+                call.empty()
+                zero = sum((t.sum() * 0 for t in inputs.tensors if t.is_floating_point()), 0.0)
+                m = self.program.num_variables
+                u = torch.zeros(0, m, dtype=inputs.dtype, device=inputs.device) + zero
+            else:
+                u = call.solve(differentiable=True)
+            outputs = call.outputs(u)
         else:
             *outputs, call = _LayerFunction.apply(self, options, *params)
         self.info = call.info
@@ -702,6 +712,8 @@ class _LayerFunction(torch.autograd.Function):
         )
         if isinstance(call.layer.backward_strategy, SolverVJP):
             flat = call.solver_vjp(tensors, outputs, grads)
+            if torch.is_grad_enabled():  # create_graph: the custom vjp has no graph of its own
+                flat = tuple(None if g is None else _FirstOrderOnly.apply(g) for g in flat)
         else:
             flat = call.vjp(tensors, outputs, grads, needs)
         out = []
@@ -734,6 +746,29 @@ class _LayerFunction(torch.autograd.Function):
         moved = _fold_vmapped(layer.program, in_dims[2:], params, info.batch_size)
         *outputs, call = _LayerFunction.apply(layer, options, *moved)
         return (*outputs, call), (*(0 for _ in outputs), None)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Passes a custom solver's VJP through; differentiating it again is an error that says
+    what to do (never a silent ``None`` or zero second derivative)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad: Tensor) -> Tensor:
+        return grad.clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, _: Tensor) -> Tensor:
+        raise NotImplementedError(
+            "second derivatives through a layer whose backward is a custom solver's vjp "
+            "(backward='native'); declare the layer with backward='implicit' for double "
+            "backward, Hessians and meta-gradients"
+        )
 
 
 def _refuse_vmapped_derivative(

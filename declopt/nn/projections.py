@@ -225,6 +225,7 @@ class _Projection(nn.Module):
             )
         return self._layers[n]
 
+    @torch.compiler.disable  # declares CVXPY layers lazily; one graph break under torch.compile
     def forward(self, x: Tensor) -> Tensor:
         """``x: (..., n, ...)`` -> its projection, same shape (projects along ``dim``)."""
         moved = x.movedim(self.dim, -1)

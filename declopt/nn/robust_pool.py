@@ -118,6 +118,7 @@ class RobustPool(nn.Module):
         # The fast solver checks its own convergence (and warns), so the layer need not.
         return Layer(problem, parameters, [y], solver=fast, verify=False, compile=compile)
 
+    @torch.compiler.disable  # declares CVXPY layers lazily; one graph break under torch.compile
     def forward(self, x: Tensor) -> Tensor:
         """``x: (..., n, ...)`` -> pooled over ``dim``: ``(..., ...)`` (or size 1 with keepdim)."""
         moved = x.movedim(self.dim, -1)
