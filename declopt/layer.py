@@ -232,6 +232,19 @@ class Layer(nn.Module):
     ) -> tuple[Tensor, ...]:
         options = _call_options(self, solver_args)
         if isinstance(self.backward_strategy, Native):
+            if torch._C._are_functorch_transforms_active():
+                raise NotImplementedError(
+                    f"torch.func transforms (vmap, grad, jacrev, jacfwd, jvp) through backend "
+                    f"{self.backend_name!r} with its own (native) backward are not supported; "
+                    "declare the layer with backward='implicit' (declopt's implicit backward on "
+                    "that backend's solution), which supports them"
+                )
+            # The backend's own backward has no graph of its own: differentiating its gradients
+            # again must raise, not give None.
+            params = tuple(
+                _SecondOrderGuard.apply(p) if isinstance(p, Tensor) and p.requires_grad else p
+                for p in params
+            )
             inputs = prepare_inputs(self.program, params)
             call = _Call(self, inputs, options)
             if inputs.params.size == 0:  # nothing to solve; outputs still on the inputs' graph
@@ -713,7 +726,10 @@ class _LayerFunction(torch.autograd.Function):
         if isinstance(call.layer.backward_strategy, SolverVJP):
             flat = call.solver_vjp(tensors, outputs, grads)
             if torch.is_grad_enabled():  # create_graph: the custom vjp has no graph of its own
-                flat = tuple(None if g is None else _FirstOrderOnly.apply(g) for g in flat)
+                flat = tuple(
+                    None if g is None or not isinstance(t, Tensor) else _FirstOrderOnly.apply(g, t)
+                    for g, t in zip(flat, raw)
+                )
         else:
             flat = call.vjp(tensors, outputs, grads, needs)
         out = []
@@ -755,7 +771,8 @@ class _FirstOrderOnly(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(grad: Tensor) -> Tensor:
+    def forward(grad: Tensor, anchor: Tensor) -> Tensor:
+        # ``anchor``: the parameter the gradient belongs to, so that the result is on its graph.
         return grad.clone()
 
     @staticmethod
@@ -763,12 +780,31 @@ class _FirstOrderOnly(torch.autograd.Function):
         pass
 
     @staticmethod
-    def backward(ctx: Any, _: Tensor) -> Tensor:
+    def backward(ctx: Any, _: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError(
-            "second derivatives through a layer whose backward is a custom solver's vjp "
-            "(backward='native'); declare the layer with backward='implicit' for double "
-            "backward, Hessians and meta-gradients"
+            "second derivatives through a layer whose backward is native (a custom solver's "
+            "vjp, or the backend's own, e.g. cvxpylayers' diffcp); declare the layer with "
+            "backward='implicit' for double backward, Hessians and meta-gradients"
         )
+
+
+class _SecondOrderGuard(torch.autograd.Function):
+    """Identity on a parameter; under ``create_graph`` its gradient (from a backend's native
+    backward, which has no graph) goes through :class:`_FirstOrderOnly`."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():
+            return grad
+        return _FirstOrderOnly.apply(grad, ctx.saved_tensors[0])
 
 
 def _refuse_vmapped_derivative(

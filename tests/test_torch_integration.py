@@ -277,3 +277,19 @@ def test_layers_run_under_inference_mode() -> None:
     with torch.inference_mode():
         (u,) = dl.Layer(*_box(), backend="torch")(torch.tensor([[1.5, 0.3, -0.2]], dtype=F64))
     torch.testing.assert_close(u, torch.tensor([[1.0, 0.3, 0.0]], dtype=F64))
+
+
+def test_a_native_cvxpylayers_backward_refuses_transforms_and_second_derivatives() -> None:
+    layer = dl.Layer(*_box(), backend="cvxpylayers")
+    x = torch.tensor([0.5, 0.3, -0.2], dtype=F64)
+    with pytest.raises(NotImplementedError, match="backward='implicit'"):
+        jacrev(lambda t: layer(t)[0])(x)
+    leaf = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(layer(leaf)[0].pow(3).sum(), leaf, create_graph=True)
+    with pytest.raises(NotImplementedError, match="second derivatives"):
+        torch.autograd.grad(g.sum(), leaf)
+    implicit = dl.Layer(*_box(), backend="cvxpylayers", backward="implicit")
+    leaf = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(implicit(leaf)[0].pow(3).sum(), leaf, create_graph=True)
+    (h,) = torch.autograd.grad(g.sum(), leaf)
+    torch.testing.assert_close(h, torch.tensor([3.0, 1.8, 0.0], dtype=F64), atol=1e-6, rtol=0)
