@@ -29,22 +29,33 @@ class PreparedInputs:
     dtype: torch.dtype
     device: torch.device
 
-    def rebatch(self, program: Program, tensors: Sequence[Tensor]) -> BatchedParams:
+    def rebatch(
+        self,
+        program: Program,
+        tensors: Sequence[Tensor],
+        per_problem: Sequence[bool] | None = None,
+    ) -> BatchedParams:
         """:attr:`params` again from ``tensors`` shaped like :attr:`tensors` (e.g. the same
-        tensors with their autograd graph, for a differentiable backward)."""
-        return _flatten(program, tensors, self.batch_shape)
+        tensors with their autograd graph, for a differentiable backward). Tensors flagged in
+        ``per_problem`` are expanded over the batch even without batch dims, so that their
+        gradient comes back per problem."""
+        return _flatten(program, tensors, self.batch_shape, per_problem)
 
     def gradients(
-        self, program: Program, grads: Sequence[Tensor | None]
+        self,
+        program: Program,
+        grads: Sequence[Tensor | None],
+        per_problem: Sequence[bool] | None = None,
     ) -> tuple[Tensor | None, ...]:
         """Gradients of the flat :attr:`params` back to the shapes of :attr:`tensors` (summed over
-        the dims each tensor was broadcast along)."""
+        the dims each tensor was broadcast along); ``(*batch, *shape)`` for ``per_problem``."""
+        flags = per_problem or (False,) * len(grads)
         out: list[Tensor | None] = []
-        for shape, tensor, grad, dim in zip(
-            program.parameter_shapes, self.tensors, grads, self.params.in_dims
-        ):
-            if grad is not None and dim == 0:
-                grad = grad.reshape(*self.batch_shape, *shape).sum_to_size(tensor.shape)
+        for shape, tensor, grad, flag in zip(program.parameter_shapes, self.tensors, grads, flags):
+            if grad is not None and grad.dim() > len(shape):
+                grad = grad.reshape(*self.batch_shape, *shape)
+                if not flag:
+                    grad = grad.sum_to_size(tensor.shape)
             out.append(grad)
         return tuple(out)
 
@@ -90,13 +101,19 @@ def prepare_inputs(program: Program, args: Sequence[object]) -> PreparedInputs:
     return PreparedInputs(tensors, params, batch_shape, dtype, device)
 
 
-def _flatten(program: Program, tensors: Sequence[Tensor], batch_shape: torch.Size) -> BatchedParams:
+def _flatten(
+    program: Program,
+    tensors: Sequence[Tensor],
+    batch_shape: torch.Size,
+    per_problem: Sequence[bool] | None = None,
+) -> BatchedParams:
     """``(*batch_i, *shape_i)`` tensors to a flat batch of ``prod(batch_shape)`` problems; a tensor
-    without batch dims stays shared (``in_dim None``, never copied)."""
+    without batch dims stays shared (``in_dim None``, never copied) unless ``per_problem``."""
     size = math.prod(batch_shape)
+    flags = per_problem or (False,) * len(tensors)
     values, in_dims = [], []
-    for shape, tensor in zip(program.parameter_shapes, tensors):
-        if tensor.dim() == len(shape):
+    for shape, tensor, flag in zip(program.parameter_shapes, tensors, flags):
+        if tensor.dim() == len(shape) and not flag:
             values.append(tensor)
             in_dims.append(None)
         else:

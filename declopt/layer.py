@@ -463,8 +463,10 @@ class _Call:
         outputs: Sequence[Tensor],
         grads: Sequence[Tensor | None],
         wanted: Sequence[bool],
+        per_problem: Sequence[bool] | None = None,
     ) -> tuple[Tensor | None, ...]:
-        """Implicit gradients of the call's (converted) parameter tensors.
+        """Implicit gradients of the call's (converted) parameter tensors (``per_problem``: those
+        come back ``(*batch, *shape)``, one gradient per problem, rather than summed).
 
         Under ``create_graph=True`` (grad mode on in the backward) the VJP is built from
         differentiable operations of the parameters and of the solutions, which carry their own
@@ -476,7 +478,7 @@ class _Call:
         if not differentiable:
             tensors = tuple(t.detach() for t in tensors)
             outputs = tuple(t.detach() for t in outputs)
-        params = self.inputs.rebatch(self.program, tensors)
+        params = self.inputs.rebatch(self.program, tensors, per_problem)
         u = self._packed(outputs, outputs[0])
         grad_u = self._packed(grads, u)
         layer = self.layer
@@ -498,7 +500,7 @@ class _Call:
                 wanted=tuple(wanted),
             )
         self._backward_info(report)
-        return self.inputs.gradients(self.program, grads_flat)
+        return self.inputs.gradients(self.program, grads_flat, per_problem)
 
     def jvp(self, tensors: Sequence[Tensor], tangents: Sequence[Tensor | None]) -> tuple:
         """Forward-mode tangents of the outputs (the KKT solve of the backward, transposed)."""
@@ -706,6 +708,9 @@ class _LayerFunction(torch.autograd.Function):
         # with respect to those, and converts its gradients back to each one's dtype.
         ctx.save_for_backward(*(p if isinstance(p, Tensor) else None for p in params), *outputs)
         ctx.num_params = len(params)
+        # Under vmap the Function is set up with vmapped views of the folded call's tensors.
+        ctx.above_vmap = _above_a_vmap(params, call.inputs.tensors)
+        ctx.output_shapes = [o.shape for o in outputs]
         ctx.set_materialize_grads(False)
 
     @staticmethod
@@ -713,7 +718,6 @@ class _LayerFunction(torch.autograd.Function):
         call: _Call = ctx.call
         saved = ctx.saved_tensors
         raw, outputs = saved[: ctx.num_params], saved[ctx.num_params :]
-        _refuse_vmapped_derivative(raw, call.inputs.tensors, "torch.func.grad / vjp / jacrev")
         needs = ctx.needs_input_grad[2:]
         grads = grads[: len(outputs)]
         if call.inputs.params.size == 0 or all(g is None for g in grads):
@@ -723,7 +727,11 @@ class _LayerFunction(torch.autograd.Function):
             t.to(dtype=inputs.dtype, device=inputs.device) if isinstance(t, Tensor) else c
             for t, c in zip(raw, inputs.tensors)
         )
-        if isinstance(call.layer.backward_strategy, SolverVJP):
+        if ctx.above_vmap:
+            # vmap(grad(f)): these tensors are vmapped views of the folded call; _VJP's vmap rule
+            # unfolds them to the call's own batch.
+            flat = _VJP.apply(call, len(tensors), len(outputs), *tensors, *outputs, *grads)
+        elif isinstance(call.layer.backward_strategy, SolverVJP):
             flat = call.solver_vjp(tensors, outputs, grads)
             if torch.is_grad_enabled():  # create_graph: the custom vjp has no graph of its own
                 flat = tuple(
@@ -746,12 +754,16 @@ class _LayerFunction(torch.autograd.Function):
                 "backward='implicit' for torch.func.jvp / jacfwd"
             )
         inputs = call.inputs
-        _refuse_vmapped_derivative(tangents, ctx.tensors, "torch.func.jvp / jacfwd")
         tangents = tuple(
             None if d is None else d.to(dtype=inputs.dtype, device=inputs.device) for d in tangents
         )
         if inputs.params.size == 0:
             return (*call.outputs(call.u), None)
+        if ctx.above_vmap:  # vmap(jvp(f)): unfold through _JVP's rule
+            result = _JVP.apply(call, *tangents)
+            if [r.shape for r in result] != list(ctx.output_shapes):
+                raise NotImplementedError(_NESTED)
+            return (*result, None)
         with torch.no_grad():
             return (*call.jvp(ctx.tensors, tangents), None)
 
@@ -805,6 +817,131 @@ class _SecondOrderGuard(torch.autograd.Function):
         if not torch.is_grad_enabled():
             return grad
         return _FirstOrderOnly.apply(grad, ctx.saved_tensors[0])
+
+
+def _above_a_vmap(given: Sequence[Any], physical: Sequence[Any]) -> bool:
+    """Whether ``given`` are vmapped views (other logical shapes) of the call's tensors."""
+    return any(
+        isinstance(t, Tensor) and isinstance(p, Tensor) and t.shape != p.shape
+        for t, p in zip(given, physical)
+    )
+
+
+_NESTED = (
+    "this nesting of torch.func transforms (vmap over jacrev / jacfwd / hessian) is not "
+    "supported through a declopt layer; vmap over grad, vjp and jvp is, and so is jacrev / "
+    "jacfwd / hessian over a vmap (the layer batches by itself: differentiate the batched call)"
+)
+
+
+class _VJP(torch.autograd.Function):
+    """The implicit VJP of one (folded) call as a Function of ``(params, outputs, grads)``, so
+    that a derivative taken inside ``torch.func.vmap`` (per-sample gradients) reaches the call
+    unfolded: the vmap rule moves the vmapped dims back into the call's batch, and a parameter
+    the vmap shares gets one gradient per vmapped instance."""
+
+    @staticmethod
+    def forward(call: _Call, num_params: int, num_outputs: int, *args: Any) -> tuple[Any, ...]:
+        tensors, outputs = args[:num_params], args[num_params : num_params + num_outputs]
+        grads = args[num_params + num_outputs :]
+        wanted = [isinstance(t, Tensor) for t in tensors]
+        return call.vjp(tensors, outputs, grads, wanted)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, *_: Any) -> tuple[None, ...]:
+        raise NotImplementedError(
+            "second derivatives of a declopt layer inside torch.func.vmap are not supported; "
+            "take them outside the vmap (the layer batches by itself)"
+        )
+
+    @staticmethod
+    def vmap(
+        info: Any, in_dims: tuple[Any, ...], call: _Call, n: int, k: int, *args: Any
+    ) -> tuple[Any, Any]:
+        tensors, outputs, grads = args[:n], args[n : n + k], args[n + k :]
+        p_dims, o_dims, g_dims = (
+            in_dims[3 : 3 + n],
+            in_dims[3 + n : 3 + n + k],
+            in_dims[3 + n + k :],
+        )
+        size = info.batch_size
+        wanted = [isinstance(t, Tensor) for t in tensors]
+        if all(d is None for d in (*p_dims, *o_dims)):
+            if _above_a_vmap(tensors, call.inputs.tensors):
+                raise NotImplementedError(_NESTED)
+
+            # Only the cotangents are mapped (jacrev's basis): the VJP is linear in them.
+            def one(*gs: Any) -> tuple[Any, ...]:
+                return call.vjp(tensors, outputs, gs, wanted)
+
+            result = torch.func.vmap(one, in_dims=tuple(g_dims))(*grads)
+            return result, tuple(None if r is None else 0 for r in result)
+        program = call.program
+        folded = _fold_vmapped(program, p_dims, tensors, size)
+        shared = [isinstance(t, Tensor) and d is None for t, d in zip(tensors, p_dims)]
+
+        def lead(t: Any, d: Any) -> Any:
+            if t is None:
+                return None
+            return t.movedim(d, 0) if d is not None else t.expand(size, *t.shape)
+
+        result = call.vjp(
+            folded,
+            [lead(o, d) for o, d in zip(outputs, o_dims)],
+            [lead(g, d) for g, d in zip(grads, g_dims)],
+            wanted,
+            per_problem=shared,
+        )
+        out = []
+        for t, g, d, flag in zip(tensors, result, p_dims, shared):
+            if g is None or not isinstance(t, Tensor):
+                out.append(None)
+            elif flag:  # (V, *rest of the batch, *shape) -> one gradient per instance
+                out.append(g.sum_to_size(size, *t.shape))
+            else:
+                physical = t.movedim(d, 0)
+                out.append(g.reshape(physical.shape))
+        return tuple(out), tuple(None if g is None else 0 for g in out)
+
+
+class _JVP(torch.autograd.Function):
+    """The implicit tangent of one (folded) call as a Function of the parameter tangents, so that
+    forward mode inside ``torch.func.vmap`` reaches the call unfolded (see :class:`_VJP`)."""
+
+    @staticmethod
+    def forward(call: _Call, *tangents: Any) -> tuple[Tensor, ...]:
+        return call.jvp(call.inputs.tensors, tangents)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        pass
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], call: _Call, *tangents: Any) -> tuple[Any, Any]:
+        dims = in_dims[1:]
+        size = info.batch_size
+        physical = call.inputs.tensors
+        if all(
+            t is None or (t.movedim(d, 0).shape[1:] if d is not None else t.shape) == p.shape
+            for t, d, p in zip(tangents, dims, physical)
+        ):
+            # Only the tangents are mapped here (jacfwd's basis) while the call was folded by a
+            # vmap further out: a nesting the unfolding cannot follow.
+            raise NotImplementedError(_NESTED)
+        folded = _fold_vmapped(call.program, dims, tangents, size)
+        folded = [
+            t.expand(size, *t.shape) if isinstance(t, Tensor) and d is None else f
+            for t, f, d in zip(tangents, folded, dims)
+        ]
+        try:
+            result = call.jvp(physical, folded)
+        except RuntimeError as error:  # tangents of a transform nested inside the vmap
+            raise NotImplementedError(_NESTED) from error
+        return result, tuple(0 for _ in result)
 
 
 def _refuse_vmapped_derivative(

@@ -154,14 +154,46 @@ def test_a_meta_gradient_through_an_inner_step_on_a_layer_matches_the_closed_for
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
 
 
-def test_jacobian_of_a_vmapped_layer_works_and_vmap_of_a_derivative_says_what_to_do() -> None:
+def test_jacobian_of_a_vmapped_layer_matches_the_closed_form() -> None:
     ball = _ball()
     xs = torch.stack([X, 2 * X])
     got = jacrev(lambda t: vmap(lambda x: ball(x, R)[0])(t))(xs)
     want = jacrev(lambda t: vmap(lambda x: _ball_closed(x, R))(t))(xs)
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
-    with pytest.raises(NotImplementedError, match=r"inside torch\.func\.vmap"):
-        vmap(grad(lambda x: ball(x, R)[0].sum()))(xs)
+
+
+def test_per_sample_gradients_and_tangents_under_vmap_match_the_closed_form() -> None:
+    """vmap(grad(f)): per-sample gradients, also of a parameter the vmap shares (one gradient
+    per instance); vmap(jvp(f)) likewise."""
+    ball = _ball()
+    xs = torch.stack([X, 2 * X, -X])
+
+    def loss(solve: object) -> object:
+        return lambda x, r: solve(x, r).pow(2).sum() * x.sum()
+
+    def layer(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return ball(x, r)[0]
+
+    got = vmap(grad(loss(layer), argnums=(0, 1)), in_dims=(0, None))(xs, R)
+    want = vmap(grad(loss(_ball_closed), argnums=(0, 1)), in_dims=(0, None))(xs, R)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
+
+    def tangent(solve: object) -> object:
+        return lambda x: jvp(lambda t: solve(t, R), (x,), (torch.ones_like(x),))[1]
+
+    torch.testing.assert_close(
+        vmap(tangent(layer))(xs), vmap(tangent(_ball_closed))(xs), atol=1e-10, rtol=1e-10
+    )
+
+
+def test_vmap_over_a_jacobian_of_a_layer_says_what_to_do() -> None:
+    ball = _ball()
+    xs = torch.stack([X, 2 * X])
+    with pytest.raises(NotImplementedError, match=r"jacrev / jacfwd / hessian over a vmap"):
+        vmap(jacrev(lambda x: ball(x, R)[0]))(xs)
+    with pytest.raises(NotImplementedError, match=r"jacrev / jacfwd / hessian over a vmap"):
+        vmap(jacfwd(lambda x: ball(x, R)[0]))(xs)
 
 
 def test_second_derivatives_through_a_custom_vjp_raise_instead_of_returning_zeros() -> None:
