@@ -944,22 +944,6 @@ class _JVP(torch.autograd.Function):
         return result, tuple(0 for _ in result)
 
 
-def _refuse_vmapped_derivative(
-    given: Sequence[Any], physical: Sequence[Any], transform: str
-) -> None:
-    """A derivative transform *inside* ``torch.func.vmap`` (``vmap(grad(f))``, per-sample
-    gradients) reaches the layer's derivative with vmapped tensors whose logical shapes are not
-    those of the (folded) call it differentiates: say so instead of failing deep inside."""
-    for t, p in zip(given, physical):
-        if isinstance(t, Tensor) and isinstance(p, Tensor) and t.shape != p.shape:
-            raise NotImplementedError(
-                f"{transform} inside torch.func.vmap is not supported through a declopt layer. "
-                "The layer batches by itself: call it on the batched tensors and differentiate "
-                "that (e.g. jacrev(vmap(f)) instead of vmap(jacrev(f)), or one backward of the "
-                "summed per-problem losses: the problems of a batch are independent)."
-            )
-
-
 def _fold_vmapped(
     program: Program, in_dims: Sequence[int | None], params: Sequence[Any], size: int
 ) -> list[Any]:
