@@ -14,6 +14,7 @@ from torch import Tensor
 
 from declopt.derivatives import BatchedObjective
 from declopt.kkt.tolerances import problem_scale
+from declopt.linalg import robust_eigh
 
 ARMIJO = 1e-4
 MAX_BACKTRACKS = 40
@@ -92,8 +93,15 @@ def newton_direction(
         newton = -gradient / torch.where(positive, h, 1.0)
         return torch.where(positive, newton, downhill), ~positive[..., 0]
     # One symmetric eigendecomposition gives the PD test, the shift and the solve (Cholesky is
-    # several times slower than eigh for the small batched matrices met here).
-    eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (hessian + hessian.transpose(-1, -2)))
+    # several times slower than eigh for the small batched matrices met here). A Hessian that is
+    # not finite (a point on the edge of log's or entr's domain) gives way to the identity: a
+    # steepest-descent step that the line search sizes.
+    sym = 0.5 * (hessian + hessian.transpose(-1, -2))
+    finite = torch.isfinite(sym).all(-1).all(-1)
+    if not bool(finite.all()):
+        eye = torch.eye(m, dtype=sym.dtype, device=sym.device).expand_as(sym)
+        sym = torch.where(finite.view(-1, 1, 1), sym, eye)
+    eigenvalues, eigenvectors = robust_eigh(sym)
     lowest = eigenvalues[..., 0]
     unit = torch.ones_like(lowest) if scale is None else scale
     size = eigenvalues.abs().amax(-1).clamp_min(torch.finfo(hessian.dtype).tiny)
