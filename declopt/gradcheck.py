@@ -98,18 +98,20 @@ def gradcheck(
         [x.detach().abs().reshape(*batch, -1).amax(-1) for x in xs if x.numel()]
     ).amax(0)
     step = eps * torch.where(scale > 0, scale, torch.ones_like(scale))  # (*batch)
-    ok = torch.ones(batch, dtype=torch.bool)
-    one_sided = torch.zeros(batch, dtype=torch.bool)
-    worst = torch.zeros(batch, dtype=torch.float64)
+    device = xs[0].device if xs else torch.device("cpu")
+    ok = torch.ones(batch, dtype=torch.bool, device=device)
+    one_sided = torch.zeros(batch, dtype=torch.bool, device=device)
+    worst = torch.zeros(batch, dtype=torch.float64, device=device)
     for _ in range(probes):
         leaves = [x.clone().requires_grad_(x.is_floating_point()) for x in xs]
         outs = _outputs(layer, leaves)
-        vs = [torch.randn(o.shape, generator=generator, dtype=torch.float64) for o in outs]
-        ds = [torch.randn(x.shape, generator=generator, dtype=torch.float64) for x in xs]
+        # Drawn on the CPU (one seeded stream whatever the device), then moved to the data.
+        vs = [_normal(o.shape, generator, o.device) for o in outs]
+        ds = [_normal(x.shape, generator, x.device) for x in xs]
         total = sum((o.double() * v).sum() for o, v in zip(outs, vs))
         wrt = [leaf for leaf in leaves if leaf.requires_grad]
         grads = torch.autograd.grad(total, wrt, allow_unused=True)
-        analytic = torch.zeros(batch, dtype=torch.float64)
+        analytic = torch.zeros(batch, dtype=torch.float64, device=device)
         for g, d in zip(grads, (d for d, x in zip(ds, leaves) if x.requires_grad)):
             if g is not None:
                 analytic = analytic + (g.double() * d).reshape(*batch, -1).sum(-1)
@@ -143,6 +145,10 @@ def gradcheck(
 def _outputs(layer: Callable[..., Sequence[Tensor] | Tensor], inputs: Sequence[Tensor]) -> list:
     out = layer(*inputs)
     return [out] if isinstance(out, Tensor) else list(out)
+
+
+def _normal(shape: torch.Size, generator: torch.Generator, device: torch.device) -> Tensor:
+    return torch.randn(shape, generator=generator, dtype=torch.float64).to(device)
 
 
 def _expand(step: Tensor, x: Tensor, nb: int) -> Tensor:
