@@ -3,13 +3,64 @@ what needs the user's attention (warn or raise)."""
 
 from __future__ import annotations
 
+import enum
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from declopt.errors import SolverError
+
+
+class Status(enum.IntEnum):
+    """What became of one problem of a call (``layer.info.status`` holds these codes).
+
+    ``SOLVED``: a KKT point to tolerance. ``INFEASIBLE``: the constraints could not be met (the
+    torch backend: a violation its augmented Lagrangian could not reduce with the largest
+    penalty). ``UNBOUNDED``: the objective kept decreasing without bound (the solution ran off
+    to ``|u| > 1e6`` times the data's scale). ``ITERATION_LIMIT``: the solver stopped short.
+    ``NUMERICAL``: non-finite values (outside a domain, overflow). ``NOT_CONVERGED``: a backend
+    that reports no cause said it failed.
+    """
+
+    SOLVED = 0
+    INFEASIBLE = 1
+    UNBOUNDED = 2
+    ITERATION_LIMIT = 3
+    NUMERICAL = 4
+    NOT_CONVERGED = 5
+
+    @property
+    def advice(self) -> str:
+        """What to do about a problem with this status."""
+        return _ADVICE[self]
+
+
+_ADVICE = {
+    Status.SOLVED: "",
+    Status.INFEASIBLE: "check that the constraints can hold together for these parameters",
+    Status.UNBOUNDED: "bound the variables or make the objective coercive",
+    Status.ITERATION_LIMIT: "raise max_iter= or give initializers= closer to the solution",
+    Status.NUMERICAL: "check the parameters' scale and that the solution lies inside the atoms' "
+    "domains (log, entr, sqrt: give initializers= inside them)",
+    Status.NOT_CONVERGED: "see the backend's message; check feasibility and boundedness",
+}
+
+
+def status_summary(status: Tensor) -> str:
+    """``"infeasible at [(1,)] (check ...); unbounded at [(3,)] (...)"`` for the failed problems
+    of a batch-shaped ``status`` tensor."""
+    parts = []
+    for code in Status:
+        if code is Status.SOLVED:
+            continue
+        mask = status == int(code)
+        if bool(mask.any()):
+            name = code.name.lower().replace("_", " ")
+            parts.append(f"{name} at batch indices {first_indices(mask)} ({code.advice})")
+    return "; ".join(parts)
 
 
 @dataclass
@@ -58,6 +109,8 @@ class LayerInfo:
             multiplier, so the derivative there is one-sided.
         eq_multipliers, ineq_multipliers: ``(*batch, p)``, ``(*batch, q)`` multipliers in the seed
             convention (``D_u f = lambda^T D_u [h; g]``, ``lambda_g <= 0``).
+        status: ``(*batch)`` int64 codes of :class:`Status` (``SOLVED`` where converged; the
+            backend's cause where it reports one, else ``NOT_CONVERGED``).
 
     ``objective`` and ``kkt_residual`` may be computed on first access (for custom solvers that
     are not verified eagerly), so that a layer pays for diagnostics only when they are read.
@@ -72,6 +125,7 @@ class LayerInfo:
         objective: Tensor | Callable[[], Tensor],
         kkt_residual: Tensor | Callable[[], Tensor],
         backward: BackwardInfo | None = None,
+        status: Tensor | None = None,
     ) -> None:
         self.backend = backend
         self.reason = reason
@@ -85,6 +139,20 @@ class LayerInfo:
         self.eq_multipliers: Tensor | None = None
         self.ineq_multipliers: Tensor | None = None
         self.gradient: str | None = None
+        unsolved = torch.full_like(converged, int(Status.NOT_CONVERGED), dtype=torch.int64)
+        given = unsolved if status is None else status.to(torch.int64).reshape(converged.shape)
+        self.status = torch.where(converged, int(Status.SOLVED), given)
+
+    @property
+    def status_names(self) -> list:
+        """:attr:`status` as nested lists of :class:`Status` names (``"SOLVED"``, ...)."""
+
+        def name(codes: object) -> object:
+            if isinstance(codes, list):
+                return [name(c) for c in codes]
+            return Status(codes).name
+
+        return name(self.status.tolist())
 
     @property
     def objective(self) -> Tensor:

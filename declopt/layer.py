@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from declopt import backends
 from declopt.derivatives import BatchedObjective
-from declopt.diagnostics import BackwardInfo, LayerInfo, escalate, first_indices
+from declopt.diagnostics import BackwardInfo, LayerInfo, escalate, first_indices, status_summary
 from declopt.errors import GradientWarning, NonConvergenceWarning, SolverError
 from declopt.frontend import compile_layer
 from declopt.implicit import implicit_jvp, implicit_vjp
@@ -280,6 +280,7 @@ class _Call:
         self.inputs = inputs
         self.info: LayerInfo | None = None
         self.u: Tensor | None = None
+        self.status: Tensor | None = None
         self.point: KKTPoint | None = None
         self.multipliers: tuple[Tensor | None, Tensor | None] = (None, None)
         params = inputs.params
@@ -313,6 +314,7 @@ class _Call:
             iterations=iterations.reshape(batch),
             objective=shaped(f, sign),
             kkt_residual=shaped(kkt),
+            status=None if self.status is None else self.status.reshape(batch),
         )
         if program.is_constrained and self.point is not None:
             self._constraint_info(self.point)
@@ -344,6 +346,7 @@ class _Call:
             program, inputs.params, starts=starts, **extra, **self.options
         )
         u = solution.u
+        self.status = solution.status
         lam_h, lam_g = solution.eq_multipliers, solution.ineq_multipliers
         self.multipliers = (lam_h, lam_g)
         point = solution.point
@@ -436,10 +439,9 @@ class _Call:
             return
         message = (
             f"{int((~info.converged).sum())} of {info.converged.numel()} problem(s) did not "
-            f"converge (backend {info.backend!r}); first batch indices: "
-            f"{first_indices(~info.converged)}; max KKT residual "
-            f"{float(info.kkt_residual[~info.converged].max()):.3g}. See layer.info; raise "
-            "max_iter=, give initializers=, or check that the problem is feasible and bounded."
+            f"converge (backend {info.backend!r}): {status_summary(info.status)}; max KKT residual "
+            f"{float(info.kkt_residual[~info.converged].max()):.3g}. The other problems are "
+            "unaffected; layer.info.status has every problem's status."
         )
         escalate(policy, message, NonConvergenceWarning, stacklevel=6)
 

@@ -37,6 +37,8 @@ class Solution:
             or ``None``.
         kkt_residual: ``(B,)`` the backend's own KKT residual (stationarity of the Lagrangian and
             primal feasibility, max-abs); ``None`` lets the layer compute it from the declaration.
+        status: ``(B,)`` :class:`~declopt.diagnostics.Status` codes: why unconverged problems failed
+            causes (infeasible, unbounded, ...), or ``None`` (then ``NOT_CONVERGED``).
         point: the :class:`~declopt.kkt.point.KKTPoint` of the declaration at ``u`` when the
             backend has it (then ``layer.info`` and the implicit backward reuse it instead of
             evaluating the declaration again); ``None`` otherwise.
@@ -50,6 +52,7 @@ class Solution:
     ineq_multipliers: Tensor | None = None
     kkt_residual: Tensor | None = None
     point: KKTPoint | None = None
+    status: Tensor | None = None
 
 
 class Backend(Protocol):

@@ -80,6 +80,8 @@ class KKTPoint:
         relative_residual: ``(B,)`` the largest piece relative to its scale: stationarity to the
             gradient scale, infeasibility as a distance (in ``u``) to ``scale``, complementarity
             to the objective's unit; unit-free, so solvers compare and stop on it.
+        distance: ``(B,)`` the largest violation of a constraint or held kink as a distance (in
+            ``u``, first order) relative to ``scale``.
         weakly_active: ``(B, q)`` active inequalities with a ~zero multiplier.
         sign_violation: ``(B,)`` an active inequality has a clearly positive multiplier.
         converged: ``(B,)`` finite, no sign violation and ``relative_residual`` within
@@ -101,6 +103,7 @@ class KKTPoint:
     infeasibility: Tensor
     complementarity: Tensor
     relative_residual: Tensor
+    distance: Tensor
     weakly_active: Tensor
     sign_violation: Tensor
     converged: Tensor
@@ -356,6 +359,7 @@ def _assess(
         infeasibility=_max(violation),
         complementarity=_max(complementarity),
         relative_residual=relative,
+        distance=_max(distance),
         weakly_active=weakly,
         sign_violation=sign_violation.any(-1),
         converged=converged,

@@ -48,6 +48,7 @@ class ConstrainedResult:
     point: KKTPoint
     converged: Tensor  # (B,)
     iterations: Tensor  # (B,)
+    penalty: Tensor | None = None  # (B,) the final rho: RHO_MAX where the violation persisted
 
     @property
     def u(self) -> Tensor:
@@ -116,4 +117,4 @@ def solve_constrained(
         if bool(done.all()):
             break
     assert best is not None
-    return ConstrainedResult(best, best.converged, iterations)
+    return ConstrainedResult(best, best.converged, iterations, rho)

@@ -16,11 +16,13 @@ import torch
 from torch import Tensor
 
 from declopt.backends.base import BatchedParams, Solution
-from declopt.backends.torch.augmented_lagrangian import solve_constrained
+from declopt.backends.torch.augmented_lagrangian import RHO_MAX, solve_constrained
 from declopt.backends.torch.minimize import MinimizeResult, minimize
 from declopt.backends.torch.nonsmooth import solve_nonsmooth
 from declopt.derivatives import BatchedObjective
+from declopt.diagnostics import Status
 from declopt.kkt.functions import constraint_fn
+from declopt.kkt.point import KKTPoint
 from declopt.kkt.point import sizes as program_sizes
 from declopt.kkt.tolerances import problem_scale, table
 from declopt.linalg import LinearSolver
@@ -87,9 +89,20 @@ class TorchBackend:
                     linear_solver=linear_solver,
                 )
             point = result.point
+            status = failure_status(
+                program,
+                all_params,
+                u0,
+                point.u,
+                point.objective,
+                result.converged,
+                result.penalty,
+                point,
+            )
             pick = _pick_start(point.objective, result.converged, num_starts, params.size)
             point = point.select(pick) if num_starts > 1 else point
             return Solution(
+                status=status[pick],
                 u=point.u,
                 converged=result.converged[pick],
                 iterations=result.iterations.reshape(num_starts, -1).sum(0),
@@ -102,8 +115,13 @@ class TorchBackend:
         objective = BatchedObjective(program.objective, all_params, compile)
         with torch.no_grad():
             result = minimize(objective, u0, method, max_iter)
+            status = failure_status(
+                program, all_params, u0, result.u, result.objective, result.converged
+            )
         best = _best_start(result, num_starts, params.size)
+        pick = _pick_start(result.objective, result.converged, num_starts, params.size)
         return Solution(
+            status=status[pick],
             u=best.u,
             converged=best.converged,
             iterations=best.iterations,
@@ -191,10 +209,12 @@ def _smooth_first(
                 (lam, torch.cat([point.eq_multipliers, point.ineq_multipliers], -1)),
             )
         )
+    status = failure_status(program, params, u0, u, f, converged)
     pick = _pick_start(f, converged, num_starts, batch)
     p = program_sizes(program, u.shape[-1]).p
     constrained = program.is_constrained
     return Solution(
+        status=status[pick],
         u=u[pick],
         converged=converged[pick],
         iterations=iterations.reshape(num_starts, -1).sum(0),
@@ -202,6 +222,46 @@ def _smooth_first(
         eq_multipliers=lam[pick, :p] if constrained else None,
         ineq_multipliers=lam[pick, p:] if constrained else None,
     )
+
+
+UNBOUNDED_GROWTH = 1e3
+"""An unconverged problem is reported unbounded when its objective fell by more than this many
+of its own units (``|f(u0)| + |D_u f(u0)| scale``) and its solution left the data's scale by as
+much: the signature of an objective decreasing along a recession direction."""
+
+
+def failure_status(
+    program: Program,
+    params: BatchedParams,
+    u0: Tensor,
+    u: Tensor,
+    objective: Tensor,
+    converged: Tensor,
+    penalty: Tensor | None = None,
+    point: KKTPoint | None = None,
+) -> Tensor:
+    """``(B,)`` :class:`~declopt.diagnostics.Status` codes: why each problem failed (``SOLVED``
+    where it converged), from the evidence the torch backend's solvers leave."""
+    f0, g0 = BatchedObjective(program.objective, params).value_and_grad(u0)
+    data = problem_scale(params, torch.zeros_like(u0))
+    unit = f0.abs() + g0.abs().amax(-1) * data
+    unit = torch.where(torch.isfinite(unit), unit, torch.ones_like(unit))
+    numerical = ~torch.isfinite(objective) | ~torch.isfinite(u).all(-1)
+    unbounded = (objective < f0 - UNBOUNDED_GROWTH * unit) & (
+        u.abs().amax(-1) > UNBOUNDED_GROWTH * data
+    )
+    infeasible = torch.zeros_like(converged)
+    if penalty is not None and point is not None:
+        # The largest penalty and still a violation: no feasible point near the iterates.
+        tol = table(u.dtype).converged
+        infeasible = (
+            (penalty >= RHO_MAX) & (point.relative_residual > tol) & (point.infeasibility > 0)
+        )
+    status = torch.full_like(u0[:, 0], int(Status.ITERATION_LIMIT), dtype=torch.int64)
+    status = torch.where(infeasible, int(Status.INFEASIBLE), status)
+    status = torch.where(unbounded, int(Status.UNBOUNDED), status)
+    status = torch.where(numerical, int(Status.NUMERICAL), status)
+    return torch.where(converged, int(Status.SOLVED), status)
 
 
 def _pick_start(objective: Tensor, converged: Tensor, num_starts: int, batch: int) -> Tensor:

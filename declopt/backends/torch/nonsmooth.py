@@ -98,6 +98,7 @@ def solve_nonsmooth(
     iterations = torch.zeros(batch, dtype=torch.int64, device=u.device)
     lam_g = None
     lam: Tensor | None = None  # each stage warm-starts the next one's multipliers
+    penalty: Tensor | None = None
     margins = []
     for width in WIDTHS:
         stage = BatchedParams((*params.values, width * scale), (*params.in_dims, 0), params.size)
@@ -114,6 +115,7 @@ def solve_nonsmooth(
             )
             u, lam_g = result.u, result.point.ineq_multipliers
             lam = torch.cat([result.point.eq_multipliers, lam_g], -1)
+            penalty = result.penalty
         else:
             objective = BatchedObjective(smoothed.objective, stage, compile)
             result = minimize(objective, u, method, max_iter, scale=scale)
@@ -139,7 +141,7 @@ def solve_nonsmooth(
         eq_multipliers=point.eq_multipliers.to(dtype) if count.p else None,
         ineq_multipliers=point.ineq_multipliers.to(dtype) if count.q else None,
     )
-    return ConstrainedResult(declared, converged, iterations)
+    return ConstrainedResult(declared, converged, iterations, penalty)
 
 
 def _margins(program: Program, params: BatchedParams, u: Tensor) -> Tensor:
