@@ -242,6 +242,8 @@ def failure_status(
 ) -> Tensor:
     """``(B,)`` :class:`~declopt.diagnostics.Status` codes: why each problem failed (``SOLVED``
     where it converged), from the evidence the torch backend's solvers leave."""
+    if bool(converged.all()):
+        return torch.full_like(converged, int(Status.SOLVED), dtype=torch.int64)
     f0, g0 = BatchedObjective(program.objective, params).value_and_grad(u0)
     data = problem_scale(params, torch.zeros_like(u0))
     unit = f0.abs() + g0.abs().amax(-1) * data
