@@ -80,3 +80,10 @@ def test_a_backend_that_reports_no_cause_gives_not_converged() -> None:
         kkt_residual=torch.zeros(2),
     )
     assert info.status_names == ["SOLVED", "NOT_CONVERGED"]
+
+
+def test_scipy_names_an_unbounded_member_too() -> None:
+    problem, parameters, variables = _lp().program.source
+    layer = dl.Layer(problem, parameters, variables, backend="scipy", on_failure="ignore")
+    layer(torch.tensor([[1.0, 2.0], [-1.0, 1.0]], dtype=F64))
+    assert layer.info.status_names == ["SOLVED", "UNBOUNDED"]

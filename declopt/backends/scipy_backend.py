@@ -29,6 +29,8 @@ from torch import Tensor
 from torch.func import grad_and_value, hessian, jacrev, jvp
 
 from declopt.backends.base import BatchedParams, Solution
+from declopt.backends.status import failure_status
+from declopt.diagnostics import Status
 from declopt.kkt.newton import polish
 from declopt.kkt.point import kkt_point
 from declopt.kkt.tolerances import problem_scale
@@ -149,6 +151,16 @@ class ScipyBackend:
         feasible = point.infeasibility <= feasibility_tol
         success = torch.tensor([r.success for r in runs])
         converged = feasible & (success | (point.converged & multipliers_known))
+        starts = torch.as_tensor(np.stack([r.start for r in runs]))
+        status = failure_status(
+            program,
+            batch,
+            starts,
+            point.u,
+            point.objective,
+            converged,
+            otherwise=Status.NOT_CONVERGED,
+        )
 
         def out(t: Tensor) -> Tensor:
             return t.to(dtype=ref.dtype, device=ref.device)
@@ -161,6 +173,7 @@ class ScipyBackend:
             eq_multipliers=None if eq is None else out(point.eq_multipliers),
             ineq_multipliers=None if ineq is None else out(point.ineq_multipliers),
             kkt_residual=out(point.residual),
+            status=status.to(ref.device),
         )
 
 
@@ -180,6 +193,7 @@ class _Run:
     iterations: int
     eq: np.ndarray | None
     ineq: np.ndarray | None
+    start: np.ndarray
 
 
 def _best(runs: list[_Run]) -> _Run:
@@ -249,7 +263,8 @@ class _ScalarProblem:
         u = np.where(np.isfinite(result.x), result.x, 0.0)  # never hand back NaN
         eq, ineq = _multipliers(result, self.program, self._sizes(u))
         objective = float(self._f(_tensor(u)))
-        return _Run(u, objective, bool(result.success), int(result.get("nit", 0)), eq, ineq)
+        nit = int(result.get("nit", 0))
+        return _Run(u, objective, bool(result.success), nit, eq, ineq, np.asarray(u0))
 
     def _sizes(self, u: np.ndarray) -> tuple[int, int]:
         t = _tensor(u)

@@ -16,13 +16,12 @@ import torch
 from torch import Tensor
 
 from declopt.backends.base import BatchedParams, Solution
+from declopt.backends.status import failure_status
 from declopt.backends.torch.augmented_lagrangian import RHO_MAX, solve_constrained
 from declopt.backends.torch.minimize import MinimizeResult, minimize
 from declopt.backends.torch.nonsmooth import solve_nonsmooth
 from declopt.derivatives import BatchedObjective
-from declopt.diagnostics import Status
 from declopt.kkt.functions import constraint_fn
-from declopt.kkt.point import KKTPoint
 from declopt.kkt.point import sizes as program_sizes
 from declopt.kkt.tolerances import problem_scale, table
 from declopt.linalg import LinearSolver
@@ -98,6 +97,7 @@ class TorchBackend:
                 result.converged,
                 result.penalty,
                 point,
+                largest_penalty=RHO_MAX,
             )
             pick = _pick_start(point.objective, result.converged, num_starts, params.size)
             point = point.select(pick) if num_starts > 1 else point
@@ -222,48 +222,6 @@ def _smooth_first(
         eq_multipliers=lam[pick, :p] if constrained else None,
         ineq_multipliers=lam[pick, p:] if constrained else None,
     )
-
-
-UNBOUNDED_GROWTH = 1e3
-"""An unconverged problem is reported unbounded when its objective fell by more than this many
-of its own units (``|f(u0)| + |D_u f(u0)| scale``) and its solution left the data's scale by as
-much: the signature of an objective decreasing along a recession direction."""
-
-
-def failure_status(
-    program: Program,
-    params: BatchedParams,
-    u0: Tensor,
-    u: Tensor,
-    objective: Tensor,
-    converged: Tensor,
-    penalty: Tensor | None = None,
-    point: KKTPoint | None = None,
-) -> Tensor:
-    """``(B,)`` :class:`~declopt.diagnostics.Status` codes: why each problem failed (``SOLVED``
-    where it converged), from the evidence the torch backend's solvers leave."""
-    if bool(converged.all()):
-        return torch.full_like(converged, int(Status.SOLVED), dtype=torch.int64)
-    f0, g0 = BatchedObjective(program.objective, params).value_and_grad(u0)
-    data = problem_scale(params, torch.zeros_like(u0))
-    unit = f0.abs() + g0.abs().amax(-1) * data
-    unit = torch.where(torch.isfinite(unit), unit, torch.ones_like(unit))
-    numerical = ~torch.isfinite(objective) | ~torch.isfinite(u).all(-1)
-    unbounded = (objective < f0 - UNBOUNDED_GROWTH * unit) & (
-        u.abs().amax(-1) > UNBOUNDED_GROWTH * data
-    )
-    infeasible = torch.zeros_like(converged)
-    if penalty is not None and point is not None:
-        # The largest penalty and still a violation: no feasible point near the iterates.
-        tol = table(u.dtype).converged
-        infeasible = (
-            (penalty >= RHO_MAX) & (point.relative_residual > tol) & (point.infeasibility > 0)
-        )
-    status = torch.full_like(u0[:, 0], int(Status.ITERATION_LIMIT), dtype=torch.int64)
-    status = torch.where(infeasible, int(Status.INFEASIBLE), status)
-    status = torch.where(unbounded, int(Status.UNBOUNDED), status)
-    status = torch.where(numerical, int(Status.NUMERICAL), status)
-    return torch.where(converged, int(Status.SOLVED), status)
 
 
 def _pick_start(objective: Tensor, converged: Tensor, num_starts: int, batch: int) -> Tensor:
