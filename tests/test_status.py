@@ -87,3 +87,14 @@ def test_scipy_names_an_unbounded_member_too() -> None:
     layer = dl.Layer(problem, parameters, variables, backend="scipy", on_failure="ignore")
     layer(torch.tensor([[1.0, 2.0], [-1.0, 1.0]], dtype=F64))
     assert layer.info.status_names == ["SOLVED", "UNBOUNDED"]
+
+
+def test_cvxpylayers_names_infeasible_and_unbounded_members_from_the_solver() -> None:
+    problem, parameters, variables = _interval().program.source
+    layer = dl.Layer(problem, parameters, variables, backend="cvxpylayers", on_failure="ignore")
+    (u,) = layer(torch.tensor([[2.0, 3.0], [0.5, 2.0]], dtype=F64))
+    assert layer.info.status_names == ["SOLVED", "INFEASIBLE"]
+    problem, parameters, variables = _lp().program.source
+    layer = dl.Layer(problem, parameters, variables, backend="cvxpylayers", on_failure="ignore")
+    layer(torch.tensor([[1.0, 2.0], [-1.0, 1.0]], dtype=F64))
+    assert layer.info.status_names == ["SOLVED", "UNBOUNDED"]

@@ -38,6 +38,7 @@ from cvxpy.expressions.leaf import Leaf
 from torch import Tensor
 
 from declopt.backends.base import BatchedParams, Solution
+from declopt.diagnostics import Status
 from declopt.frontend.dpp import dpp_culprit
 from declopt.kkt.point import KKTPoint, kkt_point
 from declopt.program import Program
@@ -351,7 +352,11 @@ class CvxpyLayersBackend:
                 packed = packed.where(converged)
                 report = _report(program, detached, packed)
         point = None if differentiable else report.to(ref.dtype, ref.device)
+        status = torch.full((size,), int(Status.NOT_CONVERGED), dtype=torch.int64)
+        for row, cause in solver.causes.items():
+            status[row] = int(cause)
         return Solution(
+            status=status.to(ref.device),
             u=packed.u.to(dtype=ref.dtype, device=ref.device),
             converged=converged.to(ref.device),
             iterations=torch.zeros(size, dtype=torch.int64, device=ref.device),
@@ -428,6 +433,8 @@ class _BatchSolver:
         self.in_dims = in_dims
         self.args = args
         self.isolate = True  # False: diffcp's SolverError propagates (cvxpylayers' behaviour)
+        # Per batch row, the cause of an isolated failure (diffcp's status, SCS's inaccuracy).
+        self.causes: dict[int, Status] = {}
 
     def solve(self, rows: Tensor, size: int | None = None) -> tuple[Packed, Tensor]:
         """Solutions of the problems ``rows`` (1-D indices into the batch) and the ``(n,)`` mask
@@ -443,10 +450,13 @@ class _BatchSolver:
             part = pending.pop()
             try:
                 packed, accurate = self._call(part)
-            except SolverError:
+                cause = Status.ITERATION_LIMIT  # SCS's "Solved/Inaccurate": stopped at its cap
+            except SolverError as error:
                 if not self.isolate:
                     raise
-                packed, accurate = None, False
+                packed, accurate, cause = None, False, _cause(error)
+            if not accurate and part.numel() == 1:
+                self.causes[int(part[0])] = cause
             if not self.isolate:
                 return packed, torch.full((part.numel(),), accurate, dtype=torch.bool)
             if accurate:
@@ -493,6 +503,17 @@ class _BatchSolver:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         accurate = not any("Inaccurate" in str(w.message) for w in caught)
         return self.compiled.pack(outputs), accurate
+
+
+def _cause(error: Exception) -> Status:
+    """The :class:`~declopt.diagnostics.Status` diffcp's ``SolverError`` names ("Solver scs
+    returned status infeasible")."""
+    text = str(error).lower()
+    if "infeasible" in text:
+        return Status.INFEASIBLE
+    if "unbounded" in text:
+        return Status.UNBOUNDED
+    return Status.NUMERICAL
 
 
 def _is_noise(w: warnings.WarningMessage) -> bool:
