@@ -439,7 +439,8 @@ class _Call:
             return
         message = (
             f"{int((~info.converged).sum())} of {info.converged.numel()} problem(s) did not "
-            f"converge (backend {info.backend!r}): {status_summary(info.status)}; max KKT residual "
+            f"converge (backend {info.backend!r}); first batch indices: "
+            f"{first_indices(~info.converged)}: {status_summary(info.status)}; max KKT residual "
             f"{float(info.kkt_residual[~info.converged].max()):.3g}. The other problems are "
             "unaffected; layer.info.status has every problem's status."
         )

@@ -513,7 +513,7 @@ def _cause(error: Exception) -> Status:
         return Status.INFEASIBLE
     if "unbounded" in text:
         return Status.UNBOUNDED
-    return Status.NUMERICAL
+    return Status.NOT_CONVERGED
 
 
 def _is_noise(w: warnings.WarningMessage) -> bool:
