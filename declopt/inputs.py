@@ -165,7 +165,9 @@ def _check_values(name: str, sign: str | None, tensor: Tensor, batch_ndim: int) 
     if sign == "nonneg" and bool((tensor < 0).any()):
         raise InputError(
             f"parameter {name!r} is declared nonneg but is negative at "
-            f"{_first_bad(tensor >= 0, batch_ndim)}"
+            f"{_first_bad(tensor >= 0, batch_ndim)}; if it is a learned hyperparameter, keep it "
+            "positive by construction: torch.nn.utils.parametrize.register_parametrization("
+            "module, name, declopt.nn.Positive())"
         )
     if sign == "nonpos" and bool((tensor > 0).any()):
         raise InputError(

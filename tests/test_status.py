@@ -92,9 +92,36 @@ def test_scipy_names_an_unbounded_member_too() -> None:
 def test_cvxpylayers_names_infeasible_and_unbounded_members_from_the_solver() -> None:
     problem, parameters, variables = _interval().program.source
     layer = dl.Layer(problem, parameters, variables, backend="cvxpylayers", on_failure="ignore")
-    (u,) = layer(torch.tensor([[2.0, 3.0], [0.5, 2.0]], dtype=F64))
+    layer(torch.tensor([[2.0, 3.0], [0.5, 2.0]], dtype=F64))
     assert layer.info.status_names == ["SOLVED", "INFEASIBLE"]
     problem, parameters, variables = _lp().program.source
     layer = dl.Layer(problem, parameters, variables, backend="cvxpylayers", on_failure="ignore")
     layer(torch.tensor([[1.0, 2.0], [-1.0, 1.0]], dtype=F64))
     assert layer.info.status_names == ["SOLVED", "UNBOUNDED"]
+
+
+def test_positive_parametrization_keeps_a_learned_alpha_positive() -> None:
+    from torch import nn
+    from torch.nn.utils import parametrize
+
+    pool = dl.nn.RobustPool("huber", alpha=nn.Parameter(torch.tensor(0.5, dtype=F64)))
+    parametrize.register_parametrization(pool, "alpha", dl.nn.Positive())
+    torch.testing.assert_close(pool.alpha.detach(), torch.tensor(0.5, dtype=F64))
+    x = torch.randn(4, 16, dtype=F64, generator=torch.Generator().manual_seed(0))
+    optimiser = torch.optim.SGD(pool.parameters(), lr=1e3)  # a step far past zero
+    for _ in range(2):
+        optimiser.zero_grad()
+        (pool(x).pow(2).sum() * 1e3).backward()
+        optimiser.step()
+    assert float(pool.alpha) > 0 and pool.parametrizations.alpha.original.grad is not None
+
+
+def test_a_negative_learned_alpha_names_the_positive_parametrization() -> None:
+    from torch import nn
+
+    pool = dl.nn.RobustPool("huber", alpha=nn.Parameter(torch.tensor(0.5, dtype=F64)))
+    with torch.no_grad():
+        pool.alpha.fill_(-0.1)
+    with pytest.raises(dl.InputError, match=r"declopt\.nn\.Positive"):
+        pool(torch.randn(2, 8, dtype=F64))
+    assert callable(pool.compile) and pool.compiled is False

@@ -19,3 +19,22 @@ def register_positive_scalar(module: nn.Module, name: str, value: float | Tensor
         setattr(module, name, value)
     else:
         module.register_buffer(name, value)
+
+
+class Positive(nn.Module):
+    """A parametrization that keeps a learnable hyperparameter positive by construction:
+    ``value = softplus(raw)``, for ``torch.nn.utils.parametrize.register_parametrization``::
+
+        pool = dl.nn.RobustPool("huber", alpha=nn.Parameter(torch.tensor(0.5)))
+        torch.nn.utils.parametrize.register_parametrization(pool, "alpha", dl.nn.Positive())
+
+    The optimiser then updates ``raw`` freely and ``alpha`` never leaves ``(0, inf)`` (a plain
+    ``nn.Parameter`` pushed below zero makes the next call raise ``InputError``).
+    """
+
+    def forward(self, raw: Tensor) -> Tensor:
+        return torch.nn.functional.softplus(raw)
+
+    def right_inverse(self, value: Tensor) -> Tensor:
+        # softplus^-1(v) = log(expm1(v)), written stably for large v.
+        return value + torch.log(-torch.expm1(-value))

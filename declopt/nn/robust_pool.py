@@ -64,7 +64,7 @@ class RobustPool(nn.Module):
         self.dim = dim
         self.keepdim = keepdim
         self.solver = solver
-        self.compile = compile
+        self.compiled = compile  # not `compile`: nn.Module.compile stays the method
         register_positive_scalar(self, "alpha", alpha)
         self._layers: dict[tuple[int, float | None], Layer] = {}
 
@@ -74,7 +74,8 @@ class RobustPool(nn.Module):
 
     @property
     def learnable_alpha(self) -> bool:
-        return isinstance(self.alpha, nn.Parameter) and self.alpha.requires_grad
+        # A plain nn.Parameter, or a parametrized one (dl.nn.Positive): any alpha with a graph.
+        return isinstance(self.alpha, Tensor) and self.alpha.requires_grad
 
     def layer(self, n: int, alpha: float | None = None) -> Layer:
         """The declarative layer pooling ``n`` values (declared once per ``n``).
@@ -106,9 +107,9 @@ class RobustPool(nn.Module):
                 [y],
                 backend="torch",
                 initializers=_pool_starts(),
-                compile=self.compile,
+                compile=self.compiled,
             )
-        penalty, compile = self.penalty, self.compile
+        penalty, compile = self.penalty, self.compiled
 
         def fast(x: Tensor, alpha: Tensor | None = None) -> tuple[Tensor]:
             if alpha is None and alpha_value is not None:
