@@ -44,3 +44,15 @@ def test_a_hessian_that_is_not_finite_gives_a_descent_direction_not_an_error() -
     d, _ = newton_direction(hessian.double(), gradient.double())
     assert torch.isfinite(d).all()
     assert ((d * gradient.double()).sum(-1) < 0).all()
+
+
+def test_scipy_leaves_a_start_where_an_equality_has_no_gradient() -> None:
+    """``sum_squares(u) == r`` has a zero gradient at the zero start, where SLSQP cannot move."""
+    x, r, u = cp.Parameter(4), cp.Parameter(pos=True), cp.Variable(4)
+    problem = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(u - x)), [cp.sum_squares(u) == r])
+    layer = dl.Layer(problem, [x, r], [u], backend="scipy")
+    X = torch.randn(5, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    R = torch.tensor(2.0, dtype=F64)
+    (U,) = layer(X, R)
+    assert layer.info.converged.all()
+    torch.testing.assert_close(U, R.sqrt() * X / X.norm(dim=-1, keepdim=True), atol=1e-10, rtol=0)

@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.func import grad_and_value, hessian, jacrev, jvp
 
 from declopt.backends.base import BatchedParams, Solution
+from declopt.backends.starts import usable_starts
 from declopt.backends.status import failure_status
 from declopt.diagnostics import Status
 from declopt.kkt.newton import polish
@@ -100,7 +101,16 @@ class ScipyBackend:
             options["maxiter"] = max_iter
         elif method == "SLSQP":
             options["maxiter"] = 1000
-        u0s = [s.detach().to(device="cpu", dtype=torch.float64).numpy() for s in starts]
+        batch = BatchedParams(values, params.in_dims, size)
+        u0s = [
+            usable_starts(
+                program,
+                batch,
+                s.detach().to(device="cpu", dtype=torch.float64),
+                equality_gradients=True,
+            ).numpy()
+            for s in starts
+        ]
         runs = []
         for b in range(size):  # SciPy solves one problem at a time; that is its nature
             x = tuple(v if d is None else v[b] for v, d in zip(values, params.in_dims))

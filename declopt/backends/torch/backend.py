@@ -16,12 +16,12 @@ import torch
 from torch import Tensor
 
 from declopt.backends.base import BatchedParams, Solution
+from declopt.backends.starts import usable_starts
 from declopt.backends.status import failure_status
 from declopt.backends.torch.augmented_lagrangian import RHO_MAX, solve_constrained
 from declopt.backends.torch.minimize import MinimizeResult, minimize
 from declopt.backends.torch.nonsmooth import solve_nonsmooth
 from declopt.derivatives import BatchedObjective
-from declopt.kkt.functions import constraint_fn
 from declopt.kkt.point import sizes as program_sizes
 from declopt.kkt.tolerances import problem_scale, table
 from declopt.linalg import LinearSolver
@@ -69,7 +69,7 @@ class TorchBackend:
         num_starts = len(starts)
         all_params = params if num_starts == 1 else params.expand(num_starts)
         with torch.no_grad():
-            u0 = inside_domain(program, all_params, torch.cat(list(starts), dim=0))
+            u0 = usable_starts(program, all_params, torch.cat(list(starts), dim=0))
         options = {"method": method, "max_iter": max_iter, "compile": compile}
         if program.smoothed is not None and program.kinks_isolated:
             with torch.no_grad():
@@ -128,40 +128,6 @@ class TorchBackend:
             objective=best.objective,
             kkt_residual=best.gradient.abs().amax(-1),
         )
-
-
-DOMAIN_PROBES = (1.0, 0.1, 10.0)
-"""Starts tried, in order, where the given one is outside the declaration's domain: every
-entry at this multiple of the problem's scale (positive: log, entr, sqrt, inv_pos live there)."""
-
-
-def inside_domain(program: Program, params: BatchedParams, u0: Tensor) -> Tensor:
-    """``u0 (B, m)`` with every problem whose objective, gradient or constraints are not finite
-    there (a start on the edge of a domain, e.g. ``entr`` or ``log`` at 0) moved to the first
-    :data:`DOMAIN_PROBES` point where they are; problems with no such point keep ``u0`` (the
-    solver then reports them)."""
-    objective = BatchedObjective(program.objective, params)
-    rows = torch.func.vmap(constraint_fn(program), in_dims=(params.in_dims, 0))
-
-    def finite(u: Tensor) -> Tensor:
-        f, g = objective.value_and_grad(u)
-        ok = torch.isfinite(f) & torch.isfinite(g).all(-1)
-        if program.is_constrained:
-            ok &= torch.isfinite(rows(params.values, u)).all(-1)
-        return ok
-
-    ok = finite(u0)
-    if bool(ok.all()):
-        return u0
-    scale = problem_scale(params, u0).unsqueeze(-1)
-    for factor in DOMAIN_PROBES:
-        candidate = torch.ones_like(u0) * factor * scale
-        take = ~ok & finite(candidate)
-        u0 = torch.where(take.unsqueeze(-1), candidate, u0)
-        ok = ok | take
-        if bool(ok.all()):
-            break
-    return u0
 
 
 def _smooth_first(
