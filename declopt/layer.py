@@ -247,14 +247,13 @@ class Layer(nn.Module):
             )
             inputs = prepare_inputs(self.program, params)
             call = _Call(self, inputs, options)
-            if inputs.params.size == 0:  # nothing to solve; outputs still on the inputs' graph
+            if inputs.params.size == 0:  # nothing to solve
                 call.empty()
-                zero = sum((t.sum() * 0 for t in inputs.tensors if t.is_floating_point()), 0.0)
                 m = self.program.num_variables
-                u = torch.zeros(0, m, dtype=inputs.dtype, device=inputs.device) + zero
+                u = torch.zeros(0, m, dtype=inputs.dtype, device=inputs.device)
             else:
                 u = call.solve(differentiable=True)
-            outputs = call.outputs(u)
+            outputs = call.outputs(_on_the_graph(u, inputs.tensors))
         else:
             *outputs, call = _LayerFunction.apply(self, options, *params)
         self.info = call.info
@@ -656,6 +655,18 @@ def _gradient_name(layer: Layer) -> str:
     if isinstance(strategy, Native):
         return f"native ({layer.backend_name})"
     return "implicit"
+
+
+def _on_the_graph(u: Tensor, tensors: Sequence[Tensor]) -> Tensor:
+    """``u`` attached to the inputs' graph when the backend left it without one (an empty batch,
+    or a batch whose every member failed: their outputs are zeros), so that ``backward()`` runs
+    and gives those members zero gradients instead of raising."""
+    if u.requires_grad or not torch.is_grad_enabled():
+        return u
+    leaves = [t for t in tensors if t.requires_grad]
+    if not leaves:
+        return u
+    return u + sum(t.sum() * 0 for t in leaves)
 
 
 class _Lazy:

@@ -125,3 +125,13 @@ def test_a_negative_learned_alpha_names_the_positive_parametrization() -> None:
     with pytest.raises(dl.InputError, match=r"declopt\.nn\.Positive"):
         pool(torch.randn(2, 8, dtype=F64))
     assert callable(pool.compile) and pool.compiled is False
+
+
+def test_a_cvxpylayers_batch_whose_members_all_fail_stays_on_the_graph() -> None:
+    problem, parameters, variables = _interval().program.source
+    layer = dl.Layer(problem, parameters, variables, backend="cvxpylayers", on_failure="ignore")
+    a = torch.tensor([[0.5, 2.0], [0.2, 0.3]], dtype=F64, requires_grad=True)
+    (u,) = layer(a)
+    assert layer.info.status_names == ["INFEASIBLE", "INFEASIBLE"]
+    u.sum().backward()  # failed members: zero outputs, zero gradients
+    torch.testing.assert_close(a.grad, torch.zeros_like(a))
