@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.func import grad, grad_and_value, jacrev, jvp, vjp, vmap
 
 from declopt.compiling import maybe_compile
-from declopt.kkt.tolerances import problem_scale, solution_scale, table
+from declopt.kkt.tolerances import on_kink, problem_scale, table
 from declopt.linalg import scalar_singular
 from declopt.program import BatchedParams, Params
 
@@ -206,8 +206,8 @@ def kink_test_for(
     kinks: Callable[[Params, Tensor], tuple[Tensor, Tensor]], in_dims: InDims, compile: bool = False
 ) -> Callable[[Params, Tensor], Tensor]:
     """``(values, u) -> (B,)``: whether problem ``b`` sits on a kink, i.e. some margin of
-    ``kinks`` (a :attr:`Program.kinks`) is within ``Tolerances.activity`` of the problem's scale
-    (the rule of :func:`~declopt.kkt.point.kkt_point`).
+    ``kinks`` (a :attr:`Program.kinks`) passes :func:`~declopt.kkt.tolerances.on_kink` (the
+    rule of :func:`~declopt.kkt.point.kkt_point`).
 
     Compiled with the rest when asked: it evaluates the whole objective once (the margins of
     ``minimum`` and ``maximum`` are differences of their operands), a pass as costly as the
@@ -217,8 +217,7 @@ def kink_test_for(
 
     def on_a_kink(values: Params, u: Tensor) -> Tensor:
         scale = problem_scale(BatchedParams(values, in_dims, u.shape[0]), u)
-        tolerance = table(u.dtype).activity * solution_scale(u, scale)
-        return (margins(values, u).abs() <= tolerance.unsqueeze(-1)).any(-1)
+        return on_kink(margins(values, u), u, scale, table(u.dtype).activity).any(-1)
 
     return maybe_compile(on_a_kink, compile)
 

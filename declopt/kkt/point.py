@@ -24,6 +24,7 @@ from declopt.kkt.functions import equality_fn, inequality_fn
 from declopt.kkt.tolerances import (
     Tolerances,
     gradient_scale,
+    on_kink,
     problem_scale,
     solution_scale,
     table,
@@ -220,13 +221,13 @@ def kkt_point(
         jac, (rows, margins) = _rows_and_jacobian(program, params.in_dims, "margins", m)(
             params.values, u
         )
-        if _on_a_kink(margins, u, scale, tol):
+        if bool(on_kink(margins, u, scale, tol.activity).any()):
             jac = None
         else:
             with_kinks = False
     elif with_kinks and held is None and count.kinks:
-        margins = vmap(_margin_fn(program), in_dims=(params.in_dims, 0))(params.values, u)
-        with_kinks = _on_a_kink(margins, u, scale, tol)
+        margins = kink_margins(program, params, u)
+        with_kinks = bool(on_kink(margins, u, scale, tol.activity).any())
     if not with_kinks:
         count = Sizes(count.p, count.q, 0)
     if jac is None and count.total:
@@ -313,7 +314,8 @@ def _assess(
         held = held(rows, margins, norms)
     elif held is None:
         unit = solution_scale(u, scale)
-        held = _held_at_solution(rows, margins, norms, unit, known_lam_g, grad_f, f, count, tol)
+        kinks_on = on_kink(margins, u, scale, tol.activity)
+        held = _held_at_solution(rows, kinks_on, norms, unit, known_lam_g, grad_f, f, count, tol)
 
     if multipliers is None:
         multipliers = _multipliers(jac, grad_f, held, eq_multipliers, ineq_multipliers, count)
@@ -366,16 +368,12 @@ def _assess(
     )
 
 
-def _margin_fn(program: Program) -> Callable[[Params, Tensor], Tensor]:
+def kink_margins(program: Program, params: BatchedParams, u: Tensor) -> Tensor:
+    """``(B, K)`` the kink margins of every problem at ``u: (B, m)`` (~0 on a kink)."""
     kinks = program.kinks
     assert kinks is not None
-    return lambda x, u: kinks(x, u)[1].reshape(-1)
-
-
-def _on_a_kink(margins: Tensor, u: Tensor, scale: Tensor, tol: Tolerances) -> bool:
-    """Whether some kink margin ``(B, K)`` of the batch is within the default activity test."""
-    unit = solution_scale(u, scale).unsqueeze(-1)
-    return bool((margins.abs() <= tol.activity * unit).any())
+    margins = vmap(lambda x, uu: kinks(x, uu)[1].reshape(-1), in_dims=(params.in_dims, 0))
+    return margins(params.values, u)
 
 
 def _max(rows: Tensor) -> Tensor:
@@ -387,7 +385,7 @@ def _max(rows: Tensor) -> Tensor:
 
 def _held_at_solution(
     rows: Tensor,
-    margins: Tensor,
+    kinks_on: Tensor,
     norms: Tensor,
     scale: Tensor,
     lam_g: Tensor | None,
@@ -404,9 +402,8 @@ def _held_at_solution(
         gscale = gradient_scale(f, grad_f, scale).unsqueeze(-1)
         clearly = lam_g.to(g.dtype).abs() * norms[:, p : p + q] > tol.multiplier * gscale
         active = active | (clearly & (lam_g < 0))
-    on_kink = margins.abs() <= tol.activity * scale.unsqueeze(-1)
     every_h = torch.ones_like(rows[:, :p], dtype=torch.bool)
-    return torch.cat([every_h, active, on_kink], -1)
+    return torch.cat([every_h, active, kinks_on], -1)
 
 
 def _multipliers(

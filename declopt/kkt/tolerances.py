@@ -95,6 +95,12 @@ def solution_scale(u: Tensor, fallback: Tensor) -> Tensor:
     return torch.where((size > 0) & torch.isfinite(size), size, fallback)
 
 
+def on_kink(margins: Tensor, u: Tensor, scale: Tensor, tolerance: float) -> Tensor:
+    """``(B, K)``: kink margins within ``tolerance`` of :func:`solution_scale` (the one rule of
+    "the solution sits on this kink", for the KKT point and the backward's quick test)."""
+    return margins.abs() <= tolerance * solution_scale(u, scale).unsqueeze(-1)
+
+
 def gradient_scale(objective: Tensor, grad_f: Tensor, scale: Tensor) -> Tensor:
     """``(B,)``: ``max(|D_u f|_inf, |f| / scale)``, the unit of stationarity (``f`` per ``u``);
     ``tiny`` where both vanish."""

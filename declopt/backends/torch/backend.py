@@ -22,6 +22,7 @@ from declopt.backends.torch.augmented_lagrangian import RHO_MAX, solve_constrain
 from declopt.backends.torch.minimize import MinimizeResult, minimize
 from declopt.backends.torch.nonsmooth import solve_nonsmooth
 from declopt.derivatives import BatchedObjective
+from declopt.kkt.point import kink_margins
 from declopt.kkt.point import sizes as program_sizes
 from declopt.kkt.tolerances import problem_scale, table
 from declopt.linalg import LinearSolver
@@ -152,11 +153,7 @@ def _smooth_first(
         u, converged, f = result.u, result.converged, result.objective
         lam = u.new_zeros(u.shape[0], 0)
     iterations = result.iterations
-    kinks = program.kinks
-    assert kinks is not None
-    margins = torch.func.vmap(lambda x, uu: kinks(x, uu)[1], in_dims=(params.in_dims, 0))(
-        params.values, u
-    )
+    margins = kink_margins(program, params, u)
     tolerance = table(u.dtype).identification * problem_scale(params, u)
     near = (margins.abs() <= tolerance.unsqueeze(-1)).any(-1) | ~converged
     if bool(near.any()):

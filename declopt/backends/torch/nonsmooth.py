@@ -40,7 +40,7 @@ from declopt.backends.torch.minimize import minimize
 from declopt.derivatives import BatchedObjective
 from declopt.kkt.functions import lagrangian
 from declopt.kkt.newton import newton_kkt
-from declopt.kkt.point import KKTPoint, kkt_point, sizes
+from declopt.kkt.point import KKTPoint, kink_margins, kkt_point, sizes
 from declopt.kkt.tolerances import problem_scale, table
 from declopt.linalg import LinearSolver
 from declopt.program import BatchedParams, Program
@@ -121,7 +121,7 @@ def solve_nonsmooth(
             result = minimize(objective, u, method, max_iter, scale=scale)
             u = result.u
         iterations = iterations + result.iterations
-        margins.append(_margins(program, params, u))
+        margins.append(kink_margins(program, params, u).abs())
     # A kink the solution sits on pulls the smoothed solutions in proportion to mu (their margin
     # shrinks tenfold per stage); a solution merely near a kink keeps its distance.
     shrinking = margins[-1] <= SHRINK * margins[-2]
@@ -142,14 +142,6 @@ def solve_nonsmooth(
         ineq_multipliers=point.ineq_multipliers.to(dtype) if count.q else None,
     )
     return ConstrainedResult(declared, converged, iterations, penalty)
-
-
-def _margins(program: Program, params: BatchedParams, u: Tensor) -> Tensor:
-    """``(B, K)`` absolute kink margins at ``u``."""
-    assert program.kinks is not None
-    kinks = program.kinks
-    mapped = torch.func.vmap(lambda x, uu: kinks(x, uu)[1], in_dims=(params.in_dims, 0))
-    return mapped(params.values, u).abs()
 
 
 @lru_cache(maxsize=64)
