@@ -23,7 +23,11 @@ from torch.func import grad, grad_and_value, jacrev, jvp, vjp, vmap
 from declopt.compiling import maybe_compile
 from declopt.kkt.tolerances import on_kink, problem_scale, table
 from declopt.linalg import scalar_singular
-from declopt.program import BatchedParams, Params
+from declopt.program import BatchedParams, Params, Program, TaylorFn
+
+TAYLOR_MAX_M = 16
+"""Largest ``m`` for which the one-pass Taylor expansion replaces autograd: its jets are dense,
+``(*node, m, m)`` per node, so for many variables Hessian-vector products are cheaper."""
 
 ObjectiveFn = Callable[[Params, Tensor], Tensor]
 InDims = tuple[int | None, ...]
@@ -37,11 +41,24 @@ class Derivatives:
     Every method takes the parameter tensors ``values`` (batched as ``in_dims`` says) and
     ``u: (B, m)``. With ``compile=True`` the functions run under ``torch.compile`` (one fused
     kernel per pass on CPU and GPU); if compilation fails they fall back to eager with a warning.
+
+    With ``taylor`` (:attr:`Program.objective_taylor`: value, gradient and Hessian of one problem
+    from the atoms' closed-form derivatives), the Hessian, the value-gradient-Hessian triple and
+    the parameter VJPs of problems with at most :data:`TAYLOR_MAX_M` variables take one pass of
+    it (and the VJPs one first-order reverse pass through its gradient) instead of nested
+    autograd.
     """
 
-    def __init__(self, fn: ObjectiveFn, in_dims: InDims, compile: bool = False) -> None:
+    def __init__(
+        self,
+        fn: ObjectiveFn,
+        in_dims: InDims,
+        compile: bool = False,
+        taylor: TaylorFn | None = None,
+    ) -> None:
         mapped = vmap(fn, in_dims=(in_dims, 0))
         self.in_dims = in_dims
+        self.has_taylor = taylor is not None
 
         def value(values: Params, u: Tensor) -> Tensor:
             return mapped(values, u)
@@ -158,6 +175,41 @@ class Derivatives:
                 grads.append(scaled if in_dims[i] == 0 else scaled.sum(0))
             return g, h, tuple(grads)
 
+        expanded = None if taylor is None else vmap(taylor, in_dims=(in_dims, 0))
+
+        def value_grad_hessian_autograd(values: Params, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            g, hess = grad_and_hessian(values, u)
+            return value(values, u), g, hess
+
+        def taylor_param_vjp(
+            values: Params, u: Tensor, w: Tensor, wanted: Wanted | None = None
+        ) -> tuple[Tensor | None, ...]:
+            wanted = (True,) * len(values) if wanted is None else wanted
+            free = [i for i, want in enumerate(wanted) if want]
+
+            def gradient_map(*xs: Tensor) -> Tensor:
+                return expanded(_substitute(values, free, xs), u)[1]  # type: ignore[misc]
+
+            # First-order reverse through the closed-form gradient: shared parameters come out
+            # summed over the batch, batched ones per problem.
+            _, pullback = vjp(gradient_map, *(values[i] for i in free))
+            return _scatter(len(values), free, tuple(-g for g in pullback(w)))
+
+        def taylor_scalar_vjp(
+            values: Params, u: Tensor, v: Tensor, wanted: Wanted
+        ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+            free = [i for i, want in enumerate(wanted) if want]
+
+            def gradient_map(*xs: Tensor) -> tuple[Tensor, Tensor]:
+                _, g, h = expanded(_substitute(values, free, xs), u)  # type: ignore[misc]
+                return g, h[..., 0]
+
+            # The Hessian is known before the pullback, so the cotangent is the solve itself.
+            g, pullback, h = vjp(gradient_map, *(values[i] for i in free), has_aux=True)
+            singular = scalar_singular(h)
+            scale = -(v / torch.where(singular, torch.ones_like(h), h)).masked_fill(singular, 0)
+            return g, h, tuple(pullback(scale))
+
         self.value = maybe_compile(value, compile)
         self.value_and_grad = maybe_compile(value_and_grad, compile)
         self.grad = maybe_compile(lambda values, u: gradient(u, values), compile)
@@ -173,10 +225,38 @@ class Derivatives:
                 return scalar_hessian(values, u)
             return grad_and_hessian_eager(values, u)
 
-        self.grad_and_hessian = grad_and_hessian
+        if expanded is not None:
+            value_grad_hessian = maybe_compile(expanded, compile)
+
+            def grad_and_hessian_of(values: Params, u: Tensor) -> tuple[Tensor, Tensor]:
+                if u.shape[-1] > TAYLOR_MAX_M:
+                    return grad_and_hessian(values, u)
+                return value_grad_hessian(values, u)[1:]
+
+            def value_grad_hessian_of(values: Params, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                if u.shape[-1] > TAYLOR_MAX_M:
+                    return value_grad_hessian_autograd(values, u)
+                return value_grad_hessian(values, u)
+
+            compiled_param_vjp = maybe_compile(param_vjp, compile)
+            compiled_taylor_vjp = maybe_compile(taylor_param_vjp, compile)
+
+            def param_vjp_of(
+                values: Params, u: Tensor, w: Tensor, wanted: Wanted | None = None
+            ) -> tuple[Tensor | None, ...]:
+                chosen = compiled_taylor_vjp if u.shape[-1] <= TAYLOR_MAX_M else compiled_param_vjp
+                return chosen(values, u, w, wanted)
+
+            self.grad_and_hessian = grad_and_hessian_of
+            self.value_grad_hessian = value_grad_hessian_of
+            self.param_vjp = param_vjp_of
+            self.scalar_vjp = maybe_compile(taylor_scalar_vjp, compile)
+        else:
+            self.grad_and_hessian = grad_and_hessian
+            self.value_grad_hessian = value_grad_hessian_autograd
+            self.param_vjp = maybe_compile(param_vjp, compile)
+            self.scalar_vjp = maybe_compile(scalar_vjp, compile)
         self.hessian = lambda values, u: self.grad_and_hessian(values, u)[1]
-        self.param_vjp = maybe_compile(param_vjp, compile)
-        self.scalar_vjp = maybe_compile(scalar_vjp, compile)
 
 
 def _substitute(values: Params, index: list[int], replacements: tuple[Tensor, ...]) -> Params:
@@ -196,9 +276,11 @@ def _scatter(size: int, index: list[int], items: tuple[Tensor, ...]) -> tuple[Te
 
 
 @lru_cache(maxsize=256)
-def derivatives_for(fn: ObjectiveFn, in_dims: InDims, compile: bool = False) -> Derivatives:
+def derivatives_for(
+    fn: ObjectiveFn, in_dims: InDims, compile: bool = False, taylor: TaylorFn | None = None
+) -> Derivatives:
     """One :class:`Derivatives` per (function, batching pattern, compile), reused across calls."""
-    return Derivatives(fn, in_dims, compile)
+    return Derivatives(fn, in_dims, compile, taylor)
 
 
 @lru_cache(maxsize=256)
@@ -228,8 +310,14 @@ class BatchedObjective:
     All methods take ``u: (B, m)``; gradients are ``(B, m)``, Hessians ``(B, m, m)``.
     """
 
-    def __init__(self, fn: ObjectiveFn, params: BatchedParams, compile: bool = False) -> None:
-        self.derivatives = derivatives_for(fn, params.in_dims, compile)
+    def __init__(
+        self,
+        fn: ObjectiveFn,
+        params: BatchedParams,
+        compile: bool = False,
+        taylor: TaylorFn | None = None,
+    ) -> None:
+        self.derivatives = derivatives_for(fn, params.in_dims, compile, taylor)
         self.params = params
         self.values = params.values
 
@@ -254,6 +342,15 @@ class BatchedObjective:
     def grad_and_hessian(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """``(grad (B, m), Hessians (B, m, m))`` in the passes of the Hessian alone."""
         return self.derivatives.grad_and_hessian(self.values, u)
+
+    def value_grad_hessian(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(f (B,), grad (B, m), Hessians (B, m, m))``: one pass with a Taylor expansion."""
+        return self.derivatives.value_grad_hessian(self.values, u)
+
+    @classmethod
+    def of(cls, program: Program, params: BatchedParams, compile: bool = False) -> BatchedObjective:
+        """The objective of ``program`` (with its Taylor expansion where it has one)."""
+        return cls(program.objective, params, compile, program.objective_taylor)
 
     def param_vjp(
         self, u: Tensor, w: Tensor, wanted: Wanted | None = None

@@ -120,7 +120,7 @@ def implicit_vjp(
     if held is not None and not bool(held.any()):
         held = None  # nothing held anywhere in the batch: the unconstrained formula
     if held is None:
-        objective = BatchedObjective(program.objective, params, compile=compile)
+        objective = BatchedObjective.of(program, params, compile=compile)
         grads, g, linear = _unconstrained(objective, params, u, v, wanted, linear_solver)
         if point is None:
             none = torch.zeros(batch, dtype=torch.bool, device=u.device)
@@ -195,7 +195,7 @@ def implicit_jvp(
         torch.zeros_like(x) if t is None else t for x, t in zip(params.values, tangents)
     )
     if held is None or not bool(held.any()):
-        objective = BatchedObjective(program.objective, params)
+        objective = BatchedObjective.of(program, params)
         dg = _gradient_jvp(program.objective, params, u, tangents)
         if linear_solver.is_dense(m):
             _, hess = objective.grad_and_hessian(u)

@@ -360,7 +360,7 @@ class _Call:
         elif point is not None:
             kkt = point.residual
         else:
-            objective = BatchedObjective(program.objective, self.detached)
+            objective = BatchedObjective.of(program, self.detached)
             kkt = objective.grad(u.detach()).abs().amax(-1)
         return u, solution.converged, solution.iterations, solution.objective.detach(), kkt
 
@@ -386,7 +386,7 @@ class _Call:
             if program.is_constrained or program.kinks is not None:
                 self.point = kkt_point(program, params, u)
                 return self.point.objective, self.point.residual, self.point.converged
-            objective = BatchedObjective(program.objective, params, self.layer.compiled)
+            objective = BatchedObjective.of(program, params, self.layer.compiled)
             f, g = objective.value_and_grad(u)
             scale = problem_scale(params, u)
             # Unconstrained: |D_u f| in the unit of the curvature times the scale (a gradient

@@ -23,6 +23,7 @@ from torch import Tensor
 Shape = tuple[int, ...]
 Params = tuple[Tensor, ...]
 ObjectiveFn = Callable[[Params, Tensor], Tensor]
+TaylorFn = Callable[[Params, Tensor], tuple[Tensor, Tensor, Tensor]]
 ResidualFn = Callable[[Params, Tensor], Tensor]
 
 
@@ -42,6 +43,10 @@ class Program:
             concatenation, ``m = sum(prod(shape))``.
         objective: ``f(x, u) -> ()``, the scalar objective; ``None`` for a *source-only*
             program (see ``frontend_error``).
+        objective_taylor: ``(x, u) -> (f (), grad (m,), hess (m, m))``, the objective with its
+            first two derivatives in ``u`` in one pass from the atoms' closed-form local
+            derivatives (:mod:`declopt.frontend.taylor`); ``None`` where some atom on the
+            variables' path has none (derivatives then come from autograd).
         equalities: ``h(x, u) -> (p,)`` with ``h = 0`` at a feasible point, or ``None``.
         inequalities: ``g(x, u) -> (q,)`` with ``g <= 0`` at a feasible point, or ``None``.
         is_convex: the declaration is DCP (convex objective over a convex set).
@@ -76,6 +81,7 @@ class Program:
     variable_names: tuple[str, ...]
     variable_shapes: tuple[Shape, ...]
     objective: ObjectiveFn | None
+    objective_taylor: TaylorFn | None = field(default=None, compare=False, repr=False)
     equalities: ResidualFn | None = None
     inequalities: ResidualFn | None = None
     is_convex: bool = False

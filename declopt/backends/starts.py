@@ -25,7 +25,7 @@ def usable_starts(
     :data:`DOMAIN_PROBES` point where they are; problems with no such point keep ``u0`` (the
     solver then reports them). With ``equality_gradients`` a start where some equality's
     gradient vanishes (``sum_squares(u) == r`` at 0: SLSQP cannot leave it) is moved too."""
-    objective = BatchedObjective(program.objective, params)
+    objective = BatchedObjective.of(program, params)
     rows = torch.func.vmap(constraint_fn(program), in_dims=(params.in_dims, 0))
     p = sizes(program, u0.shape[-1]).p
     equality = torch.func.vmap(

@@ -38,7 +38,7 @@ def failure_status(
     its units as the solution leaves the data's scale (``UNBOUNDED``); else ``otherwise``."""
     if bool(converged.all()):
         return torch.full_like(converged, int(Status.SOLVED), dtype=torch.int64)
-    f0, g0 = BatchedObjective(program.objective, params).value_and_grad(u0)
+    f0, g0 = BatchedObjective.of(program, params).value_and_grad(u0)
     data = problem_scale(params, torch.zeros_like(u0))
     unit = f0.abs() + g0.abs().amax(-1) * data
     unit = torch.where(torch.isfinite(unit), unit, torch.ones_like(unit))

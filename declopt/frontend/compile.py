@@ -23,6 +23,7 @@ from torch import Tensor
 from declopt.errors import DeclarationError, UnsupportedAtomError
 from declopt.frontend import gating
 from declopt.frontend.atoms import RULES, KinkSite, TensorCache, operands, supported_atom_names
+from declopt.frontend.taylor import compile_taylor
 from declopt.program import Program
 
 __all__ = [
@@ -568,6 +569,28 @@ def source_program(
     )
 
 
+def _objective_taylor(
+    expr: cp.Expression,
+    env_of: Callable[[Sequence[Tensor], Tensor], Env],
+    var_slices: Sequence[tuple[int, int, int, tuple[int, ...]]],
+    m: int,
+    sign: float,
+) -> Callable[[Sequence[Tensor], Tensor], tuple[Tensor, Tensor, Tensor]] | None:
+    """``(x, u) -> (f, grad (m,), hess (m, m))`` of the (sign-adjusted) objective in one pass
+    (:mod:`.taylor`), or ``None`` where an atom on the variables' path has no jet rule."""
+    nodes: list[cp.Expression] = []
+    steps, roots, _ = _build([expr], nodes)
+    taylor = compile_taylor(nodes, steps, roots[0], var_slices, m)
+    if taylor is None:
+        return None
+
+    def fn(x: Sequence[Tensor], u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        f, g, h = taylor(env_of(x, u), u)
+        return (-f, -g, -h) if sign < 0 else (f, g, h)
+
+    return fn
+
+
 def _split_constraints(
     problem: cp.Problem, variables: Sequence[cp.Variable]
 ) -> tuple[list[cp.Expression], list[cp.Expression]]:
@@ -699,6 +722,7 @@ def compile_problem(
         return objective_fn, residuals(eq_eval), residuals(ineq_eval), env_of
 
     objective_fn, equalities, inequalities, env_of = functions(smooth=False)
+    objective_taylor = _objective_taylor(objective.expr, env_of, var_slices, m, sign)
 
     def kinks_fn(
         x: Sequence[Tensor], u: Tensor, reference: Tensor | None = None
@@ -728,6 +752,7 @@ def compile_problem(
         variable_names=variable_names,
         variable_shapes=variable_shapes,
         objective=objective_fn,
+        objective_taylor=objective_taylor,
         equalities=equalities,
         inequalities=inequalities,
         is_convex=_safe(problem.is_dcp),

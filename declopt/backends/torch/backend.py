@@ -113,7 +113,7 @@ class TorchBackend:
                 kkt_residual=point.residual,
                 point=point,
             )
-        objective = BatchedObjective(program.objective, all_params, compile)
+        objective = BatchedObjective.of(program, all_params, compile)
         with torch.no_grad():
             result = minimize(objective, u0, method, max_iter)
             status = failure_status(
@@ -148,7 +148,7 @@ def _smooth_first(
         u, converged, f = result.u, result.converged, result.point.objective
         lam = torch.cat([result.point.eq_multipliers, result.point.ineq_multipliers], -1)
     else:
-        objective = BatchedObjective(program.objective, params, options["compile"])
+        objective = BatchedObjective.of(program, params, options["compile"])
         result = minimize(objective, u0, options["method"], options["max_iter"])
         u, converged, f = result.u, result.converged, result.objective
         lam = u.new_zeros(u.shape[0], 0)

@@ -51,20 +51,28 @@ def _finite(f: Tensor) -> Tensor:
 
 
 def backtracking(
-    objective: BatchedObjective, u: Tensor, f: Tensor, slope: Tensor, d: Tensor, active: Tensor
+    objective: BatchedObjective,
+    u: Tensor,
+    f: Tensor,
+    slope: Tensor,
+    d: Tensor,
+    active: Tensor,
+    first: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-problem Armijo backtracking from ``t = 1``.
 
     Returns ``(t, ok)``: the accepted step per problem (0 where none was found or the problem is
     inactive) and whether a step was found. A tiny slack of a few ulps of ``|f|`` lets a problem
     that is already at the rounding floor take its last, accuracy-restoring Newton step.
+    ``first``: the objective at ``t = 1`` when the caller has it already.
     """
     eps = torch.finfo(u.dtype).eps
     slack = 8 * eps * f.abs()
     t = torch.ones_like(f)
     ok = ~active
-    for _ in range(MAX_BACKTRACKS):
-        trial = _finite(objective.value(u + t.unsqueeze(-1) * d))
+    for k in range(MAX_BACKTRACKS):
+        value = first if k == 0 and first is not None else objective.value(u + t.unsqueeze(-1) * d)
+        trial = _finite(value)
         ok = ok | (trial <= f + ARMIJO * t * slope + slack)
         if bool(ok.all()):
             break
@@ -131,8 +139,17 @@ def newton(objective: BatchedObjective, u0: Tensor, max_iter: int, scale: Tensor
     shrinks).
     """
     step_tol, _ = tolerances(u0.dtype)
+    # With a one-pass Taylor expansion the full step's point is expanded whole: when the step
+    # is accepted (the usual case) that is the next iteration's value, gradient and Hessian,
+    # one evaluation per iteration. Otherwise the trial costs a value and the next point a
+    # gradient and a Hessian.
+    one_pass = objective.derivatives.has_taylor
     u = u0
-    f, g = objective.value_and_grad(u)
+    if one_pass:
+        f, g, hess = objective.value_grad_hessian(u)
+    else:
+        f, g = objective.value_and_grad(u)
+        hess = None
     f = _finite(f)
     f0 = torch.where(torch.isfinite(f), f, torch.zeros_like(f))
     batch = u.shape[0]
@@ -143,15 +160,28 @@ def newton(objective: BatchedObjective, u0: Tensor, max_iter: int, scale: Tensor
         active = ~(converged | failed)
         if not bool(active.any()):
             break
-        d, shifted = newton_direction(objective.hessian(u), g, scale)
+        if hess is None:
+            hess = objective.hessian(u)
+        d, shifted = newton_direction(hess, g, scale)
         d = torch.where(active.unsqueeze(-1), d, torch.zeros_like(d))
         slope = (g * d).sum(-1)
-        t, found = backtracking(objective, u, f, slope, d, active)
+        full = objective.value_grad_hessian(u + d) if one_pass else None
+        t, found = backtracking(
+            objective, u, f, slope, d, active, None if full is None else full[0]
+        )
         u = u + t.unsqueeze(-1) * d
         iterations = iterations + active.long()
-        f_new, g_new = objective.value_and_grad(u)
+        if full is not None and bool((~active | (t == 1)).all()):
+            f_new, g_new, hess_new = full
+        elif one_pass:
+            f_new, g_new, hess_new = objective.value_grad_hessian(u)
+        else:
+            (f_new, g_new), hess_new = objective.value_and_grad(u), None
         f = torch.where(active, _finite(f_new), f)
         g = torch.where(active.unsqueeze(-1), g_new, g)
+        hess = (
+            None if hess_new is None else torch.where(active.view(-1, 1, 1), hess_new, hess)  # type: ignore[arg-type]
+        )
         small_step = d.abs().amax(-1) <= step_tol * scale
         converged = converged | (active & found & (t == 1) & ~shifted & small_step)
         # A seam: the full step was refused although it promised no more than rounding.

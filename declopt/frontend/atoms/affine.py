@@ -30,6 +30,7 @@ from cvxpy.atoms.affine.upper_tri import upper_tri
 from cvxpy.atoms.affine.vstack import Vstack
 from torch import Tensor
 
+from declopt.frontend.atoms import jets
 from declopt.frontend.atoms.base import AtomRule, Evaluator
 from declopt.frontend.atoms.tensors import (
     DeviceIndex,
@@ -215,13 +216,28 @@ def _convolve(expr: Any) -> Evaluator:
 
 
 def _affine(evaluate: Any, elementwise: bool = False) -> AtomRule:
-    return AtomRule(evaluate, affine=True, elementwise=elementwise)
+    # Linear in the operands jointly: the derivatives are the atom applied to them.
+    return AtomRule(
+        evaluate,
+        affine=True,
+        elementwise=elementwise,
+        jet=lambda node, dependent: jets.linear(evaluate(node)),
+    )
+
+
+def _product(evaluate: Any, elementwise: bool = False) -> AtomRule:
+    return AtomRule(
+        evaluate,
+        elementwise=elementwise,
+        note=_PRODUCT,
+        jet=lambda node, dependent: jets.bilinear(node, dependent, evaluate(node)),
+    )
 
 
 _PRODUCT = "bilinear: smooth, affine in each operand separately"
 
 AFFINE: dict[type, AtomRule] = {
-    add_expr.AddExpression: _affine(_add, elementwise=True),
+    add_expr.AddExpression: AtomRule(_add, affine=True, elementwise=True, jet=jets.add),
     unary_operators.NegExpression: _affine(_neg_expr, elementwise=True),
     Promote: _affine(_promote, elementwise=True),
     broadcast_to: _affine(_broadcast_to, elementwise=True),
@@ -238,9 +254,9 @@ AFFINE: dict[type, AtomRule] = {
     diag_mat: _affine(_diag_mat),
     cumsum: _affine(cumulative(torch.cumsum)),
     upper_tri: _affine(_upper_tri),
-    kron: AtomRule(_kron, note=_PRODUCT),
-    convolve: AtomRule(_convolve, note=_PRODUCT),
-    conv: AtomRule(_convolve, note=_PRODUCT),
+    kron: _product(_kron),
+    convolve: _product(_convolve),
+    conv: _product(_convolve),
     conj: _affine(_identity, elementwise=True),
     real: _affine(_identity, elementwise=True),
     imag: _affine(_imag, elementwise=True),
@@ -251,9 +267,11 @@ AFFINE: dict[type, AtomRule] = {
     wraps.symmetric_wrap: _affine(_identity, elementwise=True),
     wraps.hermitian_wrap: _affine(_identity, elementwise=True),
     wraps.skew_symmetric_wrap: _affine(_identity, elementwise=True),
-    binary_operators.multiply: AtomRule(_multiply, elementwise=True, note=_PRODUCT),
-    binary_operators.MulExpression: AtomRule(_matmul, note=_PRODUCT),
+    binary_operators.multiply: AtomRule(
+        _multiply, elementwise=True, note=_PRODUCT, jet=jets.multiply
+    ),
+    binary_operators.MulExpression: _product(_matmul),
     binary_operators.DivExpression: AtomRule(
-        _div, elementwise=True, note="smooth where the denominator is nonzero"
+        _div, elementwise=True, note="smooth where the denominator is nonzero", jet=jets.divide
     ),
 }

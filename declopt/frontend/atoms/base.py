@@ -24,6 +24,7 @@ from cvxpy.atoms.elementwise.power import Power
 from torch import Tensor
 
 from declopt.errors import AtomRuleError
+from declopt.frontend.atoms.jets import JetRule
 
 Evaluator = Callable[..., Tensor]
 """``f(*operand_tensors) -> Tensor`` of exactly ``node.shape``."""
@@ -70,6 +71,10 @@ class AtomRule:
             ``norm(x, 2)``), not surfaces: a smooth solver meets one only if the solution sits
             exactly there, so the torch backend solves such declarations as smooth first and
             takes the nonsmooth path only for the problems that end up on a kink.
+        jet: given the node and which operands depend on the variables, the closed-form
+            local first and second derivatives (:mod:`.jets`); ``None`` on a nonlinear atom:
+            programs using it take their derivatives from autograd. Affine atoms without one
+            must be *linear* in their operands jointly (their derivatives are the atom itself).
         note: why the declared smoothness holds where it is not obvious (C1 only, domain
             boundaries, instances without kinks).
     """
@@ -81,6 +86,7 @@ class AtomRule:
     elementwise: bool = False
     affine: bool = False
     isolated_kinks: bool = False
+    jet: JetRule | None = None
     note: str = ""
 
 

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from declopt.frontend import kinks as K
 from declopt.frontend import smoothing as S
+from declopt.frontend.atoms import jets
 from declopt.frontend.atoms.base import AtomRule, Evaluator, KinkSite, SmoothEvaluator
 from declopt.frontend.atoms.tensors import Shape, cumulative, reduction, rows_of, shape_of
 
@@ -129,7 +130,9 @@ def _elementwise_extremum(largest: bool) -> AtomRule:
     def smoothed(expr: Any) -> SmoothEvaluator:
         return lambda mu, *xs: functools.reduce(lambda a, b: S.pair_max(a, b, mu, sign), xs)
 
-    return AtomRule(evaluate, smooth=False, kinks=kinks, smoothed=smoothed, elementwise=True)
+    return AtomRule(
+        evaluate, smooth=False, kinks=kinks, smoothed=smoothed, elementwise=True, jet=jets.extremum
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,6 +231,15 @@ def _pnorm(expr: Any) -> Evaluator:
         return val.reshape(shape)
 
     return f
+
+
+def _pnorm_jet(expr: Any, dependent: tuple[bool, ...]) -> jets.JetFn | None:
+    if float(expr.p) != 2:
+        return None
+    summed = reduction(
+        expr, lambda x, d, k: torch.sum(x, dim=d, keepdim=k), flatten_if_no_axis=True
+    )
+    return jets.summed_squares(summed, root=True)(expr, dependent)
 
 
 def _two_norm(x: Tensor, dims: tuple[int, ...], keepdim: bool) -> Tensor:
@@ -394,6 +406,8 @@ NONSMOOTH: dict[type, AtomRule] = {
         kinks=_abs_kinks,
         smoothed=lambda expr: lambda mu, x: S.smooth_abs(x, mu),
         elementwise=True,
+        # Off the kink: slope sign(x), no curvature (torch's abs has slope 0 at 0, so does this).
+        jet=jets.elementwise(lambda expr: lambda out, x: (torch.sign(x), 0.0)),
     ),
     norm1: AtomRule(_norm1, smooth=False, kinks=_norm1_kinks, smoothed=_norm1_smoothed),
     maximum: _elementwise_extremum(largest=True),
@@ -407,6 +421,7 @@ NONSMOOTH: dict[type, AtomRule] = {
         kinks=_pnorm_kinks,
         smoothed=_pnorm_smoothed,
         isolated_kinks=True,
+        jet=_pnorm_jet,
         note="p > 1: a kink at the origin only; p < 1: smooth on the interior of its domain",
     ),
     PnormApprox: AtomRule(
@@ -415,6 +430,7 @@ NONSMOOTH: dict[type, AtomRule] = {
         kinks=_pnorm_kinks,
         smoothed=_pnorm_smoothed,
         isolated_kinks=True,
+        jet=_pnorm_jet,
         note="p > 1: a kink at the origin only; p < 1: smooth on the interior of its domain",
     ),
     sum_largest: AtomRule(

@@ -30,6 +30,7 @@ from cvxpy.atoms.quad_form import QuadForm
 from cvxpy.atoms.quad_over_lin import quad_over_lin
 from torch import Tensor
 
+from declopt.frontend.atoms import jets
 from declopt.frontend.atoms.base import AtomRule, Evaluator
 from declopt.frontend.atoms.tensors import cumulative, dims_of, reduction, shape_of
 
@@ -137,6 +138,11 @@ def _quad_over_lin(expr: Any) -> Evaluator:
     return f
 
 
+def _summed(expr: Any) -> Evaluator:
+    # The sum of _quad_over_lin over its axes (linear: its jets go through it as they are).
+    return reduction(expr, lambda x, d, k: torch.sum(x, dim=d, keepdim=k))
+
+
 def _quad_form(expr: Any) -> Evaluator:
     n = int(expr.args[0].size)
     shape = shape_of(expr)
@@ -166,39 +172,113 @@ def _prod(expr: Any) -> Evaluator:
     return f
 
 
-def _elementwise(evaluate: Any, note: str = "") -> AtomRule:
-    return AtomRule(evaluate, elementwise=True, note=note)
+def _elementwise(
+    evaluate: Any, derivs: Callable[[Any], jets.Derivs] | None = None, note: str = ""
+) -> AtomRule:
+    return AtomRule(
+        evaluate,
+        elementwise=True,
+        note=note,
+        jet=None if derivs is None else jets.elementwise(derivs),
+    )
+
+
+def _fixed(fn: jets.Derivs) -> Callable[[Any], jets.Derivs]:
+    return lambda expr: fn
+
+
+# Closed-form (f', f'') of the elementwise atoms, as functions of (out, x, *rest) where
+# out = f(x, *rest) is already computed (exp, tan and tanh reuse it).
+def _power_derivs(expr: Any) -> jets.Derivs:
+    if isinstance(expr.p, cp.Constant):
+        p = float(expr.p.value)
+        if p == 2:
+            return lambda out, x: (2 * x, 2.0)
+        if p == 0.5:
+            return lambda out, x: (0.5 / out, -0.25 / (out * x))
+        if p == 1:
+            return lambda out, x: (1.0, 0.0)
+        if p == -1:
+            return lambda out, x: (-out * out, 2 * out * out * out)
+        return lambda out, x: (p * torch.pow(x, p - 1), p * (p - 1) * torch.pow(x, p - 2))
+    return lambda out, x, p: (p * torch.pow(x, p - 1), p * (p - 1) * torch.pow(x, p - 2))
+
+
+def _huber_derivs(expr: Any) -> jets.Derivs:
+    # x^2 inside |x| <= M, 2M|x| - M^2 outside: slope 2 clip(x, -M, M), curvature 2 inside.
+    return lambda out, x, m: (2 * torch.clamp(x, -m, m), 2.0 * (x.abs() <= m).to(x.dtype))
+
+
+def _sigmoid_pair(out: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    s = torch.sigmoid(x)
+    return s, s * (1 - s)
+
+
+def _normcdf_pair(out: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    density = torch.exp(-0.5 * x * x) * (2 * torch.pi) ** -0.5
+    return density, -x * density
+
+
+def _xexp_pair(out: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    e = torch.exp(x)
+    return (1 + x) * e, (2 + x) * e
 
 
 _DOMAIN = "smooth on the open domain; infinite slope at its boundary is a domain limit, not a kink"
 
 SMOOTH: dict[type, AtomRule] = {
-    exp: _elementwise(_unary(torch.exp)),
-    log: _elementwise(_unary(torch.log), _DOMAIN),
-    log1p: _elementwise(_unary(torch.log1p), _DOMAIN),
-    sin: _elementwise(_unary(torch.sin)),
-    cos: _elementwise(_unary(torch.cos)),
-    tan: _elementwise(_unary(torch.tan), "smooth between its poles"),
-    sinh: _elementwise(_unary(torch.sinh)),
-    tanh: _elementwise(_unary(torch.tanh)),
-    asinh: _elementwise(_unary(torch.asinh)),
-    atanh: _elementwise(_unary(torch.atanh), _DOMAIN),
-    normcdf: _elementwise(_unary(torch.special.ndtr)),
-    # x^p: smooth for x > 0 (CVXPY's domain for non-integer p); polynomial for integer p.
-    Power: _elementwise(_power, _DOMAIN),
-    PowerApprox: _elementwise(_power, _DOMAIN),
-    huber: _elementwise(
-        _huber, "C1: x^2 and 2M|x| - M^2 meet with equal slope at |x| = M (curvature jumps)"
+    exp: _elementwise(_unary(torch.exp), _fixed(lambda out, x: (out, out))),
+    log: _elementwise(_unary(torch.log), _fixed(lambda out, x: (1 / x, -1 / (x * x))), _DOMAIN),
+    log1p: _elementwise(
+        _unary(torch.log1p), _fixed(lambda out, x: (1 / (1 + x), -1 / ((1 + x) * (1 + x)))), _DOMAIN
     ),
-    entr: _elementwise(_entr, _DOMAIN),
+    sin: _elementwise(_unary(torch.sin), _fixed(lambda out, x: (torch.cos(x), -out))),
+    cos: _elementwise(_unary(torch.cos), _fixed(lambda out, x: (-torch.sin(x), -out))),
+    tan: _elementwise(
+        _unary(torch.tan),
+        _fixed(lambda out, x: (1 + out * out, 2 * out * (1 + out * out))),
+        "smooth between its poles",
+    ),
+    sinh: _elementwise(_unary(torch.sinh), _fixed(lambda out, x: (torch.cosh(x), out))),
+    tanh: _elementwise(
+        _unary(torch.tanh), _fixed(lambda out, x: (1 - out * out, -2 * out * (1 - out * out)))
+    ),
+    asinh: _elementwise(
+        _unary(torch.asinh),
+        _fixed(lambda out, x: (torch.rsqrt(1 + x * x), -x * torch.rsqrt(1 + x * x) ** 3)),
+    ),
+    atanh: _elementwise(
+        _unary(torch.atanh),
+        _fixed(lambda out, x: (1 / (1 - x * x), 2 * x / ((1 - x * x) * (1 - x * x)))),
+        _DOMAIN,
+    ),
+    normcdf: _elementwise(_unary(torch.special.ndtr), _fixed(_normcdf_pair)),
+    # x^p: smooth for x > 0 (CVXPY's domain for non-integer p); polynomial for integer p.
+    Power: _elementwise(_power, _power_derivs, _DOMAIN),
+    PowerApprox: _elementwise(_power, _power_derivs, _DOMAIN),
+    huber: _elementwise(
+        _huber,
+        _huber_derivs,
+        "C1: x^2 and 2M|x| - M^2 meet with equal slope at |x| = M (curvature jumps)",
+    ),
+    entr: _elementwise(_entr, _fixed(lambda out, x: (-(torch.log(x) + 1), -1 / x)), _DOMAIN),
     kl_div: _elementwise(_kl_div, _DOMAIN),
     rel_entr: _elementwise(_rel_entr, _DOMAIN),
-    xexp: _elementwise(_xexp),
-    logistic: _elementwise(_logistic),
+    xexp: _elementwise(_xexp, _fixed(_xexp_pair)),
+    logistic: _elementwise(_logistic, _fixed(_sigmoid_pair)),
     # CVXPY's one_minus_pos is 1 - x (a GP atom; its domain 0 < x < 1 is not enforced here).
-    one_minus_pos: AtomRule(_one_minus_pos, elementwise=True, affine=True),
+    one_minus_pos: AtomRule(
+        _one_minus_pos,
+        elementwise=True,
+        affine=True,
+        jet=jets.elementwise(_fixed(lambda out, x: (-1.0, 0.0))),
+    ),
     log_sum_exp: AtomRule(_log_sum_exp),
-    quad_over_lin: AtomRule(_quad_over_lin, note="smooth where the denominator is positive"),
+    quad_over_lin: AtomRule(
+        _quad_over_lin,
+        note="smooth where the denominator is positive",
+        jet=lambda node, dependent: jets.summed_squares(_summed(node))(node, dependent),
+    ),
     QuadForm: AtomRule(_quad_form),
     Prod: AtomRule(_prod),
     cumprod: AtomRule(cumulative(torch.cumprod)),

@@ -1,0 +1,249 @@
+"""Local second derivatives of the atoms: how a second-order Taylor expansion passes through one.
+
+A *jet* of a node is its value ``v`` (the node's shape ``s``) with its first and second derivatives
+in the flat variable vector ``u`` (length ``m``): ``grad: (*s, m)`` and ``hess: (*s, m, m)``.
+``grad is None`` means the node does not depend on ``u``; ``hess is None`` means it is affine in
+``u``. An atom's :attr:`~.base.AtomRule.jet` maps its operands' jets to its own with closed-form
+local derivatives (``exp' = exp``, ``huber' = 2 clip(x, -M, M)``, the product rule, ...), so the
+objective's value, gradient and Hessian come out of one forward pass with no autograd graph
+(docs/design.md, "Derivatives of the declared objective").
+
+A :data:`JetRule` is called at compile time with the CVXPY node and, per operand, whether it
+depends on ``u``; it returns the :data:`JetFn` for that node or ``None`` when it has no closed form
+for that pattern (e.g. ``huber`` with a variable threshold): the program then keeps the autograd
+derivatives. Affine atoms without a rule of their own are *linear* in their operands jointly, and
+their derivatives are the atom applied to the operands' derivatives (:func:`linear`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+Grads = Sequence[Tensor | None]
+JetFn = Callable[[Sequence[Tensor], Grads, Grads, Tensor], tuple[Tensor, Tensor | None]]
+"""``(values, grads, hesses, out) -> (grad, hess)`` of one node; ``out`` is its value."""
+JetRule = Callable[[Any, tuple[bool, ...]], JetFn | None]
+"""``(node, dependent) -> JetFn | None``; ``dependent[i]``: operand ``i`` depends on ``u``."""
+Derivs = Callable[..., tuple[Tensor | float, Tensor | float]]
+"""``(out, x, *rest) -> (f', f'')``: elementwise derivatives in ``x`` of ``out = f(x, *rest)``."""
+
+
+def _add_opt(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+def _outer(a: Tensor, b: Tensor) -> Tensor:
+    """``(*s, m) x (*s, m) -> (*s, m, m)``, entrywise outer products (broadcasting ``s``)."""
+    return a.unsqueeze(-1) * b.unsqueeze(-2)
+
+
+def _col(t: Tensor | float, k: int) -> Tensor | float:
+    """``t`` with ``k`` trailing singleton dims, to scale a derivative of ``k`` trailing dims."""
+    return t.reshape(*t.shape, *([1] * k)) if isinstance(t, Tensor) else t
+
+
+def chain(
+    f1: Tensor | float, f2: Tensor | float, g: Tensor, h: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The jet of ``f(x)`` from ``x``'s ``(g, h)`` and ``f', f''`` at ``x`` (elementwise)."""
+    grad = _col(f1, 1) * g
+    hess = _col(f2, 2) * _outer(g, g)
+    if h is not None:
+        hess = hess + _col(f1, 2) * h
+    return grad, hess
+
+
+def _trailing(fn: Callable[..., Tensor], tensors: Sequence[Tensor | None], k: int) -> Tensor:
+    """``fn`` (a map of node-shaped tensors, linear in the non-``None`` ones) applied along the
+    ``k`` trailing derivative dims of ``tensors``; ``None`` entries are passed as ``None``-free
+    zeros by the caller's closure. Size-1 trailing dims (one variable) skip ``vmap``."""
+    batched = [t for t in tensors if t is not None]
+    lead = batched[0].shape[batched[0].dim() - k :]
+    width = math.prod(lead)
+    flat = [None if t is None else t.reshape(*t.shape[: t.dim() - k], width) for t in tensors]
+    if width == 1:
+        out = fn(*[None if t is None else t[..., 0] for t in flat]).unsqueeze(-1)
+    else:
+        dims = tuple(None if t is None else -1 for t in flat)
+        out = vmap(fn, in_dims=dims, out_dims=-1)(*flat)
+    return out.reshape(*out.shape[:-1], *lead)
+
+
+def linear(evaluate: Callable[..., Tensor]) -> JetFn:
+    """The jet of an atom linear in its operands jointly: the atom applied to the operands'
+    derivatives (zeros for the operands that do not depend on ``u``)."""
+
+    def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
+        def apply(*ts: Tensor | None) -> Tensor:
+            return evaluate(*[torch.zeros_like(v) if t is None else t for v, t in zip(values, ts)])
+
+        grad = _trailing(apply, grads, 1)
+        hess = None if all(h is None for h in hesses) else _trailing(apply, hesses, 2)
+        return grad, hess
+
+    return jet
+
+
+def linear_rule(node: Any, dependent: tuple[bool, ...], evaluate: Callable[..., Tensor]) -> JetFn:
+    return linear(evaluate)
+
+
+def _broadcast(t: Tensor, shape: Sequence[int], k: int) -> Tensor:
+    return torch.broadcast_to(t, (*shape, *t.shape[t.dim() - k :]))
+
+
+def add(node: Any, dependent: tuple[bool, ...]) -> JetFn:
+    """``a + b + ...`` with numpy broadcasting: the sum of the derivatives."""
+
+    def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
+        grad = hess = None
+        for g, h in zip(grads, hesses):
+            if g is not None:
+                grad = _add_opt(grad, _broadcast(g, out.shape, 1))
+            if h is not None:
+                hess = _add_opt(hess, _broadcast(h, out.shape, 2))
+        return grad, hess
+
+    return jet
+
+
+def elementwise(derivs: Callable[[Any], Derivs]) -> JetRule:
+    """An elementwise atom of its first operand (the others, e.g. ``huber``'s threshold or a
+    parameter exponent, must not depend on ``u``), from its closed-form ``f'`` and ``f''``."""
+
+    def rule(node: Any, dependent: tuple[bool, ...]) -> JetFn | None:
+        if any(dependent[1:]):
+            return None
+        d = derivs(node)
+
+        def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
+            f1, f2 = d(out, *values)
+            return chain(f1, f2, grads[0], hesses[0])  # type: ignore[arg-type]
+
+        return jet
+
+    return rule
+
+
+def multiply(node: Any, dependent: tuple[bool, ...]) -> JetFn:
+    """Elementwise ``a * b`` (broadcasting): the product rule."""
+
+    def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
+        (a, b), (ga, gb), (ha, hb) = values, grads, hesses
+        grad = _add_opt(
+            None if ga is None else ga * _col(b, 1), None if gb is None else _col(a, 1) * gb
+        )
+        hess = _add_opt(
+            None if ha is None else ha * _col(b, 2), None if hb is None else _col(a, 2) * hb
+        )
+        if ga is not None and gb is not None:
+            hess = _add_opt(hess, _outer(ga, gb) + _outer(gb, ga))
+        return _broadcast(grad, out.shape, 1), None if hess is None else _broadcast(
+            hess, out.shape, 2
+        )
+
+    return jet
+
+
+def bilinear(node: Any, dependent: tuple[bool, ...], evaluate: Callable[..., Tensor]) -> JetFn:
+    """``evaluate(a, b)`` linear in each operand separately (``@``, ``kron``, convolutions): the
+    product rule with the atom itself as the product."""
+
+    def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
+        (a, b), (ga, gb), (ha, hb) = values, grads, hesses
+
+        def right(t: Tensor) -> Tensor:
+            return evaluate(t, b)
+
+        def left(t: Tensor) -> Tensor:
+            return evaluate(a, t)
+
+        grad = _add_opt(
+            None if ga is None else _trailing(right, [ga], 1),
+            None if gb is None else _trailing(left, [gb], 1),
+        )
+        hess = _add_opt(
+            None if ha is None else _trailing(right, [ha], 2),
+            None if hb is None else _trailing(left, [hb], 2),
+        )
+        if ga is not None and gb is not None:
+            inner = vmap(evaluate, in_dims=(None, -1), out_dims=-1)
+            cross = vmap(inner, in_dims=(-1, None), out_dims=-2)(ga, gb)
+            hess = _add_opt(hess, cross + cross.transpose(-1, -2))
+        return grad, hess
+
+    return jet
+
+
+def divide(node: Any, dependent: tuple[bool, ...]) -> JetFn:
+    """``a / b`` (elementwise, broadcasting) as ``a * (1 / b)``."""
+    product = multiply(node, dependent)
+
+    def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
+        (a, b), (ga, gb), (ha, hb) = values, grads, hesses
+        inverse = torch.reciprocal(b)
+        if gb is None:
+            g_inv = h_inv = None
+        else:
+            g_inv, h_inv = chain(-inverse * inverse, 2 * inverse * inverse * inverse, gb, hb)
+        return product([a, inverse], [ga, g_inv], [ha, h_inv], out)
+
+    return jet
+
+
+def extremum(node: Any, dependent: tuple[bool, ...]) -> JetFn:
+    """Elementwise ``maximum`` / ``minimum``: the jet of the operand that attains the value (the
+    first one at a tie, a kink the nonsmooth machinery deals with)."""
+
+    def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
+        taken = torch.zeros(out.shape, dtype=torch.bool, device=out.device)
+        grad = hess = None
+        for v, g, h in zip(values, grads, hesses):
+            pick = (v == out) & ~taken
+            taken = taken | pick
+            if g is not None:
+                grad = _add_opt(grad, torch.where(pick.unsqueeze(-1), g, 0.0))
+            if h is not None:
+                hess = _add_opt(hess, torch.where(pick.unsqueeze(-1).unsqueeze(-1), h, 0.0))
+        return _broadcast(grad, out.shape, 1), None if hess is None else _broadcast(
+            hess, out.shape, 2
+        )
+
+    return jet
+
+
+def summed_squares(reduce: Callable[[Tensor], Tensor], root: bool = False) -> JetRule:
+    """``reduce(x * x) / y`` (``quad_over_lin``, hence ``sum_squares``) with ``y`` free of ``u``,
+    or with ``root`` the 2-norm ``sqrt(reduce(x * x))``; ``reduce`` is the atom's (linear) sum
+    over its axes of a node-shaped tensor."""
+
+    def rule(node: Any, dependent: tuple[bool, ...]) -> JetFn | None:
+        if any(dependent[1:]):
+            return None
+
+        def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
+            x = values[0]
+            g, h = chain(2 * x, 2.0, grads[0], hesses[0])  # type: ignore[arg-type]
+            g, h = _trailing(reduce, [g], 1), _trailing(reduce, [h], 2)
+            if root:
+                # sqrt(s): slope 1 / (2r), curvature -1 / (4 r s); 0 at the origin, the kink,
+                # as the evaluator's subgradient.
+                positive = out > 0
+                r = torch.where(positive, out, 1.0)
+                f1 = torch.where(positive, 0.5 / r, 0.0)
+                f2 = torch.where(positive, -0.25 / (r * r * r), 0.0)
+                return chain(f1, f2, g, h)
+            inverse = torch.reciprocal(values[1].reshape(()))
+            return g * inverse, h * inverse
+
+        return jet
+
+    return rule

@@ -1,0 +1,107 @@
+"""The objective's second-order Taylor expansion in one forward pass, from the atoms' local rules.
+
+:func:`compile_taylor` turns the post-ordered steps of an expression (``compile._build``) into
+``env -> (value, grad (m,), hess (m, m))``: each step computes its value as the plain evaluator
+does, and, where it depends on the variables, its jet from its operands' jets with the atom's
+closed-form local derivatives (:mod:`.atoms.jets`). No autograd graph is built and nothing is
+evaluated twice; the nodes that do not depend on the variables (parameter-only subexpressions)
+carry no derivatives at all.
+
+The expansion exists only when every atom on the variables' path has a jet rule for its pattern of
+variable-dependent operands; otherwise :func:`compile_taylor` returns ``None`` and the program's
+derivatives come from autograd (:mod:`declopt.derivatives`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import cvxpy as cp
+import torch
+from torch import Tensor
+
+from declopt.frontend.atoms import RULES, operands
+from declopt.frontend.atoms.jets import JetFn
+
+Env = Mapping[int, Tensor]
+Step = Callable[[list, Env, Tensor | None], Tensor]
+TaylorFn = Callable[[Env, Tensor], tuple[Tensor, Tensor, Tensor]]
+"""``(env, u) -> (value (), grad (m,), hess (m, m))`` of a scalar expression."""
+
+_VARIABLE = "variable"
+
+
+def compile_taylor(
+    nodes: Sequence[cp.Expression],
+    steps: Sequence[Step],
+    root: int,
+    var_slices: Sequence[tuple[int, int, int, tuple[int, ...]]],
+    m: int,
+) -> TaylorFn | None:
+    """The Taylor evaluator of the scalar node ``nodes[root]``, or ``None`` (see module doc).
+
+    Args:
+        nodes, steps: the expression of every slot and its value step, in post-order.
+        root: the slot of the expression to expand (scalar).
+        var_slices: ``(variable id, start, stop, shape)`` of each variable in ``u``.
+        m: the length of ``u``.
+    """
+    slot_of = {id(node): k for k, node in enumerate(nodes)}
+    var_of = {vid: (a, b, shape) for vid, a, b, shape in var_slices}
+    plan: list[tuple[str, JetFn | None, tuple[int, ...]] | None] = []
+    dependent: list[bool] = []
+    for node in nodes:
+        if isinstance(node, cp.Variable):
+            dependent.append(True)
+            plan.append((_VARIABLE, None, (node.id,)))
+            continue
+        rule = RULES.get(type(node))
+        if rule is None or isinstance(node, (cp.Constant, cp.Parameter)):
+            dependent.append(False)
+            plan.append(None)
+            continue
+        inputs = tuple(slot_of[id(a)] for a in operands(node))
+        flags = tuple(dependent[i] for i in inputs)
+        if not any(flags):
+            dependent.append(False)
+            plan.append(None)
+            continue
+        jet = None if rule.jet is None else rule.jet(node, flags)
+        if jet is None:
+            return None
+        dependent.append(True)
+        plan.append(("atom", jet, inputs))
+    if not dependent[root]:
+        return None
+
+    def evaluate(env: Env, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        eye = torch.eye(m, dtype=u.dtype, device=u.device)
+        values: list[Tensor] = []
+        grads: list[Tensor | None] = []
+        hesses: list[Tensor | None] = []
+        for step, entry in zip(steps, plan):
+            value = step(values, env, u)
+            values.append(value)
+            if entry is None:
+                grads.append(None)
+                hesses.append(None)
+            elif entry[0] == _VARIABLE:
+                a, b, shape = var_of[entry[2][0]]
+                grads.append(eye[a:b].reshape(*shape, m))
+                hesses.append(None)
+            else:
+                _, jet, inputs = entry
+                g, h = jet(  # type: ignore[misc]
+                    [values[i] for i in inputs],
+                    [grads[i] for i in inputs],
+                    [hesses[i] for i in inputs],
+                    value,
+                )
+                grads.append(g)
+                hesses.append(h)
+        grad, hess = grads[root], hesses[root]
+        assert grad is not None  # the root depends on u
+        hess = torch.zeros(m, m, dtype=u.dtype, device=u.device) if hess is None else hess
+        return values[root].reshape(()), grad.reshape(m), hess.reshape(m, m)
+
+    return evaluate

@@ -1,0 +1,202 @@
+"""The one-pass Taylor expansion (atoms' closed-form jets) against autograd, atom by atom."""
+
+from __future__ import annotations
+
+import cvxpy as cp
+import pytest
+import torch
+from cvxpy.atoms.elementwise.hyperbolic import asinh, atanh, sinh, tanh
+from cvxpy.atoms.elementwise.trig import cos, sin, tan
+from cvxpy.atoms.elementwise.xexp import xexp
+from cvxpy.atoms.one_minus_pos import one_minus_pos
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import declopt as dl
+from declopt.derivatives import Derivatives
+from declopt.frontend.atoms import RULES
+from declopt.frontend.compile import compile_problem
+
+N = 4
+x = cp.Parameter(N)
+a = cp.Parameter(pos=True)
+A = cp.Parameter((3, N))
+u = cp.Variable(N)
+y = cp.Variable()
+w = cp.Variable((2, 2))
+
+# Each declaration keeps the variables inside its atoms' domains for u, y, w in (-1, 1) and
+# x in (-1, 1), a in (0.5, 1.5).
+CASES = {
+    "exp, log, log1p": (cp.sum(cp.exp(u - x) + cp.log(u + 2) + cp.log1p(u + 1.5)), [x], [u]),
+    "powers": (
+        cp.sum(cp.square(u - x) + cp.sqrt(u + 2) + cp.power(u + 2, 3) + cp.inv_pos(u + 2))
+        + cp.sum(cp.power(u + 2, 1)),
+        [x],
+        [u],
+    ),
+    "huber": (cp.sum(dl.penalties.huber(y - x, a)), [x, a], [y]),
+    "pseudo-Huber (column norm of a stack)": (
+        cp.sum(dl.penalties.pseudo_huber(y - x, 0.7)),
+        [x],
+        [y],
+    ),
+    "welsch": (cp.sum(dl.penalties.welsch(y - x, a)), [x, a], [y]),
+    "truncated quadratic": (cp.sum(dl.penalties.truncated_quadratic(y - x, a)), [x, a], [y]),
+    "entr, xexp, logistic, one_minus_pos": (
+        cp.sum(-cp.entr(u + 2) + xexp(u) + cp.logistic(u - x) + one_minus_pos(u / 4 + 0.5)),
+        [x],
+        [u],
+    ),
+    "trig and hyperbolic": (
+        cp.sum(sin(u) + cos(u) + tan(u / 2) + sinh(u) + tanh(u) + asinh(u) + atanh((u - x) / 4)),
+        [x],
+        [u],
+    ),
+    "least squares, products, quotients": (
+        cp.sum_squares(A @ u - x[:3])
+        + a * cp.sum(cp.multiply(u, u + x))
+        + cp.sum((u + 3) / (y + 3))
+        + cp.quad_over_lin(u - x, 2.0)
+        + y * cp.sum(u),
+        [A, x, a],
+        [u, y],
+    ),
+    "matrix variable": (
+        cp.sum_squares(w @ w.T - A[:2, :2])
+        + cp.trace(w)
+        + cp.sum(cp.huber(cp.vec(w, order="C") - x, 0.7))
+        + cp.sum(cp.cumsum(cp.hstack([w[0], w[:, 1]])))
+        + cp.sum(cp.norm(w - A[:2, 2:], 2, axis=1))
+        + cp.sum(cp.kron(w, cp.reshape(x[:2], (1, 2), order="C"))),
+        [A, x],
+        [w],
+    ),
+    "abs, maximum, minimum, 2-norm": (
+        cp.sum(cp.abs(u - x)) / a
+        + cp.sum(cp.maximum(u, x, 0.2))
+        + cp.sum(cp.minimum(u, -x))
+        + cp.norm(u - x, 2)
+        + cp.sum(cp.vstack([u, x])),
+        [x, a],
+        [u],
+    ),
+    "maximise": (cp.Maximize(-cp.sum_squares(u - x) - cp.sum(cp.exp(u))), [x], [u]),
+}
+
+
+def _derivatives(name: str) -> tuple[Derivatives, Derivatives, int, list]:
+    objective, params, variables = CASES[name]
+    if not isinstance(objective, (cp.Minimize, cp.Maximize)):
+        objective = cp.Minimize(objective)
+    program = compile_problem(cp.Problem(objective), params, variables)
+    assert program.objective_taylor is not None, f"{name}: no Taylor expansion"
+    dims = tuple(0 for _ in params)
+    m = sum(v.size for v in variables)
+    autograd = Derivatives(program.objective, dims)
+    taylor = Derivatives(program.objective, dims, taylor=program.objective_taylor)
+    return autograd, taylor, m, params
+
+
+def _inputs(params: list, m: int, seed: int, batch: int = 3) -> tuple[tuple, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+
+    def uniform(*shape: int, low: float = -1.0, high: float = 1.0) -> torch.Tensor:
+        return low + (high - low) * torch.rand(batch, *shape, generator=g, dtype=torch.float64)
+
+    values = tuple(uniform(low=0.5, high=1.5) if p is a else uniform(*p.shape) for p in params)
+    return values, uniform(m)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_expansion_matches_autograd(name: str, seed: int) -> None:
+    autograd, taylor, m, params = _derivatives(name)
+    values, point = _inputs(params, m, seed)
+    for want, got in zip(
+        autograd.value_grad_hessian(values, point), taylor.value_grad_hessian(values, point)
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    w_ = torch.randn(
+        point.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)
+    )
+    for want, got in zip(
+        autograd.param_vjp(values, point, w_), taylor.param_vjp(values, point, w_)
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if m == 1:
+        wanted = (True,) * len(values)
+        want_g, want_h, want_grads = autograd.scalar_vjp(values, point, w_, wanted)
+        got_g, got_h, got_grads = taylor.scalar_vjp(values, point, w_, wanted)
+        torch.testing.assert_close(got_g, want_g, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got_h, want_h, rtol=1e-12, atol=1e-12)
+        for want, got in zip(want_grads, got_grads):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_shared_parameters_are_summed_over_the_batch() -> None:
+    _, _, m, params = _derivatives("huber")
+    values, point = _inputs(params, m, 0)
+    shared = (values[0], values[1][0])  # x batched, a shared
+    dims = (0, None)
+    program = compile_problem(
+        cp.Problem(cp.Minimize(CASES["huber"][0])), CASES["huber"][1], CASES["huber"][2]
+    )
+    auto = Derivatives(program.objective, dims)
+    fast = Derivatives(program.objective, dims, taylor=program.objective_taylor)
+    v = torch.ones_like(point)
+    for want, got in zip(auto.param_vjp(shared, point, v), fast.param_vjp(shared, point, v)):
+        torch.testing.assert_close(got, want)
+    _, _, want = auto.scalar_vjp(shared, point, v, (True, True))
+    _, _, got = fast.scalar_vjp(shared, point, v, (True, True))
+    assert got[1].shape == ()
+    for g_want, g_got in zip(want, got):
+        torch.testing.assert_close(g_got, g_want)
+
+
+def test_an_atom_without_a_jet_keeps_autograd() -> None:
+    # log_sum_exp has no closed-form jet rule: the program has no expansion, derivatives still work.
+    program = compile_problem(cp.Problem(cp.Minimize(cp.log_sum_exp(u - x))), [x], [u])
+    assert program.objective_taylor is None
+    # A parameter-only subexpression with no rule of its own does not matter.
+    program = compile_problem(
+        cp.Problem(cp.Minimize(cp.sum_squares(u - x) + cp.log_sum_exp(x))), [x], [u]
+    )
+    assert program.objective_taylor is not None
+
+
+def test_a_threshold_that_depends_on_the_variable_has_no_closed_form() -> None:
+    # Elementwise rules are derivatives in their first operand only; a variable in any other
+    # operand (CVXPY forbids it for huber's M today) must decline rather than drop its terms.
+    node = cp.huber(u, 1.0)
+    rule = RULES[type(node)].jet
+    assert rule is not None
+    assert rule(node, (True, False)) is not None
+    assert rule(node, (True, True)) is None
+
+
+def test_declared_pooling_layer_matches_the_hand_written_one() -> None:
+    # The declared path (Taylor expansion, one evaluation per Newton step) and RobustPool agree.
+    X = torch.randn(4, 6, 9, dtype=torch.float64, requires_grad=True)
+    xp = cp.Parameter(9)
+    yv = cp.Variable()
+    for penalty in ("quadratic", "huber", "pseudo_huber", "welsch"):
+        declared = dl.Layer(
+            cp.Problem(cp.Minimize(cp.sum(dl.penalties.get(penalty)(yv - xp, 1.0)))),
+            [xp],
+            [yv],
+            backend="torch",
+        )
+        pool = dl.nn.RobustPool(penalty, alpha=1.0)
+        (Y,) = declared(X)
+        (gy,) = torch.autograd.grad(Y.sum(), X)
+        Z = pool(X)
+        (gz,) = torch.autograd.grad(Z.sum(), X)
+        if penalty == "welsch":  # nonconvex: both pick the same local minimum from the median
+            close = (Y - Z).abs() < 1e-8
+            assert close.float().mean() > 0.9
+            torch.testing.assert_close(gy[close], gz[close], rtol=1e-7, atol=1e-9)
+            continue
+        torch.testing.assert_close(Y, Z, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(gy, gz, rtol=1e-7, atol=1e-9)
