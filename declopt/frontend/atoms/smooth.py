@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import cvxpy as cp
+import numpy as np
 import torch
 from cvxpy.atoms.cumprod import cumprod
 from cvxpy.atoms.elementwise.entr import entr
@@ -68,6 +69,13 @@ def _huber(expr: Any) -> Evaluator:
         val = torch.where(a <= m, x * x, 2 * m * a - m * m)
         return torch.where(m < 0, torch.inf, val)
 
+    def nonnegative_constant(x: Tensor, m: Tensor) -> Tensor:
+        a = torch.abs(x)
+        return torch.where(a <= m, x * x, 2 * m * a - m * m)
+
+    # A constant threshold's sign is known now: no pass over the data for it.
+    if isinstance(expr.M, cp.Constant) and float(np.min(expr.M.value)) >= 0:
+        return nonnegative_constant
     return f
 
 
