@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import cvxpy as cp
+import numpy as np
 import pytest
 import torch
 from cvxpy.atoms.elementwise.hyperbolic import asinh, atanh, sinh, tanh
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 import declopt as dl
 from declopt.derivatives import Derivatives
 from declopt.frontend.atoms import RULES
-from declopt.frontend.compile import compile_problem
+from declopt.frontend.compile import compile_expression, compile_problem
 
 N = 4
 x = cp.Parameter(N)
@@ -200,3 +201,37 @@ def test_declared_pooling_layer_matches_the_hand_written_one() -> None:
             continue
         torch.testing.assert_close(Y, Z, rtol=1e-9, atol=1e-10)
         torch.testing.assert_close(gy, gz, rtol=1e-7, atol=1e-9)
+
+
+def test_column_norm_of_a_stack_is_evaluated_from_its_parts() -> None:
+    # DCP's elementwise hypot: the stack is never built, the values are CVXPY's.
+    z = cp.Parameter((1, 6))
+    c = cp.Parameter((2, 6))
+    expr = cp.norm(cp.vstack([z, c, np.full((1, 6), 0.5)]), 2, axis=0)
+    fn = compile_expression(expr)
+    z.value = np.random.default_rng(0).normal(size=(1, 6))
+    c.value = np.random.default_rng(1).normal(size=(2, 6))
+    got = fn({z.id: torch.tensor(z.value), c.id: torch.tensor(c.value)})
+    np.testing.assert_allclose(got.numpy(), expr.value, rtol=1e-14)
+
+
+def test_a_strictly_signed_part_means_no_kink() -> None:
+    # pseudo_huber's [z; alpha] with alpha > 0 never vanishes: smooth, no kink sites ...
+    for alpha in (0.7, cp.Parameter(pos=True)):
+        params = [x] if isinstance(alpha, float) else [x, alpha]
+        objective = cp.sum(dl.penalties.pseudo_huber(y - x, alpha))
+        program = compile_problem(cp.Problem(cp.Minimize(objective)), params, [y])
+        assert program.kinks is None and program.objective_taylor is not None
+    # ... while [u; x] with an unsigned x keeps its kink at the origin, evaluated on the parts.
+    column = cp.norm(
+        cp.vstack([cp.reshape(u, (1, N), order="C"), cp.reshape(x, (1, N), order="C")]), 2, axis=0
+    )
+    program = compile_problem(cp.Problem(cp.Minimize(cp.sum(column))), [x], [u])
+    assert program.kinks is not None and program.smoothed is not None
+    point = torch.zeros(N, dtype=torch.float64)
+    residuals, margins = program.kinks((torch.zeros(N, dtype=torch.float64),), point)
+    assert residuals.shape == margins.shape and bool((margins == 0).all())
+    value = program.smoothed.objective(
+        (torch.ones(N, dtype=torch.float64), torch.tensor(1e-3)), point
+    )
+    assert abs(float(value) - N) < 1e-2

@@ -19,8 +19,10 @@ from typing import Any
 
 import cvxpy as cp
 import numpy as np
+from cvxpy.atoms.affine.vstack import Vstack
 from cvxpy.atoms.elementwise.huber import huber
 from cvxpy.atoms.elementwise.power import Power
+from cvxpy.atoms.pnorm import Pnorm, PnormApprox
 from torch import Tensor
 
 from declopt.errors import AtomRuleError
@@ -108,12 +110,31 @@ def check_rules(rules: Mapping[type, AtomRule]) -> None:
         raise AtomRuleError("inconsistent atom rules: " + "; ".join(problems))
 
 
+def stacked_column_norm(expr: cp.Expression) -> list[cp.Expression] | None:
+    """The parts of ``norm(vstack(parts), 2, axis=0)``, else ``None``.
+
+    DCP writes an elementwise hypot this way (``pseudo_huber``: the column norms of ``[z; alpha]``);
+    its evaluator then takes the parts and sums their squares column by column, never building
+    the stack (a ``cat`` as large as the data at every evaluation).
+    """
+    if not isinstance(expr, (Pnorm, PnormApprox)) or float(expr.p) != 2:
+        return None
+    arg = expr.args[0]
+    if not isinstance(arg, Vstack) or arg.ndim != 2 or not isinstance(expr.axis, int):
+        return None
+    return list(arg.args) if expr.axis % 2 == 0 else None
+
+
 def operands(expr: cp.Expression) -> list[cp.Expression]:
     """The sub-expressions an atom's evaluator receives, in order.
 
     Usually ``expr.args``; a few atoms keep a numeric operand as an attribute rather than an
-    argument (``power``'s exponent, ``huber``'s threshold) so that it may be a Parameter.
+    argument (``power``'s exponent, ``huber``'s threshold) so that it may be a Parameter; a
+    column 2-norm of a ``vstack`` takes the stacked parts (:func:`stacked_column_norm`).
     """
+    parts = stacked_column_norm(expr)
+    if parts is not None:
+        return parts
     args = list(expr.args)
     if isinstance(expr, Power) and not isinstance(expr.p, cp.Constant):
         args.append(expr.p)

@@ -21,10 +21,16 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
+import cvxpy as cp
 import numpy as np
 import torch
+from cvxpy.atoms.affine import binary_operators, unary_operators
+from cvxpy.atoms.affine.broadcast_to import broadcast_to
+from cvxpy.atoms.affine.promote import Promote
+from cvxpy.atoms.affine.reshape import reshape
 from cvxpy.atoms.cummax import cummax
 from cvxpy.atoms.elementwise.abs import abs as abs_
 from cvxpy.atoms.elementwise.maximum import maximum
@@ -40,7 +46,13 @@ from torch import Tensor
 from declopt.frontend import kinks as K
 from declopt.frontend import smoothing as S
 from declopt.frontend.atoms import jets
-from declopt.frontend.atoms.base import AtomRule, Evaluator, KinkSite, SmoothEvaluator
+from declopt.frontend.atoms.base import (
+    AtomRule,
+    Evaluator,
+    KinkSite,
+    SmoothEvaluator,
+    stacked_column_norm,
+)
 from declopt.frontend.atoms.tensors import Shape, cumulative, reduction, rows_of, shape_of
 
 
@@ -200,6 +212,12 @@ def _norm_inf_smoothed(expr: Any) -> SmoothEvaluator:
 
 
 def _pnorm(expr: Any) -> Evaluator:
+    if stacked_column_norm(expr) is not None:
+        return _column_norm(expr)
+    return _pnorm_of_argument(expr)
+
+
+def _pnorm_of_argument(expr: Any) -> Evaluator:
     # PnormApprox.p is the rational approximation CVXPY evaluates with (numeric uses self.p).
     p = float(expr.p)
     if p == 2:
@@ -233,9 +251,72 @@ def _pnorm(expr: Any) -> Evaluator:
     return f
 
 
+def _column_rows(expr: Any) -> list[tuple[int, int]]:
+    # np.vstack's view of each part of a stacked column norm: (rows, columns).
+    columns = int(expr.args[0].shape[1])
+    return [(math.prod(int(d) for d in a.shape) // columns, columns) for a in expr.args[0].args]
+
+
+def _restacked(expr: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` of the stacked argument as a function of the parts (the cold paths: kink sites
+    and the smoothed form)."""
+    shapes = _column_rows(expr)
+
+    def stack(parts: Any) -> Tensor:
+        return torch.cat([x.reshape(r) for x, r in zip(parts, shapes)], 0)
+
+    def f(*parts: Tensor, **kwargs: Any) -> Any:
+        if kwargs.get("reference") is not None:
+            kwargs["reference"] = [stack(kwargs["reference"])]
+        return fn(stack(parts), **kwargs)
+
+    return f
+
+
+def _column_norm(expr: Any) -> Evaluator:
+    shapes = _column_rows(expr)
+    shape = shape_of(expr)
+
+    def f(*parts: Tensor) -> Tensor:
+        squares = sum(torch.sum(torch.square(x.reshape(r)), 0) for x, r in zip(parts, shapes))
+        positive = squares > 0
+        return torch.where(positive, torch.sqrt(torch.where(positive, squares, 1.0)), 0.0).reshape(
+            shape
+        )
+
+    return f
+
+
+def _column_norm_jet(expr: Any, dependent: tuple[bool, ...]) -> jets.JetFn:
+    shapes = _column_rows(expr)
+    shape = shape_of(expr)
+
+    def jet(values: Any, grads: Any, hesses: Any, out: Tensor) -> tuple:
+        g_sum = h_sum = None
+        for x, g, h, r in zip(values, grads, hesses, shapes):
+            if g is None:
+                continue
+            v = x.reshape(r)
+            gg, hh = jets.chain(
+                2 * v, 2.0, g.reshape(*r, -1), None if h is None else h.reshape(*r, *h.shape[-2:])
+            )
+            g_sum = gg.sum(0) if g_sum is None else g_sum + gg.sum(0)
+            h_sum = hh.sum(0) if h_sum is None else h_sum + hh.sum(0)
+        positive = out.reshape(-1) > 0
+        radius = torch.where(positive, out.reshape(-1), 1.0)
+        f1 = torch.where(positive, 0.5 / radius, 0.0)
+        f2 = torch.where(positive, -0.25 / (radius * radius * radius), 0.0)
+        grad, hess = jets.chain(f1, f2, g_sum, h_sum)  # type: ignore[arg-type]
+        return grad.reshape(*shape, -1), hess.reshape(*shape, *hess.shape[-2:])
+
+    return jet
+
+
 def _pnorm_jet(expr: Any, dependent: tuple[bool, ...]) -> jets.JetFn | None:
     if float(expr.p) != 2:
         return None
+    if stacked_column_norm(expr) is not None:
+        return _column_norm_jet(expr, dependent)
     summed = reduction(
         expr, lambda x, d, k: torch.sum(x, dim=d, keepdim=k), flatten_if_no_axis=True
     )
@@ -248,7 +329,41 @@ def _two_norm(x: Tensor, dims: tuple[int, ...], keepdim: bool) -> Tensor:
     return torch.where(positive, torch.sqrt(torch.where(positive, squares, 1.0)), 0.0)
 
 
+def _never_vanishes(expr: Any) -> bool:
+    """A column norm of a stack with a strictly signed part (``[z; alpha]``, ``alpha > 0``, as
+    ``pseudo_huber`` writes it) is never zero: smooth, no kink sites."""
+    parts = stacked_column_norm(expr)
+    return parts is not None and any(_strict_sign(a) != 0 for a in parts)
+
+
+def _strict_sign(expr: Any) -> int:
+    """+1 / -1 where every entry of ``expr`` is known nonzero of that sign for every parameter
+    value (positive constants, ``pos=True`` parameters, their products), else 0."""
+    if isinstance(expr, cp.Constant):
+        value = np.asarray(expr.value, dtype=float)
+        return 1 if bool(np.all(value > 0)) else -1 if bool(np.all(value < 0)) else 0
+    if isinstance(expr, cp.Parameter):
+        return 1 if expr.attributes.get("pos") else -1 if expr.attributes.get("neg") else 0
+    if isinstance(expr, unary_operators.NegExpression):
+        return -_strict_sign(expr.args[0])
+    if isinstance(expr, (binary_operators.multiply, binary_operators.MulExpression)):
+        matrix_product = type(expr) is binary_operators.MulExpression  # multiply subclasses it
+        if matrix_product and all(a.size > 1 for a in expr.args):
+            return 0  # a matrix product can cancel
+        return _strict_sign(expr.args[0]) * _strict_sign(expr.args[1])
+    if isinstance(expr, (Promote, reshape, broadcast_to)):
+        return _strict_sign(expr.args[0])
+    return 0
+
+
 def _pnorm_kinks(expr: Any) -> KinkSite | None:
+    site = None if _never_vanishes(expr) else _pnorm_kinks_of_argument(expr)
+    if site is None or stacked_column_norm(expr) is None:
+        return site
+    return KinkSite(_restacked(expr, site.fn), site.owners)
+
+
+def _pnorm_kinks_of_argument(expr: Any) -> KinkSite | None:
     p = float(expr.p)
     if p < 1:
         return None
@@ -268,11 +383,18 @@ def _pnorm_kinks(expr: Any) -> KinkSite | None:
 
 def _pnorm_smoothed(expr: Any) -> SmoothEvaluator | None:
     p = float(expr.p)
-    if p < 1:
+    if p < 1 or _never_vanishes(expr):
         return None
     to_rows, _ = rows_of(expr)
     shape = shape_of(expr)
-    return lambda mu, x: S.smooth_pnorm(to_rows(x), p, mu).reshape(shape)
+
+    def smoothed(mu: Tensor, x: Tensor) -> Tensor:
+        return S.smooth_pnorm(to_rows(x), p, mu).reshape(shape)
+
+    if stacked_column_norm(expr) is None:
+        return smoothed
+    on_parts = _restacked(expr, lambda x, mu: smoothed(mu, x))
+    return lambda mu, *parts: on_parts(*parts, mu=mu)
 
 
 # ---------------------------------------------------------------------------------------------
