@@ -175,3 +175,76 @@ def test_generic_backend_matches_a_conic_solver_and_finite_differences(make) -> 
     fd = batched_central_difference_vjp(lambda *t: layer(*t)[0], [d.detach() for d in data], v)
     for g, f in zip(grads, fd):
         torch.testing.assert_close(g, f, atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# cvxpylayers' own examples on the torch backend
+
+
+def _readme_example() -> tuple[cp.Problem, list, list]:
+    """cvxpylayers' README: ``min 0.5 |A x - b|_1 s.t. x >= 0``, ``A (3, 2)``."""
+    n, m = 2, 3
+    x, a, b = cp.Variable(n), cp.Parameter((m, n)), cp.Parameter(m)
+    problem = cp.Problem(cp.Minimize(0.5 * cp.pnorm(a @ x - b, p=1)), [x >= 0])
+    return problem, [a, b], [x]
+
+
+# Each of these batches held a member left ITERATION_LIMIT before (KKT residuals up to 0.46):
+# solutions with a residual of 1e-3 next to two at zero (kinks closer together than the last
+# smoothing width), or at a vertex whose subgradient is 0.9995 of its limit.
+@pytest.mark.parametrize("seed", [8, 9, 19])
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["float32", "float64"])
+def test_cvxpylayers_readme_example_converges_on_the_torch_backend(
+    seed: int, dtype: torch.dtype
+) -> None:
+    problem, params, variables = _readme_example()
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(16, 3, 2, generator=generator, dtype=F64)
+    b = torch.randn(16, 3, generator=generator, dtype=F64)
+    solutions, gradients = {}, {}
+    for backend, data_dtype in (("torch", dtype), ("cvxpylayers", F64)):
+        layer = dl.Layer(problem, params, variables, backend=backend, degenerate="active")
+        inputs = [t.to(data_dtype).clone().requires_grad_() for t in (a, b)]
+        (x,) = layer(*inputs)
+        assert layer.info.converged.all(), (backend, layer.info.status_names)
+        solutions[backend] = x.detach().double()
+        gradients[backend] = [g.double() for g in torch.autograd.grad(x.sum(), inputs)]
+    solution_tol, gradient_tol = (1e-6, 1e-4) if dtype == F64 else (1e-5, 1e-3)
+    torch.testing.assert_close(
+        solutions["torch"], solutions["cvxpylayers"], atol=solution_tol, rtol=0
+    )
+    for mine, theirs in zip(gradients["torch"], gradients["cvxpylayers"]):
+        torch.testing.assert_close(mine, theirs, atol=gradient_tol, rtol=gradient_tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["float32", "float64"])
+def test_cvxpylayers_monotone_regression_example_converges_on_the_torch_backend(
+    dtype: torch.dtype,
+) -> None:
+    """cvxpylayers' monotonic output regression (``min |y - yhat|_2 s.t. diff(y) >= 0``, 10
+    outputs, ``yhat = X theta + noise`` for 100 samples)."""
+    n, m = 20, 10
+    y, yhat = cp.Variable(m), cp.Parameter(m)
+    problem = cp.Problem(cp.Minimize(cp.norm2(y - yhat)), [cp.diff(y) >= 0])
+    generator = torch.Generator().manual_seed(0)
+    theta = torch.randn(n, m, generator=generator, dtype=F64)
+    data = torch.randn(100, n, generator=generator, dtype=F64) @ theta
+    data = data + torch.randn(100, m, generator=generator, dtype=F64)
+    upstream = torch.randn(100, m, generator=generator, dtype=F64)
+    solutions, gradients = {}, {}
+    for backend, data_dtype in (("torch", dtype), ("cvxpylayers", F64)):
+        layer = dl.Layer(problem, [yhat], [y], backend=backend, degenerate="active")
+        inputs = data.to(data_dtype).clone().requires_grad_()
+        (out,) = layer(inputs)
+        assert layer.info.converged.all(), (backend, layer.info.status_names)
+        solutions[backend] = out.detach().double()
+        (grad,) = torch.autograd.grad((out * upstream.to(data_dtype)).sum(), inputs)
+        gradients[backend] = grad.double()
+    scale = float(data.abs().max())
+    solution_tol, gradient_tol = (1e-6, 1e-4) if dtype == F64 else (1e-5, 1e-3)
+    torch.testing.assert_close(
+        solutions["torch"], solutions["cvxpylayers"], atol=solution_tol * scale, rtol=0
+    )
+    torch.testing.assert_close(
+        gradients["torch"], gradients["cvxpylayers"], atol=gradient_tol, rtol=gradient_tol
+    )

@@ -135,3 +135,37 @@ def test_a_cvxpylayers_batch_whose_members_all_fail_stays_on_the_graph() -> None
     assert layer.info.status_names == ["INFEASIBLE", "INFEASIBLE"]
     u.sum().backward()  # failed members: zero outputs, zero gradients
     torch.testing.assert_close(a.grad, torch.zeros_like(a))
+
+
+def test_cvxpylayers_batches_with_failing_members_leave_no_threads_behind() -> None:
+    """diffcp's ThreadPool of a batch with an infeasible member was left running (held by the
+    exception's reference cycle): with the cyclic collector off, +15 threads per call."""
+    import gc
+    import threading
+    import time
+
+    problem, parameters, variables = _interval().program.source
+    layer = dl.Layer(
+        problem, parameters, variables, backend="cvxpylayers", on_failure="ignore", n_jobs=2
+    )
+    a = torch.tensor([[2.0, 3.0], [0.5, 2.0], [3.0, 4.0], [0.2, 5.0]], dtype=F64)
+    layer(a)  # imports and first-call set-up threads, if any, before the count
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        before = threading.active_count()
+        for _ in range(4):
+            with torch.no_grad():
+                layer(a)
+            a_grad = a.clone().requires_grad_()
+            (u,) = layer(a_grad)
+            u.sum().backward()
+        assert layer.info.status_names == ["SOLVED", "INFEASIBLE", "SOLVED", "INFEASIBLE"]
+        deadline = time.monotonic() + 5.0  # closed pools' threads finish on their own
+        while threading.active_count() > before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert threading.active_count() <= before
+    finally:
+        if enabled:
+            gc.enable()

@@ -25,6 +25,7 @@ adapts it to declopt's contract:
 
 from __future__ import annotations
 
+import traceback
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -38,9 +39,11 @@ from cvxpy.expressions.leaf import Leaf
 from torch import Tensor
 
 from declopt.backends.base import BatchedParams, Solution
+from declopt.derivatives import BatchedObjective
 from declopt.diagnostics import Status
 from declopt.frontend.dpp import dpp_culprit
 from declopt.kkt.point import KKTPoint, kkt_point
+from declopt.kkt.tolerances import Tolerances, for_accuracy
 from declopt.program import Program
 
 DEFAULT_SOLVER_ARGS: dict[str, Any] = {"eps": 1e-8, "max_iters": 100_000}
@@ -62,6 +65,21 @@ O(size^3) per problem (70 ms at size 640), lsmr ~3x lsqr's backward."""
 FEASIBILITY_TOL = 1e-6
 """An answer whose constraint violation ``max(|h|, max(g, 0))`` exceeds this is reported as not
 converged (override with ``feasibility_tol=``)."""
+
+ACCURACY_OPTIONS = (
+    "eps",
+    "eps_abs",
+    "eps_rel",
+    "tol_feas",
+    "tol_gap_abs",
+    "tol_gap_rel",
+    "feastol",
+    "abstol",
+    "reltol",
+)
+"""Stopping tolerances of the cone solvers (SCS; Clarabel; ECOS) in ``solver_args``: the largest
+given is the accuracy the answers are judged with (:func:`declopt.kkt.tolerances.for_accuracy`);
+``1e-8`` (all three solvers' defaults here, SCS through :data:`DEFAULT_SOLVER_ARGS`) otherwise."""
 
 _EQUALITY_KINDS = (Equality, Zero)
 _INEQUALITY_KINDS = (Inequality, NonPos, NonNeg)
@@ -329,6 +347,7 @@ class CvxpyLayersBackend:
         if not differentiable:
             values = tuple(v.detach() for v in values)
         detached = BatchedParams(tuple(v.detach() for v in values), params.in_dims, size)
+        judge = _Judge(program, detached, for_accuracy(torch.float64, _accuracy(args)))
         solver = _BatchSolver(compiled, program.num_variables, values, params.in_dims, args)
         grad_mode = torch.enable_grad if differentiable else torch.no_grad
         solver.isolate = on_solver_error == "isolate"
@@ -336,7 +355,7 @@ class CvxpyLayersBackend:
             packed, solved = solver.solve(torch.arange(size))
         if not program.has_functions:
             return _source_solution(packed, solved, ref)
-        report = _report(program, detached, packed)
+        report = judge(packed)
         converged = solved & torch.isfinite(packed.u.detach()).all(-1)
         # on_solver_error="raise" (cvxpylayers' semantics): answers stay as the solver gave them.
         if solver.isolate:
@@ -347,10 +366,10 @@ class CvxpyLayersBackend:
                 # good members on their own.
                 with grad_mode():
                     packed, _ = solver.solve(converged.nonzero().squeeze(-1), size)
-                report = _report(program, detached, packed)
+                report = judge(packed)
             elif not bool(converged.all()):
                 packed = packed.where(converged)
-                report = _report(program, detached, packed)
+                report = judge(packed)
         point = None if differentiable else report.to(ref.dtype, ref.device)
         status = torch.full((size,), int(Status.NOT_CONVERGED), dtype=torch.int64)
         for row, cause in solver.causes.items():
@@ -392,14 +411,49 @@ def _solver_args(given: dict[str, Any], max_iter: int | None) -> dict[str, Any]:
     return args
 
 
-def _report(program: Program, params: BatchedParams, packed: Packed) -> KKTPoint:
-    """The declaration's KKT point at the solver's answers, with the solver's multipliers."""
-    eq = packed.eq.detach() if program.equalities is not None else None
-    ineq = packed.ineq.detach() if program.inequalities is not None else None
-    with torch.no_grad():
-        return kkt_point(
-            program, params, packed.u.detach(), eq_multipliers=eq, ineq_multipliers=ineq
-        )
+def _accuracy(args: dict[str, Any]) -> float:
+    """The cone solver's stopping tolerance in ``args`` (see :data:`ACCURACY_OPTIONS`)."""
+    given = [
+        float(v)
+        for k, v in args.items()
+        if k in ACCURACY_OPTIONS and isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
+    return max(given) if given else 1e-8
+
+
+@dataclass(frozen=True)
+class _Judge:
+    """The declaration's KKT point at the solver's answers, with the solver's multipliers.
+
+    Activity and weak activity are judged against the solver's accuracy (``tolerances``), not
+    an exact forward's rounding: SCS leaves a weakly active bound ``~1e-9`` away with a ``~1e-8``
+    multiplier, which the exact tests read as strictly active, so ``degenerate=`` was ignored.
+    Its stopping test measures residuals against the size of the gradient's *terms*
+    (``|P x|``, ``|c|``), which ``|D_u f|`` does not see where ``f`` and its gradient vanish at
+    the solution (a zero-residual least squares): ``|D2_uu f u|`` is the multipliers' unit too.
+    """
+
+    program: Program
+    params: BatchedParams
+    tolerances: Tolerances
+
+    def __call__(self, packed: Packed) -> KKTPoint:
+        program, params = self.program, self.params
+        u = packed.u.detach()
+        eq = packed.eq.detach() if program.equalities is not None else None
+        ineq = packed.ineq.detach() if program.inequalities is not None else None
+        with torch.no_grad():
+            unit = BatchedObjective(program.objective, params).hvp(u, u).abs().amax(-1)
+            unit = torch.where(torch.isfinite(unit), unit, torch.zeros_like(unit))
+            return kkt_point(
+                program,
+                params,
+                u,
+                eq_multipliers=eq,
+                ineq_multipliers=ineq,
+                tolerances=self.tolerances,
+                gradient_unit=unit,
+            )
 
 
 def _multipliers_or_none(program: Program, rows: Tensor, ref: Tensor) -> Tensor | None:
@@ -497,12 +551,34 @@ class _BatchSolver:
         with warnings.catch_warnings(record=True) as caught:
             # Recording also silences diffcp's np.array(tensor) DeprecationWarnings (NumPy 2).
             warnings.simplefilter("always")
-            outputs = self.compiled.layer(*args, solver_args=solver_args)
+            try:
+                outputs = self.compiled.layer(*args, solver_args=solver_args)
+            except Exception as error:
+                _close_pools(error)
+                raise
         for w in caught:
             if not _is_noise(w):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         accurate = not any("Inaccurate" in str(w.message) for w in caught)
         return self.compiled.pack(outputs), accurate
+
+
+def _close_pools(error: BaseException) -> None:
+    """Terminate the thread pools that ``error`` left running.
+
+    diffcp solves a batch on a ``multiprocessing.pool.ThreadPool`` of ``n_jobs`` threads and
+    closes it only when every member succeeded: when one is infeasible or unbounded its
+    ``SolverError`` leaves the pool running, held by a reference cycle through the exception's
+    traceback, so its threads lived until the cyclic garbage collector found it (with ``gc``
+    disabled, +15 threads per call whose batch had a failing member, on 2 cores). The pool is a
+    local of a frame of that traceback: terminating it there (which joins its threads) frees
+    them at once, whatever diffcp's internals are called."""
+    from multiprocessing.pool import Pool
+
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        for value in tuple(frame.f_locals.values()):
+            if isinstance(value, Pool):
+                value.terminate()
 
 
 def _cause(error: Exception) -> Status:

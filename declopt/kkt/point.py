@@ -190,6 +190,7 @@ def kkt_point(
     with_kinks: bool | None = None,
     tolerances: Tolerances | None = None,
     scale: Tensor | None = None,
+    gradient_unit: Tensor | None = None,
 ) -> KKTPoint:
     """The KKT point of ``u: (B, m)``.
 
@@ -206,6 +207,9 @@ def kkt_point(
         with_kinks: include the kink rows (default: whenever the program has kinks).
         tolerances: default :func:`~declopt.kkt.tolerances.table` of ``u``'s dtype.
         scale: ``(B,)`` default :func:`~declopt.kkt.tolerances.problem_scale`.
+        gradient_unit: ``(B,)`` a floor for the gradient scale the multiplier tests use (the
+            size of the gradient's terms, ``|D2_uu f u|``, where ``f`` and ``D_u f`` both vanish
+            at the solution; see :func:`~declopt.kkt.tolerances.gradient_scale`).
     """
     tol = table(u.dtype) if tolerances is None else tolerances
     with_kinks = program.kinks is not None if with_kinks is None else with_kinks
@@ -253,6 +257,7 @@ def kkt_point(
         ineq_multipliers=ineq_multipliers,
         multipliers=multipliers,
         held=held,
+        gradient_unit=gradient_unit,
     )
 
 
@@ -301,6 +306,7 @@ def _assess(
     ineq_multipliers: Tensor | None,
     multipliers: Tensor | None,
     held: Tensor | Callable[[Tensor, Tensor, Tensor], Tensor] | None,
+    gradient_unit: Tensor | None = None,
 ) -> KKTPoint:
     """Activity, multipliers and residual pieces from the evaluations at ``u``."""
     p, q = count.p, count.q
@@ -315,7 +321,9 @@ def _assess(
     elif held is None:
         unit = solution_scale(u, scale)
         kinks_on = on_kink(margins, u, scale, tol.activity)
-        held = _held_at_solution(rows, kinks_on, norms, unit, known_lam_g, grad_f, f, count, tol)
+        held = _held_at_solution(
+            rows, kinks_on, norms, unit, known_lam_g, grad_f, f, count, tol, gradient_unit
+        )
 
     if multipliers is None:
         multipliers = _multipliers(jac, grad_f, held, eq_multipliers, ineq_multipliers, count)
@@ -331,6 +339,8 @@ def _assess(
     # Relative pieces: stationarity in the gradient's unit, feasibility as a distance (in u)
     # relative to the problem's scale, complementarity in the objective's unit.
     gscale = gradient_scale(f, grad_f, scale)
+    if gradient_unit is not None:
+        gscale = torch.maximum(gscale, gradient_unit.to(gscale.dtype))
     if count.total:
         gscale = torch.maximum(gscale, weighted.abs().amax(-1).amax(-1))
     row_scale = norms * scale.unsqueeze(-1)
@@ -393,13 +403,17 @@ def _held_at_solution(
     f: Tensor,
     count: Sizes,
     tol: Tolerances,
+    gradient_unit: Tensor | None = None,
 ) -> Tensor:
     """The default activity rule at a returned solution (see :func:`kkt_point`)."""
     p, q = count.p, count.q
     g = rows[:, p : p + q]
     active = g >= -tol.activity * norms[:, p : p + q] * scale.unsqueeze(-1)
     if lam_g is not None and q:
-        gscale = gradient_scale(f, grad_f, scale).unsqueeze(-1)
+        gscale = gradient_scale(f, grad_f, scale)
+        if gradient_unit is not None:
+            gscale = torch.maximum(gscale, gradient_unit.to(gscale.dtype))
+        gscale = gscale.unsqueeze(-1)
         clearly = lam_g.to(g.dtype).abs() * norms[:, p : p + q] > tol.multiplier * gscale
         active = active | (clearly & (lam_g < 0))
     every_h = torch.ones_like(rows[:, :p], dtype=torch.bool)

@@ -73,6 +73,29 @@ def table(dtype: torch.dtype) -> Tolerances:
     )
 
 
+SOLVER_MARGIN = 10.0
+"""An external solver's answer is trusted to this many times its stopping tolerance: SCS and
+Clarabel stop on residual *norms* against the size of the largest term, so single entries (a
+multiplier, a distance to a bound) are off by up to a few times ``eps`` (measured: SCS at
+``eps = 1e-8`` returned multipliers of ``4e-8`` at weakly active bounds)."""
+
+
+def for_accuracy(dtype: torch.dtype, accuracy: float) -> Tolerances:
+    """The tolerances of ``dtype`` for an answer accurate to ``accuracy`` (relative; a conic
+    solver's stopping tolerance): activity and multiplier tests are widened to
+    :data:`SOLVER_MARGIN` times it, so that a bound the solver leaves ``1e-9`` away with a
+    ``1e-8`` multiplier counts as weakly active, as an exact solver's ``0`` and ``0`` do."""
+    base = table(dtype)
+    width = max(base.activity, SOLVER_MARGIN * float(accuracy))
+    return Tolerances(
+        activity=width,
+        identification=base.identification,
+        multiplier=max(base.multiplier, width),
+        converged=base.converged,
+        floor=base.floor,
+    )
+
+
 def problem_scale(params: BatchedParams, u: Tensor) -> Tensor:
     """``(B,)``: the largest ``|entry|`` of every problem's parameters and of ``u: (B, m)``
     (1 where all are zero): the unit of ``u`` that relative tolerances multiply."""

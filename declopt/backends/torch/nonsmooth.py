@@ -49,6 +49,13 @@ WIDTHS = (1e-1, 1e-2, 1e-3)
 """Smoothing widths of the continuation, relative to each problem's
 :func:`~declopt.kkt.tolerances.problem_scale`."""
 
+MORE_WIDTHS = (1e-4, 1e-5, 1e-6)
+"""Where the finish after :data:`WIDTHS` found no KKT point, the continuation goes on with these
+widths for those problems only: kinks closer together than ``1e-3`` of the scale (the README
+example of cvxpylayers, ``|A x - b|_1`` with one residual at ``1e-3`` next to two at zero) are not
+resolved at width ``1e-3``, and the margins of the kinks the solution sits on do not shrink yet
+(measured: 4 of 160 such problems unsolved, KKT residual up to 0.46, before; 0 after)."""
+
 IDENTIFY = 30.0
 """A kink is identified when its margin is within ``IDENTIFY * mu`` after the last
 smoothed solve (width ``mu``): smoothed solutions sit within a few ``mu`` of the kinks they
@@ -93,14 +100,92 @@ def solve_nonsmooth(
         tuple(v.to(torch.float64) for v in params.values), params.in_dims, params.size
     )
     u = u0.to(torch.float64)
-    batch = u.shape[0]
     scale = problem_scale(params, u)
-    iterations = torch.zeros(batch, dtype=torch.int64, device=u.device)
-    lam_g = None
-    lam: Tensor | None = None  # each stage warm-starts the next one's multipliers
+    stages = _continuation(
+        program, params, u, None, scale, WIDTHS, method, max_iter, compile, linear_solver
+    )
+    tolerance = IDENTIFY * WIDTHS[-1] * scale
+    point, converged = _finish(program, params, stages, scale, tolerance, linear_solver)
+    iterations, penalty = stages.iterations, stages.penalty
+    # Kinks closer together than the last width (a residual of 1e-3 next to one of 0) are not
+    # resolved yet: the margins of the kinks a solution sits on have not shrunk with mu. The
+    # problems the finish left unsolved continue the continuation from their last smoothed
+    # solution; the finish then holds the kinks whose margins shrink with these widths, within
+    # the same tolerance (a margin shrinks as mu s / sqrt(1 - s^2) for a subgradient s of
+    # |.|, so at a vertex with s = 0.9995 it is 32 mu, past IDENTIFY mu at any width).
+    retry = ~converged
+    if bool(retry.any()):
+        index = retry.nonzero().squeeze(-1)
+        sub = params.select(index)
+        more = _continuation(
+            program,
+            sub,
+            stages.u[index],
+            None if stages.lam is None else stages.lam[index],
+            scale[index],
+            MORE_WIDTHS,
+            method,
+            max_iter,
+            compile,
+            linear_solver,
+            previous=stages.margins[index],
+        )
+        again, solved = _finish(program, sub, more, scale[index], tolerance[index], linear_solver)
+        # Keep the retry's answer where it is a solution (else the first finish's, as before).
+        take = torch.zeros_like(converged).index_copy(0, index, solved)
+        point = _scatter(point, index, again).where(take, point)
+        converged = converged | take
+        iterations = iterations.index_add(0, index, more.iterations)
+        if penalty is not None and more.penalty is not None:
+            penalty = penalty.index_copy(0, index, more.penalty)
+    count = sizes(program, u.shape[-1])
+    declared = kkt_point(
+        program,
+        declared_params,
+        point.u.to(dtype),
+        eq_multipliers=point.eq_multipliers.to(dtype) if count.p else None,
+        ineq_multipliers=point.ineq_multipliers.to(dtype) if count.q else None,
+    )
+    return ConstrainedResult(declared, converged, iterations, penalty)
+
+
+@dataclasses.dataclass
+class _Stages:
+    """The end of a continuation: the last smoothed solutions ``u``, their multipliers ``lam``
+    (``[h; g]``) and ``lam_g`` (``g``'s; seed convention, ``None`` without constraints), the kink
+    margins after the last two stages ``(B, 2, K)``, the iterations and the final penalty."""
+
+    u: Tensor
+    lam: Tensor | None
+    lam_g: Tensor | None
+    margins: Tensor
+    iterations: Tensor
+    penalty: Tensor | None
+
+
+def _continuation(
+    program: Program,
+    params: BatchedParams,
+    u: Tensor,
+    lam: Tensor | None,
+    scale: Tensor,
+    widths: tuple[float, ...],
+    method: str,
+    max_iter: int | None,
+    compile: bool,
+    linear_solver: LinearSolver,
+    previous: Tensor | None = None,
+) -> _Stages:
+    """Solve the smoothed declaration for every width of ``widths`` in turn, each stage
+    warm-starting the next one's point and multipliers (``previous``: ``(B, 2, K)`` margins of
+    an earlier continuation this one extends)."""
+    smoothed = program.smoothed
+    assert smoothed is not None
+    iterations = torch.zeros(u.shape[0], dtype=torch.int64, device=u.device)
     penalty: Tensor | None = None
-    margins = []
-    for width in WIDTHS:
+    lam_g: Tensor | None = None
+    margins = [] if previous is None else [previous[:, -1]]
+    for width in widths:
         stage = BatchedParams((*params.values, width * scale), (*params.in_dims, 0), params.size)
         if smoothed.is_constrained:
             result = solve_constrained(
@@ -122,26 +207,48 @@ def solve_nonsmooth(
             u = result.u
         iterations = iterations + result.iterations
         margins.append(kink_margins(program, params, u).abs())
+    return _Stages(u, lam, lam_g, torch.stack(margins[-2:], 1), iterations, penalty)
+
+
+def _finish(
+    program: Program,
+    params: BatchedParams,
+    stages: _Stages,
+    scale: Tensor,
+    tolerance: Tensor,
+    linear_solver: LinearSolver,
+) -> tuple[KKTPoint, Tensor]:
+    """The finish on the kinks identified at the end of a continuation (margins within
+    ``tolerance (B,)`` that shrank with the last cut of the width), and ``(B,)`` where it is a
+    KKT point within ``tolerance`` of the smoothed solution."""
     # A kink the solution sits on pulls the smoothed solutions in proportion to mu (their margin
     # shrinks tenfold per stage); a solution merely near a kink keeps its distance.
-    shrinking = margins[-1] <= SHRINK * margins[-2]
-    tolerance = IDENTIFY * WIDTHS[-1] * scale
-    smoothed_u = u
+    shrinking = stages.margins[:, 1] <= SHRINK * stages.margins[:, 0]
     point, unresolved = finish_on_kinks(
-        program, params, u, lam_g, tolerance, scale, shrinking, linear_solver
+        program,
+        params,
+        stages.u,
+        stages.lam_g,
+        tolerance,
+        scale,
+        shrinking,
+        linear_solver,
     )
     # A belt to the release check's braces: the finish never moves far from a right smoothing.
-    stayed = (point.u - smoothed_u).abs().amax(-1) <= tolerance
-    converged = stayed & point.converged & ~unresolved
-    count = sizes(program, u.shape[-1])
-    declared = kkt_point(
-        program,
-        declared_params,
-        point.u.to(dtype),
-        eq_multipliers=point.eq_multipliers.to(dtype) if count.p else None,
-        ineq_multipliers=point.ineq_multipliers.to(dtype) if count.q else None,
+    stayed = (point.u - stages.u).abs().amax(-1) <= tolerance
+    return point, stayed & point.converged & ~unresolved
+
+
+def _scatter(point: KKTPoint, index: Tensor, sub: KKTPoint) -> KKTPoint:
+    """``point`` with the problems ``index`` replaced by ``sub``'s (same row layout)."""
+    fields = dataclasses.fields(point)
+    values = ((getattr(point, f.name), getattr(sub, f.name)) for f in fields)
+    return KKTPoint(
+        *(
+            full.index_copy(0, index, part.to(full.dtype)) if isinstance(full, Tensor) else full
+            for full, part in values
+        )
     )
-    return ConstrainedResult(declared, converged, iterations, penalty)
 
 
 @lru_cache(maxsize=64)
