@@ -226,7 +226,7 @@ class Derivatives:
             return grad_and_hessian_eager(values, u)
 
         if expanded is not None:
-            value_grad_hessian = maybe_compile(expanded, compile)
+            value_grad_hessian = _LastEvaluation(maybe_compile(expanded, compile))
 
             def grad_and_hessian_of(values: Params, u: Tensor) -> tuple[Tensor, Tensor]:
                 if u.shape[-1] > TAYLOR_MAX_M:
@@ -267,6 +267,34 @@ class Derivatives:
             self.param_vjp = maybe_compile(param_vjp, compile)
             self.scalar_vjp = maybe_compile(scalar_vjp, compile)
         self.hessian = lambda values, u: self.grad_and_hessian(values, u)[1]
+
+
+class _LastEvaluation:
+    """``fn(values, u)`` remembering its last call: a solver's first evaluation at its start is
+    often the one the starting-point check just made (``backends/starts.py``). The key is the
+    identity and version of every argument tensor (held, so identities cannot be reused), and
+    only calls outside autograd are remembered."""
+
+    def __init__(self, fn: Callable[[Params, Tensor], tuple[Tensor, ...]]) -> None:
+        self.fn = fn
+        self.key: tuple | None = None
+        self.result: tuple[Tensor, ...] | None = None
+
+    @staticmethod
+    def _key(values: Params, u: Tensor) -> tuple:
+        return tuple((t, t._version) for t in (*values, u))
+
+    def __call__(self, values: Params, u: Tensor) -> tuple[Tensor, ...]:
+        wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+        if torch.is_grad_enabled() or any(wrapped(t) for t in (*values, u)):
+            self.key = self.result = None  # inside a transform or on the graph: no memo
+            return self.fn(values, u)
+        key = self._key(values, u)
+        same = self.key is not None and len(key) == len(self.key)
+        if same and all(a is b and va == vb for (a, va), (b, vb) in zip(key, self.key)):
+            return self.result  # type: ignore[return-value]
+        self.key, self.result = key, self.fn(values, u)
+        return self.result
 
 
 def _substitute(values: Params, index: list[int], replacements: tuple[Tensor, ...]) -> Params:

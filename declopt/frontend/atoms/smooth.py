@@ -70,8 +70,10 @@ def _huber(expr: Any) -> Evaluator:
         return torch.where(m < 0, torch.inf, val)
 
     def nonnegative_constant(x: Tensor, m: Tensor) -> Tensor:
+        # c (2|x| - c) with c = min(|x|, M): x^2 inside, 2M|x| - M^2 outside, without a where.
         a = torch.abs(x)
-        return torch.where(a <= m, x * x, 2 * m * a - m * m)
+        c = torch.minimum(a, m)
+        return c * (2 * a - c)
 
     # A constant threshold's sign is known now: no pass over the data for it.
     if isinstance(expr.M, cp.Constant) and float(np.min(expr.M.value)) >= 0:
