@@ -26,13 +26,14 @@ __all__ = ["CvxpyLayer"]
 class CvxpyLayer(Layer):
     """``cvxpylayers.torch.CvxpyLayer`` built on :class:`declopt.Layer`.
 
+    ``problem, parameters, variables, solver, gp, verbose, canon_backend, solver_args``: as in
+    cvxpylayers 1.2. ``variables`` may list a subset of the problem's variables and
+    dual variables of its constraints (``c.dual_variables[0]``). ``solver`` names a
+    cvxpylayers solver (``None``/``"DIFFCP"``: diffcp; ``"MOREAU"``, ... are passed to
+    cvxpylayers); ``cp.SCS`` / ``cp.CLARABEL`` / ``cp.ECOS`` are also accepted and
+    select diffcp's cone solver (``solver_args["solve_method"]``).
+
     Args:
-        problem, parameters, variables, solver, gp, verbose, canon_backend, solver_args: as in
-            cvxpylayers 1.2. ``variables`` may list a subset of the problem's variables and
-            dual variables of its constraints (``c.dual_variables[0]``). ``solver`` names a
-            cvxpylayers solver (``None``/``"DIFFCP"``: diffcp; ``"MOREAU"``, ... are passed to
-            cvxpylayers); ``cp.SCS`` / ``cp.CLARABEL`` / ``cp.ECOS`` are also accepted and
-            select diffcp's cone solver (``solver_args["solve_method"]``).
         backend: ``"cvxpylayers"`` (default, what cvxpylayers does), ``"torch"``, ``"auto"``...
         on_failure: ``"raise"`` (default: like cvxpylayers, a problem that fails raises diffcp's
             ``SolverError``), ``"warn"`` or ``"ignore"`` (declopt's per-problem reporting).

@@ -1,21 +1,24 @@
-"""README's Python code blocks run as written (the README promises it)."""
+"""README's Python code blocks run as written (the README promises it).
+
+The blocks are collected by :mod:`tests.markdown_blocks` (which also says how to mark a block
+that cannot run standalone); docs/*.md blocks are run by ``tests/test_docs.py``.
+"""
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+from tests.markdown_blocks import ROOT, CodeBlock, python_blocks, run_block
+
+BLOCKS = python_blocks(ROOT / "README.md")
 
 
 def test_readme_has_python_blocks() -> None:
     assert len(BLOCKS) >= 2
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_code_block_runs(index: int) -> None:
-    namespace: dict[str, object] = {}
-    exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), namespace)
+@pytest.mark.parametrize("block", BLOCKS, ids=[block.id for block in BLOCKS])
+def test_readme_code_block_runs(block: CodeBlock) -> None:
+    if block.skip_reason is not None:
+        pytest.skip(block.skip_reason)
+    run_block(block)
