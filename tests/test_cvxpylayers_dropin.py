@@ -5,6 +5,8 @@ compared between the two (float64, 1e-5) and with ``cvxpylayers.torch.CvxpyLayer
 
 from __future__ import annotations
 
+import contextlib
+
 import cvxpy as cp
 import pytest
 import torch
@@ -359,3 +361,56 @@ def test_variable_outside_the_problem_raises_cvxpylayers_value_error() -> None:
     problem, parameters, _ = _least_squares()
     with pytest.raises(ValueError, match=r"must be a subset of problem\.variables"):
         CvxpyLayer(problem, parameters, [cp.Variable(2)])
+
+
+def _entropic_transport(n: int = 4) -> tuple[cp.Problem, list, list, tuple[torch.Tensor, ...]]:
+    cost = cp.Parameter((n, n))
+    a, b = cp.Parameter(n, nonneg=True), cp.Parameter(n, nonneg=True)
+    plan = cp.Variable((n, n))
+    objective = cp.sum(cp.multiply(cost, plan)) - 0.1 * cp.sum(cp.entr(plan))
+    marginals = [cp.sum(plan, axis=1) == a, cp.sum(plan, axis=0) == b]
+    g = torch.Generator().manual_seed(0)
+    c_t = torch.rand(n, n, generator=g, dtype=torch.float64)
+    a_t = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
+    b_t = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
+    return (
+        cp.Problem(cp.Minimize(objective), marginals),
+        [cost, a, b],
+        [plan],
+        (c_t, a_t / a_t.sum(), b_t / b_t.sum()),
+    )
+
+
+def _marginal_gradients(layer: dl.Layer, data: tuple[torch.Tensor, ...]) -> tuple:
+    cost, a, b = data
+    a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+    weights = torch.linspace(-1, 1, cost.numel(), dtype=cost.dtype).reshape(cost.shape)
+    (plan,) = layer(cost, a, b)
+    return torch.autograd.grad((plan * weights).sum(), (a, b))
+
+
+def test_entropic_transport_gradients_are_the_minimum_norm_representative() -> None:
+    """The two marginal constraints share a redundant row: the marginals' gradient is unique up
+    to ``(+t 1, -t 1)``. declopt's implicit backward returns one representative on every backend
+    (the minimum-norm one: equal totals), flags the singular system, and differs from
+    cvxpylayers' native one along that direction only (README, "Non-unique gradients")."""
+    problem, params, variables, data = _entropic_transport()
+    grads = {}
+    for name, options in (
+        ("torch", {"backend": "torch"}),
+        ("implicit", {"backend": "cvxpylayers", "backward": "implicit"}),
+        ("native", {"backend": "cvxpylayers"}),
+    ):
+        layer = dl.Layer(problem, params, variables, **options)
+        with pytest.warns(dl.GradientWarning) if name != "native" else contextlib.nullcontext():
+            grads[name] = _marginal_gradients(layer, data)
+        if name != "native":
+            assert layer.info.backward.singular.all(), name
+    ga, gb = grads["torch"]
+    torch.testing.assert_close(ga.sum(), gb.sum(), rtol=0, atol=1e-9)  # minimum norm
+    for got, want in zip(grads["implicit"], grads["torch"]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)  # SCS's accuracy
+    shift_a = grads["native"][0] - ga
+    shift_b = grads["native"][1] - gb
+    torch.testing.assert_close(shift_a, shift_a.mean().expand_as(shift_a), rtol=0, atol=1e-5)
+    torch.testing.assert_close(shift_b, -shift_a, rtol=0, atol=1e-5)
