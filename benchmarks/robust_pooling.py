@@ -48,7 +48,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import statistics
@@ -57,11 +56,20 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
-PENALTIES = ["quadratic", "pseudo_huber", "huber", "welsch", "truncated_quadratic"]
-CHANNELS = 128
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when imported
+
+from _common import (
+    CHANNELS,
+    PENALTIES,
+    ResidentPeak,
+    keep_freed_memory,
+    outlier_data,
+    prefault_heap,
+    saved_bytes,
+)
+
 TARGET = {"quadratic": 4.0}  # fwd+bwd / mean pooling at batch 8, n = 1024; 15x for the others
 TARGET_OTHERS = 15.0
 
@@ -97,64 +105,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------
-# Memory
-
-
-class ResidentPeak:
-    """Growth of the resident set during a call (Linux ``/proc``; ``None`` elsewhere)."""
-
-    def __init__(self) -> None:
-        self.ok = Path("/proc/self/clear_refs").exists() and Path("/proc/self/status").exists()
-        try:
-            self.libc = ctypes.CDLL("libc.so.6")
-        except OSError:
-            self.libc = None
-
-    @staticmethod
-    def _status(key: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-        raise KeyError(key)
-
-    def measure(self, fn: Callable[[], object]) -> float | None:
-        if not self.ok:
-            return None
-        try:
-            if self.libc is not None:
-                self.libc.malloc_trim(0)
-            before = self._status("VmRSS:")
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current RSS
-            fn()
-            return max(0, self._status("VmHWM:") - before)
-        except OSError:
-            self.ok = False
-            return None
-
-
-def saved_bytes(fn: Callable[[], object], exclude: list) -> int:
-    """Bytes of the tensors autograd saves for backward during ``fn()`` (unique storages)."""
-    import torch
-
-    seen = {t.untyped_storage().data_ptr() for t in exclude}
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in seen:
-            seen.add(ptr)
-            total += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
-
-
-# ------------------------------------------------------------------------------------------------
 
 
 HEADER = (
@@ -162,33 +112,6 @@ HEADER = (
     f"{'fwd ms':>8s} {'x':>6s} | {'f+b ms':>8s} {'x':>6s} {'wall x':>6s} | {'peak MB':>7s} "
     f"{'mean':>5s} {'saved':>6s} | {'first s':>7s}"
 )
-
-
-def keep_freed_memory() -> None:
-    """glibc malloc: keep freed memory for reuse instead of returning it to the system.
-
-    A long-running training process gets there by itself (glibc raises its thresholds as large
-    blocks are freed); a fresh benchmark process would otherwise time page faults of new
-    allocations, which made the mean-pooling baseline vary by 2-3x between processes.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, (1 << 31) - 1)  # a C int
-
-
-def prefault_heap(torch, size: int = 1 << 29) -> None:
-    """Grow the heap by ``size`` touched bytes and free them (kept, see keep_freed_memory).
-
-    Without it, the first few dozen calls after the heap was trimmed (or in a fresh process) pay
-    page faults for their new blocks: about 1.5 ms of system time for mean pooling's 4 MB
-    gradient at batch 8, n = 1024, twice its computation.
-    """
-    block = torch.ones(size // 4)
-    del block
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -241,11 +164,7 @@ def run_isolated(args: argparse.Namespace) -> list[dict]:
 
 
 def measure(torch, pool, mode, penalty, batch, n, args, memory) -> dict:
-    gen = torch.Generator().manual_seed(1000 * batch + n)
-    x0 = torch.randn(batch, CHANNELS, n, generator=gen)
-    outliers = torch.rand(batch, CHANNELS, n, generator=gen) < 0.1
-    x0 = torch.where(outliers, 10 * x0, x0)
-    v = torch.randn(batch, CHANNELS, generator=gen)
+    x0, v = outlier_data(batch, CHANNELS, n, seed=1000 * batch + n)
 
     def mean_fwd() -> None:
         with torch.no_grad():
@@ -274,7 +193,7 @@ def measure(torch, pool, mode, penalty, batch, n, args, memory) -> dict:
             mean_peak = min(memory.measure(mean_fb) or 0 for _ in range(3)) if memory.ok else None
             x = x0.detach().requires_grad_(True)
             saved = saved_bytes(lambda: pool(x), [x0])
-        prefault_heap(torch)
+        prefault_heap()
         for _ in range(args.warmup):
             pool_fb()
             pool_fwd()
