@@ -176,6 +176,13 @@ class Derivatives:
             return g, h, tuple(grads)
 
         expanded = None if taylor is None else vmap(taylor, in_dims=(in_dims, 0))
+        # The gradient alone: what the parameter VJPs differentiate (a curvature recorded on
+        # autograd's tape would double the tensors it saves).
+        first_order = (
+            None
+            if taylor is None
+            else vmap(lambda x, u: taylor(x, u, second=False), in_dims=(in_dims, 0))
+        )
 
         def value_grad_hessian_autograd(values: Params, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             g, hess = grad_and_hessian(values, u)
@@ -188,7 +195,7 @@ class Derivatives:
             free = [i for i, want in enumerate(wanted) if want]
 
             def gradient_map(*xs: Tensor) -> Tensor:
-                return expanded(_substitute(values, free, xs), u)[1]  # type: ignore[misc]
+                return first_order(_substitute(values, free, xs), u)[1]  # type: ignore[misc]
 
             # First-order reverse through the closed-form gradient: shared parameters come out
             # summed over the batch, batched ones per problem.
@@ -200,12 +207,14 @@ class Derivatives:
         ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
             free = [i for i, want in enumerate(wanted) if want]
 
-            def gradient_map(*xs: Tensor) -> tuple[Tensor, Tensor]:
-                _, g, h = expanded(_substitute(values, free, xs), u)  # type: ignore[misc]
-                return g, h[..., 0]
+            def gradient_map(*xs: Tensor) -> Tensor:
+                return first_order(_substitute(values, free, xs), u)[1]  # type: ignore[misc]
 
-            # The Hessian is known before the pullback, so the cotangent is the solve itself.
-            g, pullback, h = vjp(gradient_map, *(values[i] for i in free), has_aux=True)
+            # The Hessian first, off the tape, so that the cotangent of the first-order pass is
+            # the solve itself.
+            with torch.no_grad():
+                h = expanded(values, u)[2][..., 0]  # type: ignore[misc]
+            g, pullback = vjp(gradient_map, *(values[i] for i in free))
             singular = scalar_singular(h)
             scale = -(v / torch.where(singular, torch.ones_like(h), h)).masked_fill(singular, 0)
             return g, h, tuple(pullback(scale))

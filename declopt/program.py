@@ -23,7 +23,7 @@ from torch import Tensor
 Shape = tuple[int, ...]
 Params = tuple[Tensor, ...]
 ObjectiveFn = Callable[[Params, Tensor], Tensor]
-TaylorFn = Callable[[Params, Tensor], tuple[Tensor, Tensor, Tensor]]
+TaylorFn = Callable[..., tuple[Tensor, ...]]
 ResidualFn = Callable[[Params, Tensor], Tensor]
 
 
@@ -43,8 +43,9 @@ class Program:
             concatenation, ``m = sum(prod(shape))``.
         objective: ``f(x, u) -> ()``, the scalar objective; ``None`` for a *source-only*
             program (see ``frontend_error``).
-        objective_taylor: ``(x, u) -> (f (), grad (m,), hess (m, m))``, the objective with its
-            first two derivatives in ``u`` in one pass from the atoms' closed-form local
+        objective_taylor: ``(x, u, second=True) -> (f (), grad (m,), hess (m, m))``, the
+            objective with its first two derivatives in ``u`` (``second=False``: ``(f, grad)``)
+            in one pass from the atoms' closed-form local
             derivatives (:mod:`declopt.frontend.taylor`); ``None`` where some atom on the
             variables' path has none (derivatives then come from autograd).
         equalities: ``h(x, u) -> (p,)`` with ``h = 0`` at a feasible point, or ``None``.

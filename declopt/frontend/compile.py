@@ -575,18 +575,19 @@ def _objective_taylor(
     var_slices: Sequence[tuple[int, int, int, tuple[int, ...]]],
     m: int,
     sign: float,
-) -> Callable[[Sequence[Tensor], Tensor], tuple[Tensor, Tensor, Tensor]] | None:
-    """``(x, u) -> (f, grad (m,), hess (m, m))`` of the (sign-adjusted) objective in one pass
-    (:mod:`.taylor`), or ``None`` where an atom on the variables' path has no jet rule."""
+) -> Callable[..., tuple[Tensor, ...]] | None:
+    """``(x, u, second=True) -> (f, grad (m,), hess (m, m))`` of the (sign-adjusted) objective
+    in one pass (:mod:`.taylor`; ``second=False``: ``(f, grad)``), or ``None`` where an atom on
+    the variables' path has no jet rule."""
     nodes: list[cp.Expression] = []
     steps, roots, _ = _build([expr], nodes)
     taylor = compile_taylor(nodes, steps, roots[0], var_slices, m)
     if taylor is None:
         return None
 
-    def fn(x: Sequence[Tensor], u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        f, g, h = taylor(env_of(x, u), u)
-        return (-f, -g, -h) if sign < 0 else (f, g, h)
+    def fn(x: Sequence[Tensor], u: Tensor, second: bool = True) -> tuple[Tensor, ...]:
+        out = taylor(env_of(x, u), u, second)
+        return tuple(-t for t in out) if sign < 0 else out
 
     return fn
 

@@ -25,8 +25,9 @@ from declopt.frontend.atoms.jets import JetFn
 
 Env = Mapping[int, Tensor]
 Step = Callable[[list, Env, Tensor | None], Tensor]
-TaylorFn = Callable[[Env, Tensor], tuple[Tensor, Tensor, Tensor]]
-"""``(env, u) -> (value (), grad (m,), hess (m, m))`` of a scalar expression."""
+TaylorFn = Callable[..., tuple[Tensor, ...]]
+"""``(env, u, second=True) -> (value (), grad (m,), hess (m, m))`` of a scalar expression;
+``second=False``: ``(value, grad)`` only (no curvature is formed)."""
 
 _VARIABLE = "variable"
 
@@ -73,13 +74,23 @@ def compile_taylor(
         plan.append(("atom", jet, inputs))
     if not dependent[root]:
         return None
+    # The last step that reads each slot: after it, the slot's value and jet are dropped, so a
+    # pass holds only the live nodes' tensors (the jets are 2-3 node-sized tensors each).
+    last_use = list(range(len(nodes)))
+    for k, node in enumerate(nodes):
+        if isinstance(node, (cp.Constant, cp.Parameter, cp.Variable)) or type(node) not in RULES:
+            continue
+        for a in operands(node):
+            last_use[slot_of[id(a)]] = k
+    last_use[root] = len(nodes)
+    released = [[i for i in range(len(nodes)) if last_use[i] == k] for k in range(len(nodes))]
 
-    def evaluate(env: Env, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def evaluate(env: Env, u: Tensor, second: bool = True) -> tuple[Tensor, ...]:
         eye = torch.eye(m, dtype=u.dtype, device=u.device)
         values: list[Tensor] = []
         grads: list[Tensor | None] = []
         hesses: list[Tensor | None] = []
-        for step, entry in zip(steps, plan):
+        for k, (step, entry) in enumerate(zip(steps, plan)):
             value = step(values, env, u)
             values.append(value)
             if entry is None:
@@ -94,13 +105,17 @@ def compile_taylor(
                 g, h = jet(  # type: ignore[misc]
                     [values[i] for i in inputs],
                     [grads[i] for i in inputs],
-                    [hesses[i] for i in inputs],
+                    [hesses[i] for i in inputs] if second else None,
                     value,
                 )
                 grads.append(g)
                 hesses.append(h)
+            for i in released[k]:
+                values[i] = grads[i] = hesses[i] = None  # type: ignore[call-overload]
         grad, hess = grads[root], hesses[root]
         assert grad is not None  # the root depends on u
+        if not second:
+            return values[root].reshape(()), grad.reshape(m)
         hess = torch.zeros(m, m, dtype=u.dtype, device=u.device) if hess is None else hess
         return values[root].reshape(()), grad.reshape(m), hess.reshape(m, m)
 

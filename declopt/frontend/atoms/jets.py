@@ -27,7 +27,8 @@ from torch.func import vmap
 
 Grads = Sequence[Tensor | None]
 JetFn = Callable[[Sequence[Tensor], Grads, Grads, Tensor], tuple[Tensor, Tensor | None]]
-"""``(values, grads, hesses, out) -> (grad, hess)`` of one node; ``out`` is its value."""
+"""``(values, grads, hesses, out) -> (grad, hess)`` of one node; ``out`` is its value.
+``hesses is None`` asks for the first order only (``hess`` then comes back ``None``)."""
 JetRule = Callable[[Any, tuple[bool, ...]], JetFn | None]
 """``(node, dependent) -> JetFn | None``; ``dependent[i]``: operand ``i`` depends on ``u``."""
 Derivs = Callable[..., tuple[Tensor | float, Tensor | float]]
@@ -38,6 +39,11 @@ def _add_opt(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     if a is None:
         return b
     return a if b is None else a + b
+
+
+def _first_order(hesses: Grads | None, grads: Grads) -> Grads:
+    """``hesses``, or all ``None`` when only the first order is asked for."""
+    return [None] * len(grads) if hesses is None else hesses
 
 
 def _outer(a: Tensor, b: Tensor) -> Tensor:
@@ -51,10 +57,17 @@ def _col(t: Tensor | float, k: int) -> Tensor | float:
 
 
 def chain(
-    f1: Tensor | float, f2: Tensor | float, g: Tensor, h: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """The jet of ``f(x)`` from ``x``'s ``(g, h)`` and ``f', f''`` at ``x`` (elementwise)."""
+    f1: Tensor | float,
+    f2: Tensor | float,
+    g: Tensor,
+    h: Tensor | None,
+    second: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """The jet of ``f(x)`` from ``x``'s ``(g, h)`` and ``f', f''`` at ``x`` (elementwise);
+    ``second=False``: the gradient only."""
     grad = _col(f1, 1) * g
+    if not second:
+        return grad, None
     hess = _col(f2, 2) * _outer(g, g)
     if h is not None:
         hess = hess + _col(f1, 2) * h
@@ -86,7 +99,9 @@ def linear(evaluate: Callable[..., Tensor]) -> JetFn:
             return evaluate(*[torch.zeros_like(v) if t is None else t for v, t in zip(values, ts)])
 
         grad = _trailing(apply, grads, 1)
-        hess = None if all(h is None for h in hesses) else _trailing(apply, hesses, 2)
+        if hesses is None or all(h is None for h in hesses):
+            return grad, None
+        hess = _trailing(apply, hesses, 2)
         return grad, hess
 
     return jet
@@ -105,7 +120,7 @@ def add(node: Any, dependent: tuple[bool, ...]) -> JetFn:
 
     def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
         grad = hess = None
-        for g, h in zip(grads, hesses):
+        for g, h in zip(grads, _first_order(hesses, grads)):
             if g is not None:
                 grad = _add_opt(grad, _broadcast(g, out.shape, 1))
             if h is not None:
@@ -126,7 +141,8 @@ def elementwise(derivs: Callable[[Any], Derivs]) -> JetRule:
 
         def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
             f1, f2 = d(out, *values)
-            return chain(f1, f2, grads[0], hesses[0])  # type: ignore[arg-type]
+            h = None if hesses is None else hesses[0]
+            return chain(f1, f2, grads[0], h, hesses is not None)  # type: ignore[arg-type]
 
         return jet
 
@@ -137,10 +153,12 @@ def multiply(node: Any, dependent: tuple[bool, ...]) -> JetFn:
     """Elementwise ``a * b`` (broadcasting): the product rule."""
 
     def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
-        (a, b), (ga, gb), (ha, hb) = values, grads, hesses
+        (a, b), (ga, gb), (ha, hb) = values, grads, _first_order(hesses, grads)
         grad = _add_opt(
             None if ga is None else ga * _col(b, 1), None if gb is None else _col(a, 1) * gb
         )
+        if hesses is None:
+            return _broadcast(grad, out.shape, 1), None  # type: ignore[arg-type]
         hess = _add_opt(
             None if ha is None else ha * _col(b, 2), None if hb is None else _col(a, 2) * hb
         )
@@ -158,7 +176,7 @@ def bilinear(node: Any, dependent: tuple[bool, ...], evaluate: Callable[..., Ten
     product rule with the atom itself as the product."""
 
     def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
-        (a, b), (ga, gb), (ha, hb) = values, grads, hesses
+        (a, b), (ga, gb), (ha, hb) = values, grads, _first_order(hesses, grads)
 
         def right(t: Tensor) -> Tensor:
             return evaluate(t, b)
@@ -170,6 +188,8 @@ def bilinear(node: Any, dependent: tuple[bool, ...], evaluate: Callable[..., Ten
             None if ga is None else _trailing(right, [ga], 1),
             None if gb is None else _trailing(left, [gb], 1),
         )
+        if hesses is None:
+            return grad, None
         hess = _add_opt(
             None if ha is None else _trailing(right, [ha], 2),
             None if hb is None else _trailing(left, [hb], 2),
@@ -188,13 +208,15 @@ def divide(node: Any, dependent: tuple[bool, ...]) -> JetFn:
     product = multiply(node, dependent)
 
     def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
-        (a, b), (ga, gb), (ha, hb) = values, grads, hesses
+        (a, b), (ga, gb), (ha, hb) = values, grads, _first_order(hesses, grads)
+        second = hesses is not None
         inverse = torch.reciprocal(b)
         if gb is None:
             g_inv = h_inv = None
         else:
-            g_inv, h_inv = chain(-inverse * inverse, 2 * inverse * inverse * inverse, gb, hb)
-        return product([a, inverse], [ga, g_inv], [ha, h_inv], out)
+            curvature = 2 * inverse * inverse * inverse
+            g_inv, h_inv = chain(-inverse * inverse, curvature, gb, hb, second)
+        return product([a, inverse], [ga, g_inv], [ha, h_inv] if second else None, out)
 
     return jet
 
@@ -206,7 +228,7 @@ def extremum(node: Any, dependent: tuple[bool, ...]) -> JetFn:
     def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
         taken = torch.zeros(out.shape, dtype=torch.bool, device=out.device)
         grad = hess = None
-        for v, g, h in zip(values, grads, hesses):
+        for v, g, h in zip(values, grads, _first_order(hesses, grads)):
             pick = (v == out) & ~taken
             taken = taken | pick
             if g is not None:
@@ -230,9 +252,11 @@ def summed_squares(reduce: Callable[[Tensor], Tensor], root: bool = False) -> Je
             return None
 
         def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
-            x = values[0]
-            g, h = chain(2 * x, 2.0, grads[0], hesses[0])  # type: ignore[arg-type]
-            g, h = _trailing(reduce, [g], 1), _trailing(reduce, [h], 2)
+            x, second = values[0], hesses is not None
+            h = None if hesses is None else hesses[0]
+            g, h = chain(2 * x, 2.0, grads[0], h, second)  # type: ignore[arg-type]
+            g = _trailing(reduce, [g], 1)
+            h = None if h is None else _trailing(reduce, [h], 2)
             if root:
                 # sqrt(s): slope 1 / (2r), curvature -1 / (4 r s); 0 at the origin, the kink,
                 # as the evaluator's subgradient.
@@ -240,9 +264,9 @@ def summed_squares(reduce: Callable[[Tensor], Tensor], root: bool = False) -> Je
                 r = torch.where(positive, out, 1.0)
                 f1 = torch.where(positive, 0.5 / r, 0.0)
                 f2 = torch.where(positive, -0.25 / (r * r * r), 0.0)
-                return chain(f1, f2, g, h)
+                return chain(f1, f2, g, h, second)
             inverse = torch.reciprocal(values[1].reshape(()))
-            return g * inverse, h * inverse
+            return g * inverse, None if h is None else h * inverse
 
         return jet
 

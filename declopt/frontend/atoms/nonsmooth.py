@@ -293,20 +293,28 @@ def _column_norm_jet(expr: Any, dependent: tuple[bool, ...]) -> jets.JetFn:
 
     def jet(values: Any, grads: Any, hesses: Any, out: Tensor) -> tuple:
         g_sum = h_sum = None
-        for x, g, h, r in zip(values, grads, hesses, shapes):
+        second = hesses is not None
+        for x, g, h, r in zip(values, grads, hesses if second else [None] * len(grads), shapes):
             if g is None:
                 continue
             v = x.reshape(r)
             gg, hh = jets.chain(
-                2 * v, 2.0, g.reshape(*r, -1), None if h is None else h.reshape(*r, *h.shape[-2:])
+                2 * v,
+                2.0,
+                g.reshape(*r, -1),
+                None if h is None else h.reshape(*r, *h.shape[-2:]),
+                second,
             )
             g_sum = gg.sum(0) if g_sum is None else g_sum + gg.sum(0)
-            h_sum = hh.sum(0) if h_sum is None else h_sum + hh.sum(0)
+            if hh is not None:
+                h_sum = hh.sum(0) if h_sum is None else h_sum + hh.sum(0)
         positive = out.reshape(-1) > 0
         radius = torch.where(positive, out.reshape(-1), 1.0)
         f1 = torch.where(positive, 0.5 / radius, 0.0)
         f2 = torch.where(positive, -0.25 / (radius * radius * radius), 0.0)
-        grad, hess = jets.chain(f1, f2, g_sum, h_sum)  # type: ignore[arg-type]
+        grad, hess = jets.chain(f1, f2, g_sum, h_sum, second)  # type: ignore[arg-type]
+        if hess is None:
+            return grad.reshape(*shape, -1), None
         return grad.reshape(*shape, -1), hess.reshape(*shape, *hess.shape[-2:])
 
     return jet
