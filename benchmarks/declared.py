@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import keep_freed_memory, prefault_heap
 from projections import median_cpu
-from robust_pooling import keep_freed_memory, prefault_heap
 
 import declopt as dl
 from declopt.nn import projections
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     torch.set_num_threads(1)
     keep_freed_memory()
-    prefault_heap(torch)
+    prefault_heap()
     warnings.simplefilter("ignore")  # non-convergence is in the table (gap, |dy|), not stderr
     print(f"torch {torch.__version__}, one thread, CPU-time medians, forward + backward")
     print(

@@ -44,7 +44,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from robust_pooling import keep_freed_memory, prefault_heap
+from _common import keep_freed_memory, prefault_heap
 
 P_VALUES = ["1", "2", "inf"]
 TARGET = 10.0  # closed-form f+b / normalize f+b at batch 8, d = 1024
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
 
     keep_freed_memory()
     torch.set_num_threads(args.threads)
-    prefault_heap(torch)
+    prefault_heap()
     print(
         f"torch {torch.__version__}, {args.threads} thread(s), float32, batch {args.batch}, "
         f"median of {args.reps} reps ({args.slow_reps} for implicit/generic), CPU time, "

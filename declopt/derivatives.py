@@ -207,14 +207,13 @@ class Derivatives:
         ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
             free = [i for i, want in enumerate(wanted) if want]
 
-            def gradient_map(*xs: Tensor) -> Tensor:
-                return first_order(_substitute(values, free, xs), u)[1]  # type: ignore[misc]
+            def gradient_map(*xs: Tensor) -> tuple[Tensor, Tensor]:
+                _, g, h = expanded(_substitute(values, free, xs), u)  # type: ignore[misc]
+                return g, h[..., 0]
 
-            # The Hessian first, off the tape, so that the cotangent of the first-order pass is
-            # the solve itself.
-            with torch.no_grad():
-                h = expanded(values, u)[2][..., 0]  # type: ignore[misc]
-            g, pullback = vjp(gradient_map, *(values[i] for i in free))
+            # One pass: the Hessian (aux, not differentiated) is known before the pullback, so
+            # the cotangent is the solve itself.
+            g, pullback, h = vjp(gradient_map, *(values[i] for i in free), has_aux=True)
             singular = scalar_singular(h)
             scale = -(v / torch.where(singular, torch.ones_like(h), h)).masked_fill(singular, 0)
             return g, h, tuple(pullback(scale))
