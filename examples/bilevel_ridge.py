@@ -32,6 +32,10 @@ import torch
 from scipy.optimize import minimize_scalar
 from tqdm import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` when imported from elsewhere
+
+from common import cli
+
 import declopt as dl
 
 DATASETS = ("iris", "diabetes")
@@ -534,21 +538,31 @@ def plot_curves(name: str, reference: Reference, traces: Sequence[Trace], path: 
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", nargs="+", choices=DATASETS, default=list(DATASETS))
-    parser.add_argument("--K", type=int, default=5, help="number of folds (default 5)")
+    parser = cli.parser(__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--dataset", nargs="+", choices=DATASETS, default=list(DATASETS), help="data set(s)"
+    )
+    parser.add_argument("--K", type=int, default=5, help="number of folds")
     parser.add_argument("--shuffle", action="store_true", help="shuffle before splitting")
     parser.add_argument("--seed", type=int, default=0, help="fold shuffling seed (--shuffle)")
     parser.add_argument("--intercept", action="store_true", help="add an unpenalised intercept")
-    parser.add_argument("--mu0", nargs="+", type=float, default=[0.1, 800.0])
-    parser.add_argument("--method", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--step", type=float, default=0.1, help="gradient-descent step (0.1)")
     parser.add_argument(
-        "--tol", type=float, default=1e-9, help="stop when |dCV/dlog mu| / CV <= tol (1e-9)"
+        "--mu0", nargs="+", type=float, default=[0.1, 800.0], help="starting value(s) of mu"
     )
-    parser.add_argument("--max-iter", type=int, default=300, help="per run (default 300)")
-    parser.add_argument("--backend", choices=BACKENDS, default="torch")
-    parser.add_argument("--out", type=Path, default=Path("runs/bilevel_ridge"))
+    parser.add_argument(
+        "--method", nargs="+", choices=METHODS, default=list(METHODS), help="upper-level method(s)"
+    )
+    parser.add_argument("--step", type=float, default=0.1, help="gradient-descent step")
+    parser.add_argument(
+        "--tol", type=float, default=1e-9, help="stop when |dCV/dlog mu| / CV <= tol"
+    )
+    parser.add_argument("--max-iter", type=int, default=300, help="upper-level iterations per run")
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default="torch", help="declopt backend of the layer"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/bilevel_ridge"), help="results folder"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 

@@ -216,25 +216,42 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=Path,
         help="ImageFolder root with train/ and val/ (default: digits stand-in in OUT_DIR/standin)",
     )
-    data.add_argument("--image-size", type=int, help="crop size (224; stand-in 32)")
-    data.add_argument("--resize", type=int, help="evaluation resize before the crop (256; 36)")
-    data.add_argument("--standin-per-class", type=int, help="stand-in images per class (all ~180)")
+    data.add_argument("--image-size", type=int, help="crop size (default: 224; the stand-in: 32)")
+    data.add_argument(
+        "--resize",
+        type=int,
+        help="evaluation resize before the crop "
+        "(default: IMAGE_SIZE x 256/224, i.e. 256; the stand-in: 36)",
+    )
+    data.add_argument(
+        "--standin-per-class",
+        type=int,
+        help="stand-in images per class (default: all, ~180; --quick: 20)",
+    )
     data.add_argument("--no-torchvision", action="store_true", help="use the in-repo equivalents")
     model = p.add_argument_group("model")
-    model.add_argument("--projection", nargs="+", choices=PROJECTIONS, help="projection(s) (none)")
     model.add_argument(
-        "--radius", type=float, help="sphere/ball radius (paper: L1 250, L2 15, Linf 3)"
+        "--projection",
+        nargs="+",
+        choices=PROJECTIONS,
+        help=cli.table_help("projection(s)", "projection", FULL, QUICK),
+    )
+    model.add_argument(
+        "--radius",
+        type=float,
+        help="sphere/ball radius (default: the paper's, L1 250, L2 15, Linf 3)",
     )
     cli.add_training_args(
         p,
         FULL,
+        QUICK,
         sweep_help="every projection (unless given)",
-        lr_help="(default 0.1 x global batch / 256)",
+        lr_help=f"learning rate (default: 0.1 x global batch / 256; --quick: {QUICK['lr']})",
         weight_decay=1e-4,
         lr_step=30,
         lr_step_help="epochs between lr divisions by 10",
         workers=None,
-        workers_help="DataLoader workers (4; stand-in 0)",
+        workers_help="DataLoader workers (default: 4; the stand-in: 0)",
     )
     cli.add_run_args(p, quick_help="about a minute on a CPU", out_dir=Path("runs/imagenet"))
     args = p.parse_args(argv)

@@ -369,33 +369,61 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "generate the stand-in into OUT_DIR/standin)",
     )
     data.add_argument(
-        "--num-points", type=int, help=f"points per cloud (default {FULL['num_points']})"
+        "--num-points",
+        type=int,
+        help=cli.table_help("points per cloud", "num_points", FULL, QUICK),
     )
     data.add_argument(
         "--outlier-ratio",
         type=float,
         nargs="+",
-        help="fraction(s) of each cloud's points replaced by outliers (default 0)",
+        help=cli.table_help(
+            "fraction(s) of each cloud's points replaced by outliers", "outlier_ratio", FULL, QUICK
+        ),
     )
-    data.add_argument("--outlier-seed", type=int, default=2809)
-    data.add_argument("--standin-classes", type=int, default=len(SHAPES))
-    data.add_argument("--standin-train", type=int, help="stand-in training clouds per class (64)")
-    data.add_argument("--standin-test", type=int, help="stand-in test clouds per class (16)")
+    data.add_argument("--outlier-seed", type=int, default=2809, help="outlier sampling seed")
+    data.add_argument(
+        "--standin-classes", type=int, default=len(SHAPES), help="stand-in shape classes"
+    )
+    data.add_argument(
+        "--standin-train",
+        type=int,
+        help=cli.table_help("stand-in training clouds per class", "standin_train", FULL, QUICK),
+    )
+    data.add_argument(
+        "--standin-test",
+        type=int,
+        help=cli.table_help("stand-in test clouds per class", "standin_test", FULL, QUICK),
+    )
     model = p.add_argument_group("model")
-    model.add_argument("--pooling", nargs="+", choices=POOLINGS, help="global pooling(s) (max)")
+    model.add_argument(
+        "--pooling",
+        nargs="+",
+        choices=POOLINGS,
+        help=cli.table_help("global pooling(s)", "pooling", FULL, QUICK),
+    )
     model.add_argument("--alpha", type=float, default=1.0, help="robust penalty scale")
     model.add_argument(
         "--compile",
         action="store_true",
         help="robust pooling under torch.compile (pays off on long runs)",
     )
-    model.add_argument("--mlp", type=int, nargs="+", default=[64, 64, 64, 128, 1024])
-    model.add_argument("--head", type=int, nargs="+", default=[512, 256])
-    model.add_argument("--dropout", type=float, default=0.3)
+    model.add_argument(
+        "--mlp",
+        type=int,
+        nargs="+",
+        default=[64, 64, 64, 128, 1024],
+        help="widths of the shared per-point layers",
+    )
+    model.add_argument(
+        "--head", type=int, nargs="+", default=[512, 256], help="hidden widths of the classifier"
+    )
+    model.add_argument("--dropout", type=float, default=0.3, help="dropout probability")
     cli.add_training_args(
         p,
         FULL,
-        sweep_help=f"all poolings x outlier ratios {SWEEP_RATIOS} (unless given)",
+        QUICK,
+        sweep_help=f"all poolings x outlier ratios {cli.show(SWEEP_RATIOS)} (unless given)",
         optimizers=("sgd", "adam"),
         weight_decay=0.0,
         lr_step=20,

@@ -38,16 +38,62 @@ Log = Callable[[str], None]
 # Flags
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    """An argument parser whose ``--help`` shows every default."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with every option's default stated exactly once.
+
+    :class:`argparse.ArgumentDefaultsHelpFormatter` appends ``(default: X)`` to every help text,
+    which doubled the defaults the help already states (``(default 90) (default: None)``): a flag
+    whose argparse default is ``None`` takes its value later from the example's ``FULL``/``QUICK``
+    table, so its help states those values itself (:func:`table_help`). This formatter appends the
+    argparse default only where the help does not mention a default, and never ``None`` (meaning
+    "decided later", stated in the help) or ``False`` (an off switch: the default goes without
+    saying). Lists print as on the command line (``iris diabetes``, not ``['iris', 'diabetes']``).
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or not action.option_strings
+        ):
+            return text
+        # argparse %-formats the help: a literal % in the default must be escaped.
+        return f"{text} (default: {show(default).replace('%', '%%')})".lstrip()
+
+
+def parser(description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """An argument parser whose ``--help`` shows every default once (:class:`HelpFormatter`)."""
     return argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=description, epilog=epilog, formatter_class=HelpFormatter
     )
+
+
+def show(value: Any) -> str:
+    """A default as the user would type it: lists space-separated, ``0.5`` not ``[0.5]``."""
+    if isinstance(value, list | tuple):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+def table_help(text: str, key: str, full: Mapping[str, Any], quick: Mapping[str, Any]) -> str:
+    """``text`` and the flag's defaults from the example's tables: ``(default: 90; --quick: 3)``.
+
+    For the flags whose argparse default is ``None`` because :func:`fill_defaults` sets them from
+    ``FULL`` or ``QUICK`` once ``--quick`` is known."""
+    values = f"default: {show(full[key])}"
+    if key in quick and quick[key] != full[key]:
+        values += f"; --quick: {show(quick[key])}"
+    return f"{text} ({values})" if text else f"({values})"
 
 
 def add_training_args(
     parser: argparse.ArgumentParser,
     full: Mapping[str, Any],
+    quick: Mapping[str, Any],
     *,
     sweep_help: str,
     lr_help: str | None = None,
@@ -61,19 +107,30 @@ def add_training_args(
     """The "training" group: ``--sweep``, ``--epochs``, ``--batch-size`` (per process),
     ``--optimizer`` (when ``optimizers`` offers a choice; the first is the default), ``--lr``,
     ``--momentum``, ``--weight-decay``, ``--lr-step``, ``--max-steps``, ``--seed``, ``--device``
-    and ``--workers``. ``full`` is the example's table of defaults, quoted in the help."""
+    and ``--workers``. ``full`` and ``quick`` are the example's tables of defaults, quoted in the
+    help; ``lr_help`` and ``workers_help`` must state their defaults when those are ``None``."""
     train = parser.add_argument_group("training")
     train.add_argument("--sweep", action="store_true", help=sweep_help)
-    train.add_argument("--epochs", type=int, help=f"(default {full['epochs']})")
-    train.add_argument("--batch-size", type=int, help=f"per process (default {full['batch_size']})")
+    train.add_argument(
+        "--epochs", type=int, help=table_help("training epochs", "epochs", full, quick)
+    )
+    train.add_argument(
+        "--batch-size", type=int, help=table_help("per process", "batch_size", full, quick)
+    )
     if optimizers:
-        train.add_argument("--optimizer", choices=tuple(optimizers), default=optimizers[0])
-    train.add_argument("--lr", type=float, help=lr_help or f"(default {full['lr']})")
-    train.add_argument("--momentum", type=float, default=0.9)
-    train.add_argument("--weight-decay", type=float, default=weight_decay)
+        train.add_argument(
+            "--optimizer", choices=tuple(optimizers), default=optimizers[0], help="optimizer"
+        )
+    train.add_argument(
+        "--lr", type=float, help=lr_help or table_help("learning rate", "lr", full, quick)
+    )
+    train.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    train.add_argument("--weight-decay", type=float, default=weight_decay, help="L2 penalty")
     train.add_argument("--lr-step", type=int, default=lr_step, help=lr_step_help)
-    train.add_argument("--max-steps", type=int, help="at most this many steps per epoch")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--max-steps", type=int, help="at most this many steps per epoch (default: no limit)"
+    )
+    train.add_argument("--seed", type=int, default=0, help="weights, shuffling and stand-in")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     train.add_argument("--workers", type=int, default=workers, help=workers_help)
 
@@ -82,7 +139,7 @@ def add_run_args(parser: argparse.ArgumentParser, *, quick_help: str, out_dir: P
     """The "run" group: ``--quick``, ``--out-dir``, ``--resume``, ``--no-progress``."""
     run = parser.add_argument_group("run")
     run.add_argument("--quick", action="store_true", help=quick_help)
-    run.add_argument("--out-dir", type=Path, default=out_dir)
+    run.add_argument("--out-dir", type=Path, default=out_dir, help="results folder")
     run.add_argument("--resume", action="store_true", help="continue runs from their checkpoints")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
