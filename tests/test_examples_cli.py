@@ -64,3 +64,9 @@ def test_help_exits_cleanly_and_states_every_default_once(
     assert len(options) >= 2  # --help and at least one real option
     for flag, entry in options.items():
         assert entry.count("default") <= 1, f"{name} {flag}: {entry}"
+
+
+def test_quickstart_runs_and_prints_its_diagnostics(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _load("quickstart").main(["--seed", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "converged 1024/1024" in out and "RobustPool('huber')" in out
