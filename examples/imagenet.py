@@ -20,9 +20,11 @@ the in-repo path.
     python examples/imagenet.py --projection none l1_sphere l2_sphere linf_sphere --epochs 8
     torchrun --nproc_per_node 8 examples/imagenet.py --data-dir /data/imagenet --projection l2_ball
 
-Results go to ``--out-dir``: ``results.csv``, ``results.json``, ``table.md``, ``curves.png``
-(training loss, top-1, top-5 and mAP per projection, like the paper's figure 3), a checkpoint per
-run (``--resume``).
+Results go to a new numbered folder ``runs/imagenet/run-NNN`` (printed), or to ``--out-dir``
+(refused if it holds an earlier run's results, unless ``--resume`` or ``--overwrite``):
+``results.csv``, ``results.json``, ``table.md``, ``curves.png`` (training loss, top-1, top-5 and
+mAP per projection, like the paper's figure 3), a checkpoint per run (``--resume`` continues from
+them; without ``--out-dir``, the latest run's).
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ PROJECTIONS = (
 )
 PAPER_RADIUS = {"l1": 250.0, "l2": 15.0, "linf": 3.0}
 """The paper's radii for the 512 batch-normalised ResNet-18 features."""
+
+RUNS_ROOT = Path("runs/imagenet")
+"""Without ``--out-dir`` every run writes to a new numbered folder ``run-NNN`` here."""
 
 _P = {"l1": 1.0, "l2": 2.0, "linf": float("inf")}
 
@@ -214,7 +219,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     data.add_argument(
         "--data-dir",
         type=Path,
-        help="ImageFolder root with train/ and val/ (default: digits stand-in in OUT_DIR/standin)",
+        help="ImageFolder root with train/ and val/ (default: the digits stand-in, "
+        f"generated once into {RUNS_ROOT}/standin, or OUT_DIR/standin with --out-dir)",
     )
     data.add_argument("--image-size", type=int, help="crop size (default: 224; the stand-in: 32)")
     data.add_argument(
@@ -253,7 +259,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         workers=None,
         workers_help="DataLoader workers (default: 4; the stand-in: 0)",
     )
-    cli.add_run_args(p, quick_help="about a minute on a CPU", out_dir=Path("runs/imagenet"))
+    cli.add_run_args(p, quick_help="about a minute on a CPU", runs_root=RUNS_ROOT)
     args = p.parse_args(argv)
     cli.fill_defaults(args, FULL, QUICK, sweep={"projection": list(PROJECTIONS)})
     if args.workers is None:  # decoding 40x40 PNGs is cheap; ImageNet JPEGs are not
@@ -286,7 +292,7 @@ def load_data(args: argparse.Namespace, ctx: distributed.Context) -> tuple[Datas
     if args.data_dir is not None:
         root, source = args.data_dir, f"ImageFolder {args.data_dir}"
     else:
-        root = args.out_dir / "standin"
+        root = args.standin_dir
         distributed.on_main(ctx, ensure_standin, root, 40, args.standin_per_class, args.seed)
         source = f"stand-in: scikit-learn digits as 40x40 RGB PNGs in {root}"
     train, val = datasets(root, args.image_size, args.resize, scale, use_tv)
@@ -383,6 +389,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Train one ResNet-18 per projection; returns one dict per run with its history."""
     args = parse_args(argv)
     with cli.session(args.device) as (ctx, log):
+        cli.prepare_out_dir(args, ctx, RUNS_ROOT, reporting.EARLIER_RUN)
+        log(f"results folder: {args.out_dir}")
         with cli.exit_on(FileNotFoundError, ValueError):
             train, val, source = load_data(args, ctx)
         log(
