@@ -202,15 +202,19 @@ FULL = {
 0.9, weight decay 1e-4, batch 256, 90 epochs). The lr scales with the global batch: 0.1 per 256."""
 
 QUICK = {
-    "epochs": 3,
-    "batch_size": 16,
-    "lr": 0.02,
+    "epochs": 6,
+    "batch_size": 32,
+    "lr": 0.01,
     "projection": ["none", "l2_sphere"],
-    "standin_per_class": 20,
+    "standin_per_class": 60,
     "workers": 0,
 }
-"""``--quick``: about a minute on a laptop CPU (a 200-image stand-in; the L2 projection's
-implicit backward costs tens of ms per image on a CPU)."""
+"""``--quick``: about a minute on a 2-core CPU (a 600-image stand-in), long enough to learn: top-1
+~75% for both heads after 6 epochs, against 10% chance. The former settings (batch 16, lr 0.02, 3
+epochs on 200 images) learned nothing: lr 0.02 at batch 16 is 3x the linear-scaling rule's 0.1 x
+16/256, and the baseline's loss rose, while 30 steps in all left too few for the heads (and the
+BatchNorm running statistics that evaluation uses) to settle. lr 0.01 at batch 32 is the rule's
+0.0125, rounded down."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
