@@ -13,7 +13,10 @@ source paper's plain gradient descent on mu (step 0.1), and a safeguarded secant
 log mu. A brute-force reference (dense log-grid of CV(mu) in numpy, refined by a bounded scalar
 minimiser) shows where the optimum really is.
 
-Run: python examples/bilevel_ridge.py  (see --help; under a minute with the defaults)
+Run: python examples/bilevel_ridge.py  (see --help; under a minute with the defaults). Results
+(``results.md`` and ``bilevel_ridge_<dataset>.png``) go to a new numbered folder
+``runs/bilevel_ridge/run-NNN``, or to ``--out`` (refused if it holds an earlier run's results,
+unless ``--overwrite``); the files written are printed.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
 from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` when imported from elsewhere
+
+from common import cli
 
 import declopt as dl
 
@@ -53,6 +60,12 @@ optimum CV is nearly flat in log mu, so an unguarded secant step could jump arbi
 
 MIN_LOG_STEP = 1e-12
 """The secant method stops when its step in log mu falls below this: beyond the accuracy of mu."""
+
+RUNS_ROOT = Path("runs/bilevel_ridge")
+"""Without ``--out`` every run writes to a new numbered folder ``run-NNN`` here."""
+
+RESULT_PATTERNS = ("results.md", "bilevel_ridge_*.png")
+"""The files that mark a folder as holding an earlier run (``cli.results_folder``)."""
 
 GRID = np.logspace(-6, 8, 1401)
 """Brute-force grid of mu (100 points per decade, far beyond both paper starts)."""
@@ -534,21 +547,30 @@ def plot_curves(name: str, reference: Reference, traces: Sequence[Trace], path: 
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", nargs="+", choices=DATASETS, default=list(DATASETS))
-    parser.add_argument("--K", type=int, default=5, help="number of folds (default 5)")
+    parser = cli.parser(__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--dataset", nargs="+", choices=DATASETS, default=list(DATASETS), help="data set(s)"
+    )
+    parser.add_argument("--K", type=int, default=5, help="number of folds")
     parser.add_argument("--shuffle", action="store_true", help="shuffle before splitting")
     parser.add_argument("--seed", type=int, default=0, help="fold shuffling seed (--shuffle)")
     parser.add_argument("--intercept", action="store_true", help="add an unpenalised intercept")
-    parser.add_argument("--mu0", nargs="+", type=float, default=[0.1, 800.0])
-    parser.add_argument("--method", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--step", type=float, default=0.1, help="gradient-descent step (0.1)")
     parser.add_argument(
-        "--tol", type=float, default=1e-9, help="stop when |dCV/dlog mu| / CV <= tol (1e-9)"
+        "--mu0", nargs="+", type=float, default=[0.1, 800.0], help="starting value(s) of mu"
     )
-    parser.add_argument("--max-iter", type=int, default=300, help="per run (default 300)")
-    parser.add_argument("--backend", choices=BACKENDS, default="torch")
-    parser.add_argument("--out", type=Path, default=Path("runs/bilevel_ridge"))
+    parser.add_argument(
+        "--method", nargs="+", choices=METHODS, default=list(METHODS), help="upper-level method(s)"
+    )
+    parser.add_argument("--step", type=float, default=0.1, help="gradient-descent step")
+    parser.add_argument(
+        "--tol", type=float, default=1e-9, help="stop when |dCV/dlog mu| / CV <= tol"
+    )
+    parser.add_argument("--max-iter", type=int, default=300, help="upper-level iterations per run")
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default="torch", help="declopt backend of the layer"
+    )
+    cli.add_out_dir_arg(parser, "--out", RUNS_ROOT)
+    cli.add_overwrite_arg(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -571,6 +593,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_iter=args.max_iter,
         progress=not args.quiet,
     )
+    # Refuse a folder holding an earlier run now, not after the minute of computing.
+    with cli.exit_on(cli.FolderError):
+        cli.results_folder(
+            args.out, RUNS_ROOT, RESULT_PATTERNS, overwrite=args.overwrite, check_only=True
+        )
     threads = torch.get_num_threads()
     # Each call solves K problems with ~10 variables: thread hand-offs cost more than they save,
     # and on a busy 2-core machine two threads were 6-10x slower than one.
@@ -586,14 +613,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
     finally:
         torch.set_num_threads(threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    # The folder is claimed only now, so that a failed run leaves no empty numbered folder.
+    with cli.exit_on(cli.FolderError):
+        out = cli.results_folder(args.out, RUNS_ROOT, RESULT_PATTERNS, overwrite=args.overwrite)
+    written = []
     for result in results:
         name = result.protocol.dataset
-        plot_curves(name, result.reference, result.traces, args.out / f"bilevel_ridge_{name}.png")
+        written.append(out / f"bilevel_ridge_{name}.png")
+        plot_curves(name, result.reference, result.traces, written[-1])
     text = report(results, settings, args.backend)
     print(text)
-    (args.out / "results.md").write_text(text)
-    print(f"wrote {args.out / 'results.md'} and {args.out / 'bilevel_ridge_<dataset>.png'}")
+    written.insert(0, out / "results.md")
+    written[0].write_text(text)
+    print(f"wrote {', '.join(map(str, written))}")
     return 0
 
 

@@ -15,10 +15,12 @@ classes (:mod:`common.shapes`), read back by the same loader.
     python examples/modelnet40.py --sweep --data-dir modelnet40_ply_hdf5_2048   # the paper's grid
     torchrun --nproc_per_node 4 examples/modelnet40.py --data-dir ...  # DistributedDataParallel
 
-Each (pooling, outlier ratio) pair is one run; results go to ``--out-dir``: ``results.csv`` (one
-row per run and epoch), ``results.json``, ``table.md``, ``curves.png`` (training loss, test accuracy
-and test mAP per pooling, like the paper's figure 2), ``vs_outliers.png``, and a checkpoint per run
-(``--resume`` continues from it).
+Each (pooling, outlier ratio) pair is one run; results go to a new numbered folder
+``runs/modelnet40/run-NNN`` (printed), or to ``--out-dir`` (refused if it holds an earlier run's
+results, unless ``--resume`` or ``--overwrite``): ``results.csv`` (one row per run and epoch),
+``results.json``, ``table.md``, ``curves.png`` (training loss, test accuracy and test mAP per
+pooling, like the paper's figure 2), ``vs_outliers.png``, and a checkpoint per run (``--resume``
+continues from it; without ``--out-dir``, the latest run's).
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ LAYOUT = (
     "ply_data_test0.h5, ply_data_test1.h5, each with datasets 'data' (N, P, 3) float32 and "
     "'label' (N, 1) integer"
 )
+
+
+RUNS_ROOT = Path("runs/modelnet40")
+"""Without ``--out-dir`` every run writes to a new numbered folder ``run-NNN`` here."""
 
 
 class DatasetError(ValueError):
@@ -365,37 +371,65 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     data.add_argument(
         "--data-dir",
         type=Path,
-        help="modelnet40_ply_hdf5_2048 folder (default: "
-        "generate the stand-in into OUT_DIR/standin)",
+        help="modelnet40_ply_hdf5_2048 folder (default: the stand-in, generated once into "
+        f"{RUNS_ROOT}/standin, or OUT_DIR/standin with --out-dir)",
     )
     data.add_argument(
-        "--num-points", type=int, help=f"points per cloud (default {FULL['num_points']})"
+        "--num-points",
+        type=int,
+        help=cli.table_help("points per cloud", "num_points", FULL, QUICK),
     )
     data.add_argument(
         "--outlier-ratio",
         type=float,
         nargs="+",
-        help="fraction(s) of each cloud's points replaced by outliers (default 0)",
+        help=cli.table_help(
+            "fraction(s) of each cloud's points replaced by outliers", "outlier_ratio", FULL, QUICK
+        ),
     )
-    data.add_argument("--outlier-seed", type=int, default=2809)
-    data.add_argument("--standin-classes", type=int, default=len(SHAPES))
-    data.add_argument("--standin-train", type=int, help="stand-in training clouds per class (64)")
-    data.add_argument("--standin-test", type=int, help="stand-in test clouds per class (16)")
+    data.add_argument("--outlier-seed", type=int, default=2809, help="outlier sampling seed")
+    data.add_argument(
+        "--standin-classes", type=int, default=len(SHAPES), help="stand-in shape classes"
+    )
+    data.add_argument(
+        "--standin-train",
+        type=int,
+        help=cli.table_help("stand-in training clouds per class", "standin_train", FULL, QUICK),
+    )
+    data.add_argument(
+        "--standin-test",
+        type=int,
+        help=cli.table_help("stand-in test clouds per class", "standin_test", FULL, QUICK),
+    )
     model = p.add_argument_group("model")
-    model.add_argument("--pooling", nargs="+", choices=POOLINGS, help="global pooling(s) (max)")
+    model.add_argument(
+        "--pooling",
+        nargs="+",
+        choices=POOLINGS,
+        help=cli.table_help("global pooling(s)", "pooling", FULL, QUICK),
+    )
     model.add_argument("--alpha", type=float, default=1.0, help="robust penalty scale")
     model.add_argument(
         "--compile",
         action="store_true",
         help="robust pooling under torch.compile (pays off on long runs)",
     )
-    model.add_argument("--mlp", type=int, nargs="+", default=[64, 64, 64, 128, 1024])
-    model.add_argument("--head", type=int, nargs="+", default=[512, 256])
-    model.add_argument("--dropout", type=float, default=0.3)
+    model.add_argument(
+        "--mlp",
+        type=int,
+        nargs="+",
+        default=[64, 64, 64, 128, 1024],
+        help="widths of the shared per-point layers",
+    )
+    model.add_argument(
+        "--head", type=int, nargs="+", default=[512, 256], help="hidden widths of the classifier"
+    )
+    model.add_argument("--dropout", type=float, default=0.3, help="dropout probability")
     cli.add_training_args(
         p,
         FULL,
-        sweep_help=f"all poolings x outlier ratios {SWEEP_RATIOS} (unless given)",
+        QUICK,
+        sweep_help=f"all poolings x outlier ratios {cli.show(SWEEP_RATIOS)} (unless given)",
         optimizers=("sgd", "adam"),
         weight_decay=0.0,
         lr_step=20,
@@ -405,7 +439,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     cli.add_run_args(
         p,
         quick_help="about a minute on a CPU: max vs huber pooling, 50%% outliers",
-        out_dir=Path("runs/modelnet40"),
+        runs_root=RUNS_ROOT,
     )
     args = p.parse_args(argv)
     sweep = {"pooling": list(POOLINGS), "outlier_ratio": list(SWEEP_RATIOS)}
@@ -431,7 +465,7 @@ def load_data(args: argparse.Namespace, ctx: distributed.Context) -> tuple[Model
     if args.data_dir is not None:
         return load_modelnet(args.data_dir), f"ModelNet40 HDF5 from {args.data_dir}"
     settings = StandIn(args.standin_classes, args.standin_train, args.standin_test, seed=args.seed)
-    folder = args.out_dir / "standin"
+    folder = args.standin_dir
     distributed.on_main(ctx, ensure_standin, folder, settings)
     return load_modelnet(folder), settings.describe() + f" in {folder}"
 
@@ -551,6 +585,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Run every (pooling, outlier ratio) pair; returns one dict per run with its history."""
     args = parse_args(argv)
     with cli.session(args.device) as (ctx, log):
+        cli.prepare_out_dir(args, ctx, RUNS_ROOT, reporting.EARLIER_RUN)
+        log(f"results folder: {args.out_dir}")
         with cli.exit_on(DatasetError):
             data, source = load_data(args, ctx)
         log(

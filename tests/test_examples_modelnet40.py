@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -245,14 +245,18 @@ def test_two_process_torchrun_keeps_parameters_identical(tmp_path: Path) -> None
     parameters with rank 0's (the run fails if they differ) and the metrics cover the whole
     test set exactly once."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    # --standalone: the launcher's rendezvous store binds port 0 itself and hands the port it got
+    # to the workers. The former --master_port from a _free_port() helper (bind port 0, close,
+    # pass the number on) left a window in which another process -- a test session in another
+    # checkout, say -- could take the port: the launcher then failed, or its workers joined the
+    # other session's store and waited there.
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         str(EXAMPLES / "modelnet40.py"),
         *tiny_args(tmp_path, "--pooling", "huber", "--epochs", "1", "--max-steps", "3",
                    "--device", "cpu"),
     ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    done = _run_group(command, env, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     run = json.loads((tmp_path / "results.json").read_text())["runs"][0]
     last = run["history"][-1]
@@ -261,7 +265,25 @@ def test_two_process_torchrun_keeps_parameters_identical(tmp_path: Path) -> None
     assert "2 process(es)" in done.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _run_group(
+    command: list[str], env: dict[str, str], timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """``command`` in its own process group, all of which is killed if it outlives ``timeout``.
+
+    ``subprocess.run(timeout=...)`` kills only the launcher: its workers, stuck in a collective,
+    would live on (holding CPU, ports and the output pipes) after the test failed."""
+    process = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s:\n{stdout[-2000:]}{stderr[-4000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

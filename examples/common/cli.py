@@ -17,9 +17,11 @@ reads, in either example::
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +40,62 @@ Log = Callable[[str], None]
 # Flags
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    """An argument parser whose ``--help`` shows every default."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with every option's default stated exactly once.
+
+    :class:`argparse.ArgumentDefaultsHelpFormatter` appends ``(default: X)`` to every help text,
+    which doubled the defaults the help already states (``(default 90) (default: None)``): a flag
+    whose argparse default is ``None`` takes its value later from the example's ``FULL``/``QUICK``
+    table, so its help states those values itself (:func:`table_help`). This formatter appends the
+    argparse default only where the help does not mention a default, and never ``None`` (meaning
+    "decided later", stated in the help) or ``False`` (an off switch: the default goes without
+    saying). Lists print as on the command line (``iris diabetes``, not ``['iris', 'diabetes']``).
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or not action.option_strings
+        ):
+            return text
+        # argparse %-formats the help: a literal % in the default must be escaped.
+        return f"{text} (default: {show(default).replace('%', '%%')})".lstrip()
+
+
+def parser(description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """An argument parser whose ``--help`` shows every default once (:class:`HelpFormatter`)."""
     return argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=description, epilog=epilog, formatter_class=HelpFormatter
     )
+
+
+def show(value: Any) -> str:
+    """A default as the user would type it: lists space-separated, ``0.5`` not ``[0.5]``."""
+    if isinstance(value, list | tuple):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+def table_help(text: str, key: str, full: Mapping[str, Any], quick: Mapping[str, Any]) -> str:
+    """``text`` and the flag's defaults from the example's tables: ``(default: 90; --quick: 3)``.
+
+    For the flags whose argparse default is ``None`` because :func:`fill_defaults` sets them from
+    ``FULL`` or ``QUICK`` once ``--quick`` is known."""
+    values = f"default: {show(full[key])}"
+    if key in quick and quick[key] != full[key]:
+        values += f"; --quick: {show(quick[key])}"
+    return f"{text} ({values})" if text else f"({values})"
 
 
 def add_training_args(
     parser: argparse.ArgumentParser,
     full: Mapping[str, Any],
+    quick: Mapping[str, Any],
     *,
     sweep_help: str,
     lr_help: str | None = None,
@@ -61,30 +109,183 @@ def add_training_args(
     """The "training" group: ``--sweep``, ``--epochs``, ``--batch-size`` (per process),
     ``--optimizer`` (when ``optimizers`` offers a choice; the first is the default), ``--lr``,
     ``--momentum``, ``--weight-decay``, ``--lr-step``, ``--max-steps``, ``--seed``, ``--device``
-    and ``--workers``. ``full`` is the example's table of defaults, quoted in the help."""
+    and ``--workers``. ``full`` and ``quick`` are the example's tables of defaults, quoted in the
+    help; ``lr_help`` and ``workers_help`` must state their defaults when those are ``None``."""
     train = parser.add_argument_group("training")
     train.add_argument("--sweep", action="store_true", help=sweep_help)
-    train.add_argument("--epochs", type=int, help=f"(default {full['epochs']})")
-    train.add_argument("--batch-size", type=int, help=f"per process (default {full['batch_size']})")
+    train.add_argument(
+        "--epochs", type=int, help=table_help("training epochs", "epochs", full, quick)
+    )
+    train.add_argument(
+        "--batch-size", type=int, help=table_help("per process", "batch_size", full, quick)
+    )
     if optimizers:
-        train.add_argument("--optimizer", choices=tuple(optimizers), default=optimizers[0])
-    train.add_argument("--lr", type=float, help=lr_help or f"(default {full['lr']})")
-    train.add_argument("--momentum", type=float, default=0.9)
-    train.add_argument("--weight-decay", type=float, default=weight_decay)
+        train.add_argument(
+            "--optimizer", choices=tuple(optimizers), default=optimizers[0], help="optimizer"
+        )
+    train.add_argument(
+        "--lr", type=float, help=lr_help or table_help("learning rate", "lr", full, quick)
+    )
+    train.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    train.add_argument("--weight-decay", type=float, default=weight_decay, help="L2 penalty")
     train.add_argument("--lr-step", type=int, default=lr_step, help=lr_step_help)
-    train.add_argument("--max-steps", type=int, help="at most this many steps per epoch")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--max-steps", type=int, help="at most this many steps per epoch (default: no limit)"
+    )
+    train.add_argument("--seed", type=int, default=0, help="weights, shuffling and stand-in")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     train.add_argument("--workers", type=int, default=workers, help=workers_help)
 
 
-def add_run_args(parser: argparse.ArgumentParser, *, quick_help: str, out_dir: Path) -> None:
-    """The "run" group: ``--quick``, ``--out-dir``, ``--resume``, ``--no-progress``."""
+def add_run_args(parser: argparse.ArgumentParser, *, quick_help: str, runs_root: Path) -> None:
+    """The "run" group: ``--quick``, ``--out-dir``, ``--resume``, ``--overwrite``,
+    ``--no-progress``. ``runs_root`` holds the numbered run folders (:func:`results_folder`)."""
     run = parser.add_argument_group("run")
     run.add_argument("--quick", action="store_true", help=quick_help)
-    run.add_argument("--out-dir", type=Path, default=out_dir)
-    run.add_argument("--resume", action="store_true", help="continue runs from their checkpoints")
+    add_out_dir_arg(run, "--out-dir", runs_root)
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the runs in --out-dir (default: the latest run folder) from their "
+        "checkpoints",
+    )
+    add_overwrite_arg(run)
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+# ------------------------------------------------------------------------------------------------
+# Results folders: a run never overwrites an earlier one's files
+
+
+RUN_FOLDER = re.compile(r"run-(\d+)$")
+"""Run folders under the runs root: ``run-001``, ``run-002``, ..."""
+
+
+class FolderError(ValueError):
+    """A results folder that cannot be used as asked (it holds an earlier run, say)."""
+
+
+def add_out_dir_arg(parser: Any, flag: str, runs_root: Path) -> None:
+    """``flag`` (``--out-dir``, ``--out``): the results folder, ``None`` unless given."""
+    parser.add_argument(
+        flag,
+        type=Path,
+        help=f"results folder; refused if it holds an earlier run's results (see --overwrite) "
+        f"(default: a new numbered folder {runs_root}/run-NNN)",
+    )
+
+
+def add_overwrite_arg(parser: Any) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run's results in the given results folder",
+    )
+
+
+def latest_run(root: Path) -> Path | None:
+    """The highest-numbered ``run-NNN`` folder of ``root``, or ``None``."""
+    runs = _run_numbers(root)
+    return root / runs[max(runs)] if runs else None
+
+
+def new_run(root: Path) -> Path:
+    """Create and return ``root/run-NNN``, one past the highest number there.
+
+    ``mkdir`` without ``exist_ok`` claims a number atomically: two runs started at the same time
+    never share a folder (the second moves on to the next number)."""
+    root.mkdir(parents=True, exist_ok=True)
+    while True:
+        folder = root / f"run-{max(_run_numbers(root), default=0) + 1:03d}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:  # another run claimed this number first: take the next
+            continue
+
+
+def _run_numbers(root: Path) -> dict[int, str]:
+    if not root.is_dir():
+        return {}
+    return {
+        int(m.group(1)): p.name
+        for p in root.iterdir()
+        if p.is_dir() and (m := RUN_FOLDER.match(p.name))
+    }
+
+
+def earlier_results(folder: Path, patterns: Sequence[str]) -> list[Path]:
+    """The files in ``folder`` matching ``patterns`` (globs): what an earlier run left there."""
+    if not folder.is_dir():
+        return []
+    return sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
+
+
+def results_folder(
+    given: Path | None,
+    runs_root: Path,
+    patterns: Sequence[str],
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    check_only: bool = False,
+) -> Path:
+    """Where a run writes its results, such that it never overwrites an earlier run by accident.
+
+    * No folder given: a new ``runs_root/run-NNN`` (with ``resume``: the latest one, whose
+      checkpoints the run continues; a new one if there is none).
+    * A folder given: used as is, unless it holds files matching ``patterns`` (an earlier run's
+      results or checkpoints). Then ``resume`` continues that run and ``overwrite`` deletes those
+      files first (only those: nothing else in the folder is touched); otherwise
+      :class:`FolderError` says what to do.
+
+    ``check_only`` raises the same errors but creates and deletes nothing (for a check before a
+    long computation; a numbered folder is then claimed only by the call that writes).
+    """
+    if resume and overwrite:
+        raise FolderError("--resume continues the earlier run, --overwrite replaces it: not both")
+    if given is None:
+        if check_only:
+            return runs_root
+        if resume and (latest := latest_run(runs_root)) is not None:
+            return latest
+        return new_run(runs_root)
+    found = earlier_results(given, patterns)
+    if found and not resume:
+        if not overwrite:
+            names = ", ".join(str(p.relative_to(given)) for p in found[:4])
+            more = f" and {len(found) - 4} more" if len(found) > 4 else ""
+            raise FolderError(
+                f"{given} already holds the results of an earlier run ({names}{more}); "
+                "choose another folder, or pass --overwrite to replace them"
+                + (", or --resume to continue it" if any(p.suffix == ".pt" for p in found) else "")
+                + f" (without a folder, each run goes to a new {runs_root}/run-NNN)"
+            )
+        if check_only:
+            return given
+        for path in found:
+            path.unlink()
+    if not check_only:
+        given.mkdir(parents=True, exist_ok=True)
+    return given
+
+
+def prepare_out_dir(
+    args: argparse.Namespace, ctx: Context, runs_root: Path, patterns: Sequence[str]
+) -> None:
+    """Resolve ``args.out_dir`` with :func:`results_folder` (on rank 0, shared with the others)
+    and set ``args.standin_dir``, where a generated stand-in data set is cached: beside the run
+    folders when none was given (so that later runs reuse it), else in ``--out-dir``."""
+    standin_root = runs_root if args.out_dir is None else args.out_dir
+    with exit_on(FolderError):
+        args.out_dir = distributed.from_main(
+            ctx,
+            partial(results_folder, resume=args.resume, overwrite=args.overwrite),
+            args.out_dir,
+            runs_root,
+            patterns,
+        )
+    args.standin_dir = standin_root / "standin"
 
 
 def fill_defaults(
@@ -160,7 +361,7 @@ def make_run(
 ) -> Run:
     """A :class:`Run` under the common flags: loaders of ``--batch-size`` per process with
     ``--workers`` (shuffled with ``--seed``), ``--epochs``, ``--max-steps``, and a checkpoint in
-    ``OUT_DIR/<name>/checkpoint.pt``."""
+    ``OUT_DIR/<name>/checkpoint.pt`` (``OUT_DIR`` resolved by :func:`prepare_out_dir`)."""
     train_loader, test_loader, sampler = make_loaders(
         train, test, args.batch_size, ctx, args.seed, args.workers
     )

@@ -138,6 +138,23 @@ def on_main(ctx: Context, fn: Callable[..., Any], *args: Any) -> None:
     barrier(ctx)
 
 
+def from_main(ctx: Context, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` evaluated on rank 0 only, its result (or the exception it raised) broadcast
+    to every process: all ranks go on with the same value, or all raise the same error. (Were
+    rank 0 alone to raise, the others would wait for it in their next collective forever.)"""
+    outcome: list[Any] = [None, None]
+    if ctx.is_main:
+        try:
+            outcome[0] = fn(*args)
+        except Exception as error:  # re-raised below, on every rank
+            outcome[1] = error
+    if ctx.distributed:
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
+
+
 def barrier(ctx: Context) -> None:
     if ctx.distributed:
         dist.barrier()

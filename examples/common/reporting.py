@@ -13,6 +13,10 @@ from typing import Any
 RESULT_FILES = ("results.csv", "results.json", "table.md", "curves.png")
 """What every training example writes to its ``--out-dir`` (besides checkpoints)."""
 
+EARLIER_RUN = (*RESULT_FILES, "vs_outliers.png", "*/checkpoint.pt")
+"""The files that mark a folder as holding an earlier training run (see ``cli.results_folder``):
+its results, figures and per-run checkpoints, never the cached stand-in data set."""
+
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """One line per row; the header is the union of the rows' keys in first-seen order."""

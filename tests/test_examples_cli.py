@@ -1,0 +1,154 @@
+"""The examples' command lines: ``--help`` of every example, results folders never overwritten,
+and the file names bilevel_ridge.py reports."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _load(name: str) -> ModuleType:
+    """An example as a module (by path: ``examples/`` is not a package)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve their module by name while executing
+    spec.loader.exec_module(module)
+    return module
+
+
+EXAMPLE_NAMES = ("quickstart", "bilevel_ridge", "modelnet40", "imagenet")
+
+
+def _help(name: str, capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        _load(name).main(["--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def _options(help_text: str) -> dict[str, str]:
+    """Each option's entry of a ``--help`` page (continuation lines joined), by its flag."""
+    entries: dict[str, str] = {}
+    flag = None
+    for line in help_text.splitlines():
+        match = re.match(r"^  (-[-\w]+)", line)
+        if match:
+            flag = match.group(1)
+            entries[flag] = line.strip()
+        elif flag is not None and line.startswith("    "):
+            entries[flag] += " " + line.strip()
+        else:
+            flag = None
+    return entries
+
+
+@pytest.mark.parametrize("name", EXAMPLE_NAMES)
+def test_help_exits_cleanly_and_states_every_default_once(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = _help(name, capsys)
+    assert "(default: None)" not in text and "default: False" not in text
+    options = _options(text)
+    assert len(options) >= 2  # --help and at least one real option
+    for flag, entry in options.items():
+        assert entry.count("default") <= 1, f"{name} {flag}: {entry}"
+
+
+def test_quickstart_runs_and_prints_its_diagnostics(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _load("quickstart").main(["--seed", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "converged 1024/1024" in out and "RobustPool('huber')" in out
+
+
+# ------------------------------------------------------------------------------------------------
+# Results folders
+
+
+BILEVEL = ["--dataset", "iris", "--method", "secant", "--mu0", "800", "--max-iter", "1", "--quiet"]
+"""One secant step on iris: the bilevel CLI in well under a second."""
+
+POINTNET = [
+    "--standin-classes", "2", "--standin-train", "2", "--standin-test", "1", "--batch-size", "2",
+    "--mlp", "4", "8", "--head", "8", "--num-points", "16", "--epochs", "1", "--no-progress",
+]  # fmt: skip
+"""A PointNet of a few hundred weights on four clouds: the training CLI in about a second."""
+
+
+def _stamps(folder: Path) -> dict[str, int]:
+    """Every file under ``folder`` (relative name) with its modification time."""
+    return {
+        str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def test_bilevel_ridge_prints_the_files_it_wrote(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    br = _load("bilevel_ridge")
+    assert br.main([*BILEVEL, "--dataset", "iris", "diabetes", "--out", str(tmp_path)]) == 0
+    wrote = capsys.readouterr().out.strip().splitlines()[-1]
+    assert wrote.startswith("wrote ") and "<" not in wrote
+    named = [Path(p) for p in wrote.removeprefix("wrote ").split(", ")]
+    expected = ["results.md", "bilevel_ridge_iris.png", "bilevel_ridge_diabetes.png"]
+    assert named == [tmp_path / name for name in expected]
+    assert all(p.is_file() for p in named)
+
+
+def test_bilevel_ridge_never_overwrites_an_earlier_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    br = _load("bilevel_ridge")
+    monkeypatch.chdir(tmp_path)
+    assert br.main(BILEVEL) == 0 and br.main(BILEVEL) == 0  # default: a new folder per run
+    first, second = tmp_path / "runs/bilevel_ridge/run-001", tmp_path / "runs/bilevel_ridge/run-002"
+    assert (first / "results.md").is_file() and (second / "results.md").is_file()
+    assert f"wrote {Path('runs/bilevel_ridge/run-002/results.md')}" in capsys.readouterr().out
+    before = _stamps(first)
+    with pytest.raises(SystemExit, match="already holds the results of an earlier run"):
+        br.main([*BILEVEL, "--out", str(first)])  # refused before any computing
+    assert _stamps(first) == before
+    (first / "bilevel_ridge_diabetes.png").write_bytes(b"stale")  # from an earlier, wider run
+    assert br.main([*BILEVEL, "--out", str(first), "--overwrite"]) == 0
+    assert not (first / "bilevel_ridge_diabetes.png").exists()  # replaced: nothing stale left
+    assert (first / "results.md").stat().st_mtime_ns > before["results.md"]
+
+
+def test_training_examples_never_overwrite_an_earlier_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mn = _load("modelnet40")
+    monkeypatch.chdir(tmp_path)
+    mn.main(POINTNET)
+    mn.main(POINTNET)
+    root = tmp_path / "runs/modelnet40"
+    first, second = root / "run-001", root / "run-002"
+    for folder in (first, second):
+        assert (folder / "results.json").is_file()
+        assert (folder / "max_outliers0" / "checkpoint.pt").is_file()
+    assert (root / "standin" / "standin.txt").is_file()  # generated once, shared by the runs
+    assert f"results folder: {Path('runs/modelnet40/run-002')}" in capsys.readouterr().out
+    before = _stamps(first)
+    with pytest.raises(SystemExit, match=r"earlier run.*--overwrite.*--resume"):
+        mn.main([*POINTNET, "--out-dir", str(first)])
+    assert _stamps(first) == before
+    # --resume without --out-dir continues the latest run, in place.
+    resumed = mn.main([*POINTNET, "--resume", "--epochs", "2"])
+    assert len(resumed[0]["history"]) == 2 and not (root / "run-003").exists()
+    assert len(json.loads((second / "results.json").read_text())["runs"][0]["history"]) == 2
+    assert _stamps(first) == before
+    mn.main([*POINTNET, "--out-dir", str(first), "--overwrite", "--pooling", "huber"])
+    assert not (first / "max_outliers0" / "checkpoint.pt").exists()  # no stale run mixed in
+    assert (first / "huber_outliers0" / "checkpoint.pt").is_file()
