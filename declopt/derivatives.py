@@ -255,14 +255,14 @@ class Derivatives:
                 chosen = compiled_taylor_vjp if u.shape[-1] <= TAYLOR_MAX_M else compiled_param_vjp
                 return chosen(values, u, w, wanted)
 
-            compiled_value_and_grad = maybe_compile(value_and_grad, compile)
+            autograd_value_and_grad = self.value_and_grad
 
             def value_and_grad_of(values: Params, u: Tensor) -> tuple[Tensor, Tensor]:
                 # One variable: the expansion's Hessian costs what its gradient does, and the
                 # pass beats autograd's forward and backward.
                 if u.shape[-1] == 1:
                     return value_grad_hessian(values, u)[:2]
-                return compiled_value_and_grad(values, u)
+                return autograd_value_and_grad(values, u)
 
             self.value_and_grad = value_and_grad_of
             self.grad_and_hessian = grad_and_hessian_of
