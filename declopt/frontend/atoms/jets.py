@@ -107,10 +107,6 @@ def linear(evaluate: Callable[..., Tensor]) -> JetFn:
     return jet
 
 
-def linear_rule(node: Any, dependent: tuple[bool, ...], evaluate: Callable[..., Tensor]) -> JetFn:
-    return linear(evaluate)
-
-
 def _broadcast(t: Tensor, shape: Sequence[int], k: int) -> Tensor:
     return torch.broadcast_to(t, (*shape, *t.shape[t.dim() - k :]))
 
