@@ -84,6 +84,13 @@ CASES = {
         [x, a],
         [u],
     ),
+    "log_sum_exp (all entries, along an axis)": (
+        cp.log_sum_exp(u - x)
+        + cp.sum(cp.log_sum_exp(w, axis=0))
+        + cp.sum(cp.log_sum_exp(cp.reshape(u, (2, 2), order="C") + w, axis=1, keepdims=True)),
+        [x],
+        [u, w],
+    ),
     "maximise": (cp.Maximize(-cp.sum_squares(u - x) - cp.sum(cp.exp(u))), [x], [u]),
 }
 
@@ -159,13 +166,11 @@ def test_shared_parameters_are_summed_over_the_batch() -> None:
 
 
 def test_an_atom_without_a_jet_keeps_autograd() -> None:
-    # log_sum_exp has no closed-form jet rule: the program has no expansion, derivatives still work.
-    program = compile_problem(cp.Problem(cp.Minimize(cp.log_sum_exp(u - x))), [x], [u])
+    # prod has no closed-form jet rule: the program has no expansion, derivatives still work.
+    program = compile_problem(cp.Problem(cp.Minimize(-cp.prod(u + 2))), [], [u])
     assert program.objective_taylor is None
     # A parameter-only subexpression with no rule of its own does not matter.
-    program = compile_problem(
-        cp.Problem(cp.Minimize(cp.sum_squares(u - x) + cp.log_sum_exp(x))), [x], [u]
-    )
+    program = compile_problem(cp.Problem(cp.Minimize(cp.sum_squares(u - x) + cp.prod(x))), [x], [u])
     assert program.objective_taylor is not None
 
 

@@ -133,6 +133,28 @@ def _log_sum_exp(expr: Any) -> Evaluator:
     return reduction(expr, lambda x, d, k: torch.logsumexp(x, dim=d, keepdim=k))
 
 
+def _log_sum_exp_jet(expr: Any, dependent: tuple[bool, ...]) -> jets.JetFn:
+    # With p = softmax(x) over the atom's axes: grad = sum p g, hess = sum p (g g^T + h) -
+    # grad grad^T (the covariance of the operand's derivatives under p).
+    arg = expr.args[0]
+    dims = tuple(d % arg.ndim for d in dims_of(expr.axis, arg.ndim)) if arg.ndim else ()
+    summed = _summed(expr)
+    if not dims:
+        return jets.linear(lambda x: x.reshape(shape_of(expr)))
+
+    def jet(values: Any, grads: Any, hesses: Any, out: Tensor) -> tuple:
+        (x,), (g,) = values, grads
+        p = torch.exp(x - torch.logsumexp(x, dim=dims, keepdim=True))
+        grad = jets._trailing(summed, [p.unsqueeze(-1) * g], 1)
+        if hesses is None:
+            return grad, None
+        second = jets._outer(g, g) if hesses[0] is None else jets._outer(g, g) + hesses[0]
+        hess = jets._trailing(summed, [p.unsqueeze(-1).unsqueeze(-1) * second], 2)
+        return grad, hess - jets._outer(grad, grad)
+
+    return jet
+
+
 def _quad_over_lin(expr: Any) -> Evaluator:
     # sum(x^2, axis) / y with y a scalar (sum_squares(x) is quad_over_lin(x, 1)).
     arg = expr.args[0]
@@ -283,7 +305,7 @@ SMOOTH: dict[type, AtomRule] = {
         affine=True,
         jet=jets.elementwise(_fixed(lambda out, x: (-1.0, 0.0))),
     ),
-    log_sum_exp: AtomRule(_log_sum_exp),
+    log_sum_exp: AtomRule(_log_sum_exp, jet=_log_sum_exp_jet),
     quad_over_lin: AtomRule(
         _quad_over_lin,
         note="smooth where the denominator is positive",
