@@ -5,7 +5,10 @@ network is needed) from a copy of the files packaging reads (``pyproject.toml``,
 ``LICENSE``, ``declopt/``), so that setuptools' ``build/`` and ``*.egg-info`` stay out of the
 checkout. The venv is made with ``--system-site-packages``: torch, cvxpy and the other runtime
 dependencies come from this environment (installing them would need the network and minutes),
-and the wheel is installed with ``--no-deps --no-index``. Its own copy of declopt shadows any
+and the wheel is installed with ``--no-deps --no-index``. (A venv's "system" site-packages are
+those of the base interpreter, so when the tests run in a venv themselves, e.g. CI's, the fresh
+venv would miss what that venv installed; then a ``.pth`` file in the fresh venv adds this
+environment's site-packages after its own.) Its own copy of declopt shadows any
 other install (an editable one included): the smoke test, run from a directory outside the
 repository and without ``PYTHONPATH``, asserts that ``declopt`` is imported from the venv.
 """
@@ -16,6 +19,7 @@ import importlib.util
 import os
 import re
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
@@ -53,6 +57,10 @@ torch.testing.assert_close(X.grad, ((X > 0) & (X < 1)).double())
 assert bool(layer.info.converged.all())
 print("smoke ok", dl.__version__, package)
 """
+
+
+# The fresh venv's site-packages, then its sys.path (system site-packages included), one a line.
+PATHS = "import sys, sysconfig; print(sysconfig.get_path('purelib'), *sys.path, sep='\\n')"
 
 
 def _run(command: list[str], cwd: Path, timeout: float = 120) -> str:
@@ -95,6 +103,13 @@ def test_wheel_installs_in_a_fresh_venv_and_passes_a_smoke_test(tmp_path: Path) 
         cwd=tmp_path,
     )
     python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    purelib, *venv_path = _run([str(python), "-c", PATHS], cwd=tmp_path).splitlines()
+    seen = {Path(p).resolve() for p in venv_path if p}
+    outer = [p for p in site.getsitepackages() if Path(p).resolve() not in seen]
+    if outer:  # this environment is a venv itself: its site-packages after the fresh venv's
+        (Path(purelib) / "_declopt_test_outer_env.pth").write_text(
+            "".join(f"import site; site.addsitedir({p!r})\n" for p in outer)
+        )
     pip = [str(python), "-m", "pip"] if has_ensurepip else [sys.executable, "-m", "pip"]
     pip += [] if has_ensurepip else ["--python", str(python)]
     _run([*pip, "install", "--quiet", "--no-deps", "--no-index", str(wheel)], cwd=tmp_path)
