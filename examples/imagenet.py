@@ -236,7 +236,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     data.add_argument(
         "--standin-per-class",
         type=int,
-        help="stand-in images per class (default: all, ~180; --quick: 20)",
+        help="stand-in images per class "
+        f"(default: all, ~180; --quick: {QUICK['standin_per_class']})",
     )
     data.add_argument("--no-torchvision", action="store_true", help="use the in-repo equivalents")
     model = p.add_argument_group("model")
@@ -261,7 +262,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         lr_step=30,
         lr_step_help="epochs between lr divisions by 10",
         workers=None,
-        workers_help="DataLoader workers (default: 4; the stand-in: 0)",
+        workers_help="DataLoader workers (default: 4, or the CPU count if fewer; the stand-in: 0; "
+        f"--quick: {QUICK['workers']})",
     )
     cli.add_run_args(p, quick_help="about a minute on a CPU", runs_root=RUNS_ROOT)
     args = p.parse_args(argv)
@@ -403,8 +405,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         )
         results = []
         for projection in args.projection:
-            run = build_run(args, train, val, projection, ctx)
-            trained = cli.train(run, args, ctx, log)  # {"history": ..., "seconds": ...}
+            # No reference to the run (its DDP model) outlives training: see
+            # distributed.teardown for the hang at exit that a model freed later causes.
+            trained = cli.train(build_run(args, train, val, projection, ctx), args, ctx, log)
             results.append({"projection": projection, **trained})
             if ctx.is_main:  # after every run, so that a crash keeps what is done
                 table = write_results(args, results, source)

@@ -596,8 +596,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         results = []
         for ratio in args.outlier_ratio:
             for pooling in args.pooling:
-                run = build_run(args, data, pooling, ratio, ctx)
-                trained = cli.train(run, args, ctx, log)  # {"history": ..., "seconds": ...}
+                # No reference to the run (its DDP model) outlives training: see
+                # distributed.teardown for the hang at exit that a model freed later causes.
+                trained = cli.train(build_run(args, data, pooling, ratio, ctx), args, ctx, log)
                 results.append({"pooling": pooling, "outlier_ratio": ratio, **trained})
                 if ctx.is_main:  # after every run, so that a crash keeps what is done
                     table = write_results(args, results, source)

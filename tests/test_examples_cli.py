@@ -67,6 +67,28 @@ def test_help_exits_cleanly_and_states_every_default_once(
         assert entry.count("default") <= 1, f"{name} {flag}: {entry}"
 
 
+@pytest.mark.parametrize("name", ["modelnet40", "imagenet"])
+def test_help_states_the_defaults_the_training_examples_use(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What ``--help`` says a flag defaults to (plain and under ``--quick``) is what the example
+    then runs with: the help is written from the same tables, so it cannot drift from them (it
+    had: ``--standin-per-class`` claimed ``--quick: 20`` after QUICK became 60)."""
+    example = _load(name)
+    options = _options(_help(name, capsys))
+    show = example.cli.show
+    plain, quick = example.parse_args([]), example.parse_args(["--quick"])
+    for key in example.FULL.keys() | example.QUICK.keys():
+        entry = options[f"--{key.replace('_', '-')}"]
+        if example.FULL.get(key) is not None:
+            assert f"default: {show(example.FULL[key])}" in entry, entry
+            assert getattr(plain, key) == example.FULL[key], key
+        if key in example.QUICK and example.QUICK[key] != example.FULL.get(key):
+            assert f"--quick: {show(example.QUICK[key])}" in entry, entry
+        if key in example.QUICK:
+            assert getattr(quick, key) == example.QUICK[key], key
+
+
 def test_quickstart_runs_and_prints_its_diagnostics(capsys: pytest.CaptureFixture[str]) -> None:
     assert _load("quickstart").main(["--seed", "0"]) == 0
     out = capsys.readouterr().out

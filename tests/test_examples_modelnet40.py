@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -245,6 +246,8 @@ def test_two_process_torchrun_keeps_parameters_identical(tmp_path: Path) -> None
     parameters with rank 0's (the run fails if they differ) and the metrics cover the whole
     test set exactly once."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    # The workers must use the launcher's store (below), not a port picked and released.
+    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
     # --standalone: the launcher's rendezvous store binds port 0 itself and hands the port it got
     # to the workers. The former --master_port from a _free_port() helper (bind port 0, close,
     # pass the number on) left a window in which another process -- a test session in another
@@ -268,10 +271,14 @@ def test_two_process_torchrun_keeps_parameters_identical(tmp_path: Path) -> None
 def _run_group(
     command: list[str], env: dict[str, str], timeout: float
 ) -> subprocess.CompletedProcess[str]:
-    """``command`` in its own process group, all of which is killed if it outlives ``timeout``.
+    """``command`` in its own process group; if it outlives ``timeout``, it and every process it
+    started are killed and the test fails.
 
-    ``subprocess.run(timeout=...)`` kills only the launcher: its workers, stuck in a collective,
-    would live on (holding CPU, ports and the output pipes) after the test failed."""
+    ``subprocess.run(timeout=...)`` kills only the launcher, and killing the launcher's process
+    group is not enough either: torchrun starts each worker in a session of its own. A worker
+    left behind keeps the output pipes open, so reading the launcher's output would then wait
+    forever -- the test hung instead of failing. The workers are found as the launcher's
+    descendants (from ``/proc``, where there is one) before anything is killed."""
     process = subprocess.Popen(
         command,
         env=env,
@@ -283,7 +290,33 @@ def _run_group(
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
+        for pid in [*_descendants(process.pid), process.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        try:
+            stdout, stderr = process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:  # a grandchild we could not see still holds the pipes
+            stdout, stderr = "", "(output lost: the pipes stayed open)"
         pytest.fail(f"torchrun did not finish in {timeout} s:\n{stdout[-2000:]}{stderr[-4000:]}")
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (children first), read from ``/proc``; ``[]`` without
+    it. A snapshot: processes are found by their parent links, so orphans are missed."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # The command name (2nd field) is in parentheses and may hold spaces: split after it.
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # the process ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], list(children.get(pid, []))
+    while queue:
+        child = queue.pop(0)
+        found.append(child)
+        queue.extend(children.get(child, []))
+    return found

@@ -7,6 +7,7 @@ collective below is the identity, so the examples never branch on "distributed o
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,7 +69,19 @@ def setup(device: str = "auto") -> Context:
 
 
 def teardown(ctx: Context) -> None:
+    """Leave the process group. Every DistributedDataParallel model must be freed first.
+
+    A DDP model's C++ ``Reducer`` holds a reference to the process group. Freed after
+    :func:`torch.distributed.destroy_process_group`, the Reducer drops the group's *last*
+    reference, so ``~ProcessGroupGloo`` runs inside the Reducer's deallocation, with the GIL held,
+    and joins Gloo's worker threads; a worker still releasing the tensors of the last collective
+    needs the GIL to do so, and both wait forever (pytorch/pytorch#56297). This is how one process
+    of a two-process torchrun hung at exit, after the results were written. Collecting garbage
+    here frees models in reference cycles while the group is still registered; the examples drop
+    their own references before they leave :func:`common.cli.session`.
+    """
     if ctx.distributed and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
