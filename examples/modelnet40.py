@@ -584,7 +584,7 @@ def write_results(args: argparse.Namespace, results: list[dict[str, Any]], sourc
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Run every (pooling, outlier ratio) pair; returns one dict per run with its history."""
     args = parse_args(argv)
-    with cli.session(args.device) as (ctx, log):
+    with cli.session(args.device, args.threads) as (ctx, log):
         cli.prepare_out_dir(args, ctx, RUNS_ROOT, reporting.EARLIER_RUN)
         log(f"results folder: {args.out_dir}")
         with cli.exit_on(DatasetError):
