@@ -119,9 +119,14 @@ def _digit_image(image: np.ndarray, size: int, rng: np.random.Generator) -> Imag
     return Image.fromarray(np.round(255 * (t * ink + (1 - t) * paper)).astype(np.uint8))
 
 
+def standin_description(size: int, per_class: int | None, seed: int) -> str:
+    """The stand-in's settings, as recorded in its ``standin.txt``."""
+    return f"digits size={size} per_class={per_class} seed={seed}"
+
+
 def ensure_standin(out_dir: Path, size: int, per_class: int | None, seed: int) -> Path:
     """The stand-in tree for these settings, written unless an identical one exists."""
-    describe = f"digits size={size} per_class={per_class} seed={seed}"
+    describe = standin_description(size, per_class, seed)
     marker = out_dir / "standin.txt"
     if marker.is_file() and marker.read_text().strip() == describe:
         return out_dir
@@ -226,8 +231,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     data.add_argument(
         "--data-dir",
         type=Path,
-        help="ImageFolder root with train/ and val/ (default: the digits stand-in, "
-        f"generated once into {RUNS_ROOT}/standin, or OUT_DIR/standin with --out-dir)",
+        help="ImageFolder root with train/ and val/ (default: the digits stand-in, generated "
+        f"once into {RUNS_ROOT}/standin/<hash of its settings>, or OUT_DIR/standin/<hash> with "
+        "--out-dir)",
     )
     data.add_argument("--image-size", type=int, help="crop size (default: 224; the stand-in: 32)")
     data.add_argument(
@@ -306,7 +312,7 @@ def load_data(args: argparse.Namespace, ctx: distributed.Context) -> tuple[Datas
     if args.data_dir is not None:
         root, source = args.data_dir, f"ImageFolder {args.data_dir}"
     else:
-        root = args.standin_dir
+        root = cli.standin_folder(args, standin_description(40, args.standin_per_class, args.seed))
         distributed.on_main(ctx, ensure_standin, root, 40, args.standin_per_class, args.seed)
         source = f"stand-in: scikit-learn digits as 40x40 RGB PNGs in {root}"
     train, val = datasets(root, args.image_size, args.resize, scale, use_tv)

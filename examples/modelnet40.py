@@ -372,7 +372,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--data-dir",
         type=Path,
         help="modelnet40_ply_hdf5_2048 folder (default: the stand-in, generated once into "
-        f"{RUNS_ROOT}/standin, or OUT_DIR/standin with --out-dir)",
+        f"{RUNS_ROOT}/standin/<hash of its settings>, or OUT_DIR/standin/<hash> with --out-dir)",
     )
     data.add_argument(
         "--num-points",
@@ -465,7 +465,7 @@ def load_data(args: argparse.Namespace, ctx: distributed.Context) -> tuple[Model
     if args.data_dir is not None:
         return load_modelnet(args.data_dir), f"ModelNet40 HDF5 from {args.data_dir}"
     settings = StandIn(args.standin_classes, args.standin_train, args.standin_test, seed=args.seed)
-    folder = args.standin_dir
+    folder = cli.standin_folder(args, settings.describe())
     distributed.on_main(ctx, ensure_standin, folder, settings)
     return load_modelnet(folder), settings.describe() + f" in {folder}"
 

@@ -161,7 +161,10 @@ def test_training_examples_never_overwrite_an_earlier_run(
     for folder in (first, second):
         assert (folder / "results.json").is_file()
         assert (folder / "max_outliers0" / "checkpoint.pt").is_file()
-    assert (root / "standin" / "standin.txt").is_file()  # generated once, shared by the runs
+    # The stand-in is generated once, shared by the runs; other settings get a folder of their own.
+    (cache,) = (root / "standin").iterdir()
+    assert (cache / "standin.txt").is_file()
+    before_cache = (cache / "standin.txt").stat().st_mtime_ns
     assert f"results folder: {Path('runs/modelnet40/run-002')}" in capsys.readouterr().out
     before = _stamps(first)
     with pytest.raises(SystemExit, match=r"earlier run.*--overwrite.*--resume"):
@@ -173,6 +176,9 @@ def test_training_examples_never_overwrite_an_earlier_run(
     assert len(json.loads((second / "results.json").read_text())["runs"][0]["history"]) == 2
     assert _stamps(first) == before
     mn.main([*POINTNET, "--out-dir", str(first), "--overwrite", "--pooling", "huber"])
+    mn.main([*POINTNET, "--standin-train", "3"])  # other stand-in settings: the cache is kept
+    assert cache in (root / "standin").iterdir() and len(list((root / "standin").iterdir())) == 2
+    assert (cache / "standin.txt").stat().st_mtime_ns == before_cache
     assert not (first / "max_outliers0" / "checkpoint.pt").exists()  # no stale run mixed in
     assert (first / "huber_outliers0" / "checkpoint.pt").is_file()
 

@@ -17,6 +17,7 @@ reads, in either example::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -302,6 +303,14 @@ def prepare_out_dir(
             patterns,
         )
     args.standin_dir = standin_root / "standin"
+
+
+def standin_folder(args: argparse.Namespace, description: str) -> Path:
+    """The cache folder of the stand-in data set that ``description`` describes (its settings):
+    ``STANDIN_DIR/<hash of description>``, one folder per settings. Were all stand-ins cached in
+    one folder, a run with other stand-in settings (``--quick`` after a plain run, say) would
+    delete and rewrite the data set that an earlier or concurrent run reads."""
+    return args.standin_dir / hashlib.sha1(description.encode()).hexdigest()[:12]
 
 
 def fill_defaults(
