@@ -119,9 +119,14 @@ def _digit_image(image: np.ndarray, size: int, rng: np.random.Generator) -> Imag
     return Image.fromarray(np.round(255 * (t * ink + (1 - t) * paper)).astype(np.uint8))
 
 
+def standin_description(size: int, per_class: int | None, seed: int) -> str:
+    """The stand-in's settings, as recorded in its ``standin.txt``."""
+    return f"digits size={size} per_class={per_class} seed={seed}"
+
+
 def ensure_standin(out_dir: Path, size: int, per_class: int | None, seed: int) -> Path:
     """The stand-in tree for these settings, written unless an identical one exists."""
-    describe = f"digits size={size} per_class={per_class} seed={seed}"
+    describe = standin_description(size, per_class, seed)
     marker = out_dir / "standin.txt"
     if marker.is_file() and marker.read_text().strip() == describe:
         return out_dir
@@ -208,13 +213,16 @@ QUICK = {
     "projection": ["none", "l2_sphere"],
     "standin_per_class": 60,
     "workers": 0,
+    "threads": 1,
 }
-"""``--quick``: about a minute on a 2-core CPU (a 600-image stand-in), long enough to learn: top-1
-~75% for both heads after 6 epochs, against 10% chance. The former settings (batch 16, lr 0.02, 3
-epochs on 200 images) learned nothing: lr 0.02 at batch 16 is 3x the linear-scaling rule's 0.1 x
-16/256, and the baseline's loss rose, while 30 steps in all left too few for the heads (and the
-BatchNorm running statistics that evaluation uses) to settle. lr 0.01 at batch 32 is the rule's
-0.0125, rounded down."""
+"""``--quick``: under a minute on a 2-core CPU (a 600-image stand-in, 6 epochs of 15 steps per
+head), long enough to learn: top-1 65-77% for both heads after 6 epochs, against 10% chance. The
+former settings (batch 16, lr 0.02, 3 epochs on 200 images) learned nothing: lr 0.02 at batch 16
+is 3x the linear-scaling rule's 0.1 x 16/256, and the baseline's loss rose, while 30 steps in all
+left too few for the heads (and the BatchNorm running statistics that evaluation uses) to settle.
+lr 0.01 at batch 32 is the rule's 0.0125, rounded down. One thread: with two on a 2-core machine
+an epoch took 1.6 s while nothing else ran but 10-47 s whenever anything did (their spin-waiting
+collides; 3-5 min in all), against a steady ~3 s with one."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -223,8 +231,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     data.add_argument(
         "--data-dir",
         type=Path,
-        help="ImageFolder root with train/ and val/ (default: the digits stand-in, "
-        f"generated once into {RUNS_ROOT}/standin, or OUT_DIR/standin with --out-dir)",
+        help="ImageFolder root with train/ and val/ (default: the digits stand-in, generated "
+        f"once into {RUNS_ROOT}/standin/<hash of its settings>, or OUT_DIR/standin/<hash> with "
+        "--out-dir)",
     )
     data.add_argument("--image-size", type=int, help="crop size (default: 224; the stand-in: 32)")
     data.add_argument(
@@ -265,7 +274,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         workers_help="DataLoader workers (default: 4, or the CPU count if fewer; the stand-in: 0; "
         f"--quick: {QUICK['workers']})",
     )
-    cli.add_run_args(p, quick_help="about a minute on a CPU", runs_root=RUNS_ROOT)
+    cli.add_run_args(
+        p,
+        quick_help="under a minute on a 2-core CPU: no projection vs the L2 sphere, 6 epochs on "
+        "600 stand-in images",
+        runs_root=RUNS_ROOT,
+    )
     args = p.parse_args(argv)
     cli.fill_defaults(args, FULL, QUICK, sweep={"projection": list(PROJECTIONS)})
     if args.workers is None:  # decoding 40x40 PNGs is cheap; ImageNet JPEGs are not
@@ -298,7 +312,7 @@ def load_data(args: argparse.Namespace, ctx: distributed.Context) -> tuple[Datas
     if args.data_dir is not None:
         root, source = args.data_dir, f"ImageFolder {args.data_dir}"
     else:
-        root = args.standin_dir
+        root = cli.standin_folder(args, standin_description(40, args.standin_per_class, args.seed))
         distributed.on_main(ctx, ensure_standin, root, 40, args.standin_per_class, args.seed)
         source = f"stand-in: scikit-learn digits as 40x40 RGB PNGs in {root}"
     train, val = datasets(root, args.image_size, args.resize, scale, use_tv)
@@ -394,7 +408,7 @@ def write_results(args: argparse.Namespace, results: list[dict[str, Any]], sourc
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Train one ResNet-18 per projection; returns one dict per run with its history."""
     args = parse_args(argv)
-    with cli.session(args.device) as (ctx, log):
+    with cli.session(args.device, args.threads) as (ctx, log):
         cli.prepare_out_dir(args, ctx, RUNS_ROOT, reporting.EARLIER_RUN)
         log(f"results folder: {args.out_dir}")
         with cli.exit_on(FileNotFoundError, ValueError):

@@ -372,7 +372,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--data-dir",
         type=Path,
         help="modelnet40_ply_hdf5_2048 folder (default: the stand-in, generated once into "
-        f"{RUNS_ROOT}/standin, or OUT_DIR/standin with --out-dir)",
+        f"{RUNS_ROOT}/standin/<hash of its settings>, or OUT_DIR/standin/<hash> with --out-dir)",
     )
     data.add_argument(
         "--num-points",
@@ -465,7 +465,7 @@ def load_data(args: argparse.Namespace, ctx: distributed.Context) -> tuple[Model
     if args.data_dir is not None:
         return load_modelnet(args.data_dir), f"ModelNet40 HDF5 from {args.data_dir}"
     settings = StandIn(args.standin_classes, args.standin_train, args.standin_test, seed=args.seed)
-    folder = args.standin_dir
+    folder = cli.standin_folder(args, settings.describe())
     distributed.on_main(ctx, ensure_standin, folder, settings)
     return load_modelnet(folder), settings.describe() + f" in {folder}"
 
@@ -584,7 +584,7 @@ def write_results(args: argparse.Namespace, results: list[dict[str, Any]], sourc
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Run every (pooling, outlier ratio) pair; returns one dict per run with its history."""
     args = parse_args(argv)
-    with cli.session(args.device) as (ctx, log):
+    with cli.session(args.device, args.threads) as (ctx, log):
         cli.prepare_out_dir(args, ctx, RUNS_ROOT, reporting.EARLIER_RUN)
         log(f"results folder: {args.out_dir}")
         with cli.exit_on(DatasetError):

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -160,7 +161,10 @@ def test_training_examples_never_overwrite_an_earlier_run(
     for folder in (first, second):
         assert (folder / "results.json").is_file()
         assert (folder / "max_outliers0" / "checkpoint.pt").is_file()
-    assert (root / "standin" / "standin.txt").is_file()  # generated once, shared by the runs
+    # The stand-in is generated once, shared by the runs; other settings get a folder of their own.
+    (cache,) = (root / "standin").iterdir()
+    assert (cache / "standin.txt").is_file()
+    before_cache = (cache / "standin.txt").stat().st_mtime_ns
     assert f"results folder: {Path('runs/modelnet40/run-002')}" in capsys.readouterr().out
     before = _stamps(first)
     with pytest.raises(SystemExit, match=r"earlier run.*--overwrite.*--resume"):
@@ -172,5 +176,30 @@ def test_training_examples_never_overwrite_an_earlier_run(
     assert len(json.loads((second / "results.json").read_text())["runs"][0]["history"]) == 2
     assert _stamps(first) == before
     mn.main([*POINTNET, "--out-dir", str(first), "--overwrite", "--pooling", "huber"])
+    mn.main([*POINTNET, "--standin-train", "3"])  # other stand-in settings: the cache is kept
+    assert cache in (root / "standin").iterdir() and len(list((root / "standin").iterdir())) == 2
+    assert (cache / "standin.txt").stat().st_mtime_ns == before_cache
     assert not (first / "max_outliers0" / "checkpoint.pt").exists()  # no stale run mixed in
     assert (first / "huber_outliers0" / "checkpoint.pt").is_file()
+
+
+def test_imagenet_refuses_a_folder_holding_an_earlier_run_before_any_work(tmp_path: Path) -> None:
+    """The same guard as modelnet40's (shared code), checked before data or models are built."""
+    inet = _load("imagenet")
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "checkpoint.pt").write_bytes(b"earlier")
+    (tmp_path / "table.md").write_text("earlier\n")
+    before = _stamps(tmp_path)
+    with pytest.raises(SystemExit, match=r"earlier run.*--overwrite.*--resume"):
+        inet.main(["--quick", "--out-dir", str(tmp_path), "--no-progress"])
+    assert _stamps(tmp_path) == before and not (tmp_path / "standin").exists()
+
+
+def test_session_threads_last_as_long_as_the_session() -> None:
+    """``--threads`` (``imagenet.py --quick``: 1) applies inside the run only: ``main()`` called
+    from a notebook or a test leaves the caller's setting as it was."""
+    cli = _load("imagenet").cli
+    threads = torch.get_num_threads()
+    with cli.session("cpu", threads=threads + 1):
+        assert torch.get_num_threads() == threads + 1
+    assert torch.get_num_threads() == threads

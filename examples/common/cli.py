@@ -5,7 +5,7 @@ Both examples take the same training and run flags (:func:`add_training_args`,
 :func:`fill_defaults` takes its value from the example's ``FULL`` or ``QUICK`` table. ``main`` then
 reads, in either example::
 
-    with cli.session(args.device) as (ctx, log):
+    with cli.session(args.device, args.threads) as (ctx, log):
         with cli.exit_on(DatasetError):
             data = load_data(args, ctx)
         for config in grid:
@@ -17,6 +17,7 @@ reads, in either example::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -81,6 +82,14 @@ def show(value: Any) -> str:
     return str(value)
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type``: a positive integer, else a usage error naming the value."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {value}")
+    return value
+
+
 def table_help(text: str, key: str, full: Mapping[str, Any], quick: Mapping[str, Any]) -> str:
     """``text`` and the flag's defaults from the example's tables: ``(default: 90; --quick: 3)``.
 
@@ -109,8 +118,9 @@ def add_training_args(
     """The "training" group: ``--sweep``, ``--epochs``, ``--batch-size`` (per process),
     ``--optimizer`` (when ``optimizers`` offers a choice; the first is the default), ``--lr``,
     ``--momentum``, ``--weight-decay``, ``--lr-step``, ``--max-steps``, ``--seed``, ``--device``
-    and ``--workers``. ``full`` and ``quick`` are the example's tables of defaults, quoted in the
-    help; ``lr_help`` and ``workers_help`` must state their defaults when those are ``None``."""
+    ``--workers`` and ``--threads``. ``full`` and ``quick`` are the example's tables of defaults,
+    quoted in the help; ``lr_help`` and ``workers_help`` must state their defaults when those are
+    ``None``."""
     train = parser.add_argument_group("training")
     train.add_argument("--sweep", action="store_true", help=sweep_help)
     train.add_argument(
@@ -135,6 +145,13 @@ def add_training_args(
     train.add_argument("--seed", type=int, default=0, help="weights, shuffling and stand-in")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     train.add_argument("--workers", type=int, default=workers, help=workers_help)
+    quick_threads = f"; --quick: {quick['threads']}" if quick.get("threads") else ""
+    train.add_argument(
+        "--threads",
+        type=positive_int,
+        help="torch's CPU threads per process (default: torch's, one per core; under torchrun "
+        f"the cores shared out{quick_threads})",
+    )
 
 
 def add_run_args(parser: argparse.ArgumentParser, *, quick_help: str, runs_root: Path) -> None:
@@ -288,6 +305,14 @@ def prepare_out_dir(
     args.standin_dir = standin_root / "standin"
 
 
+def standin_folder(args: argparse.Namespace, description: str) -> Path:
+    """The cache folder of the stand-in data set that ``description`` describes (its settings):
+    ``STANDIN_DIR/<hash of description>``, one folder per settings. Were all stand-ins cached in
+    one folder, a run with other stand-in settings (``--quick`` after a plain run, say) would
+    delete and rewrite the data set that an earlier or concurrent run reads."""
+    return args.standin_dir / hashlib.sha1(description.encode()).hexdigest()[:12]
+
+
 def fill_defaults(
     args: argparse.Namespace,
     full: Mapping[str, Any],
@@ -322,14 +347,20 @@ def check_data_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 
 @contextmanager
-def session(device: str) -> Iterator[tuple[Context, Log]]:
+def session(device: str, threads: int | None = None) -> Iterator[tuple[Context, Log]]:
     """This process's :class:`Context` (joining the process group under ``torchrun``) and a log
-    that prints on rank 0 only; the process group is torn down on the way out."""
+    that prints on rank 0 only; the process group is torn down on the way out. ``threads`` (when
+    given) sets torch's CPU threads, after :func:`distributed.setup` has shared the cores out,
+    until the session ends (``main()`` called from a notebook leaves the caller's setting)."""
+    before = torch.get_num_threads()
     ctx = distributed.setup(device)
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         yield ctx, (print if ctx.is_main else _quiet)
     finally:
         distributed.teardown(ctx)
+        torch.set_num_threads(before)
 
 
 def _quiet(_message: str) -> None:
