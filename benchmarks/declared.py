@@ -31,13 +31,12 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import cvxpy as cp
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import keep_freed_memory, prefault_heap
+from _common import declared_pool, keep_freed_memory, prefault_heap
 from projections import median_cpu
 
 import declopt as dl
@@ -61,13 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.sizes, args.reps, args.projection_sizes = [64, 1024], 3, [1024]
     return args
-
-
-def _declared_pool(penalty: str, n: int) -> dl.Layer:
-    x = cp.Parameter(n)
-    y = cp.Variable()
-    objective = cp.sum(dl.penalties.get(penalty)(y - x, 1.0))
-    return dl.Layer(cp.Problem(cp.Minimize(objective)), [x], [y], backend="torch")
 
 
 def _fb(fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor) -> Callable[[], None]:
@@ -97,11 +89,11 @@ def pooling_rows(args: argparse.Namespace) -> list[dict]:
             if penalty == "truncated_quadratic" and n not in args.tq_sizes:
                 continue
             pool = dl.nn.RobustPool(penalty, alpha=1.0)
-            layer = _declared_pool(penalty, n)
+            layer = declared_pool(penalty, n, starts=False)  # the declaration alone
             fns = {
                 "floor": _fb(lambda x: x.mean(-1), x0),
                 "hand": _fb(pool, x0),
-                "declared": _fb(lambda x, layer=layer: layer(x)[0], x0),
+                "declared": _fb(layer, x0),
             }
             for fn in fns.values():
                 fn()
@@ -109,7 +101,7 @@ def pooling_rows(args: argparse.Namespace) -> list[dict]:
             extra: dict[str, object] = {}
             with torch.no_grad():
                 y_hand = pool(x0)
-                (y_decl,) = layer(x0)
+                y_decl = layer(x0)
             if penalty == "truncated_quadratic":
 
                 def objective(y: torch.Tensor, x0: torch.Tensor = x0) -> torch.Tensor:
@@ -128,11 +120,11 @@ def pooling_rows(args: argparse.Namespace) -> list[dict]:
 def batch_one_row(args: argparse.Namespace) -> dict:
     x0 = torch.randn(16)
     pool = dl.nn.RobustPool("huber", alpha=1.0)
-    layer = _declared_pool("huber", 16)
+    layer = declared_pool("huber", 16, starts=False)
     fns = {
         "floor": _fb(lambda x: x.mean(-1), x0),
         "hand": _fb(pool, x0),
-        "declared": _fb(lambda x: layer(x)[0], x0),
+        "declared": _fb(layer, x0),
     }
     for fn in fns.values():
         for _ in range(5):

@@ -238,6 +238,36 @@ def extremum(node: Any, dependent: tuple[bool, ...]) -> JetFn:
     return jet
 
 
+def root_of_sum(
+    out: Tensor, g: Tensor, h: Tensor | None, second: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """The jet of ``out = sqrt(s)`` (a 2-norm) from ``s``'s ``(g, h)``: slope ``1 / (2 out)``,
+    curvature ``-1 / (4 out^3)``; 0 at the origin, the kink, as the evaluators' subgradient."""
+    positive = out > 0
+    r = torch.where(positive, out, 1.0)
+    f1 = torch.where(positive, 0.5 / r, 0.0)
+    f2 = torch.where(positive, -0.25 / (r * r * r), 0.0)
+    return chain(f1, f2, g, h, second)
+
+
+def softmax_weighted(reduce: Callable[[Tensor], Tensor], dims: tuple[int, ...]) -> JetFn:
+    """``log_sum_exp`` over ``dims`` (``reduce``: the atom's linear sum over them): with
+    ``p = softmax(x)``, ``grad = sum p g`` and ``hess = sum p (g g^T + h) - grad grad^T`` (the
+    covariance of the operand's derivatives under ``p``)."""
+
+    def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
+        (x,), (g,) = values, grads
+        p = torch.exp(x - torch.logsumexp(x, dim=dims, keepdim=True))
+        grad = _trailing(reduce, [_col(p, 1) * g], 1)  # type: ignore[operator]
+        if hesses is None:
+            return grad, None
+        square = _outer(g, g) if hesses[0] is None else _outer(g, g) + hesses[0]  # type: ignore[arg-type]
+        hess = _trailing(reduce, [_col(p, 2) * square], 2)  # type: ignore[operator]
+        return grad, hess - _outer(grad, grad)
+
+    return jet
+
+
 def summed_squares(reduce: Callable[[Tensor], Tensor], root: bool = False) -> JetRule:
     """``reduce(x * x) / y`` (``quad_over_lin``, hence ``sum_squares``) with ``y`` free of ``u``,
     or with ``root`` the 2-norm ``sqrt(reduce(x * x))``; ``reduce`` is the atom's (linear) sum
@@ -254,13 +284,7 @@ def summed_squares(reduce: Callable[[Tensor], Tensor], root: bool = False) -> Je
             g = _trailing(reduce, [g], 1)
             h = None if h is None else _trailing(reduce, [h], 2)
             if root:
-                # sqrt(s): slope 1 / (2r), curvature -1 / (4 r s); 0 at the origin, the kink,
-                # as the evaluator's subgradient.
-                positive = out > 0
-                r = torch.where(positive, out, 1.0)
-                f1 = torch.where(positive, 0.5 / r, 0.0)
-                f2 = torch.where(positive, -0.25 / (r * r * r), 0.0)
-                return chain(f1, f2, g, h, second)
+                return root_of_sum(out, g, h, second)
             inverse = torch.reciprocal(values[1].reshape(()))
             return g * inverse, None if h is None else h * inverse
 

@@ -308,11 +308,7 @@ def _column_norm_jet(expr: Any, dependent: tuple[bool, ...]) -> jets.JetFn:
             g_sum = gg.sum(0) if g_sum is None else g_sum + gg.sum(0)
             if hh is not None:
                 h_sum = hh.sum(0) if h_sum is None else h_sum + hh.sum(0)
-        positive = out.reshape(-1) > 0
-        radius = torch.where(positive, out.reshape(-1), 1.0)
-        f1 = torch.where(positive, 0.5 / radius, 0.0)
-        f2 = torch.where(positive, -0.25 / (radius * radius * radius), 0.0)
-        grad, hess = jets.chain(f1, f2, g_sum, h_sum, second)  # type: ignore[arg-type]
+        grad, hess = jets.root_of_sum(out.reshape(-1), g_sum, h_sum, second)  # type: ignore[arg-type]
         if hess is None:
             return grad.reshape(*shape, -1), None
         return grad.reshape(*shape, -1), hess.reshape(*shape, *hess.shape[-2:])

@@ -64,20 +64,18 @@ def _power(expr: Any) -> Evaluator:
 def _huber(expr: Any) -> Evaluator:
     # CVXPY's huber is 2 * scipy.special.huber(M, x): x^2 for |x| <= M, else 2M|x| - M^2
     # (and +inf for M < 0, as scipy).
-    def f(x: Tensor, m: Tensor) -> Tensor:
-        a = torch.abs(x)
-        val = torch.where(a <= m, x * x, 2 * m * a - m * m)
-        return torch.where(m < 0, torch.inf, val)
-
-    def nonnegative_constant(x: Tensor, m: Tensor) -> Tensor:
+    def nonnegative(x: Tensor, m: Tensor) -> Tensor:
         # c (2|x| - c) with c = min(|x|, M): x^2 inside, 2M|x| - M^2 outside, without a where.
         a = torch.abs(x)
         c = torch.minimum(a, m)
         return c * (2 * a - c)
 
+    def f(x: Tensor, m: Tensor) -> Tensor:
+        return torch.where(m < 0, torch.inf, nonnegative(x, m))
+
     # A constant threshold's sign is known now: no pass over the data for it.
     if isinstance(expr.M, cp.Constant) and float(np.min(expr.M.value)) >= 0:
-        return nonnegative_constant
+        return nonnegative
     return f
 
 
@@ -134,25 +132,11 @@ def _log_sum_exp(expr: Any) -> Evaluator:
 
 
 def _log_sum_exp_jet(expr: Any, dependent: tuple[bool, ...]) -> jets.JetFn:
-    # With p = softmax(x) over the atom's axes: grad = sum p g, hess = sum p (g g^T + h) -
-    # grad grad^T (the covariance of the operand's derivatives under p).
     arg = expr.args[0]
     dims = tuple(d % arg.ndim for d in dims_of(expr.axis, arg.ndim)) if arg.ndim else ()
-    summed = _summed(expr)
-    if not dims:
+    if not dims:  # of a scalar: the identity
         return jets.linear(lambda x: x.reshape(shape_of(expr)))
-
-    def jet(values: Any, grads: Any, hesses: Any, out: Tensor) -> tuple:
-        (x,), (g,) = values, grads
-        p = torch.exp(x - torch.logsumexp(x, dim=dims, keepdim=True))
-        grad = jets._trailing(summed, [p.unsqueeze(-1) * g], 1)
-        if hesses is None:
-            return grad, None
-        second = jets._outer(g, g) if hesses[0] is None else jets._outer(g, g) + hesses[0]
-        hess = jets._trailing(summed, [p.unsqueeze(-1).unsqueeze(-1) * second], 2)
-        return grad, hess - jets._outer(grad, grad)
-
-    return jet
+    return jets.softmax_weighted(_summed(expr), dims)
 
 
 def _quad_over_lin(expr: Any) -> Evaluator:
