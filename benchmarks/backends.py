@@ -22,6 +22,7 @@ Benchmarks report; they never gate CI.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 import warnings
@@ -47,6 +48,11 @@ class Case:
     variables: list[cp.Variable]
     data: list[Tensor]
     batched: list[bool]  # which data tensors carry the batch dim (the others are shared)
+    qp_layout: bool = False  # data are (Q, q, G, h, A, b) of 0.5||Q w||^2 + q'w: the peers run
+
+    @property
+    def batch(self) -> int:
+        return next(t.shape[0] for t, b in zip(self.data, self.batched) if b)
 
     def subset(self, k: int) -> list[Tensor]:
         return [t[:k] if b else t for t, b in zip(self.data, self.batched)]
@@ -66,22 +72,32 @@ def ball_projection(batch: int = 128, d: int = 256) -> Case:
     return Case(f"L2-ball projection d={d}", problem, [p, r], [z], data, [True, False])
 
 
-def qp(batch: int = 64, nv: int = 50, ni: int = 25, ne: int = 10) -> Case:
+def qp(batch: int = 64, nv: int = 50, ni: int = 25, ne: int = 10, shared: bool = False) -> Case:
+    """min 0.5||Q w||^2 + q'w s.t. G w <= h, A w == b; ``shared``: one Q, G, A for the batch."""
     Q, q = cp.Parameter((nv, nv)), cp.Parameter(nv)
     G, h = cp.Parameter((ni, nv)), cp.Parameter(ni)
     A, b = cp.Parameter((ne, nv)), cp.Parameter(ne)
     w = cp.Variable(nv)
     objective = 0.5 * cp.sum_squares(Q @ w) + q @ w
     problem = cp.Problem(cp.Minimize(objective), [G @ w <= h, A @ w == b])
-    Qv = torch.randn(batch, nv, nv, dtype=F64) / nv**0.5 + torch.eye(nv, dtype=F64)
-    Gv, Av = torch.randn(batch, ni, nv, dtype=F64), torch.randn(batch, ne, nv, dtype=F64)
+    lead = () if shared else (batch,)  # the matrices' batch dim
+    Qv = torch.randn(*lead, nv, nv, dtype=F64) / nv**0.5 + torch.eye(nv, dtype=F64)
+    Gv, Av = torch.randn(*lead, ni, nv, dtype=F64), torch.randn(*lead, ne, nv, dtype=F64)
     w0 = 0.3 * torch.randn(batch, nv, dtype=F64)  # strictly feasible point
     hv = (Gv @ w0.unsqueeze(-1)).squeeze(-1) + torch.rand(batch, ni, dtype=F64)
     bv = (Av @ w0.unsqueeze(-1)).squeeze(-1)
     data = [Qv, 3 * torch.randn(batch, nv, dtype=F64), Gv, hv, Av, bv]
-    return Case(
-        f"QP {nv} var, {ni} ineq, {ne} eq", problem, [Q, q, G, h, A, b], [w], data, [True] * 6
-    )
+    name = f"QP {nv} var, {ni} ineq, {ne} eq" + (", shared Q, G, A" if shared else "")
+    batched = [not shared, True, not shared, True, not shared, True]
+    return Case(name, problem, [Q, q, G, h, A, b], [w], data, batched, qp_layout=True)
+
+
+CASES: dict[str, Callable[[], Case]] = {
+    "huber": huber_pooling,
+    "ball": ball_projection,
+    "qp": qp,
+    "qp-shared": functools.partial(qp, shared=True),
+}
 
 
 Runner = Callable[[Sequence[Tensor]], tuple[Tensor, ...]]
@@ -112,15 +128,61 @@ def cvxpylayers_default_runner(case: Case) -> Runner:
     return run
 
 
-def forward_backward(run: Runner, data: Sequence[Tensor], backward: bool) -> list[Tensor]:
-    """One call; with ``backward``, the gradients of ``sum(v * outputs)`` (fixed ``v``)."""
+def _qp_inputs(case: Case, data: Sequence[Tensor]) -> list[Tensor]:
+    """Q'Q (formed here, so gradients flow to Q), q, G, h, A, b, shared tensors expanded.
+
+    Expanded because qpth, handed an unbatched tensor, returns the batch *mean* of its gradient
+    (``dQs.mean(0)``), 1/batch of the gradient of the loss; expanded, autograd sums.
+    """
+    batch = next(t.shape[0] for t, b in zip(data, case.batched) if b)  # data may be a subset
+    full = [t if b else t.expand(batch, *t.shape) for t, b in zip(data, case.batched)]
+    Q, q, G, h, A, b = full
+    return [Q.mT @ Q, q, G, h, A, b]
+
+
+def qpth_runner(case: Case) -> Runner | str:
+    """``qpth.qp.QPFunction`` with its defaults (batched PDIPM, eps 1e-12, 20 iterations)."""
+    try:
+        from qpth.qp import QPFunction
+    except ImportError:
+        return "n/a (qpth not installed)"
+    solve = QPFunction(verbose=-1)  # -1: no "inaccurate solution" message
+
+    def run(data: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        H, q, G, h, A, b = _qp_inputs(case, data)
+        return (solve(H, q, G, h, A, b),)
+
+    return run
+
+
+def proxsuite_runner(case: Case) -> Runner | str:
+    """ProxSuite's ``QPFunction`` with its defaults (eps 1e-9, structural feasibility, serial)."""
+    try:
+        from proxsuite.torch.qplayer import QPFunction
+    except ImportError:
+        return "n/a (proxsuite not installed)"
+    solve = QPFunction()
+
+    def run(data: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        H, q, G, h, A, b = _qp_inputs(case, data)
+        lower = torch.full_like(h, -1e20)  # ProxSuite's infinity; G w <= h is -inf <= G w <= h
+        return (solve(H, q, A, b, G, lower, h)[0],)
+
+    return run
+
+
+def forward_backward(
+    run: Runner, data: Sequence[Tensor], backward: bool
+) -> tuple[list[Tensor], list[Tensor]]:
+    """One call: the outputs and, with ``backward``, the gradients of ``sum(v * outputs)``
+    (fixed ``v``) with respect to every data tensor."""
     inputs = [t.detach().clone().requires_grad_(backward) for t in data]
     outputs = run(inputs)
     if not backward:
-        return []
+        return [o.detach() for o in outputs], []
     g = torch.Generator().manual_seed(0)
     loss = sum((o * torch.randn(o.shape, generator=g, dtype=F64)).sum() for o in outputs)
-    return list(torch.autograd.grad(loss, inputs))
+    return [o.detach() for o in outputs], list(torch.autograd.grad(loss, inputs))
 
 
 def median_time(run: Runner, data: Sequence[Tensor], backward: bool, repeats: int) -> float:
@@ -143,8 +205,10 @@ def max_relative_difference(got: Sequence[Tensor], want: Sequence[Tensor]) -> fl
     )
 
 
-def bench(case: Case, repeats: int, scipy_batch: int) -> list[tuple[str, str, str, str, str]]:
-    batch = case.data[0].shape[0]
+Row = tuple[str, str, str, str, str, str]
+
+
+def bench(case: Case, repeats: int, scipy_batch: int) -> list[Row]:
     runners: dict[str, Runner | str] = {
         "torch": declopt_runner(case, "torch"),
         "cvxpylayers": declopt_runner(case, "cvxpylayers", n_jobs=1),
@@ -152,36 +216,42 @@ def bench(case: Case, repeats: int, scipy_batch: int) -> list[tuple[str, str, st
         "cvxpylayers defaults": cvxpylayers_default_runner(case),
         "scipy": declopt_runner(case, "scipy"),
     }
-    # Gradients are compared on the first scipy_batch problems, where every backend ran.
+    if case.qp_layout:
+        runners["qpth"] = qpth_runner(case)
+        runners["proxsuite"] = proxsuite_runner(case)
+    # Solutions and gradients are compared on the first scipy_batch problems, where every
+    # backend ran, with respect to the same data tensors (for the peers: Q, not Q'Q).
     small = case.subset(scipy_batch)
-    grads = {
+    results = {
         name: forward_backward(run, small, backward=True)
         for name, run in runners.items()
         if not isinstance(run, str)
     }
-    reference = grads.get("torch")
+    reference = results.get("torch")
     base: dict[bool, float] = {}
     rows = []
     for name, run in runners.items():
         if isinstance(run, str):
-            rows.append((case.name, name, run, run, run))
+            rows.append((case.name, name, run, run, run, run))
             continue
         timed = []
         for backward in (False, True):
             if name == "scipy":  # one problem at a time: time a few, scale to the batch
-                seconds = median_time(run, small, backward, 1) * batch / scipy_batch
+                seconds = median_time(run, small, backward, 1) * case.batch / scipy_batch
             else:
                 seconds = median_time(run, case.data, backward, repeats)
             if name == "torch":
                 base[backward] = seconds
             ratio = _ratio(seconds / base[backward]) if backward in base else "n/a"
             timed.append(f"{seconds * 1e3:9.1f} ms  {ratio:>7}")
-        diff = (
-            "-"
-            if reference is None or name == "torch"
-            else (f"{max_relative_difference(grads[name], reference):.1e}")
-        )
-        rows.append((case.name, name, timed[0], timed[1], diff))
+        if reference is None or name == "torch":
+            diffs = ["-", "-"]
+        else:
+            diffs = [
+                f"{max_relative_difference(got, want):.1e}"
+                for got, want in zip(results[name], reference)
+            ]
+        rows.append((case.name, name, *timed, *diffs))
     return rows
 
 
@@ -189,18 +259,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell (median)")
     parser.add_argument("--scipy-batch", type=int, default=8, help="problems scipy is timed on")
+    parser.add_argument(
+        "--cases", nargs="+", choices=list(CASES), default=list(CASES), help="problems to run"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    torch.manual_seed(0)
     warnings.simplefilter("ignore")  # diffcp's NumPy-2 deprecation noise, SCS "inaccurate"
-    header = ("problem", "backend", "forward (x torch)", "fwd+bwd (x torch)", "grad diff")
+    header = (
+        *("problem", "backend", "forward (x torch)", "fwd+bwd (x torch)"),
+        *("sol diff", "grad diff"),
+    )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    for make in (huber_pooling, ball_projection, qp):
-        for row in bench(make(), args.repeats, args.scipy_batch):
+    for key in args.cases:
+        torch.manual_seed(0)  # the same data whichever --cases run
+        for row in bench(CASES[key](), args.repeats, args.scipy_batch):
             print("| " + " | ".join(row) + " |", flush=True)
     print(
-        "\ngrad diff: max |g - g_torch| / max |g_torch| over all parameters, on the first "
+        "\nsol diff, grad diff: max |x - x_torch| / max |x_torch| over all outputs, and the same "
+        "for the gradients with respect to every data tensor, on the first "
         f"{args.scipy_batch} problems of each batch; scipy times scaled from those problems."
     )
 
