@@ -1,9 +1,11 @@
 """The same convex declarations through every backend: time and gradient agreement.
 
-For each problem (Huber pooling n=64 and L2-ball projection d=256 at batch 128, a QP with 50
-variables, 25 inequalities and 10 equalities at batch 64) and each backend, the median wall time
-of the forward pass and of forward+backward, as a ratio to the torch backend, and the largest
-gradient difference to the torch backend's gradient (relative to its largest entry). One thread
+For each problem (Huber pooling n=64 and L2-ball projection d=256 at batch 128; a QP with 50
+variables, 25 inequalities and 10 equalities at batch 64, every input per problem, and the same
+QP with Q, G and A shared by the batch, as learned layer weights are, q, h and b per problem) and
+each backend, the median wall time of the forward pass and of forward+backward, as a ratio to
+the torch backend, and the largest difference of the solution and of the gradient (with respect
+to every data tensor) to the torch backend's (relative to its largest entry). One thread
 everywhere: ``torch.set_num_threads(1)`` and diffcp's ``n_jobs=1``. Float64.
 
 Rows:
@@ -14,9 +16,21 @@ Rows:
     cvxpylayers defaults   ``cvxpylayers.torch.CvxpyLayer`` as shipped (SCS eps 1e-4, LSQR).
     scipy                  per-problem SciPy (+ Newton polish), implicit backward; timed on the
                            first ``--scipy-batch`` problems and scaled to the full batch.
+    qpth                   QP cases only: ``qpth.qp.QPFunction`` (batched primal-dual interior
+                           point in torch) with its defaults, silenced (``verbose=-1``).
+    proxsuite              QP cases only: ProxSuite's ``proxsuite.torch.qplayer.QPFunction``
+                           (ProxQP per problem, serial) with its defaults, ``-1e20 <= G w <= h``.
 
-Run: ``python benchmarks/backends.py`` (about five minutes; ``--repeats 1`` for a quick look).
-Benchmarks report; they never gate CI.
+The peers get the Hessian ``Q'Q``, formed inside the timed call from the same ``Q`` tensor (so
+their gradients are with respect to ``Q``, like declopt's), and the same q, G, h, A, b; shared
+tensors are expanded to the batch (qpth averages, rather than sums, the gradient of a tensor
+passed unbatched). Both are optional (``n/a (<package> not installed)`` otherwise):
+``pip install "declopt[bench]"`` brings ProxSuite; qpth pins ``numpy<2`` in its metadata (it
+runs with NumPy 2), so install it without its dependencies: ``pip install --no-deps qpth``.
+
+Run: ``python benchmarks/backends.py`` (about five minutes; ``--repeats 1`` for a quick look;
+``--cases qp qp-shared`` for the QP rows only, about a minute). Benchmarks report; they never
+gate CI.
 """
 
 from __future__ import annotations
