@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from declopt.backends.base import Backend, BatchedParams, Solution
+from declopt.backends.cone import ConeBackend
 from declopt.backends.cvxpylayers_backend import CvxpyLayersBackend
 from declopt.backends.scipy_backend import ScipyBackend
 from declopt.backends.torch import TorchBackend
@@ -190,3 +191,4 @@ def _culprit(program: Program) -> str:
 register("torch", TorchBackend())
 register("cvxpylayers", CvxpyLayersBackend())
 register("scipy", ScipyBackend())
+register("cone", ConeBackend())

@@ -34,16 +34,13 @@ from typing import Any
 
 import cvxpy as cp
 import torch
-from cvxpy.constraints import Equality, Inequality, NonNeg, NonPos, Zero
-from cvxpy.expressions.leaf import Leaf
 from torch import Tensor
 
 from declopt.backends.base import BatchedParams, Solution
-from declopt.derivatives import BatchedObjective
+from declopt.backends.cvxpy_source import AnswerJudge, constraint_kinds, lower_domains
 from declopt.diagnostics import Status
 from declopt.frontend.dpp import dpp_culprit
-from declopt.kkt.point import KKTPoint, kkt_point
-from declopt.kkt.tolerances import Tolerances, for_accuracy
+from declopt.kkt.tolerances import for_accuracy
 from declopt.program import Program
 
 DEFAULT_SOLVER_ARGS: dict[str, Any] = {"eps": 1e-8, "max_iters": 100_000}
@@ -80,9 +77,6 @@ ACCURACY_OPTIONS = (
 """Stopping tolerances of the cone solvers (SCS; Clarabel; ECOS) in ``solver_args``: the largest
 given is the accuracy the answers are judged with (:func:`declopt.kkt.tolerances.for_accuracy`);
 ``1e-8`` (all three solvers' defaults here, SCS through :data:`DEFAULT_SOLVER_ARGS`) otherwise."""
-
-_EQUALITY_KINDS = (Equality, Zero)
-_INEQUALITY_KINDS = (Inequality, NonPos, NonNeg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,9 +170,8 @@ def build_cvxpylayer(
     culprit = dpp_culprit(problem)
     if culprit is not None:
         raise ValueError(_not_dpp_message(culprit))
-    problem, variables = _lower_domains(problem, variables)
-    eqs = [c for c in problem.constraints if isinstance(c, _EQUALITY_KINDS)]
-    ineqs = [c for c in problem.constraints if isinstance(c, _INEQUALITY_KINDS)]
+    problem, variables = lower_domains(problem, variables)
+    eqs, ineqs = constraint_kinds(problem)
     duals = [c.dual_variables[0] for c in (*eqs, *ineqs)]
     layer = CvxpyLayer(
         problem, parameters=list(parameters), variables=[*variables, *duals], **layer_options
@@ -200,34 +193,6 @@ def _not_dpp_message(culprit: str) -> str:
         "Use backend='torch' (or 'auto'), which solves any smooth declaration, "
         "or rewrite that part to follow CVXPY's DPP rules."
     )
-
-
-def _lower_domains(
-    problem: cp.Problem, variables: Sequence[cp.Variable]
-) -> tuple[cp.Problem, list[cp.Variable]]:
-    """Replace variables declared with sign/bound attributes by plain ones plus explicit
-    constraints (CVXPY gives attribute constraints no dual variable)."""
-    if not any(v.domain for v in variables):
-        return problem, list(variables)
-    plain = {v.id: cp.Variable(v.shape, name=v.name()) if v.domain else v for v in variables}
-    memo: dict[int, cp.Expression] = {}
-
-    def sub(expr: cp.Expression) -> cp.Expression:
-        if isinstance(expr, cp.Variable):
-            return plain.get(expr.id, expr)
-        if isinstance(expr, Leaf):
-            return expr
-        if id(expr) not in memo:  # shared subexpressions stay shared
-            memo[id(expr)] = expr.copy([sub(a) for a in expr.args])
-        return memo[id(expr)]
-
-    def sub_constraint(c: cp.Constraint) -> cp.Constraint:
-        return type(c)(*[sub(a) for a in c.args])
-
-    domain = [c for v in variables for c in v.domain]
-    objective = type(problem.objective)(sub(problem.objective.expr))
-    constraints = [sub_constraint(c) for c in (*problem.constraints, *domain)]
-    return cp.Problem(objective, constraints), [plain[v.id] for v in variables]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,7 +312,7 @@ class CvxpyLayersBackend:
         if not differentiable:
             values = tuple(v.detach() for v in values)
         detached = BatchedParams(tuple(v.detach() for v in values), params.in_dims, size)
-        judge = _Judge(program, detached, for_accuracy(torch.float64, _accuracy(args)))
+        judge = AnswerJudge(program, detached, for_accuracy(torch.float64, _accuracy(args)))
         solver = _BatchSolver(compiled, program.num_variables, values, params.in_dims, args)
         grad_mode = torch.enable_grad if differentiable else torch.no_grad
         solver.isolate = on_solver_error == "isolate"
@@ -355,7 +320,7 @@ class CvxpyLayersBackend:
             packed, solved = solver.solve(torch.arange(size))
         if not program.has_functions:
             return _source_solution(packed, solved, ref)
-        report = judge(packed)
+        report = judge(packed.u, packed.eq, packed.ineq)
         converged = solved & torch.isfinite(packed.u.detach()).all(-1)
         # on_solver_error="raise" (cvxpylayers' semantics): answers stay as the solver gave them.
         if solver.isolate:
@@ -366,10 +331,10 @@ class CvxpyLayersBackend:
                 # good members on their own.
                 with grad_mode():
                     packed, _ = solver.solve(converged.nonzero().squeeze(-1), size)
-                report = judge(packed)
+                report = judge(packed.u, packed.eq, packed.ineq)
             elif not bool(converged.all()):
                 packed = packed.where(converged)
-                report = judge(packed)
+                report = judge(packed.u, packed.eq, packed.ineq)
         point = None if differentiable else report.to(ref.dtype, ref.device)
         status = torch.full((size,), int(Status.NOT_CONVERGED), dtype=torch.int64)
         for row, cause in solver.causes.items():
@@ -419,41 +384,6 @@ def _accuracy(args: dict[str, Any]) -> float:
         if k in ACCURACY_OPTIONS and isinstance(v, (int, float)) and not isinstance(v, bool)
     ]
     return max(given) if given else 1e-8
-
-
-@dataclass(frozen=True)
-class _Judge:
-    """The declaration's KKT point at the solver's answers, with the solver's multipliers.
-
-    Activity and weak activity are judged against the solver's accuracy (``tolerances``), not
-    an exact forward's rounding: SCS leaves a weakly active bound ``~1e-9`` away with a ``~1e-8``
-    multiplier, which the exact tests read as strictly active, so ``degenerate=`` was ignored.
-    Its stopping test measures residuals against the size of the gradient's *terms*
-    (``|P x|``, ``|c|``), which ``|D_u f|`` does not see where ``f`` and its gradient vanish at
-    the solution (a zero-residual least squares): ``|D2_uu f u|`` is the multipliers' unit too.
-    """
-
-    program: Program
-    params: BatchedParams
-    tolerances: Tolerances
-
-    def __call__(self, packed: Packed) -> KKTPoint:
-        program, params = self.program, self.params
-        u = packed.u.detach()
-        eq = packed.eq.detach() if program.equalities is not None else None
-        ineq = packed.ineq.detach() if program.inequalities is not None else None
-        with torch.no_grad():
-            unit = BatchedObjective(program.objective, params).hvp(u, u).abs().amax(-1)
-            unit = torch.where(torch.isfinite(unit), unit, torch.zeros_like(unit))
-            return kkt_point(
-                program,
-                params,
-                u,
-                eq_multipliers=eq,
-                ineq_multipliers=ineq,
-                tolerances=self.tolerances,
-                gradient_unit=unit,
-            )
 
 
 def _multipliers_or_none(program: Program, rows: Tensor, ref: Tensor) -> Tensor | None:

@@ -1,0 +1,457 @@
+"""A DPP declaration as a parameter-affine cone program, mapped once to batched torch tensors.
+
+CVXPY's own DPP canonicalisation (``Problem.get_problem_data``, the machinery cvxpylayers builds
+on) turns the declaration into
+
+    minimize 1/2 x^T P x + q^T x + d   subject to   A_c x + b_c in K
+
+where ``P``, ``q``, ``A_c``, ``b_c`` are *affine* in the parameter vector ``theta`` (every
+parameter's entries, Fortran order, then a constant 1). Each is stored as a sparse tensor
+``(entries of the data, theta)``; here those tensors become coordinate lists so that a batch's
+data is one gather-multiply-``index_add`` from the ``(B, |theta|)`` matrix of its parameters, on
+the parameters' device. Data that no batched parameter touches is built once (leading dim 1) and
+broadcast, so shared layer weights cost one copy.
+
+The map back: the layer's variables are columns of ``x`` (CVXPY's ``var_id_to_col``), and each
+declared constraint's dual is a slice of the cone program's ``z`` (the rows of its canonical
+constraint, in the solver's cone order: zero, nonnegative, second-order). declopt's multipliers
+are ``-z`` on those slices (CVXPY's duals enter the Lagrangian as ``f + y^T r``; declopt's as
+``f - lambda^T r``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cvxpy as cp
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor
+
+from declopt.backends.cone.cones import ConeData, Cones
+from declopt.backends.cvxpy_source import constraint_kinds, lower_domains
+from declopt.program import BatchedParams
+
+__all__ = ["Batch", "CanonicalProgram", "Elimination", "Unsupported", "canonicalise"]
+
+_CANON_SOLVERS = ("CLARABEL", "SCS", "ECOS")
+"""Solvers whose canonicalisation CVXPY is asked for (the first installed): all three take
+the zero, nonnegative and second-order cones; Clarabel and SCS keep a quadratic objective."""
+
+
+class Unsupported(ValueError):
+    """The declaration has a part this backend does not solve (the message says which)."""
+
+
+@dataclass(frozen=True)
+class _AffineMap:
+    """``data[b, rows[k]] += theta[b, cols[k]] * values[k]``: one data block affine in
+    ``theta``. ``batched_cols``: does any column belong to a batched parameter (else built once
+    and broadcast)."""
+
+    size: int
+    rows: Tensor
+    cols: Tensor
+    values: Tensor
+
+    @classmethod
+    def of(cls, tensor: sp.sparray | sp.spmatrix | None, size: int) -> _AffineMap:
+        if tensor is None:
+            empty = torch.zeros(0, dtype=torch.int64)
+            return cls(size, empty, empty, torch.zeros(0, dtype=torch.float64))
+        coo = sp.coo_array(tensor)
+        keep = coo.data != 0
+        return cls(
+            size,
+            torch.as_tensor(coo.row[keep].astype(np.int64)),
+            torch.as_tensor(coo.col[keep].astype(np.int64)),
+            torch.as_tensor(coo.data[keep].astype(np.float64)),
+        )
+
+    def apply(self, theta: Tensor) -> Tensor:
+        """``(lead, size)`` the block for parameters ``theta (lead, |theta|)``."""
+        device, dtype = theta.device, theta.dtype
+        cols = self.cols.to(device)
+        out = theta.new_zeros(theta.shape[0], self.size)
+        if cols.numel():
+            contributions = theta[:, cols] * self.values.to(device=device, dtype=dtype)
+            out.index_add_(1, self.rows.to(device), contributions)
+        return out
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where one layer parameter's entries go in ``theta``: columns ``start:start + size``, in
+    Fortran order (``order`` permutes the row-major flattening)."""
+
+    parameter: int
+    start: int
+    order: Tensor
+
+
+@dataclass(frozen=True)
+class CanonicalProgram:
+    """A declaration's cone program, ready for batches (see the module docstring).
+
+    Attributes:
+        cones: the cone of the rows.
+        n: columns of ``x``.
+        width: ``|theta|`` (the parameters' entries plus the constant).
+        slots: per layer parameter that the program uses, its place in ``theta``.
+        constant: ``theta``'s column that holds 1.
+        P, q, A: the data blocks (``A`` holds ``[A_c, b_c]``, Fortran order).
+        variables: ``(m,)`` the column of ``x`` of each entry of the layer's packed ``u``.
+        eq_rows, ineq_rows: ``(p,)``, ``(q,)`` the row of ``z`` holding the dual of each of the
+            program's equality and inequality rows (front-end order); ``None`` if the program's
+            rows could not be matched (the backward then fits multipliers itself).
+        has_quadratic: ``P`` is not identically zero.
+    """
+
+    cones: Cones
+    n: int
+    width: int
+    slots: tuple[_Slot, ...]
+    constant: int
+    P: _AffineMap
+    q: _AffineMap
+    A: _AffineMap
+    variables: Tensor
+    eq_rows: Tensor | None
+    ineq_rows: Tensor | None
+    has_quadratic: bool
+    elimination: Elimination
+
+    @property
+    def rows(self) -> int:
+        return self.cones.rows
+
+    def theta(self, params: BatchedParams, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``(theta_batch (B, width), theta_shared (1, width))``: the parameter vectors of the
+        batch, and the one built from the shared parameters alone (batched ones left at 0)."""
+        batch = params.size
+        device = params.values[0].device if params.values else torch.device("cpu")
+        full = torch.zeros(batch, self.width, dtype=dtype, device=device)
+        shared = torch.zeros(1, self.width, dtype=dtype, device=device)
+        full[:, self.constant] = 1
+        shared[:, self.constant] = 1
+        for slot in self.slots:
+            value = params.values[slot.parameter].to(dtype)
+            order = slot.order.to(device)
+            if params.in_dims[slot.parameter] is None:
+                flat = value.reshape(1, -1)[:, order]
+                shared[:, slot.start : slot.start + order.numel()] = flat
+                full[:, slot.start : slot.start + order.numel()] = flat
+            else:
+                flat = value.reshape(batch, -1)[:, order]
+                full[:, slot.start : slot.start + order.numel()] = flat
+        return full, shared
+
+    def data(self, params: BatchedParams, dtype: torch.dtype) -> Batch:
+        """The batch's cone programs in the solver's form ``A x + s = b`` (``A = -A_c``),
+        with the defined variables eliminated (see :class:`Elimination`)."""
+        full, shared = self.theta(params, dtype)
+        batched_cols = self._batched_columns(params)
+        n, rows = self.n, self.rows
+
+        def block(m: _AffineMap) -> Tensor:
+            uses_batch = bool(batched_cols[m.cols].any()) if m.cols.numel() else False
+            return m.apply(full if uses_batch else shared)
+
+        qd = block(self.q)
+        Ab = block(self.A).reshape(-1, n + 1, rows).transpose(-1, -2)
+        P = block(self.P).reshape(-1, n, n).transpose(-1, -2) if self.has_quadratic else None
+        return self.elimination.reduce(P, qd[:, :n], Ab[..., :n], Ab[..., n], self.cones)
+
+    def _batched_columns(self, params: BatchedParams) -> Tensor:
+        mask = torch.zeros(self.width, dtype=torch.bool)
+        for slot in self.slots:
+            if params.in_dims[slot.parameter] is not None:
+                mask[slot.start : slot.start + slot.order.numel()] = True
+        return mask
+
+    def unpack(
+        self, batch: Batch, x: Tensor, z: Tensor
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``(u (B, m), eq (B, p), ineq (B, q))`` from the reduced program's ``x`` and ``z``:
+        the layer's variables and its multipliers (seed convention)."""
+        x, z = batch.expand(x, z)
+        u = x[:, self.variables.to(x.device)]
+        eq = None if self.eq_rows is None else -z[:, self.eq_rows.to(z.device)]
+        ineq = None if self.ineq_rows is None else -z[:, self.ineq_rows.to(z.device)]
+        return u, eq, ineq
+
+
+@dataclass(frozen=True)
+class Elimination:
+    """Variables that one equality row defines, solved for before the interior-point method.
+
+    DPP canonicalisation introduces a variable per quadratic term: ``sum_squares(Q @ w)``
+    becomes ``y'y`` with the equality row ``y - Q w = 0`` (``Q`` a parameter), which doubles the
+    columns and adds as many equality rows as ``y`` has entries. A column that occurs in exactly
+    one row of ``A_c``, a zero-cone row, with a constant coefficient ``c`` (no parameter in it),
+    is *defined* by that row: ``y = T x + t`` with ``T = -A_c[row, rest] / c``, ``t =
+    -b_c[row] / c``. Substituting it into the objective (``P``, ``q``; ``y`` is in no other
+    row) removes the column and the row exactly; afterwards ``y`` is recovered from ``x`` and
+    the row's dual from stationarity in ``y``: ``z_row = (P_y [x; y] + q_y) / c``.
+
+    Attributes:
+        columns: ``(e,)`` the eliminated columns; ``rows``: their defining rows; ``coefficients``:
+            the ``c`` of each; ``kept_columns``, ``kept_rows``: the rest, in order.
+    """
+
+    columns: Tensor
+    rows: Tensor
+    coefficients: Tensor
+    kept_columns: Tensor
+    kept_rows: Tensor
+
+    @classmethod
+    def find(cls, A: _AffineMap, n: int, rows: int, zero: int, constant: int) -> Elimination:
+        """The defined columns of the map ``A`` of ``[A_c, b_c]`` (see the class)."""
+        position = A.rows.numpy()
+        row, col = position % rows, position // rows
+        in_matrix = col < n
+        row, col, theta = row[in_matrix], col[in_matrix], A.cols.numpy()[in_matrix]
+        values = A.values.numpy()[in_matrix]
+        count = np.bincount(col, minlength=n)  # entries (row, theta) per column
+        chosen_rows: set[int] = set()
+        picked: list[tuple[int, int, float]] = []
+        for k in np.flatnonzero((theta == constant) & (row < zero)):
+            j, i = int(col[k]), int(row[k])
+            if count[j] == 1 and i not in chosen_rows and values[k] != 0:
+                chosen_rows.add(i)
+                picked.append((j, i, float(values[k])))
+        # A row that defines one column may not hold another defined column.
+        defined = {j for j, _, _ in picked}
+        others = {int(i): set() for _, i, _ in picked}
+        for i, j in zip(row, col):
+            if int(i) in others and int(j) in defined:
+                others[int(i)].add(int(j))
+        picked = [(j, i, c) for j, i, c in picked if others[i] == {j}]
+        picked.sort()
+        columns = torch.tensor([j for j, _, _ in picked], dtype=torch.int64)
+        drop_rows = torch.tensor([i for _, i, _ in picked], dtype=torch.int64)
+        keep_c = torch.ones(n, dtype=torch.bool)
+        keep_c[columns] = False
+        keep_r = torch.ones(rows, dtype=torch.bool)
+        keep_r[drop_rows] = False
+        return cls(
+            columns,
+            drop_rows,
+            torch.tensor([c for _, _, c in picked], dtype=torch.float64),
+            keep_c.nonzero().squeeze(-1),
+            keep_r.nonzero().squeeze(-1),
+        )
+
+    def reduce(self, P: Tensor | None, q: Tensor, A_c: Tensor, b_c: Tensor, cones: Cones) -> Batch:
+        """The reduced batch (solver form) for the full data ``P (L, n, n)``, ``q (L, n)``,
+        ``A_c (L, rows, n)``, ``b_c (L, rows)``."""
+        e = self.columns.numel()
+        if e == 0:
+            data = ConeData(P, q.contiguous(), (-A_c).contiguous(), b_c.contiguous(), cones)
+            return Batch(self, data, None, None, P, q)
+        device, dtype = q.device, q.dtype
+        E, R = self.columns.to(device), self.kept_columns.to(device)
+        rows_e, K = self.rows.to(device), self.kept_rows.to(device)
+        c = self.coefficients.to(device=device, dtype=dtype)
+        T = -A_c[:, rows_e][:, :, R] / c[:, None]  # (L, e, r)
+        t = -b_c[:, rows_e] / c  # (L, e)
+        q_r = q[:, R] + (T.mT @ q[:, E].unsqueeze(-1)).squeeze(-1)
+        P_red = None
+        if P is not None:
+            P_rr, P_re, P_ee = P[:, R][:, :, R], P[:, R][:, :, E], P[:, E][:, :, E]
+            cross = P_re @ T
+            P_red = P_rr + cross + cross.mT + T.mT @ P_ee @ T
+            q_r = q_r + ((P_re + T.mT @ P_ee) @ t.unsqueeze(-1)).squeeze(-1)
+        reduced = Cones(cones.zero - e, cones.nonneg, cones.soc)
+        A = -A_c[:, K][:, :, R]
+        data = ConeData(P_red, q_r.contiguous(), A.contiguous(), b_c[:, K].contiguous(), reduced)
+        return Batch(self, data, T, t, P, q)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One call's reduced cone programs, and what recovers the full ``x``, ``z`` from their
+    solution: the elimination's ``T``, ``t`` and the full ``P``, ``q``."""
+
+    elimination: Elimination
+    data: ConeData
+    T: Tensor | None
+    t: Tensor | None
+    P: Tensor | None
+    q: Tensor
+
+    def expand(self, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        """The full program's ``x (B, n)`` and ``z (B, rows)`` from the reduced ones."""
+        if self.T is None:
+            return x, z
+        el = self.elimination
+        E, R = el.columns.to(x.device), el.kept_columns.to(x.device)
+        rows_e, K = el.rows.to(x.device), el.kept_rows.to(x.device)
+        n, rows = E.numel() + R.numel(), rows_e.numel() + K.numel()
+        full_x = x.new_zeros(x.shape[0], n)
+        full_x[:, R] = x
+        full_x[:, E] = (self.T @ x.unsqueeze(-1)).squeeze(-1) + self.t
+        gradient = self.q[:, E].expand(x.shape[0], -1)
+        if self.P is not None:
+            gradient = gradient + (self.P[:, E] @ full_x.unsqueeze(-1)).squeeze(-1)
+        c = el.coefficients.to(device=x.device, dtype=x.dtype)
+        full_z = z.new_zeros(z.shape[0], rows)
+        full_z[:, K] = z
+        full_z[:, rows_e] = gradient / c
+        return full_x, full_z
+
+
+def _fortran_order(shape: Sequence[int]) -> Tensor:
+    """``order`` with ``c_flat[order] == fortran_flat`` for an array of ``shape``."""
+    size = int(np.prod(shape)) if len(shape) else 1
+    return torch.as_tensor(
+        np.arange(size).reshape(tuple(shape) or (1,)).flatten(order="F").astype(np.int64)
+    )
+
+
+def _c_to_fortran_positions(shape: Sequence[int]) -> np.ndarray:
+    """``pos`` with ``fortran_flat[pos] == c_flat``: where each row-major entry sits."""
+    size = int(np.prod(shape)) if len(shape) else 1
+    return np.arange(size).reshape(tuple(shape) or (1,), order="F").flatten().astype(np.int64)
+
+
+def _problem_data(problem: cp.Problem) -> tuple[dict, object]:
+    installed = set(cp.installed_solvers())
+    for name in _CANON_SOLVERS:
+        if name in installed:
+            try:
+                data, chain, _ = problem.get_problem_data(solver=name)
+            except cp.error.SolverError:
+                continue
+            return data, chain
+    raise Unsupported(
+        f"no installed solver canonicalises it (tried {', '.join(_CANON_SOLVERS)}); install "
+        "clarabel (pip install clarabel)"
+    )
+
+
+def canonicalise(
+    problem: cp.Problem,
+    parameters: Sequence[cp.Parameter],
+    variables: Sequence[cp.Variable],
+    num_eq: int,
+    num_ineq: int,
+) -> CanonicalProgram:
+    """The cone program of ``problem`` for a layer with these ``parameters`` and ``variables``
+    (whose rows the layer's program has ``num_eq`` equality and ``num_ineq`` inequality rows).
+
+    Raises:
+        Unsupported: exponential, power or PSD cones, lowered (symmetric, ...) parameters, or
+            variables CVXPY eliminated.
+    """
+    from cvxpy.constraints import SOC, NonNeg, Zero
+
+    problem, variables = lower_domains(problem, variables)
+    data, chain = _problem_data(problem)
+    prog = data[cp.settings.PARAM_PROB]
+    dims = data["dims"]
+    others = {
+        "exponential": dims.exp,
+        "PSD": len(dims.psd),
+        "power": len(dims.p3d) + len(getattr(dims, "pnd", []) or []),
+    }
+    unsupported = [name for name, count in others.items() if count]
+    if unsupported:
+        raise Unsupported(
+            f"it needs {' and '.join(unsupported)} cones (this backend has the zero, "
+            "nonnegative and second-order cones); use backend='cvxpylayers'"
+        )
+    if getattr(prog, "lb_tensor", None) is not None or getattr(prog, "ub_tensor", None) is not None:
+        raise Unsupported("CVXPY kept variable bounds outside the constraints")
+    cones = Cones(int(dims.zero), int(dims.nonneg), tuple(int(k) for k in dims.soc))
+    n = int(prog.x.size)
+    width = int(prog.total_param_size) + 1
+
+    param_ids = _composed(chain, "compose_param_id_map")
+    slots = []
+    for index, parameter in enumerate(parameters):
+        pid = param_ids.get(parameter.id, parameter.id)
+        if pid not in prog.param_id_to_col:
+            if parameter.id in param_ids:
+                raise Unsupported(
+                    f"CVXPY rewrites parameter {parameter.name()!r} (an attribute such as "
+                    "symmetric=True); use backend='cvxpylayers'"
+                )
+            continue  # the parameter does not occur in the problem
+        slots.append(_Slot(index, int(prog.param_id_to_col[pid]), _fortran_order(parameter.shape)))
+    constant = int(prog.param_id_to_col[-1])
+
+    var_ids = _composed(chain, "compose_var_id_map")
+    columns = []
+    for variable in variables:
+        vid = var_ids.get(variable.id, variable.id)
+        if vid not in prog.var_id_to_col:
+            raise Unsupported(f"CVXPY eliminated variable {variable.name()!r}")
+        start = int(prog.var_id_to_col[vid])
+        columns.append(start + _c_to_fortran_positions(variable.shape))
+    variable_columns = torch.as_tensor(np.concatenate(columns) if columns else np.zeros(0, int))
+
+    eq_rows, ineq_rows = _dual_rows(problem, prog, chain, cones, (Zero, NonNeg, SOC))
+    if eq_rows is not None and (eq_rows.numel(), ineq_rows.numel()) != (num_eq, num_ineq):
+        eq_rows = ineq_rows = None
+
+    P_tensor = getattr(prog, "P", None)
+    A_map = _AffineMap.of(prog.A, cones.rows * (n + 1))
+    return CanonicalProgram(
+        cones=cones,
+        n=n,
+        width=width,
+        slots=tuple(slots),
+        constant=constant,
+        P=_AffineMap.of(P_tensor, n * n),
+        q=_AffineMap.of(prog.q, n + 1),
+        A=A_map,
+        variables=variable_columns,
+        eq_rows=eq_rows,
+        ineq_rows=ineq_rows,
+        has_quadratic=P_tensor is not None and sp.coo_array(P_tensor).nnz > 0,
+        elimination=Elimination.find(A_map, n, cones.rows, cones.zero, constant),
+    )
+
+
+def _composed(chain: object, method: str) -> dict[int, int]:
+    """CVXPY's map from the problem's ids to the canonical program's (identity on versions
+    that keep ids and have no such map)."""
+    compose = getattr(chain, method, None)
+    if compose is None:
+        return {}
+    out = {}
+    for key, value in compose().items():
+        out[key] = value[0] if isinstance(value, (list, tuple)) else value
+    return out
+
+
+def _dual_rows(
+    problem: cp.Problem, prog: object, chain: object, cones: Cones, order: tuple[type, ...]
+) -> tuple[Tensor | None, Tensor | None]:
+    """The rows of ``z`` holding the declared constraints' duals, row-major within each
+    constraint, equalities then inequalities (the front end's order)."""
+    start, where = 0, {}
+    for kind in order:
+        for constraint in prog.constr_map.get(kind, []):
+            where[constraint.id] = start
+            start += constraint.size
+    if start != cones.rows:
+        return None, None
+    ids = _composed(chain, "compose_constr_id_map")
+    eqs, ineqs = constraint_kinds(problem)
+    blocks: list[list[np.ndarray]] = [[], []]
+    for block, constraints in zip(blocks, (eqs, ineqs)):
+        for constraint in constraints:
+            cid = ids.get(constraint.id, constraint.id)
+            if cid not in where:
+                return None, None
+            block.append(where[cid] + _c_to_fortran_positions(constraint.shape))
+
+    def rows(parts: list[np.ndarray]) -> Tensor:
+        return torch.as_tensor(np.concatenate(parts) if parts else np.zeros(0, np.int64))
+
+    return rows(blocks[0]), rows(blocks[1])

@@ -1,0 +1,254 @@
+"""The cones of a cone program, batched: the zero cone, the nonnegative orthant and second-order
+cones, and the Nesterov-Todd scaling the interior-point method takes steps in.
+
+A vector of the cone program's rows is a ``(B, rows)`` tensor laid out as CVXPY's solver
+interface orders them: ``zero`` rows first, then ``nonneg`` rows, then each second-order cone
+``(t, x)`` (``||x||_2 <= t``) contiguously. Operations on the conic part leave the zero rows at
+zero. Second-order cones of one size are handled together as a ``(B, g, k)`` block gathered from
+the rows (a short loop over the *distinct* sizes, never over cones or problems); extra trailing
+dims (columns of a matrix whose rows are the cone's) ride along.
+
+The formulas are the standard ones of symmetric-cone interior-point methods (Vandenberghe, "The
+CVXOPT linear and quadratic cone program solvers", 2010; Goulart and Chen, "Clarabel", 2024):
+Jordan products ``u o v``, their inverse ``lambda \\ v``, and for each cone the NT scaling
+``W`` (symmetric, ``W z = W^{-1} s = lambda``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = ["ConeData", "Cones", "Scaling"]
+
+
+@dataclass(frozen=True)
+class Cones:
+    """The cone ``K = {0}^zero x R_+^nonneg x SOC(k_1) x ...`` of a cone program's rows.
+
+    Attributes:
+        zero: rows of the zero cone (equalities).
+        nonneg: rows of the nonnegative orthant.
+        soc: the sizes ``k`` (including ``t``) of the second-order cones, in row order.
+    """
+
+    zero: int
+    nonneg: int
+    soc: tuple[int, ...] = ()
+    _groups: dict[int, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        start = self.zero + self.nonneg
+        rows: dict[int, list[list[int]]] = {}
+        for k in self.soc:
+            rows.setdefault(k, []).append(list(range(start, start + k)))
+            start += k
+        for k, index in rows.items():
+            self._groups[k] = torch.tensor(index, dtype=torch.int64)
+
+    @property
+    def rows(self) -> int:
+        return self.zero + self.nonneg + sum(self.soc)
+
+    @property
+    def degree(self) -> int:
+        """``nu``: the barrier parameter (one per orthant row and per second-order cone)."""
+        return self.nonneg + len(self.soc)
+
+    @property
+    def orthant(self) -> slice:
+        return slice(self.zero, self.zero + self.nonneg)
+
+    @property
+    def conic(self) -> slice:
+        """The rows that are not the zero cone's."""
+        return slice(self.zero, self.rows)
+
+    def groups(self, device: torch.device) -> list[Tensor]:
+        """One ``(g, k)`` row index per distinct second-order cone size."""
+        return [index.to(device) for index in self._groups.values()]
+
+    # ---------------------------------------------------------------------------------------
+    # elementwise algebra on (B, rows) vectors
+
+    def unit(self, like: Tensor) -> Tensor:
+        """``e``: ones on the orthant, ``(1, 0, ..., 0)`` on each second-order cone."""
+        e = torch.zeros_like(like)
+        e[:, self.orthant] = 1
+        for index in self.groups(like.device):
+            e[:, index[:, 0]] = 1
+        return e
+
+    def dot(self, u: Tensor, v: Tensor) -> Tensor:
+        """``(B,)`` the inner product over the conic rows."""
+        return (u[:, self.conic] * v[:, self.conic]).sum(-1)
+
+    def min_eigenvalue(self, v: Tensor) -> Tensor:
+        """``(B,)``: the smallest of the orthant entries and the ``t - ||x||`` of each cone
+        (``+inf`` for a program with no conic rows); ``v`` is interior iff it is positive."""
+        least = v.new_full(v.shape[:1], float("inf"))
+        if self.nonneg:
+            least = torch.minimum(least, v[:, self.orthant].amin(-1))
+        for index in self.groups(v.device):
+            block = v[:, index]
+            gap = block[..., 0] - torch.linalg.vector_norm(block[..., 1:], dim=-1)
+            least = torch.minimum(least, gap.amin(-1))
+        return least
+
+    def circ(self, u: Tensor, v: Tensor) -> Tensor:
+        """The Jordan product ``u o v`` (zero on the zero rows)."""
+        out = torch.zeros_like(v)
+        out[:, self.orthant] = u[:, self.orthant] * v[:, self.orthant]
+        for index in self.groups(v.device):
+            a, b = u[:, index], v[:, index]
+            block = torch.cat(
+                [
+                    (a * b).sum(-1, keepdim=True),
+                    a[..., :1] * b[..., 1:] + b[..., :1] * a[..., 1:],
+                ],
+                dim=-1,
+            )
+            out[:, index] = block
+        return out
+
+    def circ_solve(self, lam: Tensor, v: Tensor) -> Tensor:
+        """``lam \\ v``: the ``x`` with ``lam o x = v``, for ``lam`` interior."""
+        out = torch.zeros_like(v)
+        out[:, self.orthant] = v[:, self.orthant] / lam[:, self.orthant]
+        for index in self.groups(v.device):
+            a, b = lam[:, index], v[:, index]
+            a0, a1, b0, b1 = a[..., :1], a[..., 1:], b[..., :1], b[..., 1:]
+            det = a0 * a0 - (a1 * a1).sum(-1, keepdim=True)
+            x0 = (a0 * b0 - (a1 * b1).sum(-1, keepdim=True)) / det
+            out[:, index] = torch.cat([x0, (b1 - x0 * a1) / a0], dim=-1)
+        return out
+
+    def max_step(self, v: Tensor, dv: Tensor) -> Tensor:
+        """``(B,)``: the largest ``alpha`` (``inf`` if unbounded) with ``v + alpha dv`` in the
+        cone, for ``v`` interior."""
+        step = v.new_full(v.shape[:1], float("inf"))
+        if self.nonneg:
+            a, d = v[:, self.orthant], dv[:, self.orthant]
+            ratio = torch.where(d < 0, -a / d.clamp_max(-torch.finfo(d.dtype).tiny), torch.inf)
+            step = torch.minimum(step, ratio.amin(-1))
+        for index in self.groups(v.device):
+            step = torch.minimum(step, _soc_max_step(v[:, index], dv[:, index]).amin(-1))
+        return step
+
+    def shift_inside(self, v: Tensor) -> Tensor:
+        """``v`` moved along ``e`` into the interior when it is not there: its smallest
+        eigenvalue becomes the size of its conic part (1 for a zero vector), as CVXOPT's and
+        Clarabel's starting points do, in the data's own units."""
+        if not self.degree:
+            return v
+        least = self.min_eigenvalue(v)
+        size = v[:, self.conic].abs().amax(-1)
+        size = torch.where(size > 0, size, torch.ones_like(size))
+        shift = torch.where(least > 0, torch.zeros_like(least), size - least)
+        return v + shift.unsqueeze(-1) * self.unit(v)
+
+    def scaling(self, s: Tensor, z: Tensor) -> Scaling:
+        """The Nesterov-Todd scaling at interior ``s``, ``z``."""
+        w = None
+        if self.nonneg:
+            w = (s[:, self.orthant] / z[:, self.orthant]).sqrt()
+        blocks = []
+        for index in self.groups(s.device):
+            blocks.append(_soc_nt_point(s[:, index], z[:, index]))
+        return Scaling(self, w, blocks)
+
+
+def _soc_max_step(v: Tensor, d: Tensor) -> Tensor:
+    """``(B, g)``: the step to the boundary of each second-order cone block ``(B, g, k)``: the
+    smallest positive root of ``(v + a d)^T J (v + a d) = 0`` (``J = diag(1, -1, ...)``)."""
+    a = d[..., 0] ** 2 - (d[..., 1:] ** 2).sum(-1)
+    b = v[..., 0] * d[..., 0] - (v[..., 1:] * d[..., 1:]).sum(-1)
+    c = (v[..., 0] ** 2 - (v[..., 1:] ** 2).sum(-1)).clamp_min(0)
+    disc = (b * b - a * c).clamp_min(0).sqrt()
+    # Stable roots of a x^2 + 2 b x + c: x1 = -(b + sign(b) disc) / a, x2 = c / (a x1).
+    qq = -(b + torch.where(b >= 0, disc, -disc))
+    inf = torch.full_like(a, float("inf"))
+    r1 = torch.where(a != 0, qq / torch.where(a != 0, a, torch.ones_like(a)), inf)
+    r2 = torch.where(qq != 0, c / torch.where(qq != 0, qq, torch.ones_like(qq)), inf)
+    r1 = torch.where(r1 > 0, r1, inf)
+    r2 = torch.where(r2 > 0, r2, inf)
+    step = torch.minimum(r1, r2)
+    # With a >= 0 and b >= 0 the quadratic only grows along d: no boundary (if d0 >= 0).
+    grows = (a >= 0) & (b >= 0) & (d[..., 0] >= 0)
+    return torch.where(grows, inf, step)
+
+
+def _soc_nt_point(s: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    """``(eta (B, g, 1), w (B, g, k))``: the NT scaling ``W = eta [w0, w1^T; w1, I + w1 w1^T /
+    (1 + w0)]`` of each block, with ``w^T J w = 1``."""
+    ss = (s[..., :1] ** 2 - (s[..., 1:] ** 2).sum(-1, keepdim=True)).clamp_min(0).sqrt()
+    zz = (z[..., :1] ** 2 - (z[..., 1:] ** 2).sum(-1, keepdim=True)).clamp_min(0).sqrt()
+    tiny = torch.finfo(s.dtype).tiny
+    sb, zb = s / ss.clamp_min(tiny), z / zz.clamp_min(tiny)
+    gamma = ((1 + (sb * zb).sum(-1, keepdim=True)) / 2).clamp_min(tiny).sqrt()
+    w = torch.cat([sb[..., :1] + zb[..., :1], sb[..., 1:] - zb[..., 1:]], dim=-1) / (2 * gamma)
+    eta = (ss / zz.clamp_min(tiny)).clamp_min(tiny).sqrt()
+    return eta, w
+
+
+@dataclass
+class Scaling:
+    """The NT scaling ``W`` of one interior pair ``(s, z)``: block diagonal over the cones,
+    symmetric, ``W z = W^{-1} s``. ``w`` is the orthant's diagonal ``sqrt(s / z)``; ``blocks``
+    the second-order cones' ``(eta, w)`` per distinct size."""
+
+    cones: Cones
+    w: Tensor | None
+    blocks: list[tuple[Tensor, Tensor]]
+
+    def apply(self, v: Tensor, inverse: bool = False) -> Tensor:
+        """``W v`` (``W^{-1} v`` with ``inverse``) on the conic rows of ``v (B, rows, *rest)``;
+        the zero rows come back unchanged."""
+        out = v.clone()
+        extra = v.dim() - 2
+        if self.w is not None:
+            w = self.w.reshape(*self.w.shape, *([1] * extra))
+            rows = self.cones.orthant
+            out[:, rows] = v[:, rows] / w if inverse else v[:, rows] * w
+        for index, (eta, w) in zip(self.cones.groups(v.device), self.blocks):
+            block = v[:, index]  # (B, g, k, *rest)
+            eta = eta.reshape(*eta.shape, *([1] * extra))
+            w = w.reshape(*w.shape, *([1] * extra))
+            w0, w1 = w[:, :, :1], w[:, :, 1:]
+            b0, b1 = block[:, :, :1], block[:, :, 1:]
+            inner = (w1 * b1).sum(2, keepdim=True)
+            if inverse:  # W^{-1} = J Wbar J / eta
+                head = w0 * b0 - inner
+                tail = b1 + (inner / (1 + w0) - b0) * w1
+                out[:, index] = torch.cat([head, tail], dim=2) / eta
+            else:
+                head = w0 * b0 + inner
+                tail = b1 + (inner / (1 + w0) + b0) * w1
+                out[:, index] = torch.cat([head, tail], dim=2) * eta
+        return out
+
+
+@dataclass(frozen=True)
+class ConeData:
+    """A batch of cone programs; every tensor's leading dim is ``B`` or 1 (shared by the batch).
+
+    Attributes:
+        P: ``(B|1, n, n)`` symmetric PSD, or ``None`` (a linear objective).
+        q: ``(B|1, n)``.
+        A: ``(B|1, rows, n)``.
+        b: ``(B|1, rows)``.
+        cones: the cone of the rows.
+    """
+
+    P: Tensor | None
+    q: Tensor
+    A: Tensor
+    b: Tensor
+    cones: Cones
+
+    @property
+    def batch(self) -> int:
+        sizes = [t.shape[0] for t in (self.P, self.q, self.A, self.b) if t is not None]
+        return max(sizes)

@@ -1,0 +1,464 @@
+"""A batched primal-dual interior-point method for cone programs
+
+    minimize    1/2 x^T P x + q^T x
+    subject to  A x + s = b,   s in K = {0}^z x R_+^l x SOC(k_1) x ...
+
+for ``B`` problems at once, on any device, with a per-problem verdict (solved, primal
+infeasible, dual infeasible = unbounded, iteration limit, numerical failure).
+
+The method is the homogeneous self-dual embedding of Clarabel (Goulart and Chen, 2024) with
+Mehrotra's predictor-corrector and NT scaling: iterates ``(x, s, z, tau, kappa)``; the solution
+is ``(x, s, z) / tau`` when ``tau`` stays away from zero, and a certificate of infeasibility when
+``kappa`` wins (``b^T z < 0`` with ``A^T z ~ 0``: primal infeasible; ``q^T x < 0`` with
+``P x ~ 0``, ``A x + s ~ 0``: unbounded). No phase one, no feasible start needed.
+
+Each Newton step solves the reduced KKT system ``[P, A^T; A, -H] [dx; dz] = [r1; r2]``
+(``H = W^T W`` on the conic rows, 0 on the zero cone) by block elimination on dense batched
+Cholesky factors: ``M = P + (W^{-1} A_C)^T (W^{-1} A_C) + rho I`` (``n x n``) and, with
+equalities, the Schur complement ``A_E M^{-1} A_E^T + delta I``; the small static
+regularisation is removed by iterative refinement against the unregularised system. Problems that
+have finished stop moving (their step is zero); ``torch.linalg.cholesky_ex`` reports a failed
+factorisation per problem instead of raising for the batch.
+
+All tolerances are relative to each problem's own data (no ``1 + |x|``), so rescaling the data
+changes no verdict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from declopt.backends.cone.cones import ConeData, Scaling
+from declopt.backends.cone.equilibrate import equilibrate
+from declopt.diagnostics import Status
+
+__all__ = ["IPMResult", "Settings", "solve"]
+
+STATIC_REGULARISATION = {torch.float64: 1e-8, torch.float32: 1e-5}
+"""The diagonal added to the reduced KKT system (in equilibrated units; iterative refinement then
+removes its effect): Clarabel's 1e-8 in float64, and about sqrt(eps) above float32's rounding."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Stopping rules.
+
+    Attributes:
+        tol: relative tolerance of the primal residual, dual residual and duality gap (each
+            against the size of its own terms) and of infeasibility certificates.
+        max_iter: iterations before a problem is reported ``ITERATION_LIMIT``.
+        step_fraction: the fraction of the step to the cone's boundary taken.
+        refinement: iterative-refinement passes per linear solve.
+        polish: for programs without second-order cones, finish each solved problem on its
+            active set (see :func:`_polish`).
+    """
+
+    tol: float = 1e-8
+    max_iter: int = 100
+    step_fraction: float = 0.99
+    refinement: int = 2
+    polish: bool = True
+
+
+@dataclass
+class IPMResult:
+    """The answers, ``x (B, n)``, ``s``, ``z (B, rows)`` (the solution, divided by ``tau``),
+    ``status (B,)`` (:class:`~declopt.diagnostics.Status` codes), ``iterations (B,)``,
+    ``objective (B,)`` (``1/2 x^T P x + q^T x``) and ``residual (B,)`` (the largest relative
+    residual piece at the answer)."""
+
+    x: Tensor
+    s: Tensor
+    z: Tensor
+    status: Tensor
+    iterations: Tensor
+    objective: Tensor
+    residual: Tensor
+
+
+def _bmv(M: Tensor, v: Tensor) -> Tensor:
+    """``M v`` for ``M (B|1, r, c)`` and ``v (B, c)`` or ``(B, c, k)``. A shared ``M`` is one
+    matrix product over the whole batch (broadcasting it in ``matmul`` would copy it ``B``
+    times)."""
+    if M.shape[0] == 1 and v.shape[0] != 1:
+        if v.dim() == 2:
+            return v @ M[0].mT
+        return (v.mT @ M[0].mT).mT
+    if v.dim() == 2:
+        return (M @ v.unsqueeze(-1)).squeeze(-1)
+    return M @ v
+
+
+def _cholesky_solve(L: Tensor, r: Tensor) -> Tensor:
+    """``(L L^T)^{-1} r`` by two triangular solves (several times faster than
+    ``torch.cholesky_solve`` on batches of small systems on the CPU)."""
+    y = torch.linalg.solve_triangular(L, r, upper=False)
+    return torch.linalg.solve_triangular(L.mT, y, upper=True)
+
+
+def _bmtv(M: Tensor, v: Tensor) -> Tensor:
+    """``M^T v``."""
+    return _bmv(M.transpose(-1, -2), v)
+
+
+def _dot(u: Tensor, v: Tensor) -> Tensor:
+    return (u * v).sum(-1)
+
+
+def _inf_norm(v: Tensor) -> Tensor:
+    return v.abs().amax(-1) if v.shape[-1] else v.new_zeros(v.shape[:-1])
+
+
+class _KKT:
+    """Factors of ``[P, A^T; A, -H]`` at one scaling, and solves with it."""
+
+    def __init__(self, data: ConeData, scaling: Scaling | None, eps: float) -> None:
+        cones = data.cones
+        self.data, self.scaling, self.cones = data, scaling, cones
+        batch, n = data.batch, data.q.shape[-1]
+        A = data.A.expand(batch, -1, -1)
+        self.A_eq = A[:, : cones.zero]
+        if scaling is None:  # H = I on the conic rows (the starting point's system)
+            scaled = A[:, cones.conic]
+        else:
+            scaled = scaling.apply(A, inverse=True)[:, cones.conic]
+        self.scaled = scaled  # W^{-1} A_C
+        M = scaled.transpose(-1, -2) @ scaled
+        if data.P is not None:
+            M = M + data.P
+        if cones.zero:
+            # Augmented with gamma A_E^T A_E (gamma = 1 in equilibrated units): [M, A_E^T; A_E, 0]
+            # is nonsingular iff this is positive definite, however singular P + A_C^T H^-1 A_C
+            # is (a linear objective, a variable that only an equality pins down).
+            M = M + self.A_eq.transpose(-1, -2) @ self.A_eq
+        # Static regularisation: absolute in the equilibrated units (Clarabel's 1e-8), plus a
+        # multiple of eps^2 of the largest pivot.
+        diag = M.diagonal(dim1=-2, dim2=-1).abs().amax(-1)
+        self.rho = eps + torch.finfo(M.dtype).eps ** 2 * diag
+        M = M + self.rho[:, None, None] * torch.eye(n, dtype=M.dtype, device=M.device)
+        self.L, info = torch.linalg.cholesky_ex(M)
+        failed = info != 0
+        if cones.zero:
+            self.Y = _cholesky_solve(self.L, self.A_eq.transpose(-1, -2))  # M^{-1} A_E^T
+            S = self.A_eq @ self.Y
+            self.delta = eps + torch.finfo(M.dtype).eps ** 2 * S.diagonal(
+                dim1=-2, dim2=-1
+            ).abs().amax(-1)
+            eye = torch.eye(cones.zero, dtype=M.dtype, device=M.device)
+            self.Ls, info_s = torch.linalg.cholesky_ex(S + self.delta[:, None, None] * eye)
+            failed = failed | (info_s != 0)
+        self.failed = failed | ~torch.isfinite(M).all(-1).all(-1)
+
+    def h(self, v: Tensor) -> Tensor:
+        """``H v`` on the conic rows of ``v (B, rows, k)`` (0 on the zero rows)."""
+        out = v.clone() if self.scaling is None else self.scaling.apply(self.scaling.apply(v))
+        out[:, : self.cones.zero] = 0
+        return out
+
+    def _h_inv(self, v: Tensor) -> Tensor:
+        if self.scaling is None:
+            return v.clone()
+        return self.scaling.apply(self.scaling.apply(v, inverse=True), inverse=True)
+
+    def _solve_regularised(self, r1: Tensor, r2: Tensor) -> tuple[Tensor, Tensor]:
+        zero = self.cones.zero
+        hr = self._h_inv(r2)
+        hr[:, :zero] = 0
+        A = self.data.A
+        if zero:
+            hr[:, :zero] = r2[:, :zero]  # the augmentation's gamma A_E^T r2_E
+        rt = r1 + _bmtv(A, hr)  # r1 + A_C^T H^{-1} r2_C + A_E^T r2_E
+        v = _cholesky_solve(self.L, rt)
+        if zero:
+            rhs = _bmv(self.A_eq, v) - r2[:, :zero]
+            dz_eq = _cholesky_solve(self.Ls, rhs)
+            dx = v - _bmv(self.Y, dz_eq)
+        else:
+            dx = v
+        dz = self._h_inv(_bmv(A, dx) - r2)
+        if zero:
+            dz = torch.cat([dz_eq, dz[:, zero:]], 1)
+        return dx, dz
+
+    def solve(self, r1: Tensor, r2: Tensor, refinement: int) -> tuple[Tensor, Tensor]:
+        """``(dx (B, n, k), dz (B, rows, k))`` for right-hand sides ``r1 (B, n, k)``, ``r2
+        (B, rows, k)``."""
+        dx, dz = self._solve_regularised(r1, r2)
+        P, A = self.data.P, self.data.A
+        for _ in range(refinement):
+            e1 = r1 - _bmtv(A, dz)
+            if P is not None:
+                e1 = e1 - _bmv(P, dx)
+            e2 = r2 - _bmv(A, dx) + self.h(dz)
+            cx, cz = self._solve_regularised(e1, e2)
+            dx, dz = dx + cx, dz + cz
+        return dx, dz
+
+
+class _Step:
+    """One Newton step of the embedding at an iterate: the residuals ``r_x``, ``r_z``, ``r_tau``
+    and the KKT factors, from which :meth:`direction` solves for any complementarity
+    right-hand side. The ``dtau`` coefficient system ``K [x1; z1] = [-q; b]`` is solved once
+    and shared by the predictor and the corrector."""
+
+    def __init__(
+        self,
+        data: ConeData,
+        kkt: _KKT,
+        refinement: int,
+        r_x: Tensor,
+        r_z: Tensor,
+        r_tau: Tensor,
+        xi: Tensor,
+        pxi: Tensor,
+        tau: Tensor,
+        kappa: Tensor,
+    ) -> None:
+        self.data, self.kkt, self.refinement = data, kkt, refinement
+        self.r_x, self.r_z, self.r_tau = r_x, r_z, r_tau
+        self.tau, self.kappa = tau, kappa
+        batch = data.batch
+        self.q, self.b = data.q.expand(batch, -1), data.b.expand(batch, -1)
+        self.c = 2 * pxi + self.q  # the tau row's coefficient of dx
+        self.xpx = _dot(xi, pxi)
+        self.constant: tuple[Tensor, Tensor] | None = None
+
+    def direction(self, eta: Tensor, d_s: Tensor, d_kappa: Tensor) -> tuple[Tensor, ...]:
+        """``(dx, ds, dz, dtau, dkappa)`` for residuals scaled by ``eta (B,)`` and the
+        complementarity right-hand sides ``d_s (B, rows)`` (0 on the zero rows), ``d_kappa``."""
+        q, b, tau, kappa = self.q, self.b, self.tau, self.kappa
+        r1 = -eta[:, None] * self.r_x
+        r2 = -eta[:, None] * self.r_z + d_s
+        if self.constant is None:
+            dx, dz = self.kkt.solve(
+                torch.stack([-q, r1], -1), torch.stack([b, r2], -1), self.refinement
+            )
+            self.constant = dx[..., 0], dz[..., 0]
+            x2, z2 = dx[..., 1], dz[..., 1]
+        else:
+            dx, dz = self.kkt.solve(r1.unsqueeze(-1), r2.unsqueeze(-1), self.refinement)
+            x2, z2 = dx[..., 0], dz[..., 0]
+        x1, z1 = self.constant
+        c = self.c
+        num = -eta * self.r_tau - _dot(c, x2) - _dot(b, z2) + d_kappa / tau
+        den = _dot(c, x1) + _dot(b, z1) - self.xpx - kappa / tau  # < 0 (see docs/cone.md)
+        dtau = num / torch.where(den != 0, den, -torch.ones_like(den))
+        dx = x2 + dtau[:, None] * x1
+        dz = z2 + dtau[:, None] * z1
+        ds = -d_s - self.kkt.h(dz.unsqueeze(-1)).squeeze(-1)
+        dkappa = (-d_kappa - kappa * dtau) / tau
+        return dx, ds, dz, dtau, dkappa
+
+    def to_boundary(
+        self, s: Tensor, z: Tensor, ds: Tensor, dz: Tensor, dtau: Tensor, dkappa: Tensor
+    ) -> Tensor:
+        """``(B,)`` the largest step keeping ``s``, ``z``, ``tau``, ``kappa`` in their cones."""
+        cones = self.data.cones
+        alpha = torch.minimum(cones.max_step(s, ds), cones.max_step(z, dz))
+        inf = torch.full_like(alpha, float("inf"))
+        alpha = torch.minimum(alpha, torch.where(dtau < 0, -self.tau / dtau, inf))
+        return torch.minimum(alpha, torch.where(dkappa < 0, -self.kappa / dkappa, inf))
+
+
+def _starting_point(data: ConeData, settings: Settings, eps: float) -> tuple[Tensor, ...]:
+    """CVXOPT's and Clarabel's start: the solution of the system with ``H = I``
+    (``[P, A^T; A, -I] [x; z] = [-q; b]``), ``s = -z`` on the conic rows, both moved into the
+    cone's interior; ``tau = kappa = 1``."""
+    cones, batch = data.cones, data.batch
+    kkt = _KKT(data, None, eps)
+    q = data.q.expand(batch, -1)
+    b = data.b.expand(batch, -1)
+    x, z = kkt.solve(-q.unsqueeze(-1), b.unsqueeze(-1), settings.refinement)
+    x, z = x.squeeze(-1), z.squeeze(-1)
+    s = -z.clone()
+    s[:, : cones.zero] = 0
+    s = cones.shift_inside(s)
+    zc = cones.shift_inside(z.clone())
+    z = torch.cat([z[:, : cones.zero], zc[:, cones.zero :]], 1)
+    one = q.new_ones(batch)
+    return x, s, z, one, one.clone(), kkt.failed
+
+
+def _norms(data: ConeData) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(B,)`` the largest entries of ``q``, ``b``, ``A`` and ``P`` (the data's units)."""
+    batch = data.batch
+
+    def size(t: Tensor | None, dims: int) -> Tensor:
+        if t is None or t.numel() == 0:
+            return data.q.new_zeros(batch)
+        return t.abs().amax(dim=tuple(range(1, 1 + dims))).expand(batch)
+
+    return size(data.q, 1), size(data.b, 1), size(data.A, 2), size(data.P, 2)
+
+
+def solve(data: ConeData, settings: Settings | None = None) -> IPMResult:
+    """Solve every problem of the batch (see the module docstring), in equilibrated units."""
+    settings = Settings() if settings is None else settings
+    scaled, scaling = equilibrate(data)
+    result = _solve(scaled, settings)
+    if settings.polish and not data.cones.soc:
+        result = _polish(scaled, result, settings)
+    x, s, z = scaling.unscale(result.x, result.s, result.z)
+    objective = result.objective / scaling.c
+    return IPMResult(x, s, z, result.status, result.iterations, objective, result.residual)
+
+
+def _solve(data: ConeData, settings: Settings) -> IPMResult:
+    cones, batch = data.cones, data.batch
+    tol = settings.tol
+    eps = STATIC_REGULARISATION[data.q.dtype]
+    P = data.P
+    q, b = data.q.expand(batch, -1), data.b.expand(batch, -1)
+    A = data.A
+    q_size, b_size, A_size, P_size = _norms(data)
+    tiny = torch.finfo(q.dtype).tiny
+    floor = torch.finfo(q.dtype).eps
+
+    x, s, z, tau, kappa, failed = _starting_point(data, settings, eps)
+    status = torch.full((batch,), -1, dtype=torch.int64, device=q.device)  # -1: running
+    status = torch.where(failed, int(Status.NUMERICAL), status)
+    iterations = torch.zeros(batch, dtype=torch.int64, device=q.device)
+    residual = torch.full_like(tau, float("inf"))
+    degree = cones.degree + 1
+
+    def px_of(v: Tensor) -> Tensor:
+        return _bmv(P, v) if P is not None else torch.zeros_like(v)
+
+    for _ in range(settings.max_iter + 1):
+        running = status < 0
+        # -------- verdicts on the current iterate
+        px, ax, atz = px_of(x), _bmv(A, x), _bmtv(A, z)
+        xb, sb, zb = x / tau[:, None], s / tau[:, None], z / tau[:, None]
+        pxb, axb, atzb = px / tau[:, None], ax / tau[:, None], atz / tau[:, None]
+        xpx = _dot(xb, pxb)
+        pobj = 0.5 * xpx + _dot(q, xb)
+        dobj = -0.5 * xpx - _dot(b, zb)
+        p_unit = torch.maximum(torch.maximum(b_size, _inf_norm(axb)), _inf_norm(sb))
+        d_unit = torch.maximum(torch.maximum(q_size, _inf_norm(pxb)), _inf_norm(atzb))
+        g_unit = torch.minimum(pobj.abs(), dobj.abs())
+        g_unit = torch.maximum(g_unit, torch.maximum(p_unit, d_unit) * floor)
+        pres = _inf_norm(axb + sb - b) / p_unit.clamp_min(tiny)
+        dres = _inf_norm(pxb + atzb + q) / d_unit.clamp_min(tiny)
+        gap = (pobj - dobj).abs() / g_unit.clamp_min(tiny)
+        residual = torch.where(running, torch.maximum(torch.maximum(pres, dres), gap), residual)
+        solved = (pres <= tol) & (dres <= tol) & (gap <= tol)
+        # Certificates, normalised by the certificate's own objective (scale-free in z and x).
+        bz, qx = _dot(b, z), _dot(q, x)
+        p_infeasible = (bz < 0) & (_inf_norm(atz) * b_size <= tol * A_size * (-bz).clamp_min(tiny))
+        d_scale = (-qx).clamp_min(tiny)
+        d_infeasible = (
+            (qx < 0)
+            & (_inf_norm(ax + s) * q_size <= tol * A_size * d_scale)
+            & (_inf_norm(px) * q_size <= tol * P_size.clamp_min(tiny) * d_scale)
+        )
+        nonfinite = ~(
+            torch.isfinite(x).all(-1) & torch.isfinite(z).all(-1) & torch.isfinite(s).all(-1)
+        )
+        verdict = torch.full_like(status, -1)
+        verdict = torch.where(d_infeasible, int(Status.UNBOUNDED), verdict)
+        verdict = torch.where(p_infeasible, int(Status.INFEASIBLE), verdict)
+        verdict = torch.where(solved, int(Status.SOLVED), verdict)
+        verdict = torch.where(nonfinite, int(Status.NUMERICAL), verdict)
+        status = torch.where(running, verdict, status)
+        running = status < 0
+        if not bool(running.any()):
+            break
+        if int(iterations.max()) >= settings.max_iter:
+            status = torch.where(running, int(Status.ITERATION_LIMIT), status)
+            break
+        iterations = iterations + running.long()
+
+        # -------- one predictor-corrector step
+        r_x = px + atz + q * tau[:, None]
+        r_z = ax + s - b * tau[:, None]  # s is 0 on the zero rows
+        xi = x / tau[:, None]
+        pxi = px / tau[:, None]
+        r_tau = qx + bz + _dot(x, pxi) + kappa
+        mu = (cones.dot(s, z) + tau * kappa) / degree
+
+        # Sanitize finished/failed problems so the batch's algebra stays finite.
+        safe = running.unsqueeze(-1)
+        e = cones.unit(s)
+        s_w = torch.where(safe, s, e)
+        z_w = torch.where(safe, z, e)
+        scaling = cones.scaling(s_w, z_w)
+        lam = scaling.apply(z_w)
+        kkt = _KKT(data, scaling, eps)
+        status = torch.where(running & kkt.failed, int(Status.NUMERICAL), status)
+        running = status < 0
+
+        step = _Step(data, kkt, settings.refinement, r_x, r_z, r_tau, xi, pxi, tau, kappa)
+        # predictor (affine scaling): d_s = s, d_kappa = tau kappa
+        _, ds_a, dz_a, dtau_a, dkappa_a = step.direction(torch.ones_like(tau), s_w, tau * kappa)
+        alpha_a = step.to_boundary(s_w, z_w, ds_a, dz_a, dtau_a, dkappa_a).clamp_max(1)
+        sigma = (1 - alpha_a) ** 3
+        # corrector: d_s = W (lambda \ (lambda o lambda + (W^{-1} ds_a) o (W dz_a) - sigma mu e))
+        second = cones.circ(scaling.apply(ds_a, inverse=True), scaling.apply(dz_a))
+        target = cones.circ(lam, lam) + second - (sigma * mu)[:, None] * e
+        d_s = scaling.apply(cones.circ_solve(torch.where(safe, lam, e), target))
+        d_kappa = tau * kappa + dtau_a * dkappa_a - sigma * mu
+        dx, ds, dz, dtau, dkappa = step.direction(1 - sigma, d_s, d_kappa)
+        alpha = step.to_boundary(s_w, z_w, ds, dz, dtau, dkappa)
+        alpha = (settings.step_fraction * alpha).clamp_max(1)
+        alpha = torch.where(running & torch.isfinite(alpha), alpha, torch.zeros_like(alpha))
+        a = alpha[:, None]
+        x = x + a * dx
+        s = s + a * ds
+        z = z + a * dz
+        tau = tau + alpha * dtau
+        kappa = kappa + alpha * dkappa
+
+    xb, sb, zb = x / tau[:, None], s / tau[:, None], z / tau[:, None]
+    objective = 0.5 * _dot(xb, px_of(xb)) + _dot(q, xb)
+    return IPMResult(xb, sb, zb, status, iterations, objective, residual)
+
+
+def _polish(data: ConeData, result: IPMResult, settings: Settings) -> IPMResult:
+    """The exact solution on the active set the interior point identifies (as OSQP polishes).
+
+    An interior-point answer sits ``~mu`` inside the cone: ``s_i z_i ~ mu`` on every row, so an
+    inactive inequality carries a multiplier ``mu / s_i`` and a nearly degenerate one is off by
+    ``sqrt(mu)``. Rows with ``z_i > s_i`` (equilibrated units) are taken as active: one
+    equality-constrained solve ``[P, A_act^T; A_act, 0] [x; z] = [-q; b_act]`` gives the exact
+    point, which replaces the answer where it is primal feasible on the other rows and its
+    multipliers have the right sign (both to the tolerance); elsewhere the answer is kept.
+    """
+    cones = data.cones
+    rows, zero = cones.rows, cones.zero
+    solved = result.status == int(Status.SOLVED)
+    if not bool(solved.any()) or rows == 0:
+        return result
+    x, s, z = result.x, result.s, result.z
+    active = z > s
+    active[:, :zero] = True
+    mask = active.to(x.dtype)
+    batch = data.batch
+    A = data.A.expand(batch, -1, -1) * mask.unsqueeze(-1)
+    b = data.b.expand(batch, -1) * mask
+    q = data.q.expand(batch, -1)
+    equalities = ConeData(data.P, q, A, b, type(cones)(rows, 0))
+    kkt = _KKT(equalities, None, STATIC_REGULARISATION[x.dtype])
+    xp, zp = kkt.solve(-q.unsqueeze(-1), b.unsqueeze(-1), settings.refinement)
+    xp, zp = xp.squeeze(-1), zp.squeeze(-1) * mask
+    sp = data.b - _bmv(data.A, xp)
+    sp = torch.where(active, torch.zeros_like(sp), sp)
+    # Accept where the other rows stay feasible and the multipliers keep their sign, both
+    # relative to the data's units, and the point stays as stationary as the answer was.
+    tol = settings.tol
+    q_size, b_size, A_size, _ = _norms(data)
+    x_size = _inf_norm(xp)
+    slack_ok = (sp[:, zero:] >= -tol * (b_size + A_size * x_size).unsqueeze(-1)).all(-1)
+    z_size = _inf_norm(zp).clamp_min(torch.finfo(x.dtype).tiny)
+    sign_ok = (zp[:, zero:] >= -tol * torch.maximum(z_size, q_size).unsqueeze(-1)).all(-1)
+    finite = torch.isfinite(xp).all(-1) & torch.isfinite(zp).all(-1) & ~kkt.failed
+    take = solved & slack_ok & sign_ok & finite
+    keep = take.unsqueeze(-1)
+    xp = torch.where(keep, xp, x)
+    sp = torch.where(keep, sp.clamp_min(0), s)
+    zp = torch.where(keep, torch.cat([zp[:, :zero], zp[:, zero:].clamp_min(0)], 1), z)
+    objective = 0.5 * _dot(xp, _bmv(data.P, xp)) if data.P is not None else 0 * result.objective
+    objective = objective + _dot(q, xp)
+    return IPMResult(xp, sp, zp, result.status, result.iterations, objective, result.residual)

@@ -1,0 +1,97 @@
+"""What the backends that solve a CVXPY declaration themselves (cvxpylayers, the cone backend)
+share: lowering variable attributes to constraints, the front end's order of constraint rows, and
+the KKT point of the declaration at an external solver's answer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cvxpy as cp
+import torch
+from cvxpy.constraints import Equality, Inequality, NonNeg, NonPos, Zero
+from cvxpy.expressions.leaf import Leaf
+from torch import Tensor
+
+from declopt.derivatives import BatchedObjective
+from declopt.kkt.point import KKTPoint, kkt_point
+from declopt.kkt.tolerances import Tolerances
+from declopt.program import BatchedParams, Program
+
+__all__ = ["AnswerJudge", "constraint_kinds", "lower_domains"]
+
+EQUALITY_KINDS = (Equality, Zero)
+INEQUALITY_KINDS = (Inequality, NonPos, NonNeg)
+
+
+def constraint_kinds(problem: cp.Problem) -> tuple[list[cp.Constraint], list[cp.Constraint]]:
+    """The problem's equality and inequality constraints, each in declaration order: the order
+    of the front end's rows (:func:`declopt.frontend.compile_problem`)."""
+    eqs = [c for c in problem.constraints if isinstance(c, EQUALITY_KINDS)]
+    ineqs = [c for c in problem.constraints if isinstance(c, INEQUALITY_KINDS)]
+    return eqs, ineqs
+
+
+def lower_domains(
+    problem: cp.Problem, variables: Sequence[cp.Variable]
+) -> tuple[cp.Problem, list[cp.Variable]]:
+    """Replace variables declared with sign/bound attributes by plain ones plus explicit
+    constraints (CVXPY gives attribute constraints no dual variable)."""
+    if not any(v.domain for v in variables):
+        return problem, list(variables)
+    plain = {v.id: cp.Variable(v.shape, name=v.name()) if v.domain else v for v in variables}
+    memo: dict[int, cp.Expression] = {}
+
+    def sub(expr: cp.Expression) -> cp.Expression:
+        if isinstance(expr, cp.Variable):
+            return plain.get(expr.id, expr)
+        if isinstance(expr, Leaf):
+            return expr
+        if id(expr) not in memo:  # shared subexpressions stay shared
+            memo[id(expr)] = expr.copy([sub(a) for a in expr.args])
+        return memo[id(expr)]
+
+    def sub_constraint(c: cp.Constraint) -> cp.Constraint:
+        return type(c)(*[sub(a) for a in c.args])
+
+    domain = [c for v in variables for c in v.domain]
+    objective = type(problem.objective)(sub(problem.objective.expr))
+    constraints = [sub_constraint(c) for c in (*problem.constraints, *domain)]
+    return cp.Problem(objective, constraints), [plain[v.id] for v in variables]
+
+
+@dataclass(frozen=True)
+class AnswerJudge:
+    """The declaration's KKT point at a conic solver's answers, with the solver's multipliers.
+
+    Activity and weak activity are judged against the solver's accuracy (``tolerances``), not
+    an exact forward's rounding: SCS leaves a weakly active bound ``~1e-9`` away with a ``~1e-8``
+    multiplier, which the exact tests read as strictly active, so ``degenerate=`` was ignored.
+    Its stopping test measures residuals against the size of the gradient's *terms*
+    (``|P x|``, ``|c|``), which ``|D_u f|`` does not see where ``f`` and its gradient vanish at
+    the solution (a zero-residual least squares): ``|D2_uu f u|`` is the multipliers' unit too.
+    """
+
+    program: Program
+    params: BatchedParams
+    tolerances: Tolerances
+
+    def __call__(self, u: Tensor, eq: Tensor | None, ineq: Tensor | None) -> KKTPoint:
+        """The KKT point at ``u (B, m)`` with multipliers ``eq (B, p)``, ``ineq (B, q)`` (seed
+        convention; ``None``: unknown, fitted by least squares)."""
+        program, params = self.program, self.params
+        u = u.detach()
+        eq = eq.detach() if eq is not None and program.equalities is not None else None
+        ineq = ineq.detach() if ineq is not None and program.inequalities is not None else None
+        with torch.no_grad():
+            unit = BatchedObjective(program.objective, params).hvp(u, u).abs().amax(-1)
+            unit = torch.where(torch.isfinite(unit), unit, torch.zeros_like(unit))
+            return kkt_point(
+                program,
+                params,
+                u,
+                eq_multipliers=eq,
+                ineq_multipliers=ineq,
+                tolerances=self.tolerances,
+                gradient_unit=unit,
+            )
