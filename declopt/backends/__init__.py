@@ -97,28 +97,34 @@ def get(name: str) -> Backend:
 class Auto:
     """Automatic dispatch (``backend="auto"`` is ``Auto()``).
 
-    ``prefer="cvxpylayers"`` (default) sends every DPP-convex problem to cvxpylayers, an exact
-    conic solver that also takes nonsmooth atoms; ``prefer="torch"`` sends it there only when the
-    torch backend refuses it, and keeps the rest on torch, which is faster on unconstrained ones
-    (Huber pooling: ~10x forward, ~50x forward+backward; ``benchmarks/backends.py``). Problems
-    that are not DPP-convex always go to torch.
+    DPP-convex problems go first to ``"cone"`` (declopt's batched interior-point method) when
+    their cone program is small enough for its dense factorisations (at most
+    :data:`~declopt.backends.cone.backend.AUTO_MAX_COLUMNS` columns after presolve: QPs, LPs and
+    SOCPs of layer size; ``benchmarks/backends.py``), else to ``"cvxpylayers"``, an exact
+    sparse conic solver that also takes exponential and PSD cones. ``prefer="cvxpylayers"``
+    skips the cone backend; ``prefer="torch"`` sends a DPP-convex problem to those two only
+    when the torch backend refuses it, and keeps the rest on torch, which is faster on
+    unconstrained ones with few variables (Huber pooling: ~10x forward, ~50x forward+backward).
+    Problems that are not DPP-convex always go to torch.
     """
 
-    prefer: str = "cvxpylayers"
+    prefer: str = "cone"
 
     def __post_init__(self) -> None:
-        if self.prefer not in ("cvxpylayers", "torch"):
-            raise ValueError(f"Auto(prefer=) must be 'cvxpylayers' or 'torch', got {self.prefer!r}")
+        if self.prefer not in ("cone", "cvxpylayers", "torch"):
+            raise ValueError(
+                f"Auto(prefer=) must be 'cone', 'cvxpylayers' or 'torch', got {self.prefer!r}"
+            )
 
 
 def select(name: str | Auto, program: Program) -> tuple[Backend, str]:
     """The backend for ``program`` and the reason it was chosen (``layer.info.reason``).
 
-    ``"auto"`` / :class:`Auto` sends DPP-convex problems to ``"cvxpylayers"`` (all of them, or
-    only those the torch backend cannot solve: see :class:`Auto`) and everything else to
-    ``"torch"``; the reason names the test that decided (for a problem that is not DPP-convex, the
-    subexpression that breaks the rules). An explicit name that cannot take the program raises
-    ``ValueError`` with the backend's own reason.
+    ``"auto"`` / :class:`Auto` sends DPP-convex problems to ``"cone"`` or ``"cvxpylayers"``
+    (all of them, or only those the torch backend cannot solve: see :class:`Auto`) and
+    everything else to ``"torch"``; the reason names the test that decided (for a problem that
+    is not DPP-convex, the subexpression that breaks the rules). An explicit name that cannot
+    take the program raises ``ValueError`` with the backend's own reason.
     """
     if name == "auto":
         name = Auto()
@@ -130,17 +136,24 @@ def select(name: str | Auto, program: Program) -> tuple[Backend, str]:
         if problem is not None:
             raise ValueError(f"backend {name!r} cannot solve this problem: {problem}")
         return backend, f"requested backend={name!r}"
-    prefers_cvxpylayers = name.prefer == "cvxpylayers"
     torch_backend = get("torch")
     torch_refusal = torch_backend.supports(program)
     dpp_convex = program.is_convex and program.is_dpp
-    if dpp_convex and (prefers_cvxpylayers or torch_refusal is not None):
-        cvx = _REGISTRY.get("cvxpylayers")
-        refusal = "it is not registered" if cvx is None else cvx.supports(program)
-        if refusal is None:
-            because = "" if prefers_cvxpylayers else f" and torch cannot ({torch_refusal})"
-            return cvx, f"auto: the problem is DPP-convex{because}, so cvxpylayers solves it"
-        why = f"the problem is DPP-convex but cvxpylayers cannot take it ({refusal})"
+    if dpp_convex and (name.prefer != "torch" or torch_refusal is not None):
+        because = "" if name.prefer != "torch" else f" and torch cannot ({torch_refusal})"
+        refusals = []
+        for candidate in ("cone", "cvxpylayers"):
+            if candidate == "cone" and name.prefer == "cvxpylayers":
+                continue
+            backend = _REGISTRY.get(candidate)
+            refusal = "it is not registered" if backend is None else _auto_refusal(backend, program)
+            if refusal is None:
+                return backend, (
+                    f"auto: the problem is DPP-convex{because}, so {candidate} solves it"
+                    + ("" if not refusals else f" ({'; '.join(refusals)})")
+                )
+            refusals.append(f"{candidate} cannot take it: {refusal}")
+        why = f"the problem is DPP-convex but {'; '.join(refusals)}"
     elif dpp_convex:
         why = "the problem is DPP-convex and the torch backend takes it (faster than cvxpylayers)"
     else:
@@ -148,6 +161,13 @@ def select(name: str | Auto, program: Program) -> tuple[Backend, str]:
     if torch_refusal is not None:
         raise ValueError(f"no registered backend can solve this problem: {why}; {torch_refusal}")
     return torch_backend, f"auto: {why}, so torch solves it"
+
+
+def _auto_refusal(backend: Backend, program: Program) -> str | None:
+    """Why ``backend`` is not auto's choice for ``program`` (its ``auto_refusal`` when it has
+    one: a backend may take more than it should be chosen for), or ``None``."""
+    rule = getattr(backend, "auto_refusal", None)
+    return backend.supports(program) if rule is None else rule(program)
 
 
 def takes(backend: Backend, program: Program) -> str | None:

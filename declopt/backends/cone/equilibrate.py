@@ -27,16 +27,24 @@ CLAMP = (1e-4, 1e4)
 
 @dataclass(frozen=True)
 class Equilibration:
-    """``P' = c D P D``, ``q' = c D q``, ``A' = E A D``, ``b' = E b``: ``D (B|1, n)`` scales
-    the variables, ``E (B|1, rows)`` the rows, ``c (B|1,)`` the cost."""
+    """The scaled program ``P' = c D P D``, ``q' = c D q / beta``, ``A' = E A D``,
+    ``b' = E b / beta``: ``D (B|1, n)`` scales the variables, ``E (B|1, rows)`` the rows,
+    ``beta (B|1,)`` the size of the solution and ``c (B|1,)`` the cost."""
 
     D: Tensor
     E: Tensor
+    beta: Tensor
     c: Tensor
 
     def unscale(self, x: Tensor, s: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The original program's ``x = D x'``, ``s = s' / E``, ``z = E z' / c``."""
-        return self.D * x, s / self.E, self.E * z / self.c[:, None]
+        """The original program's ``x = beta D x'``, ``s = beta s' / E``,
+        ``z = beta E z' / c``."""
+        beta = self.beta[:, None]
+        return beta * self.D * x, beta * s / self.E, beta * self.E * z / self.c[:, None]
+
+    def objective(self, value: Tensor) -> Tensor:
+        """The original objective from the scaled one."""
+        return self.beta**2 * value / self.c
 
 
 def _cone_mean(v: Tensor, cones: Cones) -> Tensor:
@@ -48,11 +56,23 @@ def _cone_mean(v: Tensor, cones: Cones) -> Tensor:
     return out
 
 
+def _positive_or_one(size: Tensor) -> Tensor:
+    return torch.where(size > 0, size, torch.ones_like(size))
+
+
 def equilibrate(data: ConeData) -> tuple[ConeData, Equilibration]:
-    """The equilibrated batch and its scaling (shared data gets shared factors)."""
+    """The equilibrated batch and its scaling (shared data gets shared factors).
+
+    ``P`` is first divided by its largest entry, so that the Ruiz passes see the same matrix
+    whatever the objective's units; then ``beta = |E b|_inf`` (or ``|D q| / |P|`` when ``b = 0``)
+    makes the solution's size 1 and ``c`` the cost's."""
     P, q, A, b, cones = data.P, data.q, data.A, data.b, data.cones
     lead = max(A.shape[0], 1 if P is None else P.shape[0])
     n, rows = A.shape[-1], A.shape[-2]
+    c0 = A.new_ones(P.shape[0] if P is not None else 1)
+    if P is not None:
+        c0 = 1 / _positive_or_one(P.abs().amax((-2, -1)))
+        P = c0[:, None, None] * P
     D = A.new_ones(lead, n)
     E = A.new_ones(lead, rows)
     low, high = CLAMP
@@ -62,18 +82,24 @@ def equilibrate(data: ConeData) -> tuple[ConeData, Equilibration]:
         if Ps is not None:
             col = torch.maximum(col, Ps.abs().amax(-2))
         row = As.abs().amax(-1) if n else A.new_zeros(lead, rows)
-        dcol = 1 / col.where(col > 0, torch.ones_like(col)).sqrt().clamp(low, high)
-        drow = 1 / row.where(row > 0, torch.ones_like(row)).sqrt().clamp(low, high)
-        drow = _cone_mean(drow, cones)
+        dcol = 1 / _positive_or_one(col).sqrt().clamp(low, high)
+        drow = _cone_mean(1 / _positive_or_one(row).sqrt().clamp(low, high), cones)
         D, E = D * dcol, E * drow
         As = E.unsqueeze(-1) * A * D.unsqueeze(-2)
         if P is not None:
             Ps = D.unsqueeze(-1) * P * D.unsqueeze(-2)
-    qs = D * q
+    bs, qs = E * b, D * q * c0[:, None]
+    beta = bs.abs().amax(-1) if rows else bs.new_zeros(bs.shape[0])
+    if Ps is not None:  # b = 0: the solution's size is |q| / |P|
+        from_q = qs.abs().amax(-1) / _positive_or_one(Ps.abs().amax((-2, -1)))
+        beta = torch.where(beta > 0, beta, from_q)
+    beta = _positive_or_one(beta)
+    bs, qs = bs / beta[:, None], qs / beta[:, None]
     size = qs.abs().amax(-1)
     if Ps is not None:
         size = torch.maximum(size, Ps.abs().amax(-1).mean(-1))
-    c = 1 / size.where(size > 0, torch.ones_like(size)).clamp(low, high)
+    c = 1 / _positive_or_one(size)
     Ps = None if Ps is None else c[:, None, None] * Ps
-    scaled = ConeData(Ps, c[:, None] * qs, As, E * b, cones)
-    return scaled, Equilibration(D, E, c)
+    scaled = ConeData(Ps, c[:, None] * qs, As, bs, cones)
+    # The original program's cost unit is c * c0 (P was divided by its largest entry).
+    return scaled, Equilibration(D, E, beta, c * c0)
