@@ -443,11 +443,21 @@ def test_cvxpylayers_layer_is_built_once_per_program() -> None:
 # registry and automatic dispatch
 
 
-def test_auto_sends_dpp_convex_problems_to_cvxpylayers_and_says_why() -> None:
+def test_auto_sends_dpp_convex_problems_to_the_cone_backend_and_says_why() -> None:
     problem, parameters, variables = _qp()
     layer = dl.Layer(problem, parameters, variables)
     layer(*_data("qp", seed=9))
-    assert layer.info.backend == "cvxpylayers" and "DPP-convex" in layer.info.reason
+    assert layer.info.backend == "cone" and "DPP-convex" in layer.info.reason
+
+
+def test_auto_sends_large_cone_programs_to_cvxpylayers_and_says_why() -> None:
+    """The L2-ball projection at d = 256 is a cone program of 257 columns after presolve:
+    beyond the dense interior point's range, so cvxpylayers (sparse) takes it."""
+    p, r, z = cp.Parameter(256), cp.Parameter(pos=True), cp.Variable(256)
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(z - p)), [cp.norm(z, 2) <= r])
+    layer = dl.Layer(problem, [p, r], [z])
+    assert layer.backend_name == "cvxpylayers"
+    assert "257 columns" in layer.reason and "backend='cone' forces it" in layer.reason
 
 
 def test_auto_sends_non_dpp_problems_to_torch_and_names_the_culprit() -> None:
@@ -459,14 +469,16 @@ def test_auto_sends_non_dpp_problems_to_torch_and_names_the_culprit() -> None:
 
 def test_auto_preference_is_an_argument_that_keeps_dpp_problems_on_torch() -> None:
     problem, parameters, variables = _ridge()
-    assert dl.Layer(problem, parameters, variables).backend_name == "cvxpylayers"
+    assert dl.Layer(problem, parameters, variables).backend_name == "cone"
+    chosen = dl.Layer(problem, parameters, variables, backend=backends.Auto(prefer="cvxpylayers"))
+    assert chosen.backend_name == "cvxpylayers"
     on_torch = dl.Layer(problem, parameters, variables, backend=backends.Auto(prefer="torch"))
     assert on_torch.backend_name == "torch" and "torch backend takes it" in on_torch.reason
     with pytest.raises(ValueError, match="prefer"):
         backends.Auto(prefer="scs")
 
 
-def test_auto_preferring_torch_still_sends_what_torch_refuses_to_cvxpylayers(
+def test_auto_preferring_torch_still_sends_what_torch_refuses_to_a_conic_backend(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     class Refusing:
@@ -478,11 +490,11 @@ def test_auto_preferring_torch_still_sends_what_torch_refuses_to_cvxpylayers(
     monkeypatch.setitem(backends._REGISTRY, "torch", Refusing())
     problem, parameters, variables = _qp()
     layer = dl.Layer(problem, parameters, variables, backend=backends.Auto(prefer="torch"))
-    assert layer.backend_name == "cvxpylayers" and "torch cannot" in layer.reason
+    assert layer.backend_name == "cone" and "torch cannot" in layer.reason
 
 
 def test_registry_lists_the_backends_and_rejects_unknown_or_duplicate_names() -> None:
-    assert {"torch", "cvxpylayers", "scipy"} <= set(backends.available())
+    assert {"torch", "cvxpylayers", "scipy", "cone"} <= set(backends.available())
     with pytest.raises(ValueError, match=r"registered backends: .*cvxpylayers"):
         backends.get("nope")
     with pytest.raises(ValueError, match="already registered"):
@@ -581,7 +593,7 @@ def test_cvxpylayers_implicit_backward_honours_degenerate(side: str, residual: b
     expected = _one_sided_grad_b(a_t, side)
     # Where f = 0 at the solution scipy's polished point judges multipliers of ~1e-6 against a
     # gradient scale of ~0 (a known gap: its KKT point takes no gradient-term floor yet).
-    backends_here = ("cvxpylayers", "torch") + (("scipy",) if residual else ())
+    backends_here = ("cvxpylayers", "torch", "cone") + (("scipy",) if residual else ())
     for name in backends_here:
         layer = dl.Layer(
             problem,

@@ -157,4 +157,17 @@ def polish(
             break
         held = held & ~(wrong & pending.unsqueeze(-1))
     assert out is not None
+    if not bool(out.converged.all()):
+        # Where f and D_u f both vanish at the solution (a zero-residual least squares), the
+        # residual is measured against the size of the gradient's terms, |D2_uu f u| (as the
+        # conic backends' answers are): rounding of 1e-16 is then no failure.
+        unit = BatchedObjective(program.objective, params).hvp(out.u, out.u).abs().amax(-1)
+        unit = torch.where(torch.isfinite(unit), unit, torch.zeros_like(unit))
+        again = reassess(
+            out,
+            eq_multipliers=out.eq_multipliers if p else None,
+            ineq_multipliers=out.ineq_multipliers if q else None,
+            gradient_unit=unit,
+        )
+        out = again.where(~out.converged, out)
     return out

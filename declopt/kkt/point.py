@@ -269,6 +269,7 @@ def reassess(
     multipliers: Tensor | None = None,
     held: Tensor | Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
     tolerances: Tolerances | None = None,
+    gradient_unit: Tensor | None = None,
 ) -> KKTPoint:
     """The KKT point at ``point.u`` with other multipliers or held rows (arguments as for
     :func:`kkt_point`), from the evaluations ``point`` already holds: no pass over the
@@ -288,6 +289,7 @@ def reassess(
         ineq_multipliers=ineq_multipliers,
         multipliers=multipliers,
         held=held,
+        gradient_unit=gradient_unit,
     )
 
 
