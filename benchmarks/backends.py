@@ -2,7 +2,8 @@
 
 For each problem (Huber pooling n=64 and L2-ball projection d=256 at batch 128; a QP with 50
 variables, 25 inequalities and 10 equalities at batch 64, every input per problem, and the same
-QP with Q, G and A shared by the batch, as learned layer weights are, q, h and b per problem) and
+QP with Q, G and A shared by the batch, as learned layer weights are, q, h and b per problem;
+cvxpylayers' README example ``0.5 |A x - b|_1, x >= 0`` at batch 64) and
 each backend, the median wall time of the forward pass and of forward+backward, as a ratio to
 the torch backend, and the largest difference of the solution and of the gradient (with respect
 to every data tensor) to the torch backend's (relative to its largest entry). One thread
@@ -10,6 +11,8 @@ everywhere: ``torch.set_num_threads(1)`` and diffcp's ``n_jobs=1``. Float64.
 
 Rows:
     torch                  declopt's batched torch backend, implicit backward.
+    cone                   declopt's cone backend (CVXPY's canonicalisation, batched
+                           interior point in torch, float64), implicit backward.
     cvxpylayers            declopt's cvxpylayers backend (SCS eps 1e-8, exact/LSMR derivative),
                            native backward.
     cvxpylayers/implicit   the same forward, declopt's implicit backward.
@@ -106,11 +109,20 @@ def qp(batch: int = 64, nv: int = 50, ni: int = 25, ne: int = 10, shared: bool =
     return Case(name, problem, [Q, q, G, h, A, b], [w], data, batched, qp_layout=True)
 
 
+def l1_regression(batch: int = 64) -> Case:
+    """cvxpylayers' README example, ``0.5 |A x - b|_1, x >= 0`` with ``A`` 3 x 2."""
+    A, b, x = cp.Parameter((3, 2)), cp.Parameter(3), cp.Variable(2)
+    problem = cp.Problem(cp.Minimize(0.5 * cp.pnorm(A @ x - b, p=1)), [x >= 0])
+    data = [torch.randn(batch, 3, 2, dtype=F64), torch.randn(batch, 3, dtype=F64)]
+    return Case("cvxpylayers README L1, A 3x2", problem, [A, b], [x], data, [True, True])
+
+
 CASES: dict[str, Callable[[], Case]] = {
     "huber": huber_pooling,
     "ball": ball_projection,
     "qp": qp,
     "qp-shared": functools.partial(qp, shared=True),
+    "l1": l1_regression,
 }
 
 
@@ -225,6 +237,7 @@ Row = tuple[str, str, str, str, str, str]
 def bench(case: Case, repeats: int, scipy_batch: int) -> list[Row]:
     runners: dict[str, Runner | str] = {
         "torch": declopt_runner(case, "torch"),
+        "cone": declopt_runner(case, "cone"),
         "cvxpylayers": declopt_runner(case, "cvxpylayers", n_jobs=1),
         "cvxpylayers/implicit": declopt_runner(case, "cvxpylayers", n_jobs=1, backward="implicit"),
         "cvxpylayers defaults": cvxpylayers_default_runner(case),

@@ -26,6 +26,7 @@ changes no verdict.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +52,11 @@ class Settings:
             against the size of its own terms) and of infeasibility certificates.
         max_iter: iterations before a problem is reported ``ITERATION_LIMIT``.
         step_fraction: the fraction of the step to the cone's boundary taken.
-        refinement: iterative-refinement passes per linear solve.
+        refinement: iterative-refinement passes per linear solve of an iteration; default
+            (``None``): none with the row-space factorisation (its only perturbation is the
+            1e-8 static regularisation, which the next iteration's exact residuals correct),
+            one with the column-space one (its equality block is a regularised Schur
+            complement); the polish always refines twice.
         polish: for programs without second-order cones, finish each solved problem on its
             active set (see :func:`_polish`).
     """
@@ -59,7 +64,7 @@ class Settings:
     tol: float = 1e-8
     max_iter: int = 100
     step_fraction: float = 0.99
-    refinement: int = 1
+    refinement: int | None = None
     polish: bool = True
 
 
@@ -113,15 +118,68 @@ def _inf_norm(v: Tensor) -> Tensor:
     return v.abs().amax(-1) if v.shape[-1] else v.new_zeros(v.shape[:-1])
 
 
-class _KKT:
-    """Factors of ``[P, A^T; A, -H]`` at one scaling, and solves with it."""
+DUAL_CONDITION = 1e-8
+"""The dual (row-space) factorisation is used when ``P``'s Cholesky factor has every pivot
+squared above this times the largest (``P`` comfortably positive definite)."""
 
-    def __init__(self, data: ConeData, scaling: Scaling | None, eps: float) -> None:
+
+class _DualBase:
+    """What the row-space factorisation keeps for a whole solve: ``P = L_P L_P^T``,
+    ``Y = P^{-1} A^T (B, n, rows)`` and ``K0 = A P^{-1} A^T (B, rows, rows)``. With them each
+    iteration factors only ``A P^{-1} A^T + H`` (``rows x rows``) instead of forming and
+    factoring ``P + A^T H^{-1} A`` (``n x n``), as qpth does: cheaper when the program has
+    fewer rows than columns (a QP with a few constraints)."""
+
+    def __init__(self, data: ConeData, eps: float) -> None:
+        assert data.P is not None
+        batch, n = data.batch, data.q.shape[-1]
+        P = data.P.expand(batch, -1, -1)
+        eye = torch.eye(n, dtype=P.dtype, device=P.device)
+        self.L, info = torch.linalg.cholesky_ex(P + eps * eye)
+        pivots = self.L.diagonal(dim1=-2, dim2=-1) ** 2
+        self.usable = bool((info == 0).all()) and bool(
+            (pivots.amin(-1) >= DUAL_CONDITION * pivots.amax(-1)).all()
+        )
+        if self.usable:
+            # P is well conditioned (above): its explicit inverse turns every later solve with
+            # it into one product (iterative refinement absorbs the rounding).
+            self.P_inv = torch.cholesky_inverse(self.L)
+            A = data.A.expand(batch, -1, -1)
+            self.Y = self.P_inv @ A.mT
+            self.K0 = A @ self.Y
+
+    @staticmethod
+    def worthwhile(data: ConeData) -> bool:
+        """Fewer rows than columns and a quadratic objective."""
+        return data.P is not None and data.cones.rows < data.q.shape[-1]
+
+
+class _KKT:
+    """Factors of ``[P, A^T; A, -H]`` at one scaling, and solves with it: in the column space
+    (``P + A_C^T H^{-1} A_C + A_E^T A_E``, then the equalities' Schur complement), or with a
+    :class:`_DualBase` in the row space (``A P^{-1} A^T + H``)."""
+
+    def __init__(
+        self,
+        data: ConeData,
+        scaling: Scaling | None,
+        eps: float,
+        dual: _DualBase | None = None,
+    ) -> None:
         cones = data.cones
-        self.data, self.scaling, self.cones = data, scaling, cones
+        self.data, self.scaling, self.cones, self.dual = data, scaling, cones, dual
         batch, n = data.batch, data.q.shape[-1]
         A = data.A.expand(batch, -1, -1)
         self.A_eq = A[:, : cones.zero]
+        if dual is not None:
+            rows = cones.rows
+            eye = torch.eye(rows, dtype=A.dtype, device=A.device).expand(batch, rows, rows)
+            H = self.h(eye)  # block diagonal: W^2 on the conic rows, 0 on the zero rows
+            reg = torch.full((rows,), eps, dtype=A.dtype, device=A.device)
+            S = dual.K0 + H + torch.diag_embed(reg)
+            self.Ls, info = torch.linalg.cholesky_ex(S)
+            self.failed = (info != 0) | ~torch.isfinite(S).all(-1).all(-1)
+            return
         if scaling is None:  # H = I on the conic rows (the starting point's system)
             scaled = A[:, cones.conic]
         else:
@@ -166,6 +224,11 @@ class _KKT:
 
     def _solve_regularised(self, r1: Tensor, r2: Tensor) -> tuple[Tensor, Tensor]:
         zero = self.cones.zero
+        if self.dual is not None:
+            # dz = (A P^-1 A^T + H)^-1 (A P^-1 r1 - r2), dx = P^-1 (r1 - A^T dz)
+            t = self.dual.P_inv @ r1
+            dz = _cholesky_solve(self.Ls, _bmv(self.data.A, t) - r2)
+            return t - _bmv(self.dual.Y, dz), dz
         hr = self._h_inv(r2)
         hr[:, :zero] = 0
         A = self.data.A
@@ -318,6 +381,12 @@ def _solve(data: ConeData, settings: Settings) -> IPMResult:
     tiny = torch.finfo(q.dtype).tiny
     floor = torch.finfo(q.dtype).eps
 
+    dual = _DualBase(data, eps) if _DualBase.worthwhile(data) else None
+    dual = dual if dual is not None and dual.usable else None
+    refinement = settings.refinement
+    if refinement is None:
+        refinement = 0 if dual is not None else 1
+    settings = dataclasses.replace(settings, refinement=refinement)
     x, s, z, tau, kappa, failed = _starting_point(data, settings, eps)
     status = torch.full((batch,), -1, dtype=torch.int64, device=q.device)  # -1: running
     status = torch.where(failed, int(Status.NUMERICAL), status)
@@ -387,7 +456,7 @@ def _solve(data: ConeData, settings: Settings) -> IPMResult:
         z_w = torch.where(safe, z, e)
         scaling = cones.scaling(s_w, z_w)
         lam = scaling.apply(z_w)
-        kkt = _KKT(data, scaling, eps)
+        kkt = _KKT(data, scaling, eps, dual)
         status = torch.where(running & kkt.failed, int(Status.NUMERICAL), status)
         running = status < 0
 
@@ -442,7 +511,7 @@ def _polish(data: ConeData, result: IPMResult, settings: Settings) -> IPMResult:
     q = data.q.expand(batch, -1)
     equalities = ConeData(data.P, q, A, b, type(cones)(rows, 0))
     kkt = _KKT(equalities, None, STATIC_REGULARISATION[x.dtype])
-    xp, zp = kkt.solve(-q.unsqueeze(-1), b.unsqueeze(-1), settings.refinement)
+    xp, zp = kkt.solve(-q.unsqueeze(-1), b.unsqueeze(-1), max(settings.refinement or 0, 2))
     xp, zp = xp.squeeze(-1), zp.squeeze(-1) * mask
     sp = data.b - _bmv(data.A, xp)
     sp = torch.where(active, torch.zeros_like(sp), sp)
