@@ -6,6 +6,9 @@
    model, random point clouds: data loading is not what is measured).
 3. ResNet-18 training throughput (samples/s) per projection head at batch 256, 224x224
    (``examples/imagenet.py``'s model; ``--skip-resnet`` to leave it out).
+4. The cone backend on a QP (50 variables, 25 inequalities, 10 equalities, every input per
+   problem) at batch 64 and 1024, forward+backward, float64 and float32 (``working_dtype=None``),
+   against qpth's batched interior point on the same device when qpth is installed.
 
     python benchmarks/gpu_check.py                      # on the GPU, about 3-5 minutes
     python benchmarks/gpu_check.py --device cpu --quick # smoke mode: tiny sizes, seconds
@@ -169,6 +172,76 @@ def bench_resnet(
     return bench_training("projection", projections, make_model, inputs, targets, steps, device)
 
 
+# ------------------------------------------------------------------------------------------------
+# 4. The cone backend on a QP
+
+
+def qp_data(batch: int, device: torch.device, nv: int = 50, ni: int = 25, ne: int = 10) -> Any:
+    """``(problem, parameters, variables, data)`` of ``min 0.5 |Q w|^2 + q'w, G w <= h, A w = b``
+    with a strictly feasible point, every input per problem (float64 on ``device``)."""
+    import cvxpy as cp
+
+    Q, q = cp.Parameter((nv, nv)), cp.Parameter(nv)
+    G, h = cp.Parameter((ni, nv)), cp.Parameter(ni)
+    A, b = cp.Parameter((ne, nv)), cp.Parameter(ne)
+    w = cp.Variable(nv)
+    problem = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(Q @ w) + q @ w), [G @ w <= h, A @ w == b])
+    kw = {"dtype": torch.float64, "device": device}
+    Qv = torch.randn(batch, nv, nv, **kw) / nv**0.5 + torch.eye(nv, **kw)
+    Gv, Av = torch.randn(batch, ni, nv, **kw), torch.randn(batch, ne, nv, **kw)
+    w0 = 0.3 * torch.randn(batch, nv, **kw)
+    hv = (Gv @ w0.unsqueeze(-1)).squeeze(-1) + torch.rand(batch, ni, **kw)
+    bv = (Av @ w0.unsqueeze(-1)).squeeze(-1)
+    data = [Qv, 3 * torch.randn(batch, nv, **kw), Gv, hv, Av, bv]
+    return problem, [Q, q, G, h, A, b], [w], data
+
+
+def bench_cone_qp(
+    batches: Sequence[int], device: torch.device, repeats: int, size: dict[str, int]
+) -> list[dict[str, Any]]:
+    """Forward+backward ms of the cone backend (float64; float32 computing in float32) and of
+    qpth (float64), per batch size."""
+    rows = []
+    for batch in batches:
+        problem, params, variables, data = qp_data(batch, device, **size)
+        runs: dict[str, Callable[[], Any]] = {}
+        for label, dtype, working in (
+            ("cone float64", torch.float64, torch.float64),
+            ("cone float32", torch.float32, None),
+        ):
+            layer = dl.Layer(problem, params, variables, backend="cone", working_dtype=working)
+            inputs = [t.to(dtype).requires_grad_() for t in data]
+
+            def run(layer: dl.Layer = layer, inputs: list[Tensor] = inputs) -> None:
+                (w,) = layer(*inputs)
+                torch.autograd.grad(w.sum(), inputs)
+
+            runs[label] = run
+        try:
+            from qpth.qp import QPFunction
+
+            inputs = [t.clone().requires_grad_() for t in data]
+
+            def run_qpth(inputs: list[Tensor] = inputs) -> None:
+                Q, q, G, h, A, b = inputs
+                w = QPFunction(verbose=-1)(Q.mT @ Q, q, G, h, A, b)
+                torch.autograd.grad(w.sum(), inputs)
+
+            runs["qpth float64"] = run_qpth
+        except ImportError:
+            rows.append(
+                {"batch": batch, "solver": "qpth", "ms": float("nan"), "error": "not installed"}
+            )
+        for label, run in runs.items():
+            try:
+                ms = 1e3 * timed(run, device, repeats, warmup=1)
+                rows.append({"batch": batch, "solver": label, "ms": ms, "error": ""})
+            except Exception as error:  # reported, not fatal
+                message = f"{type(error).__name__}: {error}"[:200]
+                rows.append({"batch": batch, "solver": label, "ms": float("nan"), "error": message})
+    return rows
+
+
 def guarded(fn: Callable[..., float], *args: Any) -> dict[str, Any]:
     """``{"samples_per_s": fn(*args)}``, or the error: one failing variant (e.g. a solver's
     LinAlgError) must not cost the rest of a one-shot GPU session."""
@@ -274,6 +347,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 f"ResNet-18 training, batch {rn['batch']} x {rn['size']}x{rn['size']}",
                 [("projection", "projection", ""), ("samples_per_s", "samples/s", ".1f")],
             )
+        qp: dict[str, Any] = {"batches": (4,), "size": {"nv": 6, "ni": 3, "ne": 1}}
+        if not args.quick:
+            qp = {"batches": (64, 1024), "size": {"nv": 50, "ni": 25, "ne": 10}}
+        rows = bench_cone_qp(qp["batches"], device, repeats, qp["size"])
+        section(
+            report,
+            "cone_qp",
+            qp,
+            rows,
+            f"cone backend QP {qp['size']}, forward+backward",
+            [("batch", "batch", "d"), ("solver", "solver", ""), ("ms", "ms", ".1f")],
+        )
     report["seconds"] = time.perf_counter() - began
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

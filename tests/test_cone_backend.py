@@ -332,3 +332,15 @@ def test_auto_sends_small_dpp_convex_problems_to_the_cone_backend() -> None:
         layer(*data)
     assert layer.info.backend == "cone"
     assert "cone" in layer.info.reason
+
+
+def test_computing_in_float32_converges_near_the_float64_answer() -> None:
+    """``working_dtype=None`` on float32 inputs: the interior point runs in float32 (as on a GPU
+    where float64 is slow) and stops at float32's tolerance."""
+    problem, params, variables, data = _qp(16, shared=False, seed=6)
+    (u64,) = dl.Layer(problem, params, variables, backend="cone")(*data)
+    layer = dl.Layer(problem, params, variables, backend="cone", working_dtype=None)
+    (u32,) = layer(*[t.float() for t in data])
+    assert layer.info.converged.all()
+    assert u32.dtype == torch.float32
+    torch.testing.assert_close(u32.double(), u64, atol=1e-3 * u64.abs().max().item(), rtol=0)

@@ -308,7 +308,8 @@ class _Step:
         x1, z1 = self.constant
         c = self.c
         num = -eta * self.r_tau - _dot(c, x2) - _dot(b, z2) + d_kappa / tau
-        den = _dot(c, x1) + _dot(b, z1) - self.xpx - kappa / tau  # < 0 (see docs/cone.md)
+        # den < 0 always (docs/design.md, "The cone backend")
+        den = _dot(c, x1) + _dot(b, z1) - self.xpx - kappa / tau
         dtau = num / torch.where(den != 0, den, -torch.ones_like(den))
         dx = x2 + dtau[:, None] * x1
         dz = z2 + dtau[:, None] * z1
