@@ -102,6 +102,76 @@ def solve_symmetric(
     rcond = default_rcond(matrix.dtype, n) if rcond is None else rcond
     # eigh reads one triangle only; symmetrise so autodiff rounding asymmetry is averaged.
     sym = 0.5 * (matrix + matrix.transpose(-1, -2))
+    expected = torch.as_tensor(num_negative_expected, device=matrix.device)
+    # The LDL path decides per batch (data-dependent control flow), which functorch transforms
+    # (vmap, jacfwd through the layer) cannot trace.
+    if not torch.is_grad_enabled() and n > 1 and not torch._C._are_functorch_transforms_active():
+        fast = _solve_by_ldl(sym, rhs, rcond, expected)
+        if fast is not None:
+            return fast
+    return _solve_by_eigh(sym, rhs, rcond, expected)
+
+
+LDL_MARGIN = 1e3
+"""The Bunch-Kaufman path (:func:`_solve_by_ldl`) answers a system only when its smallest block
+eigenvalue of ``D`` clears the singularity cut-off by this factor and its residual is at rounding
+level; the rest go to the eigendecomposition, which decides singularity exactly as before."""
+
+
+def _ldl_block_eigenvalues(LD: Tensor, pivots: Tensor) -> Tensor:
+    """``(B, n)`` the eigenvalues of the block-diagonal ``D`` of a Bunch-Kaufman factorisation
+    (LAPACK ``sytrf``, lower): a 1x1 block where the pivot is positive, a 2x2 block on each
+    pair of equal negative pivots (a run of ``2m`` equal ones is ``m`` pairs from its start).
+    ``D`` is congruent to the matrix, so it has the matrix's inertia (Sylvester)."""
+    d = LD.diagonal(dim1=-2, dim2=-1)
+    off = LD.diagonal(offset=-1, dim1=-2, dim2=-1)
+    n = d.shape[-1]
+    index = torch.arange(n, device=d.device).expand_as(pivots)
+    previous = torch.cat([torch.zeros_like(pivots[:, :1]), pivots[:, :-1]], -1)
+    starts = (pivots > 0) | (pivots != previous) | (index == 0)
+    run_start = torch.where(starts, index, torch.zeros_like(index)).cummax(-1).values
+    first = (pivots < 0) & ((index - run_start) % 2 == 0)
+    first = first & (index < n - 1)
+    a, c = d[:, :-1], d[:, 1:]
+    mean, half = 0.5 * (a + c), 0.5 * (a - c)
+    radius = torch.sqrt(half * half + off * off)
+    values = d.clone()
+    pair = first[:, :-1]
+    values[:, :-1] = torch.where(pair, mean - radius, values[:, :-1])
+    second = torch.cat([torch.zeros_like(pair[:, :1]), pair], -1)
+    shifted = torch.cat([torch.zeros_like(mean[:, :1]), mean + radius], -1)
+    return torch.where(second, shifted, values)
+
+
+def _solve_by_ldl(
+    sym: Tensor, rhs: Tensor, rcond: float, expected: Tensor
+) -> tuple[Tensor, LinearSolveReport] | None:
+    """Bunch-Kaufman ``LDL^T`` for the clearly nonsingular systems (~10x cheaper than ``eigh``
+    at KKT sizes), with the inertia from ``D``; ``None`` unless every system qualifies (the
+    batch then goes to :func:`_solve_by_eigh` whole, so one rule decides singularity)."""
+    LD, pivots, info = torch.linalg.ldl_factor_ex(sym)
+    values = _ldl_block_eigenvalues(LD, pivots)
+    size = values.abs().amax(-1, keepdim=True)
+    tiny = torch.finfo(sym.dtype).tiny
+    clear = (values.abs() > LDL_MARGIN * rcond * size.clamp_min(tiny)).all(-1)
+    clear = clear & (info == 0) & torch.isfinite(values).all(-1)
+    if not bool(clear.all()):
+        return None
+    solution = torch.linalg.ldl_solve(LD, pivots, rhs.unsqueeze(-1)).squeeze(-1)
+    residual = _relative_residual(sym @ solution.unsqueeze(-1), rhs)
+    n = sym.shape[-1]
+    if not bool((residual <= LDL_MARGIN * n * torch.finfo(sym.dtype).eps).all()):
+        return None
+    singular = torch.zeros_like(clear)
+    second_order_ok = (values < 0).sum(-1) == expected
+    return solution, LinearSolveReport("eigh", singular, second_order_ok, residual)
+
+
+def _solve_by_eigh(
+    sym: Tensor, rhs: Tensor, rcond: float, expected: Tensor
+) -> tuple[Tensor, LinearSolveReport]:
+    """The eigendecomposition: minimum-norm solutions of singular systems, exact inertia."""
+    matrix = sym
     differentiable = torch.is_grad_enabled()
     eigenvalues, eigenvectors = robust_eigh(sym.detach() if differentiable else sym)
     scale = eigenvalues.abs().amax(dim=-1, keepdim=True)
@@ -118,7 +188,6 @@ def solve_symmetric(
         solution = torch.where(singular.unsqueeze(-1), solution, exact)
 
     num_negative = (eigenvalues < 0).sum(dim=-1)
-    expected = torch.as_tensor(num_negative_expected, device=matrix.device)
     second_order_ok = (num_negative == expected) & ~singular
     residual = _relative_residual(sym @ solution.unsqueeze(-1), rhs)
     report = LinearSolveReport("eigh", singular, second_order_ok, residual)

@@ -43,7 +43,7 @@ import declopt as dl
 
 DATASETS = ("iris", "diabetes")
 METHODS = ("gd", "secant")
-BACKENDS = ("torch", "cvxpylayers")
+BACKENDS = ("torch", "cone", "cvxpylayers")
 
 PAPER = {
     "iris": {"mu": 345.0, "cv": 0.7194, "iterations": "~1e6 (GD)"},

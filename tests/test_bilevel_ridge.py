@@ -144,13 +144,15 @@ def test_gradient_descent_decreases_cv_monotonically_towards_the_optimum(
 def test_torch_and_cvxpylayers_backends_give_the_same_optimum(dataset: str) -> None:
     protocol = br.Protocol(dataset)
     mus = []
-    for backend in ("torch", "cvxpylayers"):
+    for backend in ("torch", "cvxpylayers", "cone"):
         case = _case(protocol, backend)
         trace = br.secant_log_mu(case.oracle, 800.0, tol=1e-9, max_iter=30)
         assert trace.iterations <= 30
         mus.append(trace.mu[-1])
-    # The conic solver's tolerance limits the cvxpylayers hypergradient (~1e-8 relative).
+    # The conic solver's tolerance limits the cvxpylayers hypergradient (~1e-8 relative); the
+    # cone backend's polished solutions are exact.
     assert mus[1] == pytest.approx(mus[0], rel=1e-5)
+    assert mus[2] == pytest.approx(mus[0], rel=1e-8)
 
 
 def test_cli_writes_the_table_and_one_figure_per_data_set(

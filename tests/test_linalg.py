@@ -5,6 +5,8 @@ from __future__ import annotations
 import cvxpy as cp
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import declopt as dl
 from declopt.linalg import conjugate_gradient, masked_least_squares, solve_symmetric
@@ -85,3 +87,40 @@ def test_masked_least_squares_is_the_minimum_norm_fit_on_the_active_rows(k: int)
         expected = torch.linalg.pinv(jac[b, rows].T) @ target[b]
         torch.testing.assert_close(lam[b, rows], expected, atol=1e-8, rtol=1e-8)
         assert bool((lam[b, ~mask[b]] == 0).all())
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(2, 12), k=st.integers(0, 5))
+def test_the_ldl_path_matches_the_eigendecomposition(seed: int, n: int, k: int) -> None:
+    """KKT matrices ``[H, A^T; A, 0]`` (``H`` indefinite or not): the Bunch-Kaufman path's
+    solution, singularity verdict and inertia test are the eigendecomposition's."""
+    from declopt.linalg import _solve_by_eigh, default_rcond
+
+    g = torch.Generator().manual_seed(seed)
+    H = torch.randn(4, n, n, dtype=torch.float64, generator=g)
+    H = H + H.mT
+    A = torch.randn(4, k, n, dtype=torch.float64, generator=g)
+    top = torch.cat([H, A.mT], -1)
+    bottom = torch.cat([A, torch.zeros(4, k, k, dtype=torch.float64)], -1)
+    K = torch.cat([top, bottom], -2)
+    r = torch.randn(4, n + k, dtype=torch.float64, generator=g)
+    with torch.no_grad():
+        z, report = solve_symmetric(K, r, k)
+        z_ref, ref = _solve_by_eigh(K, r, default_rcond(K.dtype, n + k), torch.tensor(k))
+    assert torch.equal(report.singular, ref.singular)
+    assert torch.equal(report.second_order_ok, ref.second_order_ok)
+    scale = z_ref.abs().amax(-1, keepdim=True)
+    cond = torch.linalg.cond(K).unsqueeze(-1)
+    assert ((z - z_ref).abs() <= 1e-13 * cond * scale).all()
+
+
+def test_a_singular_system_takes_the_minimum_norm_solution() -> None:
+    """A rank-deficient matrix in the batch sends the batch to the eigendecomposition: the
+    minimum-norm solution and ``singular`` for that member."""
+    K = torch.tensor([[[2.0, 0.0], [0.0, 0.0]], [[2.0, 1.0], [1.0, 3.0]]], dtype=torch.float64)
+    r = torch.tensor([[4.0, 0.0], [1.0, 2.0]], dtype=torch.float64)
+    with torch.no_grad():
+        z, report = solve_symmetric(K, r)
+    assert report.singular.tolist() == [True, False]
+    torch.testing.assert_close(z[0], torch.tensor([2.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(K[1] @ z[1], r[1])

@@ -38,6 +38,9 @@ class Cones:
     nonneg: int
     soc: tuple[int, ...] = ()
     _groups: dict[int, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _on_device: dict[torch.device, list[Tensor]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         start = self.zero + self.nonneg
@@ -67,8 +70,13 @@ class Cones:
         return slice(self.zero, self.rows)
 
     def groups(self, device: torch.device) -> list[Tensor]:
-        """One ``(g, k)`` row index per distinct second-order cone size."""
-        return [index.to(device) for index in self._groups.values()]
+        """One ``(g, k)`` row index per distinct second-order cone size, on ``device`` (copied
+        there once: the method asks for them several times per iteration)."""
+        cached = self._on_device.get(device)
+        if cached is None:
+            cached = [index.to(device) for index in self._groups.values()]
+            self._on_device[device] = cached
+        return cached
 
     # ---------------------------------------------------------------------------------------
     # elementwise algebra on (B, rows) vectors
