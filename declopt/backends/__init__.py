@@ -1,8 +1,10 @@
 """Backends: who solves the forward problem. One flag (``backend=``) picks one by name.
 
 Registered here: ``"torch"`` (batched Newton / L-BFGS / augmented Lagrangian, any smooth
-declaration), ``"cvxpylayers"`` (DPP-convex declarations through ``cvxpylayers``, with its own
-backward) and ``"scipy"`` (per-problem ``scipy.optimize.minimize``, the slow reference).
+declaration), ``"cone"`` (DPP-convex declarations as cone programs, a batched interior point in
+torch: :mod:`declopt.backends.cone`), ``"cvxpylayers"`` (DPP-convex declarations through
+``cvxpylayers``, with its own backward) and ``"scipy"`` (per-problem ``scipy.optimize.minimize``,
+the slow reference).
 
 A backend is any object with a ``name``, ``supports(program) -> str | None`` (``None`` if it can
 solve the program, else why not) and ``solve(program, params, **options) -> Solution`` (see
