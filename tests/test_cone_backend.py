@@ -344,3 +344,29 @@ def test_computing_in_float32_converges_near_the_float64_answer() -> None:
     assert layer.info.converged.all()
     assert u32.dtype == torch.float32
     torch.testing.assert_close(u32.double(), u64, atol=1e-3 * u64.abs().max().item(), rtol=0)
+
+
+def test_transport_with_a_redundant_marginal_row_matches_the_torch_backend() -> None:
+    """``min <C, P> + |P|^2 / 2`` over couplings: the marginal rows are linearly dependent (the
+    duals are not unique) and several entries are weakly active. The polish releases rows its
+    first active-set guess holds with a wrong-sign multiplier."""
+    n = 4
+    P, C = cp.Variable((n, n)), cp.Parameter((n, n))
+    r, c = cp.Parameter(n), cp.Parameter(n)
+    problem = cp.Problem(
+        cp.Minimize(cp.sum(cp.multiply(C, P)) + 0.5 * cp.sum_squares(P)),
+        [cp.sum(P, axis=1) == r, cp.sum(P, axis=0) == c, P >= 0],
+    )
+    g = torch.Generator().manual_seed(0)
+    data = [
+        torch.rand(3, n, n, dtype=F64, generator=g),
+        torch.full((3, n), 1 / n, dtype=F64),
+        torch.full((3, n), 1 / n, dtype=F64),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (u,), grads = _solve_and_grad(dl.Layer(problem, [C, r, c], [P], backend="cone"), data)
+        (u_ref,), g_ref = _solve_and_grad(dl.Layer(problem, [C, r, c], [P], backend="torch"), data)
+    torch.testing.assert_close(u, u_ref, atol=1e-7, rtol=0)
+    for a, b in zip(grads, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

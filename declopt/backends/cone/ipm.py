@@ -487,6 +487,11 @@ def _solve(data: ConeData, settings: Settings) -> IPMResult:
     return IPMResult(xb, sb, zb, status, iterations, objective, residual)
 
 
+POLISH_ROUNDS = 3
+"""Active-set guesses per polish: a row the polished point holds with a wrong-sign multiplier is
+released and the solve repeated (as the torch backend's polish does)."""
+
+
 def _polish(data: ConeData, result: IPMResult, settings: Settings) -> IPMResult:
     """The exact solution on the active set the interior point identifies (as OSQP polishes).
 
@@ -495,7 +500,9 @@ def _polish(data: ConeData, result: IPMResult, settings: Settings) -> IPMResult:
     ``sqrt(mu)``. Rows with ``z_i > s_i`` (equilibrated units) are taken as active: one
     equality-constrained solve ``[P, A_act^T; A_act, 0] [x; z] = [-q; b_act]`` gives the exact
     point, which replaces the answer where it is primal feasible on the other rows and its
-    multipliers have the right sign (both to the tolerance); elsewhere the answer is kept.
+    multipliers have the right sign (both to the tolerance); a row held with a wrong-sign
+    multiplier is released and the solve repeated (:data:`POLISH_ROUNDS`); elsewhere the answer
+    is kept.
     """
     cones = data.cones
     rows, zero = cones.rows, cones.zero
@@ -505,31 +512,44 @@ def _polish(data: ConeData, result: IPMResult, settings: Settings) -> IPMResult:
     x, s, z = result.x, result.s, result.z
     active = z > s
     active[:, :zero] = True
-    mask = active.to(x.dtype)
     batch = data.batch
-    A = data.A.expand(batch, -1, -1) * mask.unsqueeze(-1)
-    b = data.b.expand(batch, -1) * mask
     q = data.q.expand(batch, -1)
-    equalities = ConeData(data.P, q, A, b, type(cones)(rows, 0))
-    kkt = _KKT(equalities, None, STATIC_REGULARISATION[x.dtype])
-    xp, zp = kkt.solve(-q.unsqueeze(-1), b.unsqueeze(-1), max(settings.refinement or 0, 2))
-    xp, zp = xp.squeeze(-1), zp.squeeze(-1) * mask
-    sp = data.b - _bmv(data.A, xp)
-    sp = torch.where(active, torch.zeros_like(sp), sp)
-    # Accept where the other rows stay feasible and the multipliers keep their sign, both
-    # relative to the data's units, and the point stays as stationary as the answer was.
     tol = settings.tol
     q_size, b_size, A_size, _ = _norms(data)
-    x_size = _inf_norm(xp)
-    slack_ok = (sp[:, zero:] >= -tol * (b_size + A_size * x_size).unsqueeze(-1)).all(-1)
-    z_size = _inf_norm(zp).clamp_min(torch.finfo(x.dtype).tiny)
-    sign_ok = (zp[:, zero:] >= -tol * torch.maximum(z_size, q_size).unsqueeze(-1)).all(-1)
-    finite = torch.isfinite(xp).all(-1) & torch.isfinite(zp).all(-1) & ~kkt.failed
-    take = solved & slack_ok & sign_ok & finite
-    keep = take.unsqueeze(-1)
-    xp = torch.where(keep, xp, x)
-    sp = torch.where(keep, sp.clamp_min(0), s)
-    zp = torch.where(keep, torch.cat([zp[:, :zero], zp[:, zero:].clamp_min(0)], 1), z)
-    objective = 0.5 * _dot(xp, _bmv(data.P, xp)) if data.P is not None else 0 * result.objective
-    objective = objective + _dot(q, xp)
-    return IPMResult(xp, sp, zp, result.status, result.iterations, objective, result.residual)
+    eps = STATIC_REGULARISATION[x.dtype]
+    refinement = max(settings.refinement or 0, 2)
+    pending = solved.clone()
+    out_x, out_s, out_z = x, s, z
+    for _ in range(POLISH_ROUNDS):
+        mask = active.to(x.dtype)
+        A = data.A.expand(batch, -1, -1) * mask.unsqueeze(-1)
+        b = data.b.expand(batch, -1) * mask
+        kkt = _KKT(ConeData(data.P, q, A, b, type(cones)(rows, 0)), None, eps)
+        xp, zp = kkt.solve(-q.unsqueeze(-1), b.unsqueeze(-1), refinement)
+        xp, zp = xp.squeeze(-1), zp.squeeze(-1) * mask
+        sp = data.b - _bmv(data.A, xp)
+        sp = torch.where(active, torch.zeros_like(sp), sp)
+        # Accept where the other rows stay feasible and the multipliers keep their sign, both
+        # relative to the data's units.
+        slack_floor = tol * (b_size + A_size * _inf_norm(xp)).unsqueeze(-1)
+        slack_ok = (sp[:, zero:] >= -slack_floor).all(-1)
+        z_floor = tol * torch.maximum(_inf_norm(zp), q_size).unsqueeze(-1)
+        wrong_sign = torch.zeros_like(active)
+        wrong_sign[:, zero:] = zp[:, zero:] < -z_floor
+        finite = torch.isfinite(xp).all(-1) & torch.isfinite(zp).all(-1) & ~kkt.failed
+        take = pending & slack_ok & ~wrong_sign.any(-1) & finite
+        keep = take.unsqueeze(-1)
+        out_x = torch.where(keep, xp, out_x)
+        out_s = torch.where(keep, sp.clamp_min(0), out_s)
+        polished_z = torch.cat([zp[:, :zero], zp[:, zero:].clamp_min(0)], 1)
+        out_z = torch.where(keep, polished_z, out_z)
+        pending = pending & ~take & finite & wrong_sign.any(-1)
+        if not bool(pending.any()):
+            break
+        active = active & ~(wrong_sign & pending.unsqueeze(-1))
+    objective = _dot(q, out_x)
+    if data.P is not None:
+        objective = objective + 0.5 * _dot(out_x, _bmv(data.P, out_x))
+    return IPMResult(
+        out_x, out_s, out_z, result.status, result.iterations, objective, result.residual
+    )
