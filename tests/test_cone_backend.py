@@ -315,6 +315,17 @@ def test_refusals_name_the_cause_and_the_alternative() -> None:
         dl.Layer(not_dpp, [a], [x], backend="cone")
 
 
+def test_a_parameter_cvxpy_rewrites_is_refused_and_auto_falls_back() -> None:
+    """A symmetric parameter is stored by CVXPY as its upper triangle; writing its declared
+    entries would shift every later parameter (a silent wrong answer before this check)."""
+    x, S, a = cp.Variable(2), cp.Parameter((2, 2), symmetric=True), cp.Parameter(2)
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x - a) + cp.sum(S @ x)), [x >= 0])
+    with pytest.raises(ValueError, match=r"rewrites parameter.*symmetric"):
+        dl.Layer(problem, [S, a], [x], backend="cone")
+    layer = dl.Layer(problem, [S, a], [x])
+    assert layer.backend_name == "cvxpylayers" and "rewrites parameter" in layer.reason
+
+
 def test_float32_parameters_on_a_shared_batch() -> None:
     problem, params, variables, data = _qp(5, shared=True, seed=3)
     layer = dl.Layer(problem, params, variables, backend="cone")

@@ -374,12 +374,17 @@ def canonicalise(
     slots = []
     for index, parameter in enumerate(parameters):
         pid = param_ids.get(parameter.id, parameter.id)
+        rewritten = pid != parameter.id or (
+            pid in prog.param_id_to_size and prog.param_id_to_size[pid] != parameter.size
+        )
+        if rewritten:
+            # CVXPY stores e.g. a symmetric parameter as its upper triangle: its entries are
+            # not the declared ones, and writing those would shift every later parameter.
+            raise Unsupported(
+                f"CVXPY rewrites parameter {parameter.name()!r} (an attribute such as "
+                "symmetric=True or PSD=True); use backend='cvxpylayers'"
+            )
         if pid not in prog.param_id_to_col:
-            if parameter.id in param_ids:
-                raise Unsupported(
-                    f"CVXPY rewrites parameter {parameter.name()!r} (an attribute such as "
-                    "symmetric=True); use backend='cvxpylayers'"
-                )
             continue  # the parameter does not occur in the problem
         slots.append(_Slot(index, int(prog.param_id_to_col[pid]), _fortran_order(parameter.shape)))
     constant = int(prog.param_id_to_col[-1])
@@ -390,6 +395,11 @@ def canonicalise(
         vid = var_ids.get(variable.id, variable.id)
         if vid not in prog.var_id_to_col:
             raise Unsupported(f"CVXPY eliminated variable {variable.name()!r}")
+        if prog.id_to_var[vid].size != variable.size:
+            raise Unsupported(
+                f"CVXPY rewrites variable {variable.name()!r} (an attribute such as "
+                "symmetric=True); use backend='cvxpylayers'"
+            )
         start = int(prog.var_id_to_col[vid])
         columns.append(start + _c_to_fortran_positions(variable.shape))
     variable_columns = torch.as_tensor(np.concatenate(columns) if columns else np.zeros(0, int))
