@@ -410,7 +410,7 @@ def canonicalise(
 
     P_tensor = getattr(prog, "P", None)
     A_map = _AffineMap.of(prog.A, cones.rows * (n + 1))
-    return CanonicalProgram(
+    canonical = CanonicalProgram(
         cones=cones,
         n=n,
         width=width,
@@ -425,6 +425,66 @@ def canonicalise(
         has_quadratic=P_tensor is not None and sp.coo_array(P_tensor).nnz > 0,
         elimination=Elimination.find(A_map, n, cones.rows, cones.zero, constant),
     )
+    _check_against_cvxpy(canonical, prog, parameters)
+    return canonical
+
+
+def _sample(parameter: cp.Parameter, generator: np.random.Generator) -> np.ndarray:
+    """A value for ``parameter`` that its sign attributes allow."""
+    value = generator.standard_normal(parameter.shape)
+    if parameter.is_nonneg():
+        value = np.abs(value) + 0.5
+    elif parameter.is_nonpos():
+        value = -np.abs(value) - 0.5
+    return value
+
+
+def _check_against_cvxpy(
+    canonical: CanonicalProgram, prog: object, parameters: Sequence[cp.Parameter]
+) -> None:
+    """The batched data maps against CVXPY's own ``apply_parameters`` at random parameter values
+    (the parameters' own values are restored): a layout this module misreads (another CVXPY
+    version, a reduction it does not know) is refused, never solved wrongly."""
+    saved = [p.value for p in parameters]
+    generator = np.random.default_rng(0)
+    try:
+        values = [_sample(p, generator) for p in parameters]
+        for p, value in zip(parameters, values):
+            p.value = value
+        if getattr(prog, "P", None) is not None:
+            P, q, _, A, b = prog.apply_parameters(quad_obj=True)  # type: ignore[attr-defined]
+        else:
+            P = None
+            q, _, A, b = prog.apply_parameters()  # type: ignore[attr-defined]
+        batch = BatchedParams(
+            tuple(torch.as_tensor(v, dtype=torch.float64) for v in values),
+            tuple(None for _ in values),
+            1,
+        )
+        full, _ = canonical.theta(batch, torch.float64)
+        n, rows = canonical.n, canonical.rows
+        mine_A = canonical.A.apply(full).reshape(n + 1, rows).T
+        mine_q = canonical.q.apply(full)[0, :n]
+        expected_A = np.hstack([A.toarray(), np.asarray(b).reshape(-1, 1)]) if rows else None
+        errors = [np.abs(mine_q.numpy() - q).max(initial=0.0)]
+        if expected_A is not None:
+            errors.append(np.abs(mine_A.numpy() - expected_A).max(initial=0.0))
+        if canonical.has_quadratic and P is not None:
+            mine_P = canonical.P.apply(full).reshape(n, n).T
+            errors.append(np.abs(mine_P.numpy() - P.toarray()).max(initial=0.0))
+        scale = max(1.0, float(np.abs(q).max(initial=0.0)))
+    except (ValueError, TypeError, AttributeError, IndexError) as error:
+        raise Unsupported(
+            f"its canonical data could not be checked against CVXPY ({error})"
+        ) from error
+    finally:
+        for p, value in zip(parameters, saved):
+            p.value = value
+    if max(errors) > 1e-9 * scale:
+        raise Unsupported(
+            "declopt's map of CVXPY's canonical data does not reproduce CVXPY's own (a layout "
+            "of this CVXPY version it does not know); use backend='cvxpylayers'"
+        )
 
 
 def _composed(chain: object, method: str) -> dict[int, int]:
