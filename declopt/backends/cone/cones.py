@@ -41,6 +41,9 @@ class Cones:
     _on_device: dict[torch.device, list[Tensor]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    _masks: dict[tuple[torch.device, torch.dtype], Tensor] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         start = self.zero + self.nonneg
@@ -78,11 +81,27 @@ class Cones:
             self._on_device[device] = cached
         return cached
 
+    def mask(self, like: Tensor) -> Tensor:
+        """``(rows,)`` 1 on the orthant's rows, 0 elsewhere, in ``like``'s device and dtype
+        (built once per device and dtype)."""
+        key = (like.device, like.dtype)
+        cached = self._masks.get(key)
+        if cached is None:
+            cached = torch.zeros(self.rows, dtype=like.dtype, device=like.device)
+            cached[self.orthant] = 1
+            self._masks[key] = cached
+        return cached
+
     # ---------------------------------------------------------------------------------------
-    # elementwise algebra on (B, rows) vectors
+    # elementwise algebra on (B, rows) vectors. Without second-order cones (LPs, QPs: the
+    # common case) every operation is one or two elementwise products with the orthant's mask:
+    # the iteration's cost is then its number of operations, so no slicing and copying there.
 
     def unit(self, like: Tensor) -> Tensor:
-        """``e``: ones on the orthant, ``(1, 0, ..., 0)`` on each second-order cone."""
+        """``e``: ones on the orthant, ``(1, 0, ..., 0)`` on each second-order cone (read-only:
+        it may be a broadcast view)."""
+        if not self.soc:
+            return self.mask(like).expand_as(like)
         e = torch.zeros_like(like)
         e[:, self.orthant] = 1
         for index in self.groups(like.device):
@@ -107,6 +126,8 @@ class Cones:
 
     def circ(self, u: Tensor, v: Tensor) -> Tensor:
         """The Jordan product ``u o v`` (zero on the zero rows)."""
+        if not self.soc:
+            return u * v * self.mask(v)
         out = torch.zeros_like(v)
         out[:, self.orthant] = u[:, self.orthant] * v[:, self.orthant]
         for index in self.groups(v.device):
@@ -123,6 +144,8 @@ class Cones:
 
     def circ_solve(self, lam: Tensor, v: Tensor) -> Tensor:
         """``lam \\ v``: the ``x`` with ``lam o x = v``, for ``lam`` interior."""
+        if not self.soc:
+            return torch.where(self.mask(v) > 0, v / lam, torch.zeros_like(v))
         out = torch.zeros_like(v)
         out[:, self.orthant] = v[:, self.orthant] / lam[:, self.orthant]
         for index in self.groups(v.device):
@@ -161,7 +184,10 @@ class Cones:
         """The Nesterov-Todd scaling at interior ``s``, ``z``."""
         w = None
         if self.nonneg:
-            w = (s[:, self.orthant] / z[:, self.orthant]).sqrt()
+            # sqrt(s / z) on the orthant, 1 elsewhere: W on the orthant is one product
+            mask = self.mask(s) > 0
+            one = torch.ones_like(s)
+            w = torch.where(mask, s / torch.where(mask, z, one), one).sqrt()
         blocks = []
         for index in self.groups(s.device):
             blocks.append(_soc_nt_point(s[:, index], z[:, index]))
@@ -204,8 +230,8 @@ def _soc_nt_point(s: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
 @dataclass
 class Scaling:
     """The NT scaling ``W`` of one interior pair ``(s, z)``: block diagonal over the cones,
-    symmetric, ``W z = W^{-1} s``. ``w`` is the orthant's diagonal ``sqrt(s / z)``; ``blocks``
-    the second-order cones' ``(eta, w)`` per distinct size."""
+    symmetric, ``W z = W^{-1} s``. ``w (B, rows)`` is the orthant's diagonal ``sqrt(s / z)``
+    (1 on the other rows); ``blocks`` the second-order cones' ``(eta, w)`` per distinct size."""
 
     cones: Cones
     w: Tensor | None
@@ -214,12 +240,12 @@ class Scaling:
     def apply(self, v: Tensor, inverse: bool = False) -> Tensor:
         """``W v`` (``W^{-1} v`` with ``inverse``) on the conic rows of ``v (B, rows, *rest)``;
         the zero rows come back unchanged."""
-        out = v.clone()
         extra = v.dim() - 2
         if self.w is not None:
             w = self.w.reshape(*self.w.shape, *([1] * extra))
-            rows = self.cones.orthant
-            out[:, rows] = v[:, rows] / w if inverse else v[:, rows] * w
+            out = v / w if inverse else v * w
+        else:
+            out = v.clone()
         for index, (eta, w) in zip(self.cones.groups(v.device), self.blocks):
             block = v[:, index]  # (B, g, k, *rest)
             eta = eta.reshape(*eta.shape, *([1] * extra))
