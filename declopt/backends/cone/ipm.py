@@ -173,8 +173,12 @@ class _KKT:
         self.A_eq = A[:, : cones.zero]
         if dual is not None:
             rows = cones.rows
-            eye = torch.eye(rows, dtype=A.dtype, device=A.device).expand(batch, rows, rows)
-            H = self.h(eye)  # block diagonal: W^2 on the conic rows, 0 on the zero rows
+            diagonal = self._diagonal()
+            if diagonal is not None:
+                H = torch.diag_embed(diagonal)
+            else:
+                eye = torch.eye(rows, dtype=A.dtype, device=A.device).expand(batch, rows, rows)
+                H = self.h(eye)  # block diagonal: W^2 on the conic rows, 0 on the zero rows
             reg = torch.full((rows,), eps, dtype=A.dtype, device=A.device)
             S = dual.K0 + H + torch.diag_embed(reg)
             self.Ls, info = torch.linalg.cholesky_ex(S)
@@ -211,15 +215,30 @@ class _KKT:
             failed = failed | (info_s != 0)
         self.failed = failed | ~torch.isfinite(M).all(-1).all(-1)
 
+    def _diagonal(self) -> Tensor | None:
+        """``(B, rows)`` the diagonal of ``H`` (``w^2`` on the orthant, 0 on the zero rows) when
+        ``H`` is diagonal (no second-order cones), else ``None``."""
+        if self.scaling is None or self.cones.soc or self.scaling.w is None:
+            return None
+        w = self.scaling.w
+        return w * w * self.cones.mask(w)
+
     def h(self, v: Tensor) -> Tensor:
         """``H v`` on the conic rows of ``v (B, rows, k)`` (0 on the zero rows)."""
+        diagonal = self._diagonal()
+        if diagonal is not None:
+            return v * diagonal.reshape(*diagonal.shape, *([1] * (v.dim() - 2)))
         out = v.clone() if self.scaling is None else self.scaling.apply(self.scaling.apply(v))
         out[:, : self.cones.zero] = 0
         return out
 
     def _h_inv(self, v: Tensor) -> Tensor:
+        """``H^{-1} v`` on the conic rows (the zero rows are the caller's to set)."""
         if self.scaling is None:
             return v.clone()
+        if not self.cones.soc and self.scaling.w is not None:
+            w = self.scaling.w
+            return v / (w * w).reshape(*w.shape, *([1] * (v.dim() - 2)))
         return self.scaling.apply(self.scaling.apply(v, inverse=True), inverse=True)
 
     def _solve_regularised(self, r1: Tensor, r2: Tensor) -> tuple[Tensor, Tensor]:
