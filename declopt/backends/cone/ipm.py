@@ -165,22 +165,34 @@ class _KKT:
         scaling: Scaling | None,
         eps: float,
         dual: _DualBase | None = None,
+        h_diagonal: Tensor | None = None,
+        row_mask: Tensor | None = None,
     ) -> None:
+        """``h_diagonal (B, rows)``: an explicit diagonal ``H`` instead of the scaling's (the
+        polish: 1 on the rows it drops); ``row_mask (B, rows)``: rows of ``A`` zeroed in
+        ``data`` (the row space's ``K0`` is masked to match)."""
         cones = data.cones
         self.data, self.scaling, self.cones, self.dual = data, scaling, cones, dual
+        self.h_diagonal = h_diagonal
         batch, n = data.batch, data.q.shape[-1]
         A = data.A.expand(batch, -1, -1)
         self.A_eq = A[:, : cones.zero]
         if dual is not None:
             rows = cones.rows
             diagonal = self._diagonal()
+            if diagonal is None and scaling is None:  # H = I on the conic rows
+                diagonal = torch.zeros(batch, rows, dtype=A.dtype, device=A.device)
+                diagonal[:, cones.conic] = 1
             if diagonal is not None:
                 H = torch.diag_embed(diagonal)
             else:
                 eye = torch.eye(rows, dtype=A.dtype, device=A.device).expand(batch, rows, rows)
                 H = self.h(eye)  # block diagonal: W^2 on the conic rows, 0 on the zero rows
+            K0 = dual.K0
+            if row_mask is not None:
+                K0 = K0 * (row_mask.unsqueeze(-1) * row_mask.unsqueeze(-2))
             reg = torch.full((rows,), eps, dtype=A.dtype, device=A.device)
-            S = dual.K0 + H + torch.diag_embed(reg)
+            S = K0 + H + torch.diag_embed(reg)
             self.Ls, info = torch.linalg.cholesky_ex(S)
             self.failed = (info != 0) | ~torch.isfinite(S).all(-1).all(-1)
             return
@@ -217,7 +229,9 @@ class _KKT:
 
     def _diagonal(self) -> Tensor | None:
         """``(B, rows)`` the diagonal of ``H`` (``w^2`` on the orthant, 0 on the zero rows) when
-        ``H`` is diagonal (no second-order cones), else ``None``."""
+        ``H`` is diagonal (no second-order cones, or given), else ``None``."""
+        if self.h_diagonal is not None:
+            return self.h_diagonal
         if self.scaling is None or self.cones.soc or self.scaling.w is None:
             return None
         w = self.scaling.w
@@ -234,6 +248,8 @@ class _KKT:
 
     def _h_inv(self, v: Tensor) -> Tensor:
         """``H^{-1} v`` on the conic rows (the zero rows are the caller's to set)."""
+        if self.h_diagonal is not None:
+            return v / self.h_diagonal.reshape(*self.h_diagonal.shape, *([1] * (v.dim() - 2)))
         if self.scaling is None:
             return v.clone()
         if not self.cones.soc and self.scaling.w is not None:
@@ -347,12 +363,14 @@ class _Step:
         return torch.minimum(alpha, torch.where(dkappa < 0, -self.kappa / dkappa, inf))
 
 
-def _starting_point(data: ConeData, settings: Settings, eps: float) -> tuple[Tensor, ...]:
+def _starting_point(
+    data: ConeData, settings: Settings, eps: float, dual: _DualBase | None
+) -> tuple[Tensor, ...]:
     """CVXOPT's and Clarabel's start: the solution of the system with ``H = I``
     (``[P, A^T; A, -I] [x; z] = [-q; b]``), ``s = -z`` on the conic rows, both moved into the
     cone's interior; ``tau = kappa = 1``."""
     cones, batch = data.cones, data.batch
-    kkt = _KKT(data, None, eps)
+    kkt = _KKT(data, None, eps, dual)
     q = data.q.expand(batch, -1)
     b = data.b.expand(batch, -1)
     x, z = kkt.solve(-q.unsqueeze(-1), b.unsqueeze(-1), settings.refinement)
@@ -382,15 +400,15 @@ def solve(data: ConeData, settings: Settings | None = None) -> IPMResult:
     """Solve every problem of the batch (see the module docstring), in equilibrated units."""
     settings = Settings() if settings is None else settings
     scaled, scaling = equilibrate(data)
-    result = _solve(scaled, settings)
+    result, dual = _solve(scaled, settings)
     if settings.polish and not data.cones.soc:
-        result = _polish(scaled, result, settings)
+        result = _polish(scaled, result, settings, dual)
     x, s, z = scaling.unscale(result.x, result.s, result.z)
     objective = scaling.objective(result.objective)
     return IPMResult(x, s, z, result.status, result.iterations, objective, result.residual)
 
 
-def _solve(data: ConeData, settings: Settings) -> IPMResult:
+def _solve(data: ConeData, settings: Settings) -> tuple[IPMResult, _DualBase | None]:
     cones, batch = data.cones, data.batch
     tol = settings.tol
     eps = STATIC_REGULARISATION[data.q.dtype]
@@ -407,7 +425,7 @@ def _solve(data: ConeData, settings: Settings) -> IPMResult:
     if refinement is None:
         refinement = 0 if dual is not None else 1
     settings = dataclasses.replace(settings, refinement=refinement)
-    x, s, z, tau, kappa, failed = _starting_point(data, settings, eps)
+    x, s, z, tau, kappa, failed = _starting_point(data, settings, eps, dual)
     status = torch.full((batch,), -1, dtype=torch.int64, device=q.device)  # -1: running
     status = torch.where(failed, int(Status.NUMERICAL), status)
     iterations = torch.zeros(batch, dtype=torch.int64, device=q.device)
@@ -503,7 +521,7 @@ def _solve(data: ConeData, settings: Settings) -> IPMResult:
 
     xb, sb, zb = x / tau[:, None], s / tau[:, None], z / tau[:, None]
     objective = 0.5 * _dot(xb, px_of(xb)) + _dot(q, xb)
-    return IPMResult(xb, sb, zb, status, iterations, objective, residual)
+    return IPMResult(xb, sb, zb, status, iterations, objective, residual), dual
 
 
 POLISH_ROUNDS = 3
@@ -511,7 +529,9 @@ POLISH_ROUNDS = 3
 released and the solve repeated (as the torch backend's polish does)."""
 
 
-def _polish(data: ConeData, result: IPMResult, settings: Settings) -> IPMResult:
+def _polish(
+    data: ConeData, result: IPMResult, settings: Settings, dual: _DualBase | None = None
+) -> IPMResult:
     """The exact solution on the active set the interior point identifies (as OSQP polishes).
 
     An interior-point answer sits ``~mu`` inside the cone: ``s_i z_i ~ mu`` on every row, so an
@@ -543,7 +563,11 @@ def _polish(data: ConeData, result: IPMResult, settings: Settings) -> IPMResult:
         mask = active.to(x.dtype)
         A = data.A.expand(batch, -1, -1) * mask.unsqueeze(-1)
         b = data.b.expand(batch, -1) * mask
-        kkt = _KKT(ConeData(data.P, q, A, b, type(cones)(rows, 0)), None, eps)
+        equalities = ConeData(data.P, q, A, b, type(cones)(rows, 0))
+        if dual is None:
+            kkt = _KKT(equalities, None, eps)
+        else:  # row space: the dropped rows get H = 1 (so z = 0 there), K0 masked to match
+            kkt = _KKT(equalities, None, eps, dual, h_diagonal=1 - mask, row_mask=mask)
         xp, zp = kkt.solve(-q.unsqueeze(-1), b.unsqueeze(-1), refinement)
         xp, zp = xp.squeeze(-1), zp.squeeze(-1) * mask
         sp = data.b - _bmv(data.A, xp)
