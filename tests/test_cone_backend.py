@@ -381,3 +381,19 @@ def test_transport_with_a_redundant_marginal_row_matches_the_torch_backend() -> 
     torch.testing.assert_close(u, u_ref, atol=1e-7, rtol=0)
     for a, b in zip(grads, g_ref):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_a_misread_data_layout_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The construction-time check against CVXPY's ``apply_parameters``: a parameter layout read
+    wrongly (here: its entries reversed) is refused, never solved."""
+    from declopt.backends.cone import canonical
+
+    right = canonical._fortran_order
+    monkeypatch.setattr(canonical, "_fortran_order", lambda shape: right(shape).flip(0))
+    x, A, b = cp.Variable(3), cp.Parameter((2, 3)), cp.Parameter(2)
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(A @ x - b)), [x >= 0])
+    A.value = np.ones((2, 3))
+    with pytest.raises(canonical.Unsupported, match="does not reproduce CVXPY's own"):
+        canonical.canonicalise(problem, [A, b], [x], 0, 3)
+    np.testing.assert_array_equal(A.value, np.ones((2, 3)))  # the user's value is restored
+    assert b.value is None
