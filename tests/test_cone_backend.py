@@ -397,3 +397,29 @@ def test_a_misread_data_layout_is_refused(monkeypatch: pytest.MonkeyPatch) -> No
         canonical.canonicalise(problem, [A, b], [x], 0, 3)
     np.testing.assert_array_equal(A.value, np.ones((2, 3)))  # the user's value is restored
     assert b.value is None
+
+
+def test_solutions_at_zero_with_zero_data_are_accepted() -> None:
+    """``min c x, x >= 0`` (``b = 0``; with a zero cost entry the solution set is a ray), the
+    projection of 0 onto a ball, and ``min x_0`` with two free unused variables: every residual
+    shrinks with the terms it is measured against, so without the equilibrated unit as a floor
+    these ran to the iteration cap."""
+    x, c = cp.Variable(3), cp.Parameter(3)
+    layer = dl.Layer(cp.Problem(cp.Minimize(c @ x), [x >= 0]), [c], [x], backend="cone")
+    (u,) = layer(torch.tensor([[1.0, 2.0, 3.0], [0.0, 1.0, 0.5]], dtype=F64))
+    assert layer.info.converged.all()
+    torch.testing.assert_close(u, torch.zeros_like(u), atol=1e-9, rtol=0)
+
+    a = cp.Parameter(3)
+    ball = cp.Problem(cp.Minimize(cp.sum_squares(x - a)), [cp.norm(x, 2) <= 1])
+    layer = dl.Layer(ball, [a], [x], backend="cone")
+    (u,) = layer(torch.zeros(2, 3, dtype=F64))
+    assert layer.info.converged.all()
+    torch.testing.assert_close(u, torch.zeros_like(u), atol=1e-9, rtol=0)
+
+    t = cp.Parameter()
+    free = cp.Problem(cp.Minimize(a @ x), [x[0] >= t])
+    layer = dl.Layer(free, [t, a], [x], backend="cone")
+    with pytest.warns(NonConvergenceWarning, match="unbounded at batch indices \\[\\(1,\\)\\]"):
+        layer(torch.zeros(2, dtype=F64), torch.tensor([[1.0, 0, 0], [1.0, 1.0, 0]], dtype=F64))
+    assert layer.info.status.tolist() == [Status.SOLVED, Status.UNBOUNDED]

@@ -20,8 +20,9 @@ regularisation is removed by iterative refinement against the unregularised syst
 have finished stop moving (their step is zero); ``torch.linalg.cholesky_ex`` reports a failed
 factorisation per problem instead of raising for the batch.
 
-All tolerances are relative to each problem's own data (no ``1 + |x|``), so rescaling the data
-changes no verdict.
+The method works on the equilibrated program (:mod:`.equilibrate`: unit-free by construction),
+and there each stopping test measures its piece against the size of its own terms, floored at
+the data's unit 1; rescaling the data changes no verdict.
 """
 
 from __future__ import annotations
@@ -417,7 +418,6 @@ def _solve(data: ConeData, settings: Settings) -> tuple[IPMResult, _DualBase | N
     A = data.A
     q_size, b_size, A_size, P_size = _norms(data)
     tiny = torch.finfo(q.dtype).tiny
-    floor = torch.finfo(q.dtype).eps
 
     dual = _DualBase(data, eps) if _DualBase.worthwhile(data) else None
     dual = dual if dual is not None and dual.usable else None
@@ -444,10 +444,13 @@ def _solve(data: ConeData, settings: Settings) -> tuple[IPMResult, _DualBase | N
         xpx = _dot(xb, pxb)
         pobj = 0.5 * xpx + _dot(q, xb)
         dobj = -0.5 * xpx - _dot(b, zb)
-        p_unit = torch.maximum(torch.maximum(b_size, _inf_norm(axb)), _inf_norm(sb))
-        d_unit = torch.maximum(torch.maximum(q_size, _inf_norm(pxb)), _inf_norm(atzb))
-        g_unit = torch.minimum(pobj.abs(), dobj.abs())
-        g_unit = torch.maximum(g_unit, torch.maximum(p_unit, d_unit) * floor)
+        # Each piece against the size of its own terms, and never below 1: the data are
+        # equilibrated (|b| = 1 unless b = 0, |q| <= 1, the cost scaled to 1), so 1 is the data's
+        # own unit. Without that floor a solution at exactly 0 with b = 0 (min x, x >= 0) is never
+        # accepted: its residuals shrink with the terms they are measured against.
+        p_unit = torch.maximum(torch.maximum(b_size, _inf_norm(axb)), _inf_norm(sb)).clamp_min(1)
+        d_unit = torch.maximum(torch.maximum(q_size, _inf_norm(pxb)), _inf_norm(atzb)).clamp_min(1)
+        g_unit = torch.minimum(pobj.abs(), dobj.abs()).clamp_min(1)
         pres = _inf_norm(axb + sb - b) / p_unit.clamp_min(tiny)
         dres = _inf_norm(pxb + atzb + q) / d_unit.clamp_min(tiny)
         gap = (pobj - dobj).abs() / g_unit.clamp_min(tiny)
@@ -573,10 +576,10 @@ def _polish(
         sp = data.b - _bmv(data.A, xp)
         sp = torch.where(active, torch.zeros_like(sp), sp)
         # Accept where the other rows stay feasible and the multipliers keep their sign, both
-        # relative to the data's units.
-        slack_floor = tol * (b_size + A_size * _inf_norm(xp)).unsqueeze(-1)
+        # relative to the data's sizes, floored at the equilibrated unit 1.
+        slack_floor = tol * (b_size + A_size * _inf_norm(xp)).clamp_min(1).unsqueeze(-1)
         slack_ok = (sp[:, zero:] >= -slack_floor).all(-1)
-        z_floor = tol * torch.maximum(_inf_norm(zp), q_size).unsqueeze(-1)
+        z_floor = tol * torch.maximum(_inf_norm(zp), q_size).clamp_min(1).unsqueeze(-1)
         wrong_sign = torch.zeros_like(active)
         wrong_sign[:, zero:] = zp[:, zero:] < -z_floor
         finite = torch.isfinite(xp).all(-1) & torch.isfinite(zp).all(-1) & ~kkt.failed
