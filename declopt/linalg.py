@@ -171,11 +171,10 @@ def _solve_by_eigh(
     sym: Tensor, rhs: Tensor, rcond: float, expected: Tensor
 ) -> tuple[Tensor, LinearSolveReport]:
     """The eigendecomposition: minimum-norm solutions of singular systems, exact inertia."""
-    matrix = sym
     differentiable = torch.is_grad_enabled()
     eigenvalues, eigenvectors = robust_eigh(sym.detach() if differentiable else sym)
     scale = eigenvalues.abs().amax(dim=-1, keepdim=True)
-    tiny = torch.finfo(matrix.dtype).tiny
+    tiny = torch.finfo(sym.dtype).tiny
     zero = eigenvalues.abs() <= rcond * scale.clamp_min(tiny)
     singular = zero.any(dim=-1)
     inverse = torch.where(

@@ -439,6 +439,9 @@ def _solve(data: ConeData, settings: Settings) -> tuple[IPMResult, _DualBase | N
         running = status < 0
         # -------- verdicts on the current iterate
         px, ax, atz = px_of(x), _bmv(A, x), _bmtv(A, z)
+        # The embedding's residuals: the verdicts read them divided by tau, the step as they are.
+        r_x = px + atz + q * tau[:, None]
+        r_z = ax + s - b * tau[:, None]  # s is 0 on the zero rows
         xb, sb, zb = x / tau[:, None], s / tau[:, None], z / tau[:, None]
         pxb, axb, atzb = px / tau[:, None], ax / tau[:, None], atz / tau[:, None]
         xpx = _dot(xb, pxb)
@@ -451,9 +454,9 @@ def _solve(data: ConeData, settings: Settings) -> tuple[IPMResult, _DualBase | N
         p_unit = torch.maximum(torch.maximum(b_size, _inf_norm(axb)), _inf_norm(sb)).clamp_min(1)
         d_unit = torch.maximum(torch.maximum(q_size, _inf_norm(pxb)), _inf_norm(atzb)).clamp_min(1)
         g_unit = torch.minimum(pobj.abs(), dobj.abs()).clamp_min(1)
-        pres = _inf_norm(axb + sb - b) / p_unit.clamp_min(tiny)
-        dres = _inf_norm(pxb + atzb + q) / d_unit.clamp_min(tiny)
-        gap = (pobj - dobj).abs() / g_unit.clamp_min(tiny)
+        pres = _inf_norm(r_z) / tau / p_unit
+        dres = _inf_norm(r_x) / tau / d_unit
+        gap = (pobj - dobj).abs() / g_unit
         residual = torch.where(running, torch.maximum(torch.maximum(pres, dres), gap), residual)
         solved = (pres <= tol) & (dres <= tol) & (gap <= tol)
         # Certificates, normalised by the certificate's own objective (scale-free in z and x).
@@ -483,11 +486,7 @@ def _solve(data: ConeData, settings: Settings) -> tuple[IPMResult, _DualBase | N
         iterations = iterations + running.long()
 
         # -------- one predictor-corrector step
-        r_x = px + atz + q * tau[:, None]
-        r_z = ax + s - b * tau[:, None]  # s is 0 on the zero rows
-        xi = x / tau[:, None]
-        pxi = px / tau[:, None]
-        r_tau = qx + bz + _dot(x, pxi) + kappa
+        r_tau = qx + bz + _dot(x, pxb) + kappa
         mu = (cones.dot(s, z) + tau * kappa) / degree
 
         # Sanitize finished/failed problems so the batch's algebra stays finite.
@@ -501,7 +500,7 @@ def _solve(data: ConeData, settings: Settings) -> tuple[IPMResult, _DualBase | N
         status = torch.where(running & kkt.failed, int(Status.NUMERICAL), status)
         running = status < 0
 
-        step = _Step(data, kkt, settings.refinement, r_x, r_z, r_tau, xi, pxi, tau, kappa)
+        step = _Step(data, kkt, settings.refinement, r_x, r_z, r_tau, xb, pxb, tau, kappa)
         # predictor (affine scaling): d_s = s, d_kappa = tau kappa
         _, ds_a, dz_a, dtau_a, dkappa_a = step.direction(torch.ones_like(tau), s_w, tau * kappa)
         alpha_a = step.to_boundary(s_w, z_w, ds_a, dz_a, dtau_a, dkappa_a).clamp_max(1)
