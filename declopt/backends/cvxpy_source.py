@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import cvxpy as cp
 import torch
-from cvxpy.constraints import Equality, Inequality, NonNeg, NonPos, Zero
+from cvxpy.constraints import PSD, Equality, Inequality, NonNeg, NonPos, Zero
 from cvxpy.expressions.leaf import Leaf
 from torch import Tensor
 
@@ -18,10 +18,27 @@ from declopt.kkt.point import KKTPoint, kkt_point
 from declopt.kkt.tolerances import Tolerances
 from declopt.program import BatchedParams, Program
 
-__all__ = ["AnswerJudge", "constraint_kinds", "lower_domains"]
+__all__ = ["AnswerJudge", "constraint_kinds", "dual_rows", "lower_domains", "row_count"]
 
 EQUALITY_KINDS = (Equality, Zero)
-INEQUALITY_KINDS = (Inequality, NonPos, NonNeg)
+INEQUALITY_KINDS = (Inequality, NonPos, NonNeg, PSD)
+
+
+def row_count(c: cp.Constraint) -> int:
+    """How many rows of the front end's program ``c`` has: one per entry, one per matrix of a
+    PSD constraint (``lambda_max(-(A + A^T)/2) <= 0``)."""
+    return c.num_cones() if isinstance(c, PSD) else c.size
+
+
+def dual_rows(c: cp.Constraint, dual: Tensor) -> Tensor:
+    """``(n, row_count(c))``: CVXPY's dual of ``c`` for ``n`` problems (``dual (n, *shape)``)
+    on the program's rows. A PSD constraint's row is the extreme eigenvalue of its matrix, whose
+    gradient is the mean projector on the tied cluster; the dual matrix's part along it is its
+    trace (the rest lies along the kink rows, whose multipliers are always fitted)."""
+    n = dual.shape[0]
+    if isinstance(c, PSD):
+        return torch.diagonal(dual, dim1=-2, dim2=-1).sum(-1).reshape(n, -1)
+    return dual.reshape(n, -1)
 
 
 def constraint_kinds(problem: cp.Problem) -> tuple[list[cp.Constraint], list[cp.Constraint]]:

@@ -37,7 +37,13 @@ import torch
 from torch import Tensor
 
 from declopt.backends.base import BatchedParams, Solution
-from declopt.backends.cvxpy_source import AnswerJudge, constraint_kinds, lower_domains
+from declopt.backends.cvxpy_source import (
+    AnswerJudge,
+    constraint_kinds,
+    dual_rows,
+    lower_domains,
+    row_count,
+)
 from declopt.diagnostics import Status
 from declopt.frontend.dpp import dpp_culprit
 from declopt.kkt.tolerances import for_accuracy
@@ -89,7 +95,9 @@ class CompiledCvxpyLayer:
 
     ``layer(*params)`` returns ``num_variables`` primal tensors followed by the duals;
     ``eq_duals``/``ineq_duals`` index those outputs in the row order of ``Program.equalities`` /
-    ``Program.inequalities``, which have ``num_eq`` / ``num_ineq`` rows in all.
+    ``Program.inequalities``, which have ``num_eq`` / ``num_ineq`` rows in all;
+    ``ineq_constraints`` are the inequality constraints (their duals map onto rows by
+    :func:`~declopt.backends.cvxpy_source.dual_rows`).
     """
 
     layer: Any  # cvxpylayers.torch.CvxpyLayer
@@ -98,6 +106,7 @@ class CompiledCvxpyLayer:
     ineq_duals: tuple[int, ...]
     num_eq: int
     num_ineq: int
+    ineq_constraints: tuple[Any, ...]
 
     def pack(self, outputs: Sequence[Tensor]) -> Packed:
         """The layer's outputs for ``n`` problems as ``u (n, m)`` and the seed-convention
@@ -107,7 +116,10 @@ class CompiledCvxpyLayer:
         u = torch.cat(flat[: self.num_variables], dim=-1)
         # CVXPY's duals y enter the Lagrangian as f + y^T r; the seed's is L = f - lambda^T r.
         eq = [-flat[i].detach() for i in self.eq_duals]
-        ineq = [-flat[i].detach() for i in self.ineq_duals]
+        ineq = [
+            -dual_rows(c, outputs[i].detach())
+            for c, i in zip(self.ineq_constraints, self.ineq_duals)
+        ]
         return Packed(u, _cat_rows(eq, n, u), _cat_rows(ineq, n, u))
 
 
@@ -147,7 +159,7 @@ def build_source_layer(
     layer = CvxpyLayer(
         problem, parameters=list(parameters), variables=list(outputs), **layer_options
     )
-    return CompiledCvxpyLayer(layer, len(outputs), (), (), 0, 0)
+    return CompiledCvxpyLayer(layer, len(outputs), (), (), 0, 0, ())
 
 
 def build_cvxpylayer(
@@ -183,7 +195,8 @@ def build_cvxpylayer(
         eq_duals=tuple(range(k, k + len(eqs))),
         ineq_duals=tuple(range(k + len(eqs), k + len(eqs) + len(ineqs))),
         num_eq=sum(c.size for c in eqs),
-        num_ineq=sum(c.size for c in ineqs),
+        num_ineq=sum(row_count(c) for c in ineqs),
+        ineq_constraints=tuple(ineqs),
     )
 
 

@@ -3,6 +3,8 @@ the equalities' gradients do not vanish. Shared by the torch and scipy backends.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -14,7 +16,21 @@ from declopt.program import BatchedParams, Program
 
 DOMAIN_PROBES = (1.0, 0.1, 10.0)
 """Starts tried, in order, where the given one is outside the declaration's domain: every
-entry at this multiple of the problem's scale (positive: log, entr, sqrt, inv_pos live there)."""
+entry at this multiple of the problem's scale (positive: log, entr, sqrt, inv_pos live there),
+then every square matrix variable at this multiple of the identity (positive definite:
+log_det lives there; the other variables' entries as before)."""
+
+
+def _probe(program: Program, like: Tensor, identity: bool) -> Tensor:
+    """``(m,)``: ones, or with ``identity`` the identity for every square matrix variable."""
+    parts = []
+    for shape in program.variable_shapes:
+        if identity and len(shape) >= 2 and shape[-1] == shape[-2]:
+            eye = torch.eye(shape[-1], dtype=like.dtype, device=like.device)
+            parts.append(eye.expand(*shape).reshape(-1))
+        else:
+            parts.append(torch.ones(math.prod(shape), dtype=like.dtype, device=like.device))
+    return torch.cat(parts) if parts else like.new_zeros(0)
 
 
 def usable_starts(
@@ -45,11 +61,13 @@ def usable_starts(
     if bool(ok.all()):
         return u0
     scale = problem_scale(params, u0).unsqueeze(-1)
-    for factor in DOMAIN_PROBES:
-        candidate = torch.ones_like(u0) * factor * scale
-        take = ~ok & finite(candidate)
-        u0 = torch.where(take.unsqueeze(-1), candidate, u0)
-        ok = ok | take
-        if bool(ok.all()):
-            break
+    for identity in (False, True):
+        pattern = _probe(program, u0, identity)
+        for factor in DOMAIN_PROBES:
+            candidate = pattern * factor * scale
+            take = ~ok & finite(candidate)
+            u0 = torch.where(take.unsqueeze(-1), candidate, u0)
+            ok = ok | take
+            if bool(ok.all()):
+                return u0
     return u0

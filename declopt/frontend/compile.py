@@ -16,7 +16,8 @@ import cvxpy as cp
 import numpy as np
 import scipy.sparse as sp
 import torch
-from cvxpy.constraints import Equality, Inequality, NonNeg, NonPos, Zero
+from cvxpy.atoms.lambda_max import lambda_max
+from cvxpy.constraints import PSD, Equality, Inequality, NonNeg, NonPos, Zero
 from cvxpy.expressions.constants.callback_param import CallbackParam
 from torch import Tensor
 
@@ -608,13 +609,25 @@ def _split_constraints(
             ineqs.append(c.expr)  # lhs - rhs; `a >= b` is stored as Inequality(b, a)
         elif kind is NonNeg:
             ineqs.append(-c.expr)
+        elif kind is PSD:
+            ineqs.append(_psd_row(c))
         else:
             raise UnsupportedAtomError(
                 f"constraint {kind.__name__} `{c}` is not supported by declopt's torch front end; "
-                "only ==, <= and >= constraints (Equality, Zero, Inequality, NonPos, NonNeg) are. "
+                "only ==, <=, >= and >> constraints (Equality, Zero, Inequality, NonPos, NonNeg, "
+                "PSD) are. "
                 "Rewrite it as scalar inequalities (e.g. a cone constraint as norm(x) <= t)."
             )
     return eqs, ineqs
+
+
+def _psd_row(c: PSD) -> cp.Expression:
+    """``A >> 0`` (CVXPY: the symmetric part of ``A`` is PSD) as the row ``-lambda_min <= 0``:
+    ``lambda_max(-(A + A^T) / 2)``, one row per matrix of a stacked ``A`` (docs/design.md,
+    "Spectral atoms")."""
+    a = c.args[0]
+    transposed = a.T if a.ndim == 2 else cp.swapaxes(a, -2, -1)
+    return lambda_max(-(a + transposed) / 2)
 
 
 def _sign(p: cp.Parameter) -> str | None:

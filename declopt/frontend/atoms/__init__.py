@@ -19,9 +19,10 @@ from declopt.frontend.atoms.affine import AFFINE
 from declopt.frontend.atoms.base import AtomRule, AtomRuleError, KinkSite, check_rules, operands
 from declopt.frontend.atoms.nonsmooth import NONSMOOTH
 from declopt.frontend.atoms.smooth import SMOOTH
+from declopt.frontend.atoms.spectral import SPECTRAL
 from declopt.frontend.atoms.tensors import TensorCache
 
-RULES: dict[type, AtomRule] = {**AFFINE, **SMOOTH, **NONSMOOTH}
+RULES: dict[type, AtomRule] = {**AFFINE, **SMOOTH, **NONSMOOTH, **SPECTRAL}
 check_rules(RULES)
 
 
