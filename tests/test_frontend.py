@@ -719,9 +719,9 @@ def test_error_complex_and_integer_leaves() -> None:
 @pytest.mark.parametrize(
     ("name", "build"),
     [
-        ("lambda_max", lambda X: cp.lambda_max(X + X.T)),
-        ("log_det", lambda X: cp.log_det(X)),
-        ("sigma_max", lambda X: cp.sigma_max(X)),
+        ("lambda_sum_largest", lambda X: cp.lambda_sum_largest(X + X.T, 2)),
+        ("normNuc", lambda X: cp.normNuc(X)),
+        ("MatrixFrac", lambda X: cp.matrix_frac(cp.vec(X, order="F")[:2], X + X.T)),
         ("GeoMeanApprox", lambda X: cp.geo_mean(cp.vec(X, order="F"))),
     ],
 )
@@ -750,6 +750,7 @@ def test_error_unsupported_constraint() -> None:
     problem = cp.Problem(cp.Minimize(t), [cp.SOC(t, x)])
     with pytest.raises(UnsupportedAtomError, match="SOC"):
         compile_problem(problem, [], [x, t])
-    X = cp.Variable((2, 2))
-    with pytest.raises(UnsupportedAtomError, match="PSD"):
-        compile_problem(cp.Problem(cp.Minimize(cp.trace(X)), [X >> 0]), [], [X])
+    y, z = cp.Variable(), cp.Variable()
+    cone = cp.constraints.ExpCone(t, y, z)
+    with pytest.raises(UnsupportedAtomError, match="ExpCone"):
+        compile_problem(cp.Problem(cp.Minimize(t), [cone]), [], [t, y, z])
