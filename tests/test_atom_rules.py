@@ -276,6 +276,7 @@ def test_every_atom_in_the_table_passes_the_completeness_check() -> None:
         "cummax",
         "lambda_max",
         "sigma_max",
+        "normNuc",
     }
 
 

@@ -720,7 +720,7 @@ def test_error_complex_and_integer_leaves() -> None:
     ("name", "build"),
     [
         ("lambda_sum_largest", lambda X: cp.lambda_sum_largest(X + X.T, 2)),
-        ("normNuc", lambda X: cp.normNuc(X)),
+        ("tr_inv", lambda X: cp.tr_inv(X + X.T)),
         ("MatrixFrac", lambda X: cp.matrix_frac(cp.vec(X, order="F")[:2], X + X.T)),
         ("GeoMeanApprox", lambda X: cp.geo_mean(cp.vec(X, order="F"))),
     ],

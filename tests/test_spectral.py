@@ -20,7 +20,9 @@ from declopt.frontend.atoms.spectral import (
     largest_eigenvalue,
     largest_eigenvalue_sites,
     log_det_value,
+    nuclear_norm_value,
     soft_largest_eigenvalue,
+    soft_nuclear_norm,
 )
 from declopt.frontend.compile import compile_expression
 
@@ -70,6 +72,8 @@ def test_values_match_cvxpy(seed: int) -> None:
         (cp.lambda_min, s),
         (cp.log_det, pd),
         (cp.sigma_max, a),
+        (cp.normNuc, a),
+        (cp.normNuc, a.T),
     ]
     for atom, value in cases:
         expr = atom(cp.Constant(value.numpy()))
@@ -143,6 +147,21 @@ def test_smoothed_largest_eigenvalue_lies_below_within_mu_log_n() -> None:
     for mu in (1e-1, 1e-3):
         soft = soft_largest_eigenvalue(x, torch.tensor(mu, dtype=F64))
         assert 2.0 - mu * np.log(4) - 1e-12 <= float(soft) <= 2.0 + 1e-12
+
+
+def test_nuclear_norm_expansion_and_smoothing() -> None:
+    a = torch.randn(3, 2, generator=torch.Generator().manual_seed(5), dtype=F64)
+
+    def true(x):
+        return torch.linalg.svdvals(x).sum()
+
+    assert torch.allclose(nuclear_norm_value(a), true(a), atol=1e-12)
+    assert torch.allclose(grad(nuclear_norm_value)(a), grad(true)(a), atol=1e-10)
+    assert torch.allclose(hessian(nuclear_norm_value)(a), hessian(true)(a), atol=1e-8)
+    for mu in (1e-1, 1e-3):
+        soft = soft_nuclear_norm(a, torch.tensor(mu, dtype=F64))
+        assert true(a) - 2 * mu - 1e-12 <= soft <= true(a) + 1e-12
+    assert float(soft_nuclear_norm(torch.zeros(3, 2, dtype=F64), torch.tensor(0.1))) == 0.0
 
 
 def test_expansions_are_vmap_compatible() -> None:
@@ -242,6 +261,40 @@ def test_prox_of_sigma_max_matches_its_closed_form() -> None:
     assert torch.allclose(x, prox(p), atol=1e-10)
     assert torch.allclose(torch.linalg.svdvals(x), torch.tensor([0.9, 0.9], dtype=F64), atol=1e-10)
     w = torch.randn(3, 2, generator=g, dtype=F64)
+    (x * w).sum().backward()
+    ref = p.clone().requires_grad_()
+    (prox(ref) * w).sum().backward()
+    assert torch.allclose(leaf.grad, ref.grad, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    ("shape", "singular_values"),
+    [((3, 2), [1.3, 0.2]), ((3, 3), [2.0, 0.3, 0.1]), ((2, 4), [1.0, 0.4]), ((3, 3), [0.2, 0.1])],
+)
+def test_prox_of_the_nuclear_norm_is_singular_value_thresholding(
+    shape: tuple[int, int], singular_values: list[float]
+) -> None:
+    """``argmin |X|_* + |X - P|^2`` shrinks the singular values by 1/2: the rank drops (kinks of
+    every zero singular value, the structural ones of a wide or tall matrix included), down to
+    ``X = 0``."""
+    m, n = shape
+    g = torch.Generator().manual_seed(m * 10 + n)
+    q1, _ = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=F64))
+    q2, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
+    r = len(singular_values)
+    p = q1[:, :r] @ torch.diag(torch.tensor(singular_values, dtype=F64)) @ q2[:, :r].T
+    p_param, x_var = cp.Parameter(shape), cp.Variable(shape)
+    problem = cp.Problem(cp.Minimize(cp.normNuc(x_var) + cp.sum_squares(x_var - p_param)))
+    layer = dl.Layer(problem, [p_param], [x_var], backend="torch")
+
+    def prox(p: torch.Tensor) -> torch.Tensor:
+        u, s, vh = torch.linalg.svd(p, full_matrices=False)
+        return u @ torch.diag((s - 0.5).clamp(min=0)) @ vh
+
+    leaf = p.clone().requires_grad_()
+    (x,) = layer(leaf)
+    assert torch.allclose(x, prox(p), atol=1e-10)
+    w = torch.randn(shape, generator=g, dtype=F64)
     (x * w).sum().backward()
     ref = p.clone().requires_grad_()
     (prox(ref) * w).sum().backward()

@@ -33,12 +33,14 @@ holds is one here. Inside a held cluster the choice does not change the derivati
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from cvxpy.atoms.lambda_max import lambda_max
 from cvxpy.atoms.log_det import log_det
+from cvxpy.atoms.norm_nuc import normNuc
 from cvxpy.atoms.sigma_max import sigma_max
 from torch import Tensor
 
@@ -166,6 +168,64 @@ def _pairs(n: int, device: torch.device) -> tuple[Tensor, Tensor]:
     )
 
 
+def nuclear_norm_value(a: Tensor) -> Tensor:
+    """``(...)``: the sum of the singular values, with the derivatives of the piece where the
+    zero singular values stay zero: through the dilation, ``sum_i max(lambda_i, 0)`` (slopes 1
+    on the positive eigenvalues, 0 on the cluster at zero)."""
+    e = expand(dilation(a))
+    positive = (e.lam > 0) & ~_tied_with(e, torch.zeros_like(e.lam[..., :1]))
+    w = positive.to(a.dtype)
+    return torch.where(positive, e.lam, 0.0).sum(-1) + second_order(e, w)
+
+
+def soft_nuclear_norm(a: Tensor, mu: Tensor) -> Tensor:
+    """``(...)``: ``sum_i sqrt(sigma_i^2 + mu^2) - mu``, within ``mu`` per singular value below
+    the nuclear norm and exact at ``A = 0`` (the spectral form of ``smooth_abs``, over the
+    dilation's eigenvalues, each singular value twice)."""
+    e = expand(dilation(a))
+    root = torch.sqrt(e.lam * e.lam + mu * mu)
+    w = 0.5 * e.lam / root
+    curvature = 0.5 * mu * mu / root**3
+    at_ties = 0.5 * (curvature.unsqueeze(-1) + curvature.unsqueeze(-2))
+    return 0.5 * (root - mu).sum(-1) + second_order(e, w, at_ties)
+
+
+def nuclear_norm_sites(a: Tensor) -> tuple[Tensor, Tensor]:
+    """``(..., m n)`` residuals and margins of the rank kinks of ``A (..., m, n)``: site
+    ``(a, b)`` is entry ``(a, b)`` of the second-order Schur complement of ``U^T A V`` (full
+    SVD) after its positive singular values, ``sigma_a delta_ab + F_ab - sum_{k < min(a, b)}
+    F_ak F_kb / sigma_k`` with ``F = U^T (A - A0) V``; it vanishes where the rank stays the
+    same. Margin ``max(sigma_a, sigma_b)`` (``sigma = 0`` past ``min(m, n)``). Nested clusters
+    as in :func:`largest_eigenvalue_sites`."""
+    a0 = a.detach()
+    u, sigma, vh = torch.linalg.svd(a0, full_matrices=True)
+    f = u.transpose(-1, -2) @ (a - a0) @ vh.transpose(-1, -2)
+    m, n = a.shape[-2], a.shape[-1]
+    r = min(m, n)
+    width = TIE * table(a.dtype).activity * sigma[..., :1]
+    positive = sigma > width
+    inverse = torch.where(positive, 1.0 / torch.where(positive, sigma, 1.0), 0.0)  # (..., r)
+    rows = torch.cat([sigma, sigma.new_zeros(*sigma.shape[:-1], m - r)], -1)  # (..., m)
+    cols = torch.cat([sigma, sigma.new_zeros(*sigma.shape[:-1], n - r)], -1)  # (..., n)
+    index_a = torch.arange(m, device=a.device).view(m, 1, 1)
+    index_b = torch.arange(n, device=a.device).view(1, n, 1)
+    k = torch.arange(r, device=a.device).view(1, 1, r)
+    nested = (k < torch.minimum(index_a, index_b)).to(a.dtype)  # (m, n, r)
+    # sum_k F[a, k] F[k, b] / sigma_k over the nested k: F[..., :, :r] (m, r), F[..., :r, :] (r, n)
+    terms = f[..., :, None, :r] * f[..., :r, :].transpose(-1, -2)[..., None, :, :]
+    schur = (terms * nested * inverse[..., None, None, :]).sum(-1)
+    diagonal = rows.unsqueeze(-1) * torch.eye(m, n, dtype=a.dtype, device=a.device)
+    block = diagonal + f - schur
+    margin = torch.maximum(rows.unsqueeze(-1), cols.unsqueeze(-2))
+    return block.flatten(-2), margin.flatten(-2)
+
+
+def _tied_with(e: Expansion, value: Tensor) -> Tensor:
+    """``(..., n)`` bool: eigenvalues within the tie width of ``value (..., 1)``."""
+    width = TIE * table(e.lam.dtype).activity * e.lam.abs().amax(-1, keepdim=True)
+    return (e.lam - value).abs() <= width
+
+
 def log_det_value(s: Tensor) -> Tensor:
     """``(...)``: ``sum log lambda_i`` of the symmetric part; ``-inf`` unless it is positive
     definite (CVXPY's domain ``X >> 0``)."""
@@ -227,6 +287,16 @@ SPECTRAL: dict[type, AtomRule] = {
     # one triangle); the symmetric part agrees there and is what its PSD canonicalisation uses.
     lambda_max: _extreme_rule(symmetric_part, lambda e: _square(e)[-1]),
     sigma_max: _extreme_rule(dilation, lambda e: sum(_square(e)[-2:])),
+    normNuc: AtomRule(
+        lambda expr: nuclear_norm_value,
+        smooth=False,
+        kinks=lambda expr: KinkSite(
+            lambda x, reference=None: tuple(t.reshape(-1) for t in nuclear_norm_sites(x)),
+            _owners(expr, math.prod(_square(expr))),
+        ),
+        smoothed=lambda expr: lambda mu, x: soft_nuclear_norm(x, mu),
+        note="kinks where a singular value is zero (the rank drops: a surface)",
+    ),
     log_det: AtomRule(
         lambda expr: lambda x: log_det_value(symmetric_part(x)),
         note="smooth on positive definite matrices; -inf outside (CVXPY's numeric returns the "
