@@ -161,7 +161,9 @@ def test_nuclear_norm_expansion_and_smoothing() -> None:
     for mu in (1e-1, 1e-3):
         soft = soft_nuclear_norm(a, torch.tensor(mu, dtype=F64))
         assert true(a) - 2 * mu - 1e-12 <= soft <= true(a) + 1e-12
-    assert float(soft_nuclear_norm(torch.zeros(3, 2, dtype=F64), torch.tensor(0.1))) == 0.0
+    assert (
+        float(soft_nuclear_norm(torch.zeros(3, 2, dtype=F64), torch.tensor(0.1, dtype=F64))) == 0.0
+    )
 
 
 def test_expansions_are_vmap_compatible() -> None:
