@@ -380,6 +380,46 @@ def test_sdp_agrees_with_cvxpylayers_and_clarabel() -> None:
     assert torch.allclose(results[0][1], results[1][1], atol=1e-4)
 
 
+@pytest.mark.parametrize("weight", [1.0, 0.1])
+def test_sdp_implicit_backward_on_cvxpylayers_answers_matches_the_torch_backend(
+    weight: float,
+) -> None:
+    """declopt's implicit backward at cvxpylayers' solution and duals (the PSD dual's trace on
+    the constraint's row, the rest fitted on the held kink rows) against the torch backend and
+    cvxpylayers' own backward."""
+    problem, c, x = _sdp(weight)
+    m = torch.tensor([[1.0, 0.4, -0.2], [0.4, 0.5, 0.1], [-0.2, 0.1, 2.0]], dtype=F64)
+    w = torch.randn(3, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    grads = {}
+    for name, options in {
+        "torch": {"backend": "torch"},
+        "implicit": {"backend": "cvxpylayers", "backward": "implicit"},
+        "native": {"backend": "cvxpylayers"},
+    }.items():
+        layer = dl.Layer(problem, [c], [x], **options)
+        leaf = m.clone().requires_grad_()
+        (solution,) = layer(leaf)
+        (solution * w).sum().backward()
+        grads[name] = leaf.grad
+        if name == "implicit":
+            assert layer.info.gradient == "implicit"
+    assert torch.allclose(grads["implicit"], grads["torch"], atol=1e-7)
+    assert torch.allclose(grads["native"], grads["torch"], atol=1e-5)
+
+
+def test_psd_projection_in_float32() -> None:
+    layer = _psd_projection_layer(4)
+    p = _with_spectrum([-1.0, -0.5, 0.7, 2.0], 1)
+    leaf = p.float().requires_grad_()
+    (x,) = layer(leaf)
+    assert x.dtype == torch.float32
+    x.sum().backward()
+    ref = p.clone().requires_grad_()
+    _psd_projection(ref).sum().backward()
+    assert torch.allclose(x.double(), _psd_projection(p), atol=1e-6)
+    assert torch.allclose(leaf.grad.double(), ref.grad, atol=1e-5)
+
+
 def test_batched_psd_constraints_and_batched_parameters() -> None:
     """A stacked ``(2, n, n)`` PSD constraint is one row per matrix; a batch of parameters."""
     p, x = cp.Parameter((2, 3, 3)), cp.Variable((2, 3, 3))
