@@ -95,8 +95,11 @@ class Layer(nn.Module):
         **options: passed to the backend (e.g. ``method="lbfgs"``, ``max_iter=100``);
             ``gp=True`` declares a log-log convex program (solved by cvxpylayers).
 
-    Calling ``layer(*tensors, solver_args=None)``: ``solver_args`` (a dict) is merged over the
-    layer's ``solver_args=`` option for this call (backends that take it: cvxpylayers).
+    Calling ``layer(*tensors, solver_args=None, warm_start=False)``: ``solver_args`` (a dict) is
+    merged over the layer's ``solver_args=`` option for this call (backends that take it:
+    cvxpylayers); ``warm_start=True`` starts every problem from the previous call's solution
+    instead of zero (backends that take starting points: torch, scipy; ignored when the number of
+    problems changed).
     Parameter ``i`` takes shape ``(*batch_i, *shape_i)``; the batch
     shapes broadcast to ``batch``; returns one tensor per variable, shape ``(*batch, *var_shape)``,
     with the inputs' dtype and device. ``layer.info`` then describes every problem of the call.
@@ -178,6 +181,7 @@ class Layer(nn.Module):
         self.verify = verify
         self.options = options
         self.info: LayerInfo | None = None
+        self._last_solution: Tensor | None = None  # (B, m), the start of warm_start=True
 
     @property
     def backend_name(self) -> str:
@@ -228,9 +232,16 @@ class Layer(nn.Module):
     # data-dependent control flow (nor CVXPY); the layer's own compile=True still applies.
     @torch.compiler.disable
     def forward(
-        self, *params: Tensor, solver_args: dict[str, Any] | None = None
+        self, *params: Tensor, solver_args: dict[str, Any] | None = None, warm_start: bool = False
     ) -> tuple[Tensor, ...]:
         options = _call_options(self, solver_args)
+        if warm_start:
+            if not getattr(self.backend, "takes_starts", False):
+                raise ValueError(
+                    f"warm_start=True needs a backend that starts from given points (torch, "
+                    f"scipy); backend {self.backend_name!r} starts from its own"
+                )
+            options = {**options, _WARM_START: True}
         if isinstance(self.backward_strategy, Native):
             if torch._C._are_functorch_transforms_active():
                 raise NotImplementedError(
@@ -274,7 +285,9 @@ class _Call:
         self, layer: Layer, inputs: PreparedInputs, options: dict[str, Any] | None = None
     ) -> None:
         self.layer = layer
-        self.options = layer.options if options is None else options
+        options = dict(layer.options if options is None else options)
+        self.warm_start = bool(options.pop(_WARM_START, False))
+        self.options = options
         self.program = layer.program
         self.inputs = inputs
         self.info: LayerInfo | None = None
@@ -337,14 +350,18 @@ class _Call:
     def _backend_solve(self, differentiable: bool) -> tuple[Tensor, ...]:
         layer, program, inputs = self.layer, self.program, self.inputs
         size = inputs.params.size
-        zeros = torch.zeros(size, program.num_variables, dtype=inputs.dtype, device=inputs.device)
-        starts = [zeros]
+        first = torch.zeros(size, program.num_variables, dtype=inputs.dtype, device=inputs.device)
+        previous = getattr(layer, "_last_solution", None)
+        if self.warm_start and previous is not None and previous.shape == first.shape:
+            first = previous.to(dtype=inputs.dtype, device=inputs.device)
+        starts = [first]
         starts += [self._pack(init(*inputs.tensors), "initializer") for init in layer.initializers]
         extra = {"differentiable": True} if differentiable else {}
         solution = layer.backend.solve(
             program, inputs.params, starts=starts, **extra, **self.options
         )
         u = solution.u
+        layer._last_solution = u.detach()
         self.status = solution.status
         lam_h, lam_g = solution.eq_multipliers, solution.ineq_multipliers
         self.multipliers = (lam_h, lam_g)
@@ -621,6 +638,10 @@ def _solver_name(
     elif solver.upper() != "DIFFCP":
         options["layer_options"] = {"solver": solver, **(options.get("layer_options") or {})}
     return None, "cvxpylayers"
+
+
+_WARM_START = "__warm_start__"
+"""Key of the call options that asks this call to start from the previous call's solution."""
 
 
 def _call_options(layer: Layer, solver_args: dict[str, Any] | None) -> dict[str, Any]:

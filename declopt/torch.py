@@ -96,14 +96,20 @@ class CvxpyLayer(Layer):
         solver_args: dict[str, Any] | None = None,
         warm_start: bool = False,
     ) -> tuple[Tensor, ...]:
-        if warm_start and self._cvxpylayers_solver != "MOREAU":
+        takes_starts = getattr(self.backend, "takes_starts", False)
+        if warm_start and not takes_starts and self._cvxpylayers_solver != "MOREAU":
             raise ValueError(
                 "warm_start=True is only supported with solver='MOREAU'. "
                 f"Current solver is '{self._cvxpylayers_solver}'."
             )
         _validate_params(self.program.source[1], params)  # type: ignore[index]
         try:
-            return super().forward(*params, solver_args=solver_args)
+            # MOREAU's warm start is a speed hint declopt's cvxpylayers backend does not pass on
+            # (it splits batches to isolate failures); backends that take starting points
+            # (torch, scipy) start from the previous call's solution.
+            return super().forward(
+                *params, solver_args=solver_args, warm_start=warm_start and takes_starts
+            )
         except SolverError as error:  # declopt's on_failure="raise": diffcp's type, as cvxpylayers
             raise _solver_error(str(error)) from error
 

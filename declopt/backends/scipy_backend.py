@@ -76,6 +76,7 @@ class ScipyBackend:
     """
 
     name = "scipy"
+    takes_starts = True  # layer(..., warm_start=True) starts from the last solution
 
     def supports(self, program: Program) -> str | None:
         return None

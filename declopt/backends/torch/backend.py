@@ -46,6 +46,7 @@ class TorchBackend:
     """
 
     name = "torch"
+    takes_starts = True  # layer(..., warm_start=True) starts from the last solution
     supports_compile = True
     option_names = ("method", "max_iter", "compile", "linear_solver")
 
