@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import cvxpy as cp
 import torch
-from cvxpy.constraints import Equality, Inequality, NonNeg, NonPos, Zero
+from cvxpy.constraints import SOC, Equality, Inequality, NonNeg, NonPos, Zero
 from cvxpy.expressions.leaf import Leaf
 from torch import Tensor
 
@@ -18,10 +18,29 @@ from declopt.kkt.point import KKTPoint, kkt_point
 from declopt.kkt.tolerances import Tolerances
 from declopt.program import BatchedParams, Program
 
-__all__ = ["AnswerJudge", "constraint_kinds", "lower_domains"]
+__all__ = ["AnswerJudge", "constraint_kinds", "lower_domains", "num_rows"]
 
 EQUALITY_KINDS = (Equality, Zero)
-INEQUALITY_KINDS = (Inequality, NonPos, NonNeg)
+INEQUALITY_KINDS = (Inequality, NonPos, NonNeg, SOC)
+
+
+def num_rows(constraint: cp.Constraint) -> int:
+    """How many rows of the front end's residuals ``constraint`` is: its size, but one row per
+    cone for a ``cp.SOC`` (``norm(X) - t <= 0``), whose multiplier is the dual of ``t``
+    (``constraint.dual_variables[0]``)."""
+    if isinstance(constraint, SOC):
+        return int(constraint.args[0].size)
+    return int(constraint.size)
+
+
+def symmetry_rows(variables: Sequence[cp.Variable]) -> int:
+    """How many equality rows the front end adds for ``symmetric=True`` variables (their
+    multipliers have no counterpart among CVXPY's duals)."""
+    return sum(
+        int(v.shape[0]) * (int(v.shape[0]) - 1) // 2
+        for v in variables
+        if v.attributes.get("symmetric") and v.ndim == 2
+    )
 
 
 def constraint_kinds(problem: cp.Problem) -> tuple[list[cp.Constraint], list[cp.Constraint]]:
@@ -52,6 +71,8 @@ def lower_domains(
         return memo[id(expr)]
 
     def sub_constraint(c: cp.Constraint) -> cp.Constraint:
+        if isinstance(c, SOC):
+            return SOC(*[sub(a) for a in c.args], axis=c.axis)
         return type(c)(*[sub(a) for a in c.args])
 
     domain = [c for v in variables for c in v.domain]

@@ -16,7 +16,7 @@ import cvxpy as cp
 import numpy as np
 import scipy.sparse as sp
 import torch
-from cvxpy.constraints import Equality, Inequality, NonNeg, NonPos, Zero
+from cvxpy.constraints import SOC, Equality, Inequality, NonNeg, NonPos, Zero
 from cvxpy.expressions.constants.callback_param import CallbackParam
 from torch import Tensor
 
@@ -43,11 +43,11 @@ KinkFn = Callable[..., tuple[Tensor, Tensor]]
 SMOOTHING_WIDTH = -1
 """Env key of the smoothing width ``mu`` read by the smoothed atoms (leaf ids are positive)."""
 
-# Variable attributes that are not a plain sign/bound restriction of the entries.
+# Leaf attributes that are not a plain sign/bound restriction of the entries (``symmetric`` is
+# compiled: a variable's as equality rows, a parameter's checked on input).
 _UNSUPPORTED_VARIABLE_ATTRIBUTES = (
     "integer",
     "boolean",
-    "symmetric",
     "diag",
     "PSD",
     "NSD",
@@ -467,22 +467,32 @@ def _check_leaves(
 def _check_supported_leaves(
     parameters: Sequence[cp.Parameter], variables: Sequence[cp.Variable]
 ) -> None:
-    """What the torch front end cannot evaluate among the leaves: complex data, variable
-    attributes other than sign/bounds."""
+    """What the torch front end cannot evaluate among the leaves: complex data, PSD/NSD
+    variables, variable attributes other than sign/bounds and symmetric."""
     for leaf in (*parameters, *variables):
         if leaf.is_complex():
             raise DeclarationError(
                 f"{_leaf_kind(leaf)} {leaf.name()} is complex-valued; declopt supports real data "
                 "only. Split it into real and imaginary parts."
             )
+    # PSD=True / NSD=True *parameters* are taken as they were before symmetric ones were: their
+    # values are used as given (what quad_form(x, P) needs to be DCP), not checked.
+    for v in variables:
+        definite = [a for a in ("PSD", "NSD") if v.attributes.get(a)]
+        if definite:
+            raise UnsupportedAtomError(
+                f"variable {v.name()} is declared {definite[0]}=True; declopt's torch front end "
+                "does not compile semidefinite variables (nor `>>` constraints) yet. Use "
+                "backend='cvxpylayers' (or 'auto'), which takes it as declared."
+            )
     for v in variables:
         bad = [a for a in _UNSUPPORTED_VARIABLE_ATTRIBUTES if v.attributes.get(a)]
         if bad:
             raise UnsupportedAtomError(
                 f"variable {v.name()} is declared with {', '.join(bad)}=...; declopt's torch "
-                "front end supports only nonneg/nonpos/pos/neg/bounds as variable attributes. "
-                "Declare a plain variable and state the restriction as explicit constraints "
-                "(or use backend='cvxpylayers', which takes it as declared)."
+                "front end supports only nonneg/nonpos/pos/neg/bounds and symmetric as variable "
+                "attributes. Declare a plain variable and state the restriction as explicit "
+                "constraints (or use backend='cvxpylayers', which takes it as declared)."
             )
 
 
@@ -562,6 +572,7 @@ def source_program(
         is_convex=convex,
         is_dpp=dpp,
         parameter_signs=tuple(_sign(p) for p in parameters),
+        parameter_symmetric=tuple(bool(p.attributes.get("symmetric")) for p in parameters),
         maximize=isinstance(problem.objective, cp.Maximize),
         source=(problem, tuple(parameters), tuple(outputs)),
         frontend_error=error,
@@ -592,11 +603,42 @@ def _objective_taylor(
     return fn
 
 
+def _soc_rows(c: SOC) -> cp.Expression:
+    """``norm(X, 2, axis) - t``, one row per cone of ``cp.SOC(t, X, axis)`` (``<= 0``).
+
+    CVXPY's conventions: ``t`` is 1-D (a scalar ``t`` is stored flattened, ``(1,)``), one entry
+    per cone; a 0-D or 1-D ``X`` is one cone; a 2-D ``X`` has a cone per column (``axis=0``) or
+    per row (``axis=1``). The 2-norm atom brings its kink at the apex ``X = 0`` with it.
+    """
+    t, X = c.args
+    if X.ndim == 0:
+        norms = cp.abs(X)
+    elif X.ndim == 1:
+        norms = cp.norm(X, 2)
+    else:
+        norms = cp.norm(X, 2, axis=c.axis)
+    return cp.reshape(norms, t.shape, order="C") - t
+
+
+def _symmetry_rows(v: cp.Variable) -> cp.Expression | None:
+    """``X[i, j] - X[j, i]`` for ``i < j`` of a ``symmetric=True`` variable (``== 0``), else
+    ``None``. The variable keeps all ``n * n`` entries in ``u`` (so its output is the full
+    matrix, and gradients with respect to it are those of the full matrix, as for any other
+    variable); these rows make it symmetric."""
+    if not v.attributes.get("symmetric") or v.ndim != 2 or int(v.shape[0]) < 2:
+        return None
+    n = int(v.shape[0])
+    rows, cols = np.triu_indices(n, k=1)
+    return v[rows, cols] - v[cols, rows]
+
+
 def _split_constraints(
     problem: cp.Problem, variables: Sequence[cp.Variable]
 ) -> tuple[list[cp.Expression], list[cp.Expression]]:
     """(equality expressions h = 0, inequality expressions g <= 0), in constraint order, then the
-    sign/bound attributes of the variables (``Variable(nonneg=True)``, ``bounds=...``)."""
+    sign/bound attributes of the variables (``Variable(nonneg=True)``, ``bounds=...``), then the
+    symmetry rows of ``symmetric=True`` variables (equalities). A ``cp.SOC`` constraint is one
+    inequality row per cone, ``norm(X, 2) - t <= 0``."""
     eqs: list[cp.Expression] = []
     ineqs: list[cp.Expression] = []
     domain = [c for v in variables for c in v.domain]
@@ -608,12 +650,19 @@ def _split_constraints(
             ineqs.append(c.expr)  # lhs - rhs; `a >= b` is stored as Inequality(b, a)
         elif kind is NonNeg:
             ineqs.append(-c.expr)
+        elif kind is SOC:
+            ineqs.append(_soc_rows(c))
         else:
             raise UnsupportedAtomError(
                 f"constraint {kind.__name__} `{c}` is not supported by declopt's torch front end; "
-                "only ==, <= and >= constraints (Equality, Zero, Inequality, NonPos, NonNeg) are. "
-                "Rewrite it as scalar inequalities (e.g. a cone constraint as norm(x) <= t)."
+                "only ==, <= and >= constraints (Equality, Zero, Inequality, NonPos, NonNeg) and "
+                "second-order cones (cp.SOC) are. Rewrite it with those if it can be (e.g. an "
+                "exponential cone as exp/log inequalities), or use backend='cvxpylayers'."
             )
+    for v in variables:
+        rows = _symmetry_rows(v)
+        if rows is not None:
+            eqs.append(rows)
     return eqs, ineqs
 
 
@@ -759,6 +808,7 @@ def compile_problem(
         is_convex=_safe(problem.is_dcp),
         is_dpp=_safe(problem.is_dpp),
         parameter_signs=tuple(_sign(p) for p in parameters),
+        parameter_symmetric=tuple(bool(p.attributes.get("symmetric")) for p in parameters),
         maximize=sign < 0,
         source=(problem, tuple(parameters), tuple(variables)),
         kinks=kinks_fn if kink_eval is not None else None,
