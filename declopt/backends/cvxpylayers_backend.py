@@ -235,7 +235,7 @@ class CvxpyLayersBackend:
         layer_options: keyword arguments for ``cvxpylayers.torch.CvxpyLayer`` itself
             (``solver=``, ``verbose=``, ``canon_backend=``); one layer is built per distinct set.
 
-    Source-only programs (``Program.has_functions`` False: PSD / exponential cones, ``log_det``, dual
+    Source-only programs (``Program.has_functions`` False: PSD / exp cones, ``log_det``, dual
     variables as outputs, ``gp=True``, ...) are solved as declared, with the native backward
     only; there is no declaration to check answers against, so ``objective`` and
     ``kkt_residual`` are NaN and ``converged`` is the solver's verdict.

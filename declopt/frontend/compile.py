@@ -688,8 +688,8 @@ def compile_problem(
     """Compile a CVXPY problem into a :class:`~declopt.program.Program`.
 
     Args:
-        problem: the declaration; any objective and ``==``/``<=``/``>=`` constraints built from
-            supported atoms (DCP is not required).
+        problem: the declaration; any objective and ``==``/``<=``/``>=`` and ``cp.SOC``
+            constraints built from supported atoms (DCP is not required).
         parameters: exactly the problem's parameters, in the order the layer takes them.
         variables: all the problem's variables; ``u`` is their row-major concatenation in this
             order.
@@ -698,8 +698,10 @@ def compile_problem(
         A Program with ``objective(x, u)`` (negated for ``cp.Maximize``: declopt minimises; then
         ``maximize`` is True),
         ``equalities(x, u)`` (lhs - rhs of the ``==`` constraints, flattened row-major and
-        concatenated) and ``inequalities(x, u)`` (lhs - rhs of ``<=``, rhs - lhs of ``>=``, then
-        the variables' sign/bound attributes), or None where there are none.
+        concatenated, then the symmetry rows of ``symmetric=True`` variables) and
+        ``inequalities(x, u)`` (lhs - rhs of ``<=``, rhs - lhs of ``>=``, ``norm(X) - t`` per
+        cone of a ``cp.SOC``, then the variables' sign/bound attributes), or None where there
+        are none.
 
     Raises:
         DeclarationError: bad parameter/variable lists, complex data, unsupported variable
