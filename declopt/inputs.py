@@ -65,7 +65,8 @@ def prepare_inputs(program: Program, args: Sequence[object]) -> PreparedInputs:
 
     Raises:
         InputError: wrong count, wrong trailing shape, batch shapes that do not broadcast,
-            NaN/Inf entries or a sign that violates the parameter's declared attribute; the message
+            NaN/Inf entries, a sign that violates the parameter's declared attribute or a
+            ``symmetric=True`` parameter's tensor that is not symmetric; the message
             names the parameter (and batch index) and the fix.
     """
     names = program.parameter_names
@@ -96,6 +97,11 @@ def prepare_inputs(program: Program, args: Sequence[object]) -> PreparedInputs:
         ) from None
     for name, sign, tensor, bshape in zip(names, _signs(program), tensors, batch_shapes):
         _check_values(name, sign, tensor, len(bshape))
+    for name, symmetric, tensor, bshape in zip(
+        names, program.parameter_symmetric, tensors, batch_shapes
+    ):
+        if symmetric:
+            _check_symmetric(name, tensor, len(bshape))
 
     params = _flatten(program, tensors, batch_shape)
     return PreparedInputs(tensors, params, batch_shape, dtype, device)
@@ -173,6 +179,26 @@ def _check_values(name: str, sign: str | None, tensor: Tensor, batch_ndim: int) 
         raise InputError(
             f"parameter {name!r} is declared nonpos but is positive at "
             f"{_first_bad(tensor <= 0, batch_ndim)}"
+        )
+
+
+SYMMETRY_TOLERANCE = 100.0
+"""A ``symmetric=True`` parameter's tensor may differ from its transpose by this many units of
+its dtype's epsilon, relative to its largest entry (per matrix): rounding of an ``A + A.T`` or
+``A @ A.T`` computed in that dtype passes, a matrix that is not symmetric does not."""
+
+
+def _check_symmetric(name: str, tensor: Tensor, batch_ndim: int) -> None:
+    if not tensor.is_floating_point():
+        return
+    gap = (tensor - tensor.transpose(-1, -2)).abs()
+    scale = tensor.abs().amax(dim=(-2, -1), keepdim=True).clamp(min=1.0)
+    ok = gap <= SYMMETRY_TOLERANCE * torch.finfo(tensor.dtype).eps * scale
+    if not bool(ok.all()):
+        raise InputError(
+            f"parameter {name!r} is declared symmetric but is not symmetric at "
+            f"{_first_bad(ok, batch_ndim)} (|P - P^T| = {float(gap.max()):.3g}); pass a symmetric "
+            "matrix, e.g. (P + P.transpose(-1, -2)) / 2"
         )
 
 

@@ -53,6 +53,8 @@ class Program:
         is_convex: the declaration is DCP (convex objective over a convex set).
         is_dpp: the declaration is DPP (cvxpylayers can take it).
         parameter_signs: per parameter ``"nonneg"``, ``"nonpos"`` or ``None``; checked on input.
+        parameter_symmetric: per parameter, whether it is declared ``symmetric=True`` (its
+            tensors must be symmetric matrices; checked on input). Empty: none is.
         maximize: the declaration maximises; ``objective`` is then its negation.
         source: ``(problem, parameters, variables)`` when compiled from CVXPY (backends that call
             CVXPY-based solvers need it), else ``None``.
@@ -88,6 +90,7 @@ class Program:
     is_convex: bool = False
     is_dpp: bool = False
     parameter_signs: tuple[str | None, ...] = field(default=())
+    parameter_symmetric: tuple[bool, ...] = field(default=())
     maximize: bool = False
     source: tuple[Any, tuple[Any, ...], tuple[Any, ...]] | None = field(
         default=None, compare=False, repr=False

@@ -6,6 +6,7 @@ compared between the two (float64, 1e-5) and with ``cvxpylayers.torch.CvxpyLayer
 from __future__ import annotations
 
 import contextlib
+import math
 
 import cvxpy as cp
 import pytest
@@ -233,14 +234,16 @@ def test_sdp_implicit_backward_is_refused_with_a_clear_error() -> None:
 
 
 def test_auto_sends_what_the_front_end_cannot_compile_to_cvxpylayers() -> None:
-    t = cp.Parameter(2)
-    x, s = cp.Variable(2), cp.Variable()
-    problem = cp.Problem(cp.Minimize(s + cp.sum_squares(x - t)), [cp.SOC(s, x)])
-    layer = dl.Layer(problem, [t], [x])
+    a = cp.Parameter(pos=True)
+    x, y, z = cp.Variable(), cp.Variable(), cp.Variable()
+    # exp(x) <= z as an exponential cone (the front end has no rule for ExpCone).
+    problem = cp.Problem(cp.Minimize(z - a * x), [cp.constraints.ExpCone(x, y, z), y == 1])
+    layer = dl.Layer(problem, [a], [x, z])
     assert layer.backend_name == "cvxpylayers" and "torch front end" in layer.reason
-    (X,) = layer(torch.tensor([3.0, 4.0], dtype=F64))
-    # prox of the 2-norm: shrink towards 0 by 1/2.
-    assert torch.allclose(X, torch.tensor([2.7, 3.6], dtype=F64), atol=1e-6)
+    (X, Z) = layer(torch.tensor(2.0, dtype=F64))
+    # min exp(x) - a x: x = log a, z = a.
+    assert torch.allclose(X, torch.tensor(math.log(2.0), dtype=F64), atol=1e-4)
+    assert torch.allclose(Z, torch.tensor(2.0, dtype=F64), atol=1e-4)
 
 
 @pytest.mark.parametrize(

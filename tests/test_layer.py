@@ -243,10 +243,10 @@ class TestBadInput:
             layer(torch.randn(4))
 
     def test_unsupported_atom_is_named_at_construction(self) -> None:
-        x = cp.Parameter(3)
-        u = cp.Variable(3)
-        problem = cp.Problem(cp.Minimize(cp.sum_squares(u - x) - cp.geo_mean(u)))
-        with pytest.raises(dl.UnsupportedAtomError, match="GeoMean"):
+        x = cp.Parameter((2, 2))
+        u = cp.Variable((2, 2))
+        problem = cp.Problem(cp.Minimize(cp.sum_squares(u - x) - cp.log_det(u)))
+        with pytest.raises(dl.UnsupportedAtomError, match="log_det"):
             TorchLayer(problem, [x], [u])
 
     def test_problem_without_variables_is_rejected(self) -> None:

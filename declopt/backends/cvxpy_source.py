@@ -9,36 +9,54 @@ from dataclasses import dataclass
 
 import cvxpy as cp
 import torch
-from cvxpy.constraints import PSD, Equality, Inequality, NonNeg, NonPos, Zero
+from cvxpy.constraints import PSD, SOC, Equality, Inequality, NonNeg, NonPos, Zero
 from cvxpy.expressions.leaf import Leaf
 from torch import Tensor
 
 from declopt.derivatives import BatchedObjective
+from declopt.frontend.compile import is_symmetric_leaf
 from declopt.kkt.point import KKTPoint, kkt_point
 from declopt.kkt.tolerances import Tolerances
 from declopt.program import BatchedParams, Program
 
-__all__ = ["AnswerJudge", "constraint_kinds", "dual_rows", "lower_domains", "row_count"]
+__all__ = ["AnswerJudge", "constraint_kinds", "dual_rows", "lower_domains", "num_rows"]
 
 EQUALITY_KINDS = (Equality, Zero)
-INEQUALITY_KINDS = (Inequality, NonPos, NonNeg, PSD)
+INEQUALITY_KINDS = (Inequality, NonPos, NonNeg, PSD, SOC)
 
 
-def row_count(c: cp.Constraint) -> int:
-    """How many rows of the front end's program ``c`` has: one per entry, one per matrix of a
-    PSD constraint (``lambda_max(-(A + A^T)/2) <= 0``)."""
-    return c.num_cones() if isinstance(c, PSD) else c.size
+def num_rows(constraint: cp.Constraint) -> int:
+    """How many rows of the front end's residuals ``constraint`` is: its size, but one row per
+    cone for a ``cp.SOC`` (``norm(X) - t <= 0``, whose multiplier is the dual of ``t``,
+    ``constraint.dual_variables[0]``) and one per matrix for a PSD constraint
+    (``lambda_max(-(A + A^T)/2) <= 0``)."""
+    if isinstance(constraint, SOC):
+        return int(constraint.args[0].size)
+    if isinstance(constraint, PSD):
+        return int(constraint.num_cones())
+    return int(constraint.size)
 
 
-def dual_rows(c: cp.Constraint, dual: Tensor) -> Tensor:
-    """``(n, row_count(c))``: CVXPY's dual of ``c`` for ``n`` problems (``dual (n, *shape)``)
-    on the program's rows. A PSD constraint's row is the extreme eigenvalue of its matrix, whose
-    gradient is the mean projector on the tied cluster; the dual matrix's part along it is its
-    trace (the rest lies along the kink rows, whose multipliers are always fitted)."""
+def dual_rows(constraint: cp.Constraint, dual: Tensor) -> Tensor:
+    """``(n, num_rows(constraint))``: CVXPY's dual of ``constraint`` for ``n`` problems
+    (``dual (n, *shape)``) on the program's rows. A PSD constraint's row is the extreme
+    eigenvalue of its matrix, whose gradient is the mean projector on the tied cluster; the dual
+    matrix's part along it is its trace (the rest lies along the kink rows, whose multipliers
+    are always fitted)."""
     n = dual.shape[0]
-    if isinstance(c, PSD):
+    if isinstance(constraint, PSD):
         return torch.diagonal(dual, dim1=-2, dim2=-1).sum(-1).reshape(n, -1)
     return dual.reshape(n, -1)
+
+
+def symmetry_rows(variables: Sequence[cp.Variable]) -> int:
+    """How many equality rows the front end adds for symmetric (``symmetric``, ``PSD``,
+    ``NSD``) variables (their multipliers have no counterpart among CVXPY's duals)."""
+    return sum(
+        int(v.shape[0]) * (int(v.shape[0]) - 1) // 2
+        for v in variables
+        if is_symmetric_leaf(v) and v.ndim == 2
+    )
 
 
 def constraint_kinds(problem: cp.Problem) -> tuple[list[cp.Constraint], list[cp.Constraint]]:
@@ -56,7 +74,12 @@ def lower_domains(
     constraints (CVXPY gives attribute constraints no dual variable)."""
     if not any(v.domain for v in variables):
         return problem, list(variables)
-    plain = {v.id: cp.Variable(v.shape, name=v.name()) if v.domain else v for v in variables}
+    # A PSD/NSD variable's domain is its cone; its plain stand-in stays symmetric (the cone
+    # constrains only the symmetric part).
+    plain = {
+        v.id: cp.Variable(v.shape, name=v.name(), symmetric=is_symmetric_leaf(v)) if v.domain else v
+        for v in variables
+    }
     memo: dict[int, cp.Expression] = {}
 
     def sub(expr: cp.Expression) -> cp.Expression:
@@ -69,6 +92,8 @@ def lower_domains(
         return memo[id(expr)]
 
     def sub_constraint(c: cp.Constraint) -> cp.Constraint:
+        if isinstance(c, SOC):
+            return SOC(*[sub(a) for a in c.args], axis=c.axis)
         return type(c)(*[sub(a) for a in c.args])
 
     domain = [c for v in variables for c in v.domain]

@@ -34,6 +34,7 @@ from typing import Any
 
 import cvxpy as cp
 import torch
+from cvxpy.constraints import SOC
 from torch import Tensor
 
 from declopt.backends.base import BatchedParams, Solution
@@ -42,10 +43,12 @@ from declopt.backends.cvxpy_source import (
     constraint_kinds,
     dual_rows,
     lower_domains,
-    row_count,
+    num_rows,
+    symmetry_rows,
 )
 from declopt.diagnostics import Status
 from declopt.frontend.dpp import dpp_culprit
+from declopt.kkt.point import KKTPoint
 from declopt.kkt.tolerances import for_accuracy
 from declopt.program import Program
 
@@ -95,7 +98,12 @@ class CompiledCvxpyLayer:
 
     ``layer(*params)`` returns ``num_variables`` primal tensors followed by the duals;
     ``eq_duals``/``ineq_duals`` index those outputs in the row order of ``Program.equalities`` /
-    ``Program.inequalities``, which have ``num_eq`` / ``num_ineq`` rows in all;
+    ``Program.inequalities``, which have ``num_eq`` / ``num_ineq`` rows in all. ``eq_known``
+    is False where the program has equality rows CVXPY has no dual for (the symmetry rows of a
+    ``symmetric=True`` variable); ``ineq_known`` is False where a ``cp.SOC`` constraint holds
+    several cones (cvxpylayers 1.x returns the first entries of its raw cone dual for
+    ``dual_variables[0]``, not the duals of the ``t``s, which it is for a single cone). Those
+    multipliers are then fitted by least squares.
     ``ineq_constraints`` are the inequality constraints (their duals map onto rows by
     :func:`~declopt.backends.cvxpy_source.dual_rows`).
     """
@@ -107,6 +115,8 @@ class CompiledCvxpyLayer:
     num_eq: int
     num_ineq: int
     ineq_constraints: tuple[Any, ...]
+    eq_known: bool = True
+    ineq_known: bool = True
 
     def pack(self, outputs: Sequence[Tensor]) -> Packed:
         """The layer's outputs for ``n`` problems as ``u (n, m)`` and the seed-convention
@@ -182,6 +192,7 @@ def build_cvxpylayer(
     culprit = dpp_culprit(problem)
     if culprit is not None:
         raise ValueError(_not_dpp_message(culprit))
+    symmetric = symmetry_rows(variables)
     problem, variables = lower_domains(problem, variables)
     eqs, ineqs = constraint_kinds(problem)
     duals = [c.dual_variables[0] for c in (*eqs, *ineqs)]
@@ -194,9 +205,11 @@ def build_cvxpylayer(
         num_variables=k,
         eq_duals=tuple(range(k, k + len(eqs))),
         ineq_duals=tuple(range(k + len(eqs), k + len(eqs) + len(ineqs))),
-        num_eq=sum(c.size for c in eqs),
-        num_ineq=sum(row_count(c) for c in ineqs),
+        num_eq=sum(num_rows(c) for c in eqs),
+        num_ineq=sum(num_rows(c) for c in ineqs),
         ineq_constraints=tuple(ineqs),
+        eq_known=symmetric == 0,
+        ineq_known=all(c.num_cones() == 1 for c in ineqs if isinstance(c, SOC)),
     )
 
 
@@ -230,7 +243,7 @@ class CvxpyLayersBackend:
         layer_options: keyword arguments for ``cvxpylayers.torch.CvxpyLayer`` itself
             (``solver=``, ``verbose=``, ``canon_backend=``); one layer is built per distinct set.
 
-    Source-only programs (``Program.has_functions`` False: PSD / SOC cones, ``log_det``, dual
+    Source-only programs (``Program.has_functions`` False: PSD / exp cones, ``log_det``, dual
     variables as outputs, ``gp=True``, ...) are solved as declared, with the native backward
     only; there is no declaration to check answers against, so ``objective`` and
     ``kkt_residual`` are NaN and ``converged`` is the solver's verdict.
@@ -333,7 +346,16 @@ class CvxpyLayersBackend:
             packed, solved = solver.solve(torch.arange(size))
         if not program.has_functions:
             return _source_solution(packed, solved, ref)
-        report = judge(packed.u, packed.eq, packed.ineq)
+        known_eq, known_ineq = compiled.eq_known, compiled.ineq_known
+
+        def judge_packed(packed: Packed) -> KKTPoint:
+            return judge(
+                packed.u,
+                packed.eq if known_eq else None,
+                packed.ineq if known_ineq else None,
+            )
+
+        report = judge_packed(packed)
         converged = solved & torch.isfinite(packed.u.detach()).all(-1)
         # on_solver_error="raise" (cvxpylayers' semantics): answers stay as the solver gave them.
         if solver.isolate:
@@ -344,10 +366,10 @@ class CvxpyLayersBackend:
                 # good members on their own.
                 with grad_mode():
                     packed, _ = solver.solve(converged.nonzero().squeeze(-1), size)
-                report = judge(packed.u, packed.eq, packed.ineq)
+                report = judge_packed(packed)
             elif not bool(converged.all()):
                 packed = packed.where(converged)
-                report = judge(packed.u, packed.eq, packed.ineq)
+                report = judge_packed(packed)
         point = None if differentiable else report.to(ref.dtype, ref.device)
         status = torch.full((size,), int(Status.NOT_CONVERGED), dtype=torch.int64)
         for row, cause in solver.causes.items():
@@ -358,8 +380,10 @@ class CvxpyLayersBackend:
             converged=converged.to(ref.device),
             iterations=torch.zeros(size, dtype=torch.int64, device=ref.device),
             objective=report.objective.to(dtype=ref.dtype, device=ref.device),
-            eq_multipliers=_multipliers_or_none(program, packed.eq, ref),
-            ineq_multipliers=_multipliers_or_none(program, packed.ineq, ref),
+            eq_multipliers=_multipliers_or_none(program, packed.eq, ref) if known_eq else None,
+            ineq_multipliers=(
+                _multipliers_or_none(program, packed.ineq, ref) if known_ineq else None
+            ),
             kkt_residual=report.residual.to(dtype=ref.dtype, device=ref.device),
             point=point,
         )

@@ -17,7 +17,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from cvxpy.atoms.lambda_max import lambda_max
-from cvxpy.constraints import PSD, Equality, Inequality, NonNeg, NonPos, Zero
+from cvxpy.constraints import PSD, SOC, Equality, Inequality, NonNeg, NonPos, Zero
 from cvxpy.expressions.constants.callback_param import CallbackParam
 from torch import Tensor
 
@@ -44,14 +44,13 @@ KinkFn = Callable[..., tuple[Tensor, Tensor]]
 SMOOTHING_WIDTH = -1
 """Env key of the smoothing width ``mu`` read by the smoothed atoms (leaf ids are positive)."""
 
-# Variable attributes that are not a plain sign/bound restriction of the entries.
+# Leaf attributes that are not a plain sign/bound restriction of the entries (``symmetric`` is
+# compiled: a variable's as equality rows, a parameter's checked on input; ``PSD``/``NSD``
+# variables are symmetric ones with their domain ``X >> 0`` / ``X << 0`` as a constraint).
 _UNSUPPORTED_VARIABLE_ATTRIBUTES = (
     "integer",
     "boolean",
-    "symmetric",
     "diag",
-    "PSD",
-    "NSD",
     "hermitian",
     "complex",
     "imag",
@@ -469,21 +468,23 @@ def _check_supported_leaves(
     parameters: Sequence[cp.Parameter], variables: Sequence[cp.Variable]
 ) -> None:
     """What the torch front end cannot evaluate among the leaves: complex data, variable
-    attributes other than sign/bounds."""
+    attributes other than sign/bounds, symmetric and PSD/NSD."""
     for leaf in (*parameters, *variables):
         if leaf.is_complex():
             raise DeclarationError(
                 f"{_leaf_kind(leaf)} {leaf.name()} is complex-valued; declopt supports real data "
                 "only. Split it into real and imaginary parts."
             )
+    # PSD=True / NSD=True *parameters* are taken as they were before symmetric ones were: their
+    # values are used as given (what quad_form(x, P) needs to be DCP), not checked.
     for v in variables:
         bad = [a for a in _UNSUPPORTED_VARIABLE_ATTRIBUTES if v.attributes.get(a)]
         if bad:
             raise UnsupportedAtomError(
                 f"variable {v.name()} is declared with {', '.join(bad)}=...; declopt's torch "
-                "front end supports only nonneg/nonpos/pos/neg/bounds as variable attributes. "
-                "Declare a plain variable and state the restriction as explicit constraints "
-                "(or use backend='cvxpylayers', which takes it as declared)."
+                "front end supports only nonneg/nonpos/pos/neg/bounds, symmetric and PSD/NSD as "
+                "variable attributes. Declare a plain variable and state the restriction as "
+                "explicit constraints (or use backend='cvxpylayers', which takes it as declared)."
             )
 
 
@@ -563,6 +564,7 @@ def source_program(
         is_convex=convex,
         is_dpp=dpp,
         parameter_signs=tuple(_sign(p) for p in parameters),
+        parameter_symmetric=tuple(bool(p.attributes.get("symmetric")) for p in parameters),
         maximize=isinstance(problem.objective, cp.Maximize),
         source=(problem, tuple(parameters), tuple(outputs)),
         frontend_error=error,
@@ -593,11 +595,47 @@ def _objective_taylor(
     return fn
 
 
+def _soc_rows(c: SOC) -> cp.Expression:
+    """``norm(X, 2, axis) - t``, one row per cone of ``cp.SOC(t, X, axis)`` (``<= 0``).
+
+    CVXPY's conventions: ``t`` is 1-D (a scalar ``t`` is stored flattened, ``(1,)``), one entry
+    per cone; a 0-D or 1-D ``X`` is one cone; a 2-D ``X`` has a cone per column (``axis=0``) or
+    per row (``axis=1``). The 2-norm atom brings its kink at the apex ``X = 0`` with it.
+    """
+    t, X = c.args
+    if X.ndim == 0:
+        norms = cp.abs(X)
+    elif X.ndim == 1:
+        norms = cp.norm(X, 2)
+    else:
+        norms = cp.norm(X, 2, axis=c.axis)
+    return cp.reshape(norms, t.shape, order="C") - t
+
+
+def is_symmetric_leaf(leaf: cp.Leaf) -> bool:
+    """The leaf is declared symmetric (``symmetric``, ``PSD`` or ``NSD=True``)."""
+    return any(leaf.attributes.get(a) for a in ("symmetric", "PSD", "NSD"))
+
+
+def _symmetry_rows(v: cp.Variable) -> cp.Expression | None:
+    """``X[i, j] - X[j, i]`` for ``i < j`` of a symmetric variable (``symmetric``, ``PSD`` or
+    ``NSD=True``; ``== 0``), else ``None``. The variable keeps all ``n * n`` entries in ``u``
+    (so its output is the full matrix, and gradients with respect to it are those of the full
+    matrix, as for any other variable); these rows make it symmetric."""
+    if not is_symmetric_leaf(v) or v.ndim != 2 or int(v.shape[0]) < 2:
+        return None
+    n = int(v.shape[0])
+    rows, cols = np.triu_indices(n, k=1)
+    return v[rows, cols] - v[cols, rows]
+
+
 def _split_constraints(
     problem: cp.Problem, variables: Sequence[cp.Variable]
 ) -> tuple[list[cp.Expression], list[cp.Expression]]:
     """(equality expressions h = 0, inequality expressions g <= 0), in constraint order, then the
-    sign/bound attributes of the variables (``Variable(nonneg=True)``, ``bounds=...``)."""
+    sign/bound attributes of the variables (``Variable(nonneg=True)``, ``bounds=...``), then the
+    symmetry rows of ``symmetric=True`` variables (equalities). A ``cp.SOC`` constraint is one
+    inequality row per cone, ``norm(X, 2) - t <= 0``."""
     eqs: list[cp.Expression] = []
     ineqs: list[cp.Expression] = []
     domain = [c for v in variables for c in v.domain]
@@ -611,13 +649,20 @@ def _split_constraints(
             ineqs.append(-c.expr)
         elif kind is PSD:
             ineqs.append(_psd_row(c))
+        elif kind is SOC:
+            ineqs.append(_soc_rows(c))
         else:
             raise UnsupportedAtomError(
                 f"constraint {kind.__name__} `{c}` is not supported by declopt's torch front end; "
-                "only ==, <=, >= and >> constraints (Equality, Zero, Inequality, NonPos, NonNeg, "
-                "PSD) are. "
-                "Rewrite it as scalar inequalities (e.g. a cone constraint as norm(x) <= t)."
+                "only ==, <= and >= constraints (Equality, Zero, Inequality, NonPos, NonNeg), "
+                "second-order cones (cp.SOC) and PSD constraints (>>) are. Rewrite it with those "
+                "if it can be (e.g. an exponential cone as exp/log inequalities), or use "
+                "backend='cvxpylayers'."
             )
+    for v in variables:
+        rows = _symmetry_rows(v)
+        if rows is not None:
+            eqs.append(rows)
     return eqs, ineqs
 
 
@@ -652,8 +697,8 @@ def compile_problem(
     """Compile a CVXPY problem into a :class:`~declopt.program.Program`.
 
     Args:
-        problem: the declaration; any objective and ``==``/``<=``/``>=`` constraints built from
-            supported atoms (DCP is not required).
+        problem: the declaration; any objective and ``==``/``<=``/``>=`` and ``cp.SOC``
+            constraints built from supported atoms (DCP is not required).
         parameters: exactly the problem's parameters, in the order the layer takes them.
         variables: all the problem's variables; ``u`` is their row-major concatenation in this
             order.
@@ -662,8 +707,10 @@ def compile_problem(
         A Program with ``objective(x, u)`` (negated for ``cp.Maximize``: declopt minimises; then
         ``maximize`` is True),
         ``equalities(x, u)`` (lhs - rhs of the ``==`` constraints, flattened row-major and
-        concatenated) and ``inequalities(x, u)`` (lhs - rhs of ``<=``, rhs - lhs of ``>=``, then
-        the variables' sign/bound attributes), or None where there are none.
+        concatenated, then the symmetry rows of ``symmetric=True`` variables) and
+        ``inequalities(x, u)`` (lhs - rhs of ``<=``, rhs - lhs of ``>=``, ``norm(X) - t`` per
+        cone of a ``cp.SOC``, then the variables' sign/bound attributes), or None where there
+        are none.
 
     Raises:
         DeclarationError: bad parameter/variable lists, complex data, unsupported variable
@@ -772,6 +819,7 @@ def compile_problem(
         is_convex=_safe(problem.is_dcp),
         is_dpp=_safe(problem.is_dpp),
         parameter_signs=tuple(_sign(p) for p in parameters),
+        parameter_symmetric=tuple(bool(p.attributes.get("symmetric")) for p in parameters),
         maximize=sign < 0,
         source=(problem, tuple(parameters), tuple(variables)),
         kinks=kinks_fn if kink_eval is not None else None,

@@ -530,7 +530,13 @@ def _dual_rows(
             cid = ids.get(constraint.id, constraint.id)
             if cid not in where:
                 return None, None
-            block.append(where[cid] + _c_to_fortran_positions(constraint.shape))
+            if type(constraint).__name__ == "SOC":
+                # One row per cone (norm(X) - t <= 0): its multiplier is the dual of the cone's
+                # first row, t; the cones are stored one after another, (t_k, x_k).
+                cone = constraint.cone_sizes()[0]
+                block.append(where[cid] + cone * np.arange(constraint.num_cones()))
+            else:
+                block.append(where[cid] + _c_to_fortran_positions(constraint.shape))
 
     def rows(parts: list[np.ndarray]) -> Tensor:
         return torch.as_tensor(np.concatenate(parts) if parts else np.zeros(0, np.int64))

@@ -4,6 +4,7 @@ e.g. ``sqrt`` or ``entr`` at 0, which is a domain restriction, not a kink)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,7 @@ from cvxpy.atoms.elementwise.power import Power, PowerApprox
 from cvxpy.atoms.elementwise.rel_entr import rel_entr
 from cvxpy.atoms.elementwise.trig import cos, sin, tan
 from cvxpy.atoms.elementwise.xexp import xexp
+from cvxpy.atoms.geo_mean import GeoMean, GeoMeanApprox
 from cvxpy.atoms.log_sum_exp import log_sum_exp
 from cvxpy.atoms.one_minus_pos import one_minus_pos
 from cvxpy.atoms.prod import Prod
@@ -33,7 +35,13 @@ from torch import Tensor
 
 from declopt.frontend.atoms import jets
 from declopt.frontend.atoms.base import AtomRule, Evaluator
-from declopt.frontend.atoms.tensors import cumulative, dims_of, reduction, shape_of
+from declopt.frontend.atoms.tensors import (
+    TensorCache,
+    cumulative,
+    dims_of,
+    reduction,
+    shape_of,
+)
 
 
 def _unary(fn: Callable[[Tensor], Tensor]) -> Callable[[Any], Evaluator]:
@@ -188,6 +196,32 @@ def _prod(expr: Any) -> Evaluator:
     return f
 
 
+def _geo_mean(expr: Any) -> Evaluator:
+    # GeoMean.numeric: prod(x_i ** w_i) over the reduced entries, flattened in Fortran order, with
+    # the zero-weight entries dropped (they take no part, whatever their value). x ** w is nan
+    # for x < 0 and a fractional w, as np.power; 0 at x = 0 (infinite slope there: the domain's
+    # edge). GeoMeanApprox evaluates with its rational approximation w, as CVXPY does.
+    arg = expr.args[0]
+    ndim = arg.ndim
+    dims = tuple(d % ndim for d in dims_of(expr.axis, ndim))
+    reduced = math.prod(int(arg.shape[d]) for d in dims)
+    # The reduced dims first, reversed (a C-order flatten of them is their Fortran order).
+    order = (*reversed(dims), *(d for d in range(ndim) if d not in dims))
+    keep = np.flatnonzero(np.asarray(expr._keep, dtype=bool))
+    weights = TensorCache(np.array([float(w) for w in expr.w], dtype=np.float64)[:, None])
+    kept = None if keep.size == reduced else TensorCache(keep.astype(np.int64))
+    shape = shape_of(expr)
+
+    def f(x: Tensor) -> Tensor:
+        flat = x.permute(order).reshape(reduced, -1)
+        if kept is not None:
+            flat = flat.index_select(0, kept.get(torch.long, x.device))
+        w = weights.get(x.dtype, x.device)
+        return torch.prod(torch.pow(flat, w), dim=0).reshape(shape)
+
+    return f
+
+
 def _elementwise(
     evaluate: Any, derivs: Callable[[Any], jets.Derivs] | None = None, note: str = ""
 ) -> AtomRule:
@@ -297,5 +331,9 @@ SMOOTH: dict[type, AtomRule] = {
     ),
     QuadForm: AtomRule(_quad_form),
     Prod: AtomRule(_prod),
+    # prod x_i^w_i: smooth for x > 0; at x_i = 0 (w_i < 1) the slope is infinite (the domain's
+    # edge, as sqrt at 0), not a kink.
+    GeoMean: AtomRule(_geo_mean, note=_DOMAIN),
+    GeoMeanApprox: AtomRule(_geo_mean, note=_DOMAIN),
     cumprod: AtomRule(cumulative(torch.cumprod)),
 }
