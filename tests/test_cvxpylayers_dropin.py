@@ -227,10 +227,25 @@ def test_sdp_with_psd_constraint_runs_through_the_default_backend() -> None:
     assert layer.info.gradient == "native (cvxpylayers)"
 
 
-def test_sdp_implicit_backward_is_refused_with_a_clear_error() -> None:
+def test_sdp_runs_through_the_torch_backend_with_the_implicit_backward() -> None:
     problem, C, X = _sdp()
+    M = torch.tensor([[1.0, 0.2, 0.0], [0.2, 2.0, 0.1], [0.0, 0.1, 0.5]], dtype=F64)
+    layer = CvxpyLayer(problem, [C], [X], backend="torch")
+    outs, _ = _outputs_and_grads(layer, M)
+    ref = Reference(problem, [C], [X])
+    r_outs, _ = _outputs_and_grads(ref, M, solver_args={"eps": 1e-10})
+    _close(outs, r_outs, 1e-5)
+    assert layer.info.gradient == "implicit"
+
+
+def test_implicit_backward_of_what_the_front_end_cannot_compile_is_refused() -> None:
+    x, y, z = cp.Variable(), cp.Variable(), cp.Variable()
+    a = cp.Parameter()
+    problem = cp.Problem(
+        cp.Minimize(-x + cp.square(y - a)), [cp.constraints.ExpCone(x, y, z), z == 1]
+    )
     with pytest.raises(ValueError, match=r"implicit.*torch front end"):
-        dl.Layer(problem, [C], [X], backend="cvxpylayers", backward="implicit")
+        dl.Layer(problem, [a], [x], backend="cvxpylayers", backward="implicit")
 
 
 def test_auto_sends_what_the_front_end_cannot_compile_to_cvxpylayers() -> None:
