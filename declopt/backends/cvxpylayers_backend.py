@@ -28,8 +28,8 @@ from __future__ import annotations
 import traceback
 import warnings
 import weakref
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import cvxpy as cp
@@ -89,7 +89,10 @@ class CompiledCvxpyLayer:
 
     ``layer(*params)`` returns ``num_variables`` primal tensors followed by the duals;
     ``eq_duals``/``ineq_duals`` index those outputs in the row order of ``Program.equalities`` /
-    ``Program.inequalities``, which have ``num_eq`` / ``num_ineq`` rows in all.
+    ``Program.inequalities``, which have ``num_eq`` / ``num_ineq`` rows in all. ``has_duals``
+    False: the layer returns no multipliers of the program's rows (a source layer). ``inverse``:
+    the primal outputs are in the program's output space and map to its variables ``u``
+    through this (``Program.output_transform.inverse``: a log-log program's log).
     """
 
     layer: Any  # cvxpylayers.torch.CvxpyLayer
@@ -98,6 +101,8 @@ class CompiledCvxpyLayer:
     ineq_duals: tuple[int, ...]
     num_eq: int
     num_ineq: int
+    has_duals: bool = True
+    inverse: Callable[[Tensor], Tensor] | None = None
 
     def pack(self, outputs: Sequence[Tensor]) -> Packed:
         """The layer's outputs for ``n`` problems as ``u (n, m)`` and the seed-convention
@@ -105,6 +110,8 @@ class CompiledCvxpyLayer:
         n = outputs[0].shape[0]
         flat = [o.reshape(n, -1) for o in outputs]
         u = torch.cat(flat[: self.num_variables], dim=-1)
+        if self.inverse is not None:
+            u = self.inverse(u)
         # CVXPY's duals y enter the Lagrangian as f + y^T r; the seed's is L = f - lambda^T r.
         eq = [-flat[i].detach() for i in self.eq_duals]
         ineq = [-flat[i].detach() for i in self.ineq_duals]
@@ -147,7 +154,7 @@ def build_source_layer(
     layer = CvxpyLayer(
         problem, parameters=list(parameters), variables=list(outputs), **layer_options
     )
-    return CompiledCvxpyLayer(layer, len(outputs), (), (), 0, 0)
+    return CompiledCvxpyLayer(layer, len(outputs), (), (), 0, 0, has_duals=False)
 
 
 def build_cvxpylayer(
@@ -218,9 +225,14 @@ class CvxpyLayersBackend:
             (``solver=``, ``verbose=``, ``canon_backend=``); one layer is built per distinct set.
 
     Source-only programs (``Program.has_functions`` False: PSD / SOC cones, ``log_det``, dual
-    variables as outputs, ``gp=True``, ...) are solved as declared, with the native backward
+    variables as outputs, ...) are solved as declared, with the native backward
     only; there is no declaration to check answers against, so ``objective`` and
     ``kkt_residual`` are NaN and ``converged`` is the solver's verdict.
+
+    Log-log programs (``gp=True``) are solved as declared too (``CvxpyLayer(..., gp=True)`` on
+    ``Program.source``); a compiled one's answers are mapped to its log-space variables
+    (``u = log x``) and checked against its torch functions like any other, with multipliers
+    fitted by least squares (cvxpylayers' duals are those of the declared rows).
 
     ``starts`` (initial points) are ignored: conic solvers start from their own point.
     """
@@ -268,15 +280,19 @@ class CvxpyLayersBackend:
         cache = self._compiled.setdefault(program, {})
         compiled = cache.get(key)
         if compiled is None:
-            if program.has_functions:
+            if program.has_functions and not program.log_log:
                 reason = self.supports(program)
                 if reason is not None:
                     raise ValueError(reason)
                 compiled = build_cvxpylayer(*program.source, **options)  # type: ignore[misc]
             else:
+                # A log-log program goes to cvxpylayers as declared, with gp=True; compiled,
+                # its source lists every variable and the answers enter u through the log.
                 if program.log_log:
                     options["gp"] = True
                 compiled = build_source_layer(*program.source, **options)  # type: ignore[misc]
+                if program.has_functions and program.output_transform is not None:
+                    compiled = replace(compiled, inverse=program.output_transform.inverse)
             cache[key] = compiled
         return compiled
 
@@ -320,7 +336,12 @@ class CvxpyLayersBackend:
             packed, solved = solver.solve(torch.arange(size))
         if not program.has_functions:
             return _source_solution(packed, solved, ref)
-        report = judge(packed.u, packed.eq, packed.ineq)
+        duals = compiled.has_duals  # else the multipliers are fitted by least squares
+
+        def judged(packed: Packed) -> Any:
+            return judge(packed.u, *((packed.eq, packed.ineq) if duals else (None, None)))
+
+        report = judged(packed)
         converged = solved & torch.isfinite(packed.u.detach()).all(-1)
         # on_solver_error="raise" (cvxpylayers' semantics): answers stay as the solver gave them.
         if solver.isolate:
@@ -331,10 +352,10 @@ class CvxpyLayersBackend:
                 # good members on their own.
                 with grad_mode():
                     packed, _ = solver.solve(converged.nonzero().squeeze(-1), size)
-                report = judge(packed.u, packed.eq, packed.ineq)
+                report = judged(packed)
             elif not bool(converged.all()):
                 packed = packed.where(converged)
-                report = judge(packed.u, packed.eq, packed.ineq)
+                report = judged(packed)
         point = None if differentiable else report.to(ref.dtype, ref.device)
         status = torch.full((size,), int(Status.NOT_CONVERGED), dtype=torch.int64)
         for row, cause in solver.causes.items():
@@ -345,8 +366,8 @@ class CvxpyLayersBackend:
             converged=converged.to(ref.device),
             iterations=torch.zeros(size, dtype=torch.int64, device=ref.device),
             objective=report.objective.to(dtype=ref.dtype, device=ref.device),
-            eq_multipliers=_multipliers_or_none(program, packed.eq, ref),
-            ineq_multipliers=_multipliers_or_none(program, packed.ineq, ref),
+            eq_multipliers=_multipliers_or_none(program, packed.eq, ref) if duals else None,
+            ineq_multipliers=_multipliers_or_none(program, packed.ineq, ref) if duals else None,
             kkt_residual=report.residual.to(dtype=ref.dtype, device=ref.device),
             point=point,
         )
