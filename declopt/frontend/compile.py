@@ -566,8 +566,6 @@ def compile_log_log(
         DeclarationError: the problem is not log-log convex, or the torch front end cannot
             compile its reduction (UnsupportedAtomError).
     """
-    from cvxpy.reductions.dgp2dcp.dgp2dcp import Dgp2Dcp
-
     parameters, variables = list(parameters), list(variables)
     if not _safe(problem.is_dgp):
         raise DeclarationError(
@@ -576,7 +574,7 @@ def compile_log_log(
         )
     listed = {v.id for v in variables}
     ordered = [*variables, *(v for v in problem.variables() if v.id not in listed)]
-    reduction = Dgp2Dcp()
+    reduction = _log_space_reduction()
     try:
         with np.errstate(divide="ignore", invalid="ignore"):  # log of unset / bad values
             reduced, _ = reduction.apply(problem)
@@ -591,6 +589,13 @@ def compile_log_log(
                 f"gp=True: variable {v.name()} has no log-space counterpart in CVXPY's reduction"
             )
         log_vars.append(reduced_vars[new[0]])
+    auxiliary = [v for v in reduced.variables() if v.id not in {w.id for w in log_vars}]
+    if auxiliary:
+        raise DeclarationError(
+            f"gp=True: CVXPY's log-space reduction of this problem introduces auxiliary "
+            f"variables ({_names(auxiliary)}; eye_minus_inv, pf_eigenvalue), which declopt's torch "
+            "front end does not solve for; cvxpylayers takes it"
+        )
     index = {p.id: i for i, p in enumerate(parameters)}
     log_of = {new[0]: index[orig] for orig, new in reduction.param_id_map.items() if new}
     reduced_params = list(reduced.parameters())
@@ -622,6 +627,28 @@ def compile_log_log(
         is_convex=True,
         is_dpp=_safe(lambda: problem.is_dgp(dpp=True)),
     )
+
+
+def _log_space_reduction() -> Any:
+    """CVXPY's ``Dgp2Dcp``, except that ``max``/``min``/``maximum``/``minimum`` stay the same atom
+    of the log-space arguments (``log max x_i = max log x_i``: log is increasing) instead of
+    becoming CVXPY's epigraph variables: the reduced problem then has exactly the declared
+    variables (as their logs), and its kinks are the torch front end's."""
+    from cvxpy.atoms.elementwise.maximum import maximum
+    from cvxpy.atoms.elementwise.minimum import minimum
+    from cvxpy.atoms.max import max as max_
+    from cvxpy.atoms.min import min as min_
+    from cvxpy.reductions.dgp2dcp.dgp2dcp import Dgp2Dcp
+
+    class LogSpace(Dgp2Dcp):
+        def canonicalize_expr(
+            self, expr: cp.Expression, args: list, canonicalize_params: bool = True
+        ) -> tuple[cp.Expression, list]:
+            if type(expr) in (maximum, minimum, max_, min_):
+                return expr.copy(args), []
+            return super().canonicalize_expr(expr, args, canonicalize_params)
+
+    return LogSpace()
 
 
 def source_program(
