@@ -145,6 +145,23 @@ def test_maximize_volume_under_a_surface_bound() -> None:
     torch.testing.assert_close(layer.info.objective, side**3, atol=1e-7, rtol=1e-7)
 
 
+def test_a_monomial_equality() -> None:
+    """``min x + 2y s.t. x y = a``: ``x = sqrt(2a)``, ``y = sqrt(a/2)``."""
+    x, y = cp.Variable(pos=True), cp.Variable(pos=True)
+    a = cp.Parameter(pos=True, name="a")
+    problem = cp.Problem(cp.Minimize(x + 2 * y), [x * y == a])
+    layer = dl.Layer(problem, [a], [x, y], gp=True, backend="torch")
+    assert layer.program.equalities is not None
+    a_t = t(2.0, 8.0)
+    x_star, y_star = layer(a_t)
+    (x_star - 3 * y_star).sum().backward()
+    ad = a_t.detach()
+    torch.testing.assert_close(x_star.detach(), (2 * ad).sqrt(), atol=1e-8, rtol=1e-8)
+    torch.testing.assert_close(y_star.detach(), (ad / 2).sqrt(), atol=1e-8, rtol=1e-8)
+    expected = 1 / (2 * ad).sqrt() - 3 / (4 * (ad / 2).sqrt())
+    torch.testing.assert_close(a_t.grad, expected, atol=1e-7, rtol=1e-7)
+
+
 def test_a_parameter_that_is_an_exponent_enters_as_itself() -> None:
     """``min x^q + x``: the reduction reads ``q`` as itself (``q * w``), not its log, so ``q`` may
     be negative; ``x* = (-1/q)^(1/(q-1))``."""
