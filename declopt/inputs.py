@@ -175,6 +175,14 @@ def _check_values(name: str, sign: str | None, tensor: Tensor, batch_ndim: int) 
             "positive by construction: torch.nn.utils.parametrize.register_parametrization("
             "module, name, declopt.nn.Positive())"
         )
+    if sign == "pos" and bool((tensor <= 0).any()):
+        raise InputError(
+            f"parameter {name!r} must be positive (a log-log program, gp=True, takes its log) but "
+            f"is zero or negative at {_first_bad(tensor > 0, batch_ndim)}; if it is a learned "
+            "hyperparameter, keep it positive by construction: "
+            "torch.nn.utils.parametrize.register_parametrization(module, name, "
+            "declopt.nn.Positive())"
+        )
     if sign == "nonpos" and bool((tensor > 0).any()):
         raise InputError(
             f"parameter {name!r} is declared nonpos but is positive at "

@@ -93,7 +93,9 @@ class Layer(nn.Module):
             compilation, later calls are several times faster). Stored as ``layer.compiled``
             (``nn.Module.compile`` stays the module method).
         **options: passed to the backend (e.g. ``method="lbfgs"``, ``max_iter=100``);
-            ``gp=True`` declares a log-log convex program (solved by cvxpylayers).
+            ``gp=True`` declares a log-log convex program (CVXPY's DGP; compiled through its
+            log-space reduction, see :func:`declopt.frontend.compile_log_log`: every backend
+            that takes a compiled program solves it, cvxpylayers the declaration itself).
 
     Calling ``layer(*tensors, solver_args=None, warm_start=False)``: ``solver_args`` (a dict) is
     merged over the layer's ``solver_args=`` option for this call (backends that take it:
@@ -269,7 +271,9 @@ class Layer(nn.Module):
             *outputs, call = _LayerFunction.apply(self, options, *params)
         self.info = call.info
         self.info.gradient = _gradient_name(self)
-        return tuple(outputs[: self.num_outputs])
+        # The solved variables become the outputs here, on the autograd graph (a log-log
+        # program's exp): every backward differentiates the solved variables themselves.
+        return self.program.to_outputs(outputs[: self.num_outputs])
 
     def extra_repr(self) -> str:
         names = ", ".join(self.program.parameter_names)
@@ -314,17 +318,24 @@ class _Call:
         batch = self.inputs.batch_shape
         sign = -1.0 if program.maximize else 1.0
 
-        def shaped(value: Tensor | Callable[[], Tensor], scale: float = 1.0) -> Any:
+        def shaped(
+            value: Tensor | Callable[[], Tensor], scale: float = 1.0, exp: bool = False
+        ) -> Any:
+            def done(t: Tensor) -> Tensor:
+                t = scale * t
+                return (t.exp() if exp else t).reshape(batch)
+
             if callable(value):
-                return lambda: (scale * value()).reshape(batch)
-            return (scale * value).reshape(batch)
+                return lambda: done(value())
+            return done(value)
 
         self.info = LayerInfo(
             backend=layer.backend_name,
             reason=layer.reason,
             converged=converged.reshape(batch),
             iterations=iterations.reshape(batch),
-            objective=shaped(f, sign),
+            # A log-log program's objective is the log of the declared one.
+            objective=shaped(f, sign, exp=program.log_log),
             kkt_residual=shaped(kkt),
             status=None if self.status is None else self.status.reshape(batch),
         )
@@ -426,7 +437,8 @@ class _Call:
         info.ineq_multipliers = point.ineq_multipliers.reshape(*batch, q)
 
     def _pack(self, values: Sequence[Tensor] | Tensor, what: str) -> Tensor:
-        """Solver/initializer output ``(*batch, *shape)`` (broadcastable) -> ``(B, m)``."""
+        """Solver/initializer output ``(*batch, *shape)`` (broadcastable, in output space:
+        :meth:`Program.from_outputs` maps it to the solved variables) -> ``(B, m)``."""
         program, inputs = self.program, self.inputs
         if isinstance(values, Tensor):
             values = (values,)
@@ -446,6 +458,7 @@ class _Call:
                     f"the {what} returned shape {tuple(value.shape)} for variable {name!r}; "
                     f"expected {(*batch, *shape)}"
                 ) from None
+            (value,) = program.from_outputs((value,))
             flat.append(value.reshape(inputs.params.size, -1))
         return torch.cat(flat, dim=-1)
 
@@ -569,6 +582,14 @@ class _Call:
         grads_out = tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outputs, grads))
         tensors = tuple(t.detach() for t in tensors)
         outputs = tuple(o.detach() for o in outputs)
+        if self.program.output_transform is not None:
+            # The solver works in output space: its answers and the gradients of them (the
+            # gradient of u = inverse(output) pulled back to the output).
+            outputs = self.program.to_outputs(outputs)
+            inverse = self.program.output_transform.inverse
+            grads_out = tuple(
+                torch.func.vjp(inverse, o)[1](g)[0] for o, g in zip(outputs, grads_out)
+            )
         result = tuple(self.layer.solver.vjp(tensors, outputs, grads_out))
         if len(result) != len(tensors):
             raise SolverError(

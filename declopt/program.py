@@ -52,7 +52,8 @@ class Program:
         inequalities: ``g(x, u) -> (q,)`` with ``g <= 0`` at a feasible point, or ``None``.
         is_convex: the declaration is DCP (convex objective over a convex set).
         is_dpp: the declaration is DPP (cvxpylayers can take it).
-        parameter_signs: per parameter ``"nonneg"``, ``"nonpos"`` or ``None``; checked on input.
+        parameter_signs: per parameter ``"nonneg"``, ``"nonpos"``, ``"pos"`` (strictly positive:
+            a log-log program takes its log) or ``None``; checked on input.
         parameter_symmetric: per parameter, whether it is declared ``symmetric=True`` (its
             tensors must be symmetric matrices; checked on input). Empty: none is.
         maximize: the declaration maximises; ``objective`` is then its negation.
@@ -76,7 +77,21 @@ class Program:
             are ``None``), its variables are the layer's outputs as listed, and only a backend
             that solves ``source`` itself (``takes_source_only = True``: cvxpylayers) can take
             it, with its own backward. ``None`` for a compiled program.
-        log_log: the declaration is a log-log convex program (cvxpylayers' ``gp=True``).
+        log_log: the declaration is a log-log convex program (cvxpylayers' ``gp=True``). A
+            compiled one (:func:`declopt.frontend.compile_layer`) is CVXPY's log-space reduction
+            (``Dgp2Dcp``) taking the *declared* parameters: its functions take the log of the
+            parameters the reduction uses in log form (and the others as given), its variables
+            ``u`` are the logs of the declared (positive) variables, ``objective`` is the log of
+            the declared objective and the rows are the reduction's; ``output_transform`` is
+            :data:`EXP`. ``source`` stays the declaration as written (cvxpylayers solves it with
+            ``gp=True``).
+        output_transform: the change of variables between the solved variables and what a layer
+            returns, applied elementwise to every variable: outputs are
+            ``output_transform.forward(v)`` for each variable ``v`` of ``u`` (:meth:`to_outputs`)
+            and a point given in output space (an initializer's, a custom solver's answer) enters
+            ``u`` through ``inverse`` (:meth:`from_outputs`). Backends, the KKT checks and the
+            implicit backward all work on ``u``; the layer applies ``forward`` on the autograd
+            graph, so gradients flow through it. ``None``: the outputs are ``u`` itself.
     """
 
     parameter_names: tuple[str, ...]
@@ -100,6 +115,7 @@ class Program:
     smoothed: Program | None = field(default=None, compare=False, repr=False)
     frontend_error: Exception | None = field(default=None, compare=False, repr=False)
     log_log: bool = False
+    output_transform: VariableTransform | None = None
 
     @property
     def has_functions(self) -> bool:
@@ -127,6 +143,37 @@ class Program:
     def pack(self, variables: Sequence[Tensor], batch_ndim: int) -> Tensor:
         """Inverse of :meth:`unpack`: ``(*batch, *shape)`` tensors to ``(*batch, m)``."""
         return torch.cat([v.reshape(*v.shape[:batch_ndim], -1) for v in variables], dim=-1)
+
+    def to_outputs(self, variables: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        """The layer's outputs from solved variables (:meth:`unpack`'s tensors, or the first
+        few of them): ``output_transform.forward`` of each, or the variables themselves."""
+        transform = self.output_transform
+        if transform is None:
+            return tuple(variables)
+        return tuple(transform.forward(v) for v in variables)
+
+    def from_outputs(self, values: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        """Inverse of :meth:`to_outputs`: values in output space (one per variable) as the
+        solver's variables."""
+        transform = self.output_transform
+        if transform is None:
+            return tuple(values)
+        return tuple(transform.inverse(v) for v in values)
+
+
+@dataclass(frozen=True)
+class VariableTransform:
+    """An elementwise change of variables ``output = forward(u)``, ``u = inverse(output)``
+    (:attr:`Program.output_transform`); both are differentiable, vmap-compatible torch
+    functions."""
+
+    name: str
+    forward: Callable[[Tensor], Tensor]
+    inverse: Callable[[Tensor], Tensor]
+
+
+EXP = VariableTransform("exp", torch.exp, torch.log)
+"""A log-log program's transform: the solver's variables are the logs of the outputs."""
 
 
 @dataclass(frozen=True)

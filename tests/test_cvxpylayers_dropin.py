@@ -195,13 +195,19 @@ def test_gp_example_matches_cvxpylayers() -> None:
     r_outs, r_grads = _outputs_and_grads(ref, *params, solver_args={"eps": 1e-10})
     _close(outs, r_outs, 1e-4)
     _close(grads, r_grads, 1e-4)
+    # The torch front end compiles it through CVXPY's log-space reduction (tests/test_log_log.py).
+    layer = CvxpyLayer(problem, parameters=[a, b, c], variables=[x, y, z], gp=True, backend="torch")
+    assert layer.program.log_log and layer.program.has_functions
+    t_outs, t_grads = _outputs_and_grads(layer, *params)
+    _close(outs, t_outs)
+    _close(grads, t_grads)
 
 
-def test_gp_with_torch_backend_is_refused_at_construction() -> None:
+def test_gp_that_is_not_log_log_convex_is_refused_by_the_torch_backend() -> None:
     x = cp.Variable(pos=True)
     a = cp.Parameter(pos=True)
-    problem = cp.Problem(cp.Minimize(x + a / x))
-    with pytest.raises(dl.DeclarationError, match="gp=True"):
+    problem = cp.Problem(cp.Minimize(x - a / x))  # a difference: not DGP
+    with pytest.raises(dl.DeclarationError, match="gp=True, but the problem is not log-log"):
         CvxpyLayer(problem, [a], [x], gp=True, backend="torch")
 
 

@@ -141,6 +141,7 @@ def select(name: str | Auto, program: Program) -> tuple[Backend, str]:
     torch_backend = get("torch")
     torch_refusal = torch_backend.supports(program)
     dpp_convex = program.is_convex and program.is_dpp
+    kind = "log-log convex under DPP (gp=True)" if program.log_log else "DPP-convex"
     if dpp_convex and (name.prefer != "torch" or torch_refusal is not None):
         because = "" if name.prefer != "torch" else f" and torch cannot ({torch_refusal})"
         refusals = []
@@ -151,13 +152,13 @@ def select(name: str | Auto, program: Program) -> tuple[Backend, str]:
             refusal = "it is not registered" if backend is None else _auto_refusal(backend, program)
             if refusal is None:
                 return backend, (
-                    f"auto: the problem is DPP-convex{because}, so {candidate} solves it"
+                    f"auto: the problem is {kind}{because}, so {candidate} solves it"
                     + ("" if not refusals else f" ({'; '.join(refusals)})")
                 )
             refusals.append(f"{candidate} cannot take it: {refusal}")
-        why = f"the problem is DPP-convex but {'; '.join(refusals)}"
+        why = f"the problem is {kind} but {'; '.join(refusals)}"
     elif dpp_convex:
-        why = "the problem is DPP-convex and the torch backend takes it (faster than cvxpylayers)"
+        why = f"the problem is {kind} and the torch backend takes it (faster than cvxpylayers)"
     else:
         why = f"the problem is not DPP-convex{_culprit(program)}"
     if torch_refusal is not None:
@@ -206,6 +207,8 @@ def _culprit(program: Program) -> str:
     """`` (<why>)`` for a CVXPY declaration that is not DPP-convex, else empty."""
     if program.source is None:
         return " (it was given as torch functions)"
+    if program.log_log:
+        return " (gp=True: it is not log-log convex under DPP, problem.is_dgp(dpp=True))"
     culprit = dpp_culprit(program.source[0])
     return "" if culprit is None else f" ({culprit})"
 

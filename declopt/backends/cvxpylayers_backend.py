@@ -28,8 +28,8 @@ from __future__ import annotations
 import traceback
 import warnings
 import weakref
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import cvxpy as cp
@@ -103,9 +103,11 @@ class CompiledCvxpyLayer:
     ``symmetric=True`` variable); ``ineq_known`` is False where a ``cp.SOC`` constraint holds
     several cones (cvxpylayers 1.x returns the first entries of its raw cone dual for
     ``dual_variables[0]``, not the duals of the ``t``s, which it is for a single cone). Those
-    multipliers are then fitted by least squares.
-    ``ineq_constraints`` are the inequality constraints (their duals map onto rows by
-    :func:`~declopt.backends.cvxpy_source.dual_rows`).
+    multipliers are then fitted by least squares. ``ineq_constraints`` are the inequality
+    constraints (their duals map onto rows by :func:`~declopt.backends.cvxpy_source.dual_rows`).
+    ``has_duals`` False: the layer returns no multipliers of the program's rows (a source
+    layer). ``inverse``: the primal outputs are in the program's output space and map to its
+    variables ``u`` through this (``Program.output_transform.inverse``: a log-log program's log).
     """
 
     layer: Any  # cvxpylayers.torch.CvxpyLayer
@@ -117,6 +119,8 @@ class CompiledCvxpyLayer:
     ineq_constraints: tuple[Any, ...]
     eq_known: bool = True
     ineq_known: bool = True
+    has_duals: bool = True
+    inverse: Callable[[Tensor], Tensor] | None = None
 
     def pack(self, outputs: Sequence[Tensor]) -> Packed:
         """The layer's outputs for ``n`` problems as ``u (n, m)`` and the seed-convention
@@ -124,6 +128,8 @@ class CompiledCvxpyLayer:
         n = outputs[0].shape[0]
         flat = [o.reshape(n, -1) for o in outputs]
         u = torch.cat(flat[: self.num_variables], dim=-1)
+        if self.inverse is not None:
+            u = self.inverse(u)
         # CVXPY's duals y enter the Lagrangian as f + y^T r; the seed's is L = f - lambda^T r.
         eq = [-flat[i].detach() for i in self.eq_duals]
         ineq = [
@@ -169,7 +175,7 @@ def build_source_layer(
     layer = CvxpyLayer(
         problem, parameters=list(parameters), variables=list(outputs), **layer_options
     )
-    return CompiledCvxpyLayer(layer, len(outputs), (), (), 0, 0, ())
+    return CompiledCvxpyLayer(layer, len(outputs), (), (), 0, 0, (), has_duals=False)
 
 
 def build_cvxpylayer(
@@ -243,10 +249,15 @@ class CvxpyLayersBackend:
         layer_options: keyword arguments for ``cvxpylayers.torch.CvxpyLayer`` itself
             (``solver=``, ``verbose=``, ``canon_backend=``); one layer is built per distinct set.
 
-    Source-only programs (``Program.has_functions`` False: PSD / exp cones, ``log_det``, dual
-    variables as outputs, ``gp=True``, ...) are solved as declared, with the native backward
+    Source-only programs (``Program.has_functions`` False: exponential / power cones, dual
+    variables as outputs, ...) are solved as declared, with the native backward
     only; there is no declaration to check answers against, so ``objective`` and
     ``kkt_residual`` are NaN and ``converged`` is the solver's verdict.
+
+    Log-log programs (``gp=True``) are solved as declared too (``CvxpyLayer(..., gp=True)`` on
+    ``Program.source``); a compiled one's answers are mapped to its log-space variables
+    (``u = log x``) and checked against its torch functions like any other, with multipliers
+    fitted by least squares (cvxpylayers' duals are those of the declared rows).
 
     ``starts`` (initial points) are ignored: conic solvers start from their own point.
     """
@@ -294,15 +305,19 @@ class CvxpyLayersBackend:
         cache = self._compiled.setdefault(program, {})
         compiled = cache.get(key)
         if compiled is None:
-            if program.has_functions:
+            if program.has_functions and not program.log_log:
                 reason = self.supports(program)
                 if reason is not None:
                     raise ValueError(reason)
                 compiled = build_cvxpylayer(*program.source, **options)  # type: ignore[misc]
             else:
+                # A log-log program goes to cvxpylayers as declared, with gp=True; compiled,
+                # its source lists every variable and the answers enter u through the log.
                 if program.log_log:
                     options["gp"] = True
                 compiled = build_source_layer(*program.source, **options)  # type: ignore[misc]
+                if program.has_functions and program.output_transform is not None:
+                    compiled = replace(compiled, inverse=program.output_transform.inverse)
             cache[key] = compiled
         return compiled
 
@@ -346,7 +361,9 @@ class CvxpyLayersBackend:
             packed, solved = solver.solve(torch.arange(size))
         if not program.has_functions:
             return _source_solution(packed, solved, ref)
-        known_eq, known_ineq = compiled.eq_known, compiled.ineq_known
+        # Multipliers CVXPY has no dual for are fitted by least squares.
+        known_eq = compiled.has_duals and compiled.eq_known
+        known_ineq = compiled.has_duals and compiled.ineq_known
 
         def judge_packed(packed: Packed) -> KKTPoint:
             return judge(

@@ -24,6 +24,7 @@ from torch import Tensor
 from declopt.errors import DeclarationError, UnsupportedAtomError
 from declopt.frontend import gating
 from declopt.frontend.atoms import RULES, KinkSite, TensorCache, operands, supported_atom_names
+from declopt.frontend.log_log import in_declared_parameters
 from declopt.frontend.taylor import compile_taylor
 from declopt.program import Program
 
@@ -32,6 +33,7 @@ __all__ = [
     "UnsupportedAtomError",
     "compile_expression",
     "compile_layer",
+    "compile_log_log",
     "compile_problem",
     "source_program",
 ]
@@ -499,9 +501,12 @@ def compile_layer(
 
     ``variables`` may be a subset of the problem's variables: the compiled program then solves
     for all of them, the listed ones first (a layer returns the first ``len(variables)``).
+    With ``gp=True`` the declaration is a log-log convex program, compiled through CVXPY's
+    log-space reduction (:func:`compile_log_log`).
     When the torch front end cannot compile the declaration (an unsupported atom, cone or
-    variable attribute), when ``variables`` lists dual variables, or with ``gp=True``, the
-    result is a *source-only* program (:func:`source_program`) that only cvxpylayers can solve.
+    variable attribute, a ``gp=True`` problem that is not log-log convex), or when ``variables``
+    lists dual variables, the result is a *source-only* program (:func:`source_program`) that
+    only cvxpylayers can solve.
 
     Raises:
         DeclarationError: bad parameter/variable lists (never deferred).
@@ -510,17 +515,22 @@ def compile_layer(
     _check_leaves(problem, parameters, variables, subset=True)
     duals = _dual_owner(problem)
     listed_duals = [v for v in variables if v.id in duals]
-    if gp:
+    if gp and listed_duals:
         return source_program(
             problem,
             parameters,
             variables,
             DeclarationError(
-                "gp=True (a log-log convex program): declopt's torch front end does not compile "
-                "log-log programs; cvxpylayers solves it"
+                f"dual variables as outputs ({_names(listed_duals)}) of a log-log program "
+                "(gp=True) are returned by the cvxpylayers backend only"
             ),
             log_log=True,
         )
+    if gp:
+        try:
+            return compile_log_log(problem, parameters, variables)
+        except DeclarationError as error:
+            return source_program(problem, parameters, variables, error, log_log=True)
     if listed_duals:
         return source_program(
             problem,
@@ -538,6 +548,109 @@ def compile_layer(
         return compile_problem(problem, parameters, [*variables, *rest])
     except DeclarationError as error:
         return source_program(problem, parameters, variables, error)
+
+
+def compile_log_log(
+    problem: cp.Problem, parameters: Sequence[cp.Parameter], variables: Sequence[cp.Variable]
+) -> Program:
+    """The Program of a log-log convex (DGP) problem, ``gp=True``, returning ``variables`` (some
+    or all of the problem's, the listed ones first as in :func:`compile_layer`).
+
+    CVXPY's ``Dgp2Dcp`` reduces the problem to a convex one in log space, which
+    :func:`compile_problem` compiles; :func:`.log_log.in_declared_parameters` then wraps its
+    functions to take the declared ``parameters`` (the log of those the reduction reads in log
+    form) and to return ``exp`` of the solved log-variables (``Program.output_transform``).
+    ``source`` is the declaration as written; ``is_convex`` is ``problem.is_dgp()``, ``is_dpp``
+    ``problem.is_dgp(dpp=True)``; parameters the reduction takes the log of must be positive
+    (sign ``"pos"``, checked on input).
+
+    Raises:
+        DeclarationError: the problem is not log-log convex, or the torch front end cannot
+            compile its reduction (UnsupportedAtomError).
+    """
+    parameters, variables = list(parameters), list(variables)
+    if not _safe(problem.is_dgp):
+        raise DeclarationError(
+            "gp=True, but the problem is not log-log convex (DGP: problem.is_dgp() is False); "
+            "declare it following CVXPY's DGP rules, or drop gp=True for a DCP problem"
+        )
+    listed = {v.id for v in variables}
+    ordered = [*variables, *(v for v in problem.variables() if v.id not in listed)]
+    reduction = _log_space_reduction()
+    try:
+        with np.errstate(divide="ignore", invalid="ignore"):  # log of unset / bad values
+            reduced, _ = reduction.apply(problem)
+    except ValueError as error:
+        raise DeclarationError(f"gp=True: CVXPY's log-log reduction failed: {error}") from error
+    reduced_vars = {v.id: v for v in reduced.variables()}
+    log_vars = []
+    for v in ordered:
+        new = reduction.var_id_map.get(v.id)
+        if not new or new[0] not in reduced_vars:
+            raise DeclarationError(
+                f"gp=True: variable {v.name()} has no log-space counterpart in CVXPY's reduction"
+            )
+        log_vars.append(reduced_vars[new[0]])
+    auxiliary = [v for v in reduced.variables() if v.id not in {w.id for w in log_vars}]
+    if auxiliary:
+        raise DeclarationError(
+            f"gp=True: CVXPY's log-space reduction of this problem introduces auxiliary "
+            f"variables ({_names(auxiliary)}; eye_minus_inv, pf_eigenvalue), which declopt's torch "
+            "front end does not solve for; cvxpylayers takes it"
+        )
+    index = {p.id: i for i, p in enumerate(parameters)}
+    log_of = {new[0]: index[orig] for orig, new in reduction.param_id_map.items() if new}
+    reduced_params = list(reduced.parameters())
+    uses = []
+    for rp in reduced_params:
+        if rp.id in log_of:
+            uses.append((log_of[rp.id], True))
+        elif rp.id in index:
+            uses.append((index[rp.id], False))
+        else:
+            raise DeclarationError(
+                f"gp=True: parameter {rp.name()} of CVXPY's log-space reduction is neither a "
+                "declared parameter nor the log of one"
+            )
+    program = compile_problem(reduced, reduced_params, log_vars)
+    logged = {i for i, log in uses if log}
+    signs = tuple(
+        "pos" if i in logged or p.attributes.get("pos") else _sign(p)
+        for i, p in enumerate(parameters)
+    )
+    return in_declared_parameters(
+        program,
+        tuple(uses),
+        parameter_names=tuple(p.name() for p in parameters),
+        parameter_shapes=tuple(tuple(int(d) for d in p.shape) for p in parameters),
+        parameter_signs=signs,
+        variable_names=tuple(v.name() for v in ordered),
+        source=(problem, tuple(parameters), tuple(ordered)),
+        is_convex=True,
+        is_dpp=_safe(lambda: problem.is_dgp(dpp=True)),
+    )
+
+
+def _log_space_reduction() -> Any:
+    """CVXPY's ``Dgp2Dcp``, except that ``max``/``min``/``maximum``/``minimum`` stay the same atom
+    of the log-space arguments (``log max x_i = max log x_i``: log is increasing) instead of
+    becoming CVXPY's epigraph variables: the reduced problem then has exactly the declared
+    variables (as their logs), and its kinks are the torch front end's."""
+    from cvxpy.atoms.elementwise.maximum import maximum
+    from cvxpy.atoms.elementwise.minimum import minimum
+    from cvxpy.atoms.max import max as max_
+    from cvxpy.atoms.min import min as min_
+    from cvxpy.reductions.dgp2dcp.dgp2dcp import Dgp2Dcp
+
+    class LogSpace(Dgp2Dcp):
+        def canonicalize_expr(
+            self, expr: cp.Expression, args: list, canonicalize_params: bool = True
+        ) -> tuple[cp.Expression, list]:
+            if type(expr) in (maximum, minimum, max_, min_):
+                return expr.copy(args), []
+            return super().canonicalize_expr(expr, args, canonicalize_params)
+
+    return LogSpace()
 
 
 def source_program(

@@ -88,7 +88,10 @@ class ConeBackend:
                 f"this declaration ({program.frontend_error}); use backend='cvxpylayers'"
             )
         if program.log_log:
-            return "log-log (gp=True) programs are not supported; use backend='cvxpylayers'"
+            return (
+                "log-log (gp=True) programs are not supported (its canonicalisation reads the "
+                "declaration, which is not DCP); use backend='torch' or 'cvxpylayers'"
+            )
         culprit = dpp_culprit(program.source[0])
         if culprit is not None or not (program.is_convex and program.is_dpp):
             why = culprit or "it is not DPP-convex"
