@@ -278,12 +278,15 @@ def test_auto_sends_what_the_front_end_cannot_compile_to_cvxpylayers() -> None:
     ],
     ids=["log_det", "lambda_max", "geo_mean", "normNuc", "sigma_max"],
 )
-def test_atoms_the_front_end_cannot_compile_work_with_cvxpylayers(atom) -> None:
+@pytest.mark.parametrize("backend", ["cvxpylayers", "torch"])
+def test_matrix_atoms_on_a_psd_variable_match_cvxpy(atom, backend: str) -> None:
+    """cvxpylayers' SDP-type atoms on a symmetric variable with ``X >> 0``, through the drop-in
+    on cvxpylayers and on the torch backend (the torch front end compiles all of them)."""
     P = cp.Parameter((2, 2))
     X = cp.Variable((2, 2), symmetric=True)
     problem = cp.Problem(cp.Minimize(atom(X) + cp.sum_squares(X - P)), [X >> 0])
     M = torch.tensor([[1.0, 0.3], [0.3, 0.8]], dtype=F64)
-    layer = CvxpyLayer(problem, [P], [X], backend="cvxpylayers")
+    layer = CvxpyLayer(problem, [P], [X], backend=backend)
     outs, grads = _outputs_and_grads(layer, M)
     ref = Reference(problem, [P], [X])
     r_outs, r_grads = _outputs_and_grads(ref, M, solver_args={"eps": 1e-10})
