@@ -225,13 +225,13 @@ def kkt_point(
         jac, (rows, margins) = _rows_and_jacobian(program, params.in_dims, "margins", m)(
             params.values, u
         )
-        if bool(on_kink(margins, u, scale, tol.activity).any()):
+        if bool(on_kink(margins, u, scale, tol.activity, tol.resolution).any()):
             jac = None
         else:
             with_kinks = False
     elif with_kinks and held is None and count.kinks:
         margins = kink_margins(program, params, u)
-        with_kinks = bool(on_kink(margins, u, scale, tol.activity).any())
+        with_kinks = bool(on_kink(margins, u, scale, tol.activity, tol.resolution).any())
     if not with_kinks:
         count = Sizes(count.p, count.q, 0)
     if jac is None and count.total:
@@ -322,7 +322,7 @@ def _assess(
         held = held(rows, margins, norms)
     elif held is None:
         unit = solution_scale(u, scale)
-        kinks_on = on_kink(margins, u, scale, tol.activity)
+        kinks_on = on_kink(margins, u, scale, tol.activity, tol.resolution)
         held = _held_at_solution(
             rows, kinks_on, norms, unit, known_lam_g, grad_f, f, count, tol, gradient_unit
         )

@@ -50,6 +50,11 @@ class Tolerances:
             within this: ``sqrt(eps)``.
         floor: the rounding floor of a residual (nothing below it is worth another Newton step):
             64 ulps.
+        resolution: an answer accurate to this (relative to the problem's scale) cannot tell a
+            kink margin below it from zero: ``0`` for exact forwards, the widened activity for an
+            external solver's answer (:func:`for_accuracy`). Without it a solution that is
+            itself that small (a 2-norm's apex, returned ``1e-11`` off it by an interior point)
+            would be judged by its own size and its kink missed.
     """
 
     activity: float
@@ -57,6 +62,7 @@ class Tolerances:
     multiplier: float
     converged: float
     floor: float
+    resolution: float = 0.0
 
 
 @cache
@@ -93,6 +99,7 @@ def for_accuracy(dtype: torch.dtype, accuracy: float) -> Tolerances:
         multiplier=max(base.multiplier, width),
         converged=base.converged,
         floor=base.floor,
+        resolution=width,
     )
 
 
@@ -118,10 +125,15 @@ def solution_scale(u: Tensor, fallback: Tensor) -> Tensor:
     return torch.where((size > 0) & torch.isfinite(size), size, fallback)
 
 
-def on_kink(margins: Tensor, u: Tensor, scale: Tensor, tolerance: float) -> Tensor:
-    """``(B, K)``: kink margins within ``tolerance`` of :func:`solution_scale` (the one rule of
-    "the solution sits on this kink", for the KKT point and the backward's quick test)."""
-    return margins.abs() <= tolerance * solution_scale(u, scale).unsqueeze(-1)
+def on_kink(
+    margins: Tensor, u: Tensor, scale: Tensor, tolerance: float, resolution: float = 0.0
+) -> Tensor:
+    """``(B, K)``: kink margins within ``tolerance`` of :func:`solution_scale`, or within
+    ``resolution`` of the problem's ``scale`` (an inexact answer's resolution,
+    :attr:`Tolerances.resolution`): the one rule of "the solution sits on this kink", for the
+    KKT point and the backward's quick test."""
+    bound = torch.maximum(tolerance * solution_scale(u, scale), resolution * scale)
+    return margins.abs() <= bound.unsqueeze(-1)
 
 
 def gradient_scale(objective: Tensor, grad_f: Tensor, scale: Tensor) -> Tensor:
