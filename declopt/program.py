@@ -72,11 +72,12 @@ class Program:
             scalar tensor) as one more parameter after the declared ones; the torch backend
             solves it for ``mu -> 0`` before finishing on the kinks. ``None`` without kinks.
         frontend_error: for a *source-only* program, the exception the torch front end raised
-            on this declaration (an atom, cone or attribute it cannot evaluate, a dual variable
-            or a log-log program); the program then has no torch functions (``objective`` etc.
-            are ``None``), its variables are the layer's outputs as listed, and only a backend
-            that solves ``source`` itself (``takes_source_only = True``: cvxpylayers) can take
-            it, with its own backward. ``None`` for a compiled program.
+            on this declaration (an atom, cone or attribute it cannot evaluate, a dual variable,
+            a ``gp=True`` problem that is not log-log convex); the program then has no torch
+            functions (``objective`` etc. are ``None``), its variables are the layer's outputs
+            as listed, and only a backend that solves ``source`` itself
+            (``takes_source_only = True``: cvxpylayers) can take it, with its own backward.
+            ``None`` for a compiled program.
         log_log: the declaration is a log-log convex program (cvxpylayers' ``gp=True``). A
             compiled one (:func:`declopt.frontend.compile_layer`) is CVXPY's log-space reduction
             (``Dgp2Dcp``) taking the *declared* parameters: its functions take the log of the
