@@ -68,13 +68,20 @@ class Expansion(NamedTuple):
     """The eigendecomposition of a symmetric ``S (..., n, n)`` at its detached value.
 
     ``lam (..., n)`` ascending and ``gap[i, j] = lam_i - lam_j`` carry no derivatives; ``d =
-    V^T (S - S0) V`` is zero-valued and carries all of them; ``tied (..., n, n)``.
+    V^T (S - S0) V`` is zero-valued and carries all of them; ``width (..., 1)`` is the tie width
+    (:func:`tie_width`) and ``tied (..., n, n)`` the pairs within it.
     """
 
     lam: Tensor
     d: Tensor
     gap: Tensor
+    width: Tensor
     tied: Tensor
+
+
+def tie_width(values: Tensor) -> Tensor:
+    """``(..., 1)``: values (eigenvalues, singular values) closer than this are tied."""
+    return TIE * table(values.dtype).activity * values.abs().amax(-1, keepdim=True)
 
 
 def expand(s: Tensor) -> Expansion:
@@ -82,18 +89,21 @@ def expand(s: Tensor) -> Expansion:
     lam, vectors = torch.linalg.eigh(s0)
     d = vectors.transpose(-1, -2) @ (s - s0) @ vectors
     gap = lam.unsqueeze(-1) - lam.unsqueeze(-2)
-    width = TIE * table(lam.dtype).activity * lam.abs().amax(-1, keepdim=True)
-    return Expansion(lam, d, gap, gap.abs() <= width.unsqueeze(-1))
+    width = tie_width(lam)
+    return Expansion(lam, d, gap, width, gap.abs() <= width.unsqueeze(-1))
 
 
-def second_order(e: Expansion, w: Tensor, at_ties: Tensor | float = 0.0) -> Tensor:
+def second_order(
+    e: Expansion, w: Tensor, at_ties: Tensor | float = 0.0, gamma: Tensor | None = None
+) -> Tensor:
     """``(...)``: ``sum_i w_i D_ii + 1/2 sum_ij Gamma_ij D_ij^2`` with ``Gamma`` the divided
-    differences of ``w`` (``at_ties`` where ``tied``): zero-valued, exact first and second
-    derivatives of the spectral function with eigenvalue slopes ``w``."""
-    slope = w.unsqueeze(-1) - w.unsqueeze(-2)
-    gamma = torch.where(
-        e.tied, torch.as_tensor(at_ties, dtype=w.dtype, device=w.device), slope / _safe(e)
-    )
+    differences of ``w`` (``at_ties`` where ``tied``), or ``gamma`` where they have a closed form:
+    zero-valued, exact first and second derivatives of the spectral function with eigenvalue
+    slopes ``w``."""
+    if gamma is None:
+        slope = w.unsqueeze(-1) - w.unsqueeze(-2)
+        ties = torch.as_tensor(at_ties, dtype=w.dtype, device=w.device)
+        gamma = torch.where(e.tied, ties, slope / _safe(e))
     diagonal = torch.diagonal(e.d, dim1=-2, dim2=-1)
     return (w * diagonal).sum(-1) + 0.5 * (gamma * e.d * e.d).sum((-2, -1))
 
@@ -202,8 +212,7 @@ def nuclear_norm_sites(a: Tensor) -> tuple[Tensor, Tensor]:
     f = u.transpose(-1, -2) @ (a - a0) @ vh.transpose(-1, -2)
     m, n = a.shape[-2], a.shape[-1]
     r = min(m, n)
-    width = TIE * table(a.dtype).activity * sigma[..., :1]
-    positive = sigma > width
+    positive = sigma > tie_width(sigma)
     inverse = torch.where(positive, 1.0 / torch.where(positive, sigma, 1.0), 0.0)  # (..., r)
     rows = torch.cat([sigma, sigma.new_zeros(*sigma.shape[:-1], m - r)], -1)  # (..., m)
     cols = torch.cat([sigma, sigma.new_zeros(*sigma.shape[:-1], n - r)], -1)  # (..., n)
@@ -222,8 +231,7 @@ def nuclear_norm_sites(a: Tensor) -> tuple[Tensor, Tensor]:
 
 def _tied_with(e: Expansion, value: Tensor) -> Tensor:
     """``(..., n)`` bool: eigenvalues within the tie width of ``value (..., 1)``."""
-    width = TIE * table(e.lam.dtype).activity * e.lam.abs().amax(-1, keepdim=True)
-    return (e.lam - value).abs() <= width
+    return (e.lam - value).abs() <= e.width
 
 
 def log_det_value(s: Tensor) -> Tensor:
@@ -234,9 +242,7 @@ def log_det_value(s: Tensor) -> Tensor:
     lam = torch.where(e.lam > 0, e.lam, torch.ones_like(e.lam))
     w = 1.0 / lam
     gamma = -w.unsqueeze(-1) * w.unsqueeze(-2)  # (1/a - 1/b) / (a - b), exact at ties too
-    diagonal = torch.diagonal(e.d, dim1=-2, dim2=-1)
-    expansion = (w * diagonal).sum(-1) + 0.5 * (gamma * e.d * e.d).sum((-2, -1))
-    value = torch.log(lam).sum(-1) + expansion
+    value = torch.log(lam).sum(-1) + second_order(e, w, gamma=gamma)
     return torch.where(inside, value, torch.full_like(value, -float("inf")))
 
 
