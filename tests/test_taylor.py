@@ -92,6 +92,17 @@ CASES = {
         [u, w],
     ),
     "maximise": (cp.Maximize(-cp.sum_squares(u - x) - cp.sum(cp.exp(u))), [x], [u]),
+    # Compact derivatives: a promoted scalar, broadcasts and negations carry one derivative per
+    # broadcast row; sums over an axis (kept or not) multiply it by the rows it stands for.
+    "broadcasts and axis sums (compact derivatives)": (
+        cp.sum(cp.multiply(cp.sum(cp.square(y - A), axis=0), x))
+        + cp.sum(cp.exp(cp.sum(0.5 * cp.huber(y - A, 0.3), axis=1, keepdims=True)))
+        + cp.sum(cp.square(cp.reshape(u[:3], (3, 1), order="C") + cp.reshape(u, (1, N), "C")))
+        + cp.sum(cp.exp(-y + x) + cp.maximum(y, x) + cp.multiply(y - x, y + x) + x / (y + 3))
+        + cp.sum(cp.sum(cp.multiply(a, cp.square(u - y)), axis=0)),
+        [A, x, a],
+        [u, y],
+    ),
 }
 
 
@@ -270,3 +281,23 @@ def test_the_expansion_traces_whole_under_torch_compile(monkeypatch: pytest.Monk
         out.append((Y.detach(), X.grad))
     derivatives_module.derivatives_for.cache_clear()
     torch.testing.assert_close(out[1], out[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_huber_curvature_counts_the_threshold_as_inside(dtype: torch.dtype) -> None:
+    # CVXPY's huber is x^2 for |x| <= M: on the threshold itself the curvature is the inside
+    # one (2), and the next representable number beyond it is outside (0).
+    M = 0.75
+    z = torch.tensor([-M, M, 0.0, 0.3, 2.0, -2.0], dtype=dtype)
+    beyond = torch.nextafter(torch.tensor(M, dtype=dtype), torch.tensor(1.0, dtype=dtype))
+    z = torch.cat([z, beyond.reshape(1), -beyond.reshape(1)])
+    node = cp.huber(cp.Variable(z.shape[0]), M)
+    derivs = RULES[type(node)].jet(node, (True, False))
+    one = torch.eye(z.shape[0], dtype=dtype)
+    grad, hess = derivs([z, torch.tensor(M, dtype=dtype)], [one, None], [None, None], z)
+    slope = torch.diagonal(grad)
+    curvature = torch.diagonal(torch.diagonal(hess, dim1=-2, dim2=-1))
+    want_slope = 2 * z.clamp(-M, M)
+    want_curvature = torch.tensor([2, 2, 2, 2, 0, 0, 0, 0], dtype=dtype)
+    torch.testing.assert_close(slope, want_slope)
+    torch.testing.assert_close(curvature, want_curvature)

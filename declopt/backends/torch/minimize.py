@@ -164,6 +164,23 @@ def newton(objective: BatchedObjective, u0: Tensor, max_iter: int, scale: Tensor
             hess = objective.hessian(u)
         d, shifted = newton_direction(hess, g, scale)
         d = torch.where(active.unsqueeze(-1), d, torch.zeros_like(d))
+        # A full, unshifted step below the tolerance finishes the problem without a trial: in
+        # Newton's quadratic regime the gradient after a step of size |d| is O(|d|^2), rounding
+        # here, so the step is taken and the quadratic model gives the point's objective and
+        # gradient (no evaluation only to confirm convergence).
+        settled = active & ~shifted & (d.abs().amax(-1) <= step_tol * scale)
+        if bool(settled.any()):
+            curvature = (hess @ d.unsqueeze(-1)).squeeze(-1)
+            modelled = f + (g * d).sum(-1) + 0.5 * (d * curvature).sum(-1)
+            u = torch.where(settled.unsqueeze(-1), u + d, u)
+            f = torch.where(settled, modelled, f)
+            g = torch.where(settled.unsqueeze(-1), g + curvature, g)
+            iterations = iterations + settled.long()
+            converged = converged | settled
+            active = active & ~settled
+            if not bool(active.any()):
+                break
+            d = torch.where(active.unsqueeze(-1), d, torch.zeros_like(d))
         slope = (g * d).sum(-1)
         full = objective.value_grad_hessian(u + d) if one_pass else None
         t, found = backtracking(

@@ -215,13 +215,14 @@ def _convolve(expr: Any) -> Evaluator:
     return f
 
 
-def _affine(evaluate: Any, elementwise: bool = False) -> AtomRule:
-    # Linear in the operands jointly: the derivatives are the atom applied to them.
+def _affine(evaluate: Any, elementwise: bool = False, jet: jets.JetRule | None = None) -> AtomRule:
+    # Linear in the operands jointly: the derivatives are the atom applied to them (or ``jet``,
+    # a rule that keeps compact derivatives compact).
     return AtomRule(
         evaluate,
         affine=True,
         elementwise=elementwise,
-        jet=lambda node, dependent: jets.linear(evaluate(node)),
+        jet=jet or (lambda node, dependent: jets.linear(evaluate(node))),
     )
 
 
@@ -238,12 +239,12 @@ _PRODUCT = "bilinear: smooth, affine in each operand separately"
 
 AFFINE: dict[type, AtomRule] = {
     add_expr.AddExpression: AtomRule(_add, affine=True, elementwise=True, jet=jets.add),
-    unary_operators.NegExpression: _affine(_neg_expr, elementwise=True),
-    Promote: _affine(_promote, elementwise=True),
-    broadcast_to: _affine(_broadcast_to, elementwise=True),
+    unary_operators.NegExpression: _affine(_neg_expr, elementwise=True, jet=jets.negate),
+    Promote: _affine(_promote, elementwise=True, jet=jets.broadcast),
+    broadcast_to: _affine(_broadcast_to, elementwise=True, jet=jets.broadcast),
     index: _affine(_index),
     special_index: _affine(_special_index),
-    Sum: _affine(_sum),
+    Sum: _affine(_sum, jet=jets.summed),
     reshape: _affine(_reshape),
     transpose: _affine(_transpose),
     Hstack: _affine(_hstack),

@@ -13,6 +13,13 @@ depends on ``u``; it returns the :data:`JetFn` for that node or ``None`` when it
 for that pattern (e.g. ``huber`` with a variable threshold): the program then keeps the autograd
 derivatives. Affine atoms without a rule of their own are *linear* in their operands jointly, and
 their derivatives are the atom applied to the operands' derivatives (:func:`linear`).
+
+Derivatives may be *compact*: a node's ``grad`` of shape ``(*c, m)`` with ``c`` broadcastable to
+the node's shape ``s`` stands for its broadcast to ``(*s, m)`` (likewise ``hess``). A scalar
+variable promoted over ``n`` entries then carries one derivative, not ``n`` copies of it, through
+``y - x``, ``2 (y - x)``'s curvature and the sum over the entries (``n`` times the one term): the
+jets marked :func:`compact` keep such derivatives compact (elementwise atoms, broadcasting, sums);
+every other jet receives them expanded (a view, no copy).
 """
 
 from __future__ import annotations
@@ -33,6 +40,18 @@ JetRule = Callable[[Any, tuple[bool, ...]], JetFn | None]
 """``(node, dependent) -> JetFn | None``; ``dependent[i]``: operand ``i`` depends on ``u``."""
 Derivs = Callable[..., tuple[Tensor | float, Tensor | float]]
 """``(out, x, *rest) -> (f', f'')``: elementwise derivatives in ``x`` of ``out = f(x, *rest)``."""
+
+
+def compact(jet: JetFn) -> JetFn:
+    """Mark ``jet`` as taking compact derivatives (see the module docstring) and returning them
+    compact where its result is constant along a broadcast dim."""
+    jet.compact = True  # type: ignore[attr-defined]
+    return jet
+
+
+def takes_compact(jet: JetFn) -> bool:
+    """Whether ``jet`` was marked :func:`compact`."""
+    return getattr(jet, "compact", False)
 
 
 def _add_opt(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -107,21 +126,87 @@ def linear(evaluate: Callable[..., Tensor]) -> JetFn:
     return jet
 
 
-def _broadcast(t: Tensor, shape: Sequence[int], k: int) -> Tensor:
+def expand(t: Tensor | None, shape: Sequence[int], k: int) -> Tensor | None:
+    """A compact derivative ``t`` (``k`` trailing derivative dims) as a full one of the node
+    shape ``shape``: a broadcast view."""
+    if t is None or tuple(t.shape[: t.dim() - k]) == tuple(shape):
+        return t
     return torch.broadcast_to(t, (*shape, *t.shape[t.dim() - k :]))
 
 
 def add(node: Any, dependent: tuple[bool, ...]) -> JetFn:
     """``a + b + ...`` with numpy broadcasting: the sum of the derivatives."""
 
+    @compact
     def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
         grad = hess = None
         for g, h in zip(grads, _first_order(hesses, grads)):
-            if g is not None:
-                grad = _add_opt(grad, _broadcast(g, out.shape, 1))
-            if h is not None:
-                hess = _add_opt(hess, _broadcast(h, out.shape, 2))
+            grad = _add_opt(grad, g)  # broadcasting: the derivative dims trail the node's
+            hess = _add_opt(hess, h)
         return grad, hess
+
+    return jet
+
+
+def broadcast(node: Any, dependent: tuple[bool, ...]) -> JetFn:
+    """``Promote`` / ``broadcast_to``: the operand's derivatives, left-padded to the node's
+    number of dims (a size-1 operand to all ones): compact, nothing is copied."""
+    ndim = len(node.shape)
+    scalar = math.prod(int(d) for d in node.args[0].shape) == 1
+
+    def padded(t: Tensor | None, k: int) -> Tensor | None:
+        if t is None:
+            return None
+        lead, trail = t.shape[: t.dim() - k], t.shape[t.dim() - k :]
+        lead = (1,) * ndim if scalar else (1,) * (ndim - len(lead)) + tuple(lead)
+        return t.reshape(*lead, *trail)
+
+    @compact
+    def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
+        h = None if hesses is None else padded(hesses[0], 2)
+        return padded(grads[0], 1), h
+
+    return jet
+
+
+def negate(node: Any, dependent: tuple[bool, ...]) -> JetFn:
+    """``-a``: the negated derivatives (compact as they come)."""
+
+    @compact
+    def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
+        h = None if hesses is None or hesses[0] is None else -hesses[0]
+        return -grads[0], h  # type: ignore[operator]
+
+    return jet
+
+
+def summed(node: Any, dependent: tuple[bool, ...]) -> JetFn:
+    """``Sum`` over ``node.axis`` (all axes when ``None``): a compact derivative is summed over
+    the reduced dims it has and multiplied by the sizes of those it is constant along."""
+    shape = tuple(int(d) for d in node.args[0].shape)
+    axis, keepdims = node.axis, bool(getattr(node, "keepdims", False))
+    axes = range(len(shape)) if axis is None else (axis,) if isinstance(axis, int) else axis
+    reduced = sorted({int(a) % len(shape) for a in axes}) if shape else []
+
+    def reduce(t: Tensor | None, k: int) -> Tensor | None:
+        if t is None:
+            return None
+        trail = t.shape[t.dim() - k :]
+        t = t.reshape(*(1,) * (len(shape) + k - t.dim()), *t.shape)
+        present = [d for d in reduced if t.shape[d] != 1]
+        count = math.prod([shape[d] for d in reduced if t.shape[d] == 1])
+        if present:
+            t = t.sum(dim=present, keepdim=True)
+        if count != 1:
+            t = t * count
+        if keepdims:
+            return t
+        kept = [t.shape[d] for d in range(len(shape)) if d not in reduced]
+        return t.reshape(*kept, *trail)
+
+    @compact
+    def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
+        return reduce(grads[0], 1), None if hesses is None else reduce(hesses[0], 2)
 
     return jet
 
@@ -135,6 +220,7 @@ def elementwise(derivs: Callable[[Any], Derivs]) -> JetRule:
             return None
         d = derivs(node)
 
+        @compact
         def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
             f1, f2 = d(out, *values)
             h = None if hesses is None else hesses[0]
@@ -148,21 +234,20 @@ def elementwise(derivs: Callable[[Any], Derivs]) -> JetRule:
 def multiply(node: Any, dependent: tuple[bool, ...]) -> JetFn:
     """Elementwise ``a * b`` (broadcasting): the product rule."""
 
+    @compact
     def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
         (a, b), (ga, gb), (ha, hb) = values, grads, _first_order(hesses, grads)
         grad = _add_opt(
             None if ga is None else ga * _col(b, 1), None if gb is None else _col(a, 1) * gb
         )
         if hesses is None:
-            return _broadcast(grad, out.shape, 1), None  # type: ignore[arg-type]
+            return grad, None
         hess = _add_opt(
             None if ha is None else ha * _col(b, 2), None if hb is None else _col(a, 2) * hb
         )
         if ga is not None and gb is not None:
             hess = _add_opt(hess, _outer(ga, gb) + _outer(gb, ga))
-        return _broadcast(grad, out.shape, 1), None if hess is None else _broadcast(
-            hess, out.shape, 2
-        )
+        return grad, hess
 
     return jet
 
@@ -203,6 +288,7 @@ def divide(node: Any, dependent: tuple[bool, ...]) -> JetFn:
     """``a / b`` (elementwise, broadcasting) as ``a * (1 / b)``."""
     product = multiply(node, dependent)
 
+    @compact
     def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
         (a, b), (ga, gb), (ha, hb) = values, grads, _first_order(hesses, grads)
         second = hesses is not None
@@ -221,6 +307,7 @@ def extremum(node: Any, dependent: tuple[bool, ...]) -> JetFn:
     """Elementwise ``maximum`` / ``minimum``: the jet of the operand that attains the value (the
     first one at a tie, a kink the nonsmooth machinery deals with)."""
 
+    @compact
     def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
         taken = torch.zeros(out.shape, dtype=torch.bool, device=out.device)
         grad = hess = None
@@ -231,18 +318,20 @@ def extremum(node: Any, dependent: tuple[bool, ...]) -> JetFn:
                 grad = _add_opt(grad, torch.where(pick.unsqueeze(-1), g, 0.0))
             if h is not None:
                 hess = _add_opt(hess, torch.where(pick.unsqueeze(-1).unsqueeze(-1), h, 0.0))
-        return _broadcast(grad, out.shape, 1), None if hess is None else _broadcast(
-            hess, out.shape, 2
-        )
+        return grad, hess
 
     return jet
 
 
 def root_of_sum(
-    out: Tensor, g: Tensor, h: Tensor | None, second: bool = True
+    out: Tensor, g: Tensor, h: Tensor | None, second: bool = True, positive: bool = False
 ) -> tuple[Tensor, Tensor | None]:
     """The jet of ``out = sqrt(s)`` (a 2-norm) from ``s``'s ``(g, h)``: slope ``1 / (2 out)``,
-    curvature ``-1 / (4 out^3)``; 0 at the origin, the kink, as the evaluators' subgradient."""
+    curvature ``-1 / (4 out^3)``; 0 at the origin, the kink, as the evaluators' subgradient.
+    ``positive``: ``out`` is known never to vanish (no guard for the origin)."""
+    if positive:
+        slope = 0.5 * torch.reciprocal(out)
+        return chain(slope, -2 * slope * slope * slope, g, h, second)
     positive = out > 0
     r = torch.where(positive, out, 1.0)
     f1 = torch.where(positive, 0.5 / r, 0.0)

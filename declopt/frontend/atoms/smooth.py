@@ -256,7 +256,15 @@ def _power_derivs(expr: Any) -> jets.Derivs:
 
 def _huber_derivs(expr: Any) -> jets.Derivs:
     # x^2 inside |x| <= M, 2M|x| - M^2 outside: slope 2 clip(x, -M, M), curvature 2 inside.
-    return lambda out, x, m: (2 * torch.clamp(x, -m, m), 2.0 * (x.abs() <= m).to(x.dtype))
+    # Written with maximum/minimum and sign rather than clamp with tensor bounds and a bool
+    # mask cast to the dtype: on CPU those kernels cost 4-8x a plain elementwise pass. The
+    # indicator is exact: |x| > M iff |x| - M > 0 (IEEE subtraction of unequal numbers).
+    def derivs(out: Tensor, x: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
+        slope = 2 * torch.minimum(torch.maximum(x, -m), m)
+        outside = torch.sign(torch.clamp_min(x.abs() - m, 0.0))
+        return slope, 2 - 2 * outside
+
+    return derivs
 
 
 def _sigmoid_pair(out: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
