@@ -12,9 +12,11 @@ vmap-compatible (no ``.item()``, no data-dependent Python control flow).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -196,6 +198,23 @@ class BatchedParams:
             for v, d in zip(self.values, self.in_dims)
         )
         return BatchedParams(values, self.in_dims, self.size * repeats)
+
+    @cached_property
+    def data_scale(self) -> Tensor:
+        """``(size,)`` (``(1,)`` when every parameter is shared) the largest ``|entry|`` of
+        every problem's parameters (0 where there are none), in the parameters' own dtype:
+        computed once per batch, however often the solvers ask for
+        :func:`~declopt.kkt.tolerances.problem_scale`."""
+        parts = []
+        for value, dim in zip(self.values, self.in_dims):
+            value = value.detach()
+            flat = value.reshape(value.shape[0], -1) if dim == 0 else value.reshape(1, -1)
+            if flat.shape[-1]:
+                parts.append(flat.abs().amax(-1))  # (size,), or (1,) for a shared parameter
+        if not parts:
+            return torch.zeros(1)
+        dtype = functools.reduce(torch.promote_types, (p.dtype for p in parts))
+        return torch.stack(torch.broadcast_tensors(*(p.to(dtype) for p in parts))).amax(0)
 
     def select(self, index: Tensor) -> BatchedParams:
         """The sub-batch of problems ``index`` (a 1-D long tensor)."""

@@ -194,3 +194,27 @@ def test_compile_switch_does_not_shadow_the_module_method() -> None:
     assert layer.compiled is False
     assert callable(layer.compile)  # nn.Module.compile, not a bool
     assert layer.backward == "implicit" and isinstance(layer.backward_strategy, dl.Implicit)
+
+
+def test_problem_scale_is_the_largest_entry_of_each_problems_data_and_solution() -> None:
+    from declopt.kkt.tolerances import problem_scale
+    from declopt.program import BatchedParams
+
+    batched = torch.tensor([[1.0, -3.0], [0.5, 0.25], [0.0, 0.0]], dtype=torch.float64)
+    shared = torch.tensor([-2.0], dtype=torch.float32)
+    empty = torch.zeros(0)
+    params = BatchedParams((batched, shared, empty), (0, None, None), 3)
+    u = torch.tensor([[0.1], [4.0], [0.0]], dtype=torch.float32)
+    scale = problem_scale(params, u)
+    assert scale.dtype == torch.float32
+    torch.testing.assert_close(scale, torch.tensor([3.0, 4.0, 2.0]))
+    # Cached per batch: the second call reads the same data scale with another u.
+    assert params.data_scale is params.data_scale
+    torch.testing.assert_close(
+        problem_scale(params, torch.zeros(3, 1)), torch.tensor([3.0, 2.0, 2.0])
+    )
+    # No data and u = 0: the unit is 1; NaN data gives 1 too (the solvers report the NaN).
+    nothing = BatchedParams((), (), 2)
+    torch.testing.assert_close(problem_scale(nothing, torch.zeros(2, 3)), torch.ones(2))
+    bad = BatchedParams((torch.tensor([[float("nan")], [1.0]]),), (0,), 2)
+    torch.testing.assert_close(problem_scale(bad, torch.zeros(2, 1)), torch.tensor([1.0, 1.0]))

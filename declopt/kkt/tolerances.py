@@ -106,13 +106,8 @@ def for_accuracy(dtype: torch.dtype, accuracy: float) -> Tolerances:
 def problem_scale(params: BatchedParams, u: Tensor) -> Tensor:
     """``(B,)``: the largest ``|entry|`` of every problem's parameters and of ``u: (B, m)``
     (1 where all are zero): the unit of ``u`` that relative tolerances multiply."""
-    parts = [u.detach().abs().amax(-1)] if u.shape[-1] else [u.new_zeros(u.shape[0])]
-    for value, dim in zip(params.values, params.in_dims):
-        value = value.detach()
-        flat = value.reshape(value.shape[0], -1) if dim == 0 else value.reshape(1, -1)
-        if flat.shape[-1]:
-            parts.append(flat.abs().amax(-1).expand(u.shape[0]).to(u.dtype))
-    scale = torch.stack(parts).amax(0)
+    data = params.data_scale.to(device=u.device, dtype=u.dtype).expand(u.shape[0])
+    scale = torch.maximum(u.detach().abs().amax(-1), data) if u.shape[-1] else data
     return torch.where((scale > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
 
 
