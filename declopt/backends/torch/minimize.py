@@ -47,7 +47,9 @@ def _decrement_floor(f: Tensor, f0: Tensor) -> Tensor:
 
 
 def _finite(f: Tensor) -> Tensor:
-    return torch.where(torch.isfinite(f), f, torch.full_like(f, float("inf")))
+    """``f`` with every non-finite value (NaN, either infinity) replaced by ``+inf``."""
+    inf = float("inf")
+    return torch.nan_to_num(f, nan=inf, posinf=inf, neginf=inf)
 
 
 def backtracking(
@@ -67,13 +69,17 @@ def backtracking(
     ``first``: the objective at ``t = 1`` when the caller has it already.
     """
     eps = torch.finfo(u.dtype).eps
-    slack = 8 * eps * f.abs()
+    bound = f + 8 * eps * f.abs()  # the slack: a few ulps of |f|
+    decrease = ARMIJO * slope
     t = torch.ones_like(f)
     ok = ~active
     for k in range(MAX_BACKTRACKS):
-        value = first if k == 0 and first is not None else objective.value(u + t.unsqueeze(-1) * d)
-        trial = _finite(value)
-        ok = ok | (trial <= f + ARMIJO * t * slope + slack)
+        if k == 0:
+            value = objective.value(u + d) if first is None else first
+            ok = ok | (_finite(value) <= bound + decrease)
+        else:
+            value = objective.value(u + t.unsqueeze(-1) * d)
+            ok = ok | (_finite(value) <= bound + t * decrease)
         if bool(ok.all()):
             break
         t = torch.where(ok, t, 0.5 * t)
@@ -155,31 +161,39 @@ def newton(objective: BatchedObjective, u0: Tensor, max_iter: int, scale: Tensor
     batch = u.shape[0]
     converged = torch.zeros(batch, dtype=torch.bool, device=u.device)
     failed = ~torch.isfinite(f) | ~torch.isfinite(g).all(-1)
+    active = ~failed
     iterations = torch.zeros(batch, dtype=torch.int64, device=u.device)
+    limit = step_tol * scale
     for _ in range(max_iter):
-        active = ~(converged | failed)
-        if not bool(active.any()):
+        # One host sync per iteration decides both "anything left" and "everyone left" (then
+        # the per-problem selections below are skipped: the common case of the first steps).
+        left = int(active.sum())
+        if left == 0:
             break
         if hess is None:
             hess = objective.hessian(u)
         d, shifted = newton_direction(hess, g, scale)
-        d = torch.where(active.unsqueeze(-1), d, torch.zeros_like(d))
         # A full, unshifted step below the tolerance finishes the problem without a trial: in
         # Newton's quadratic regime the gradient after a step of size |d| is O(|d|^2), rounding
         # here, so the step is taken and the quadratic model gives the point's objective and
         # gradient (no evaluation only to confirm convergence).
-        settled = active & ~shifted & (d.abs().amax(-1) <= step_tol * scale)
-        if bool(settled.any()):
+        settled = active & ~shifted & (d.abs().amax(-1) <= limit)
+        done = int(settled.sum())
+        if done:
             curvature = (hess @ d.unsqueeze(-1)).squeeze(-1)
             modelled = f + (g * d).sum(-1) + 0.5 * (d * curvature).sum(-1)
-            u = torch.where(settled.unsqueeze(-1), u + d, u)
+            column = settled.unsqueeze(-1)
+            u = torch.where(column, u + d, u)
             f = torch.where(settled, modelled, f)
-            g = torch.where(settled.unsqueeze(-1), g + curvature, g)
+            g = torch.where(column, g + curvature, g)
             iterations = iterations + settled.long()
             converged = converged | settled
             active = active & ~settled
-            if not bool(active.any()):
+            left -= done
+            if left == 0:
                 break
+        everyone = left == batch
+        if not everyone:
             d = torch.where(active.unsqueeze(-1), d, torch.zeros_like(d))
         slope = (g * d).sum(-1)
         full = objective.value_grad_hessian(u + d) if one_pass else None
@@ -188,26 +202,27 @@ def newton(objective: BatchedObjective, u0: Tensor, max_iter: int, scale: Tensor
         )
         u = u + t.unsqueeze(-1) * d
         iterations = iterations + active.long()
-        if full is not None and bool((~active | (t == 1)).all()):
+        if full is not None and bool(((t == 1) | ~active).all()):
             f_new, g_new, hess_new = full
         elif one_pass:
             f_new, g_new, hess_new = objective.value_grad_hessian(u)
         else:
             (f_new, g_new), hess_new = objective.value_and_grad(u), None
-        f = torch.where(active, _finite(f_new), f)
-        g = torch.where(active.unsqueeze(-1), g_new, g)
-        hess = (
-            None if hess_new is None else torch.where(active.view(-1, 1, 1), hess_new, hess)  # type: ignore[arg-type]
-        )
-        small_step = d.abs().amax(-1) <= step_tol * scale
-        converged = converged | (active & found & (t == 1) & ~shifted & small_step)
+        if everyone:
+            f, g, hess = _finite(f_new), g_new, hess_new
+        else:
+            f = torch.where(active, _finite(f_new), f)
+            g = torch.where(active.unsqueeze(-1), g_new, g)
+            hess = (
+                None if hess_new is None else torch.where(active.view(-1, 1, 1), hess_new, hess)  # type: ignore[arg-type]
+            )
+        # (A full unshifted step below the tolerance was settled above, before any trial.)
         # A seam: the full step was refused although it promised no more than rounding.
-        seam = ~shifted & (t < 1) & (-slope <= _decrement_floor(f, f0))
-        converged = converged | (active & seam)
-        # No descent possible: we are at the rounding floor if the step was already tiny.
-        stuck = active & ~found
-        converged = converged | (stuck & small_step & ~shifted)
-        failed = failed | (stuck & ~converged) | ~torch.isfinite(g).all(-1)
+        seam = active & ~shifted & (t < 1) & (-slope <= _decrement_floor(f, f0))
+        converged = converged | seam
+        # No descent possible, and not at the rounding floor: the problem has failed.
+        failed = failed | (active & ~found & ~seam) | ~torch.isfinite(g).all(-1)
+        active = active & ~(seam | failed)
     return MinimizeResult(u, f, g, converged & ~failed, iterations)
 
 
