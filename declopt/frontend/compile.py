@@ -25,6 +25,7 @@ from declopt.errors import DeclarationError, UnsupportedAtomError
 from declopt.frontend import gating
 from declopt.frontend.atoms import RULES, KinkSite, TensorCache, operands, supported_atom_names
 from declopt.frontend.log_log import in_declared_parameters
+from declopt.frontend.simplify import hoisted
 from declopt.frontend.taylor import compile_taylor
 from declopt.program import Program
 
@@ -837,10 +838,14 @@ def compile_problem(
     objective = problem.objective
     sign = -1.0 if isinstance(objective, cp.Maximize) else 1.0
     eqs, ineqs = _split_constraints(problem, variables)
+    # Full sums pushed through scalings and shifts (one pass fewer per term); every later step
+    # (kink sites, gating, the Taylor expansion, the smoothed program) reads these trees.
+    objective_expr = hoisted(objective.expr)
+    eqs, ineqs = [hoisted(e) for e in eqs], [hoisted(e) for e in ineqs]
 
     first_ineq = 1 + len(eqs)
     kink_eval = _compile_kinks(
-        [objective.expr, *eqs, *ineqs],
+        [objective_expr, *eqs, *ineqs],
         frozenset(range(first_ineq, first_ineq + len(ineqs))),
     )
 
@@ -858,7 +863,7 @@ def compile_problem(
     def functions(smooth: bool) -> tuple[Callable, Callable | None, Callable | None, Callable]:
         """``(objective, equalities, inequalities, env_of)``; with ``smooth``, the nonsmooth
         atoms are smoothed and the parameter tuple carries the width ``mu`` last."""
-        obj_eval = _compile_many([objective.expr], smooth)
+        obj_eval = _compile_many([objective_expr], smooth)
         eq_eval = _compile_many(eqs, smooth) if eqs else None
         ineq_eval = _compile_many(ineqs, smooth) if ineqs else None
         expected = n_params + int(smooth)
@@ -896,7 +901,7 @@ def compile_problem(
         return objective_fn, residuals(eq_eval), residuals(ineq_eval), env_of
 
     objective_fn, equalities, inequalities, env_of = functions(smooth=False)
-    objective_taylor = _objective_taylor(objective.expr, env_of, var_slices, m, sign)
+    objective_taylor = _objective_taylor(objective_expr, env_of, var_slices, m, sign)
 
     def kinks_fn(
         x: Sequence[Tensor], u: Tensor, reference: Tensor | None = None
@@ -936,6 +941,6 @@ def compile_problem(
         maximize=sign < 0,
         source=(problem, tuple(parameters), tuple(variables)),
         kinks=kinks_fn if kink_eval is not None else None,
-        kinks_isolated=kink_eval is not None and kinks_are_isolated([objective.expr, *eqs, *ineqs]),
+        kinks_isolated=kink_eval is not None and kinks_are_isolated([objective_expr, *eqs, *ineqs]),
         smoothed=smoothed,
     )
