@@ -362,10 +362,13 @@ class BatchedObjective:
         params: BatchedParams,
         compile: bool = False,
         taylor: TaylorFn | None = None,
+        quadratic: bool = False,
     ) -> None:
         self.derivatives = derivatives_for(fn, params.in_dims, compile, taylor)
         self.params = params
         self.values = params.values
+        self.quadratic = quadratic
+        """``fn`` is of degree at most 2 in ``u``: its second-order model is exact."""
 
     def value(self, u: Tensor) -> Tensor:
         return self.derivatives.value(self.values, u)
@@ -396,7 +399,13 @@ class BatchedObjective:
     @classmethod
     def of(cls, program: Program, params: BatchedParams, compile: bool = False) -> BatchedObjective:
         """The objective of ``program`` (with its Taylor expansion where it has one)."""
-        return cls(program.objective, params, compile, program.objective_taylor)
+        return cls(
+            program.objective,
+            params,
+            compile,
+            program.objective_taylor,
+            quadratic=program.objective_quadratic,
+        )
 
     def param_vjp(
         self, u: Tensor, w: Tensor, wanted: Wanted | None = None

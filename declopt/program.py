@@ -50,6 +50,10 @@ class Program:
             in one pass from the atoms' closed-form local
             derivatives (:mod:`declopt.frontend.taylor`); ``None`` where some atom on the
             variables' path has none (derivatives then come from autograd).
+        objective_quadratic: ``objective`` is a polynomial of degree at most 2 in ``u`` (the
+            atoms' degree rules, :func:`declopt.frontend.atoms.base.polynomial_degree`): its
+            second-order Taylor model is exact, so a Newton step's point is known without
+            evaluating it. False where unknown.
         equalities: ``h(x, u) -> (p,)`` with ``h = 0`` at a feasible point, or ``None``.
         inequalities: ``g(x, u) -> (q,)`` with ``g <= 0`` at a feasible point, or ``None``.
         is_convex: the declaration is DCP (convex objective over a convex set).
@@ -103,6 +107,7 @@ class Program:
     variable_shapes: tuple[Shape, ...]
     objective: ObjectiveFn | None
     objective_taylor: TaylorFn | None = field(default=None, compare=False, repr=False)
+    objective_quadratic: bool = False
     equalities: ResidualFn | None = None
     inequalities: ResidualFn | None = None
     is_convex: bool = False

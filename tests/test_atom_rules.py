@@ -345,3 +345,30 @@ def test_smoothed_min_type_atom_lies_above_within_order_mu(name: str, a, mu: flo
 def test_smoothed_sum_largest_is_exact_when_all_entries_tie() -> None:
     a = np.full(5, 0.7)
     assert math.isclose(smoothed_value(lambda v: cp.sum_largest(v, 2), a, 0.1), 1.4, rel_tol=1e-12)
+
+
+def test_polynomial_degrees_come_from_the_atom_rules() -> None:
+    import declopt as dl
+    from declopt.frontend.atoms import RULES
+    from declopt.frontend.atoms.base import polynomial_degree
+
+    x, a = cp.Parameter(4), cp.Parameter(pos=True)
+    A = cp.Parameter((3, 4))
+    u, y = cp.Variable(4), cp.Variable()
+    degrees = {
+        "parameters only": (cp.sum(cp.exp(x)) * a, 0),
+        "affine": (A @ u - x[:3], 1),
+        "least squares": (cp.sum_squares(A @ u - x[:3]) + a * cp.sum_squares(u), 2),
+        "quadratic pooling": (cp.sum(dl.penalties.quadratic(y - x)), 2),
+        "products": (cp.sum(cp.multiply(u, u - x)) + y * cp.sum(u), 2),
+        "quotient by a parameter": (cp.sum(cp.square(u) / a), 2),
+        "quad_over_lin by a constant": (cp.quad_over_lin(u, 2.0), 2),
+        "cubic": (cp.sum(cp.power(u, 3)), 3),
+        "quotient by a variable": (cp.sum(u / y), None),
+        "huber (piecewise)": (cp.sum(cp.huber(u, 1.0)), None),
+        "abs": (cp.sum(cp.abs(u)), None),
+        "welsch": (cp.sum(dl.penalties.welsch(y - x, a)), None),
+        "fractional power": (cp.sum(cp.power(u + 2, 1.5)), None),
+    }
+    for name, (expr, want) in degrees.items():
+        assert polynomial_degree(expr, RULES) == want, name

@@ -57,15 +57,37 @@ def test_the_returned_objective_and_gradient_are_the_points(dtype: torch.dtype) 
     assert bool((result.gradient - g).abs().le(eps**0.5 * gscale).all())
 
 
-def test_a_quadratic_takes_one_newton_step_and_no_confirming_evaluation() -> None:
+@pytest.mark.parametrize("exact_model", [True, False])
+def test_a_quadratic_takes_one_newton_step_and_no_confirming_evaluation(exact_model: bool) -> None:
     x, y = cp.Parameter(16), cp.Variable(1)
     values = torch.randn(6, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     objective, params = _objective(cp.sum_squares(y - x), x, y, values)
+    assert objective.quadratic  # degree 2 in y, from the atoms' degree rules
+    objective.quadratic = exact_model
     counting = _Counting(objective)
     u0 = torch.zeros(6, 1, dtype=torch.float64)
     result = newton(counting, u0, 50, problem_scale(params, u0))  # type: ignore[arg-type]
     torch.testing.assert_close(result.u[:, 0], values.mean(-1), rtol=1e-14, atol=1e-14)
     assert bool(result.converged.all())
-    # The start and the full step's point; the step from there is rounding and is not tried.
-    assert counting.evaluations == 2
-    assert bool((result.iterations == 2).all())
+    f, g = objective.value_and_grad(result.u)
+    torch.testing.assert_close(result.objective, f, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(result.gradient, g, rtol=0, atol=1e-12)
+    if exact_model:
+        # The exact model gives the full step's point and shows the step from it is rounding:
+        # only the start is evaluated.
+        assert counting.evaluations == 1
+        assert bool((result.iterations == 1).all())
+    else:
+        # The start and the full step's point; the step from there is rounding and not tried.
+        assert counting.evaluations == 2
+        assert bool((result.iterations == 2).all())
+
+
+def test_a_higher_degree_objective_has_no_exact_model() -> None:
+    x, u = cp.Parameter(3), cp.Variable(3)
+    values = torch.randn(2, 3, dtype=torch.float64)
+    quartic, _ = _objective(cp.sum(cp.power(u - x, 4)), x, u, values)
+    huber, _ = _objective(cp.sum(cp.huber(u - x, 1.0)), x, u, values)
+    scaled, _ = _objective(cp.sum(cp.multiply(x, cp.square(u))) / 4, x, u, values)
+    assert not quartic.quadratic and not huber.quadratic
+    assert scaled.quadratic  # a parameter times a square is still degree 2 in u

@@ -24,6 +24,7 @@ from torch import Tensor
 from declopt.errors import DeclarationError, UnsupportedAtomError
 from declopt.frontend import gating
 from declopt.frontend.atoms import RULES, KinkSite, TensorCache, operands, supported_atom_names
+from declopt.frontend.atoms.base import polynomial_degree
 from declopt.frontend.log_log import in_declared_parameters
 from declopt.frontend.simplify import hoisted
 from declopt.frontend.taylor import compile_taylor
@@ -805,6 +806,11 @@ def _safe(check: Callable[[], bool]) -> bool:
         return False
 
 
+def _degree_at_most(expr: cp.Expression, degree: int) -> bool:
+    found = polynomial_degree(expr, RULES)
+    return found is not None and found <= degree
+
+
 def compile_problem(
     problem: cp.Problem, parameters: Sequence[cp.Parameter], variables: Sequence[cp.Variable]
 ) -> Program:
@@ -932,6 +938,7 @@ def compile_problem(
         variable_shapes=variable_shapes,
         objective=objective_fn,
         objective_taylor=objective_taylor,
+        objective_quadratic=_degree_at_most(objective_expr, 2),
         equalities=equalities,
         inequalities=inequalities,
         is_convex=_safe(problem.is_dcp),

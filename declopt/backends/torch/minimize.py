@@ -178,9 +178,21 @@ def newton(objective: BatchedObjective, u0: Tensor, max_iter: int, scale: Tensor
         # here, so the step is taken and the quadratic model gives the point's objective and
         # gradient (no evaluation only to confirm convergence).
         settled = active & ~shifted & (d.abs().amax(-1) <= limit)
+        curvature = None
+        if objective.quadratic:
+            # A degree-2 objective's model is exact: the full step's point has the model's
+            # objective and gradient, and a problem is finished there (not evaluated) when the
+            # step from it is below the tolerance as well (the solve's rounding left nothing
+            # to refine). A PD Hessian's full step always passes Armijo's test.
+            exact = active & ~shifted & ~settled
+            if bool(exact.any()):
+                curvature = (hess @ d.unsqueeze(-1)).squeeze(-1)
+                after, _ = newton_direction(hess, g + curvature, scale)
+                settled = settled | (exact & (after.abs().amax(-1) <= limit))
         done = int(settled.sum())
         if done:
-            curvature = (hess @ d.unsqueeze(-1)).squeeze(-1)
+            if curvature is None:
+                curvature = (hess @ d.unsqueeze(-1)).squeeze(-1)
             modelled = f + (g * d).sum(-1) + 0.5 * (d * curvature).sum(-1)
             column = settled.unsqueeze(-1)
             u = torch.where(column, u + d, u)

@@ -31,7 +31,7 @@ from cvxpy.atoms.affine.vstack import Vstack
 from torch import Tensor
 
 from declopt.frontend.atoms import jets
-from declopt.frontend.atoms.base import AtomRule, Evaluator
+from declopt.frontend.atoms.base import AtomRule, Evaluator, product_degree
 from declopt.frontend.atoms.tensors import (
     DeviceIndex,
     Shape,
@@ -232,7 +232,13 @@ def _product(evaluate: Any, elementwise: bool = False) -> AtomRule:
         elementwise=elementwise,
         note=_PRODUCT,
         jet=lambda node, dependent: jets.bilinear(node, dependent, evaluate(node)),
+        degree=product_degree,
     )
+
+
+def _quotient_degree(node: Any, degrees: tuple[int | None, ...]) -> int | None:
+    # a / b is a polynomial when b is a constant.
+    return degrees[0] if degrees[1] == 0 else None
 
 
 _PRODUCT = "bilinear: smooth, affine in each operand separately"
@@ -269,10 +275,14 @@ AFFINE: dict[type, AtomRule] = {
     wraps.hermitian_wrap: _affine(_identity, elementwise=True),
     wraps.skew_symmetric_wrap: _affine(_identity, elementwise=True),
     binary_operators.multiply: AtomRule(
-        _multiply, elementwise=True, note=_PRODUCT, jet=jets.multiply
+        _multiply, elementwise=True, note=_PRODUCT, jet=jets.multiply, degree=product_degree
     ),
     binary_operators.MulExpression: _product(_matmul),
     binary_operators.DivExpression: AtomRule(
-        _div, elementwise=True, note="smooth where the denominator is nonzero", jet=jets.divide
+        _div,
+        elementwise=True,
+        note="smooth where the denominator is nonzero",
+        jet=jets.divide,
+        degree=_quotient_degree,
     ),
 }

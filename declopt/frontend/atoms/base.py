@@ -49,6 +49,8 @@ class KinkSite:
     owners: np.ndarray
 
 
+DegreeRule = Callable[[Any, tuple[int | None, ...]], int | None]
+"""``(node, operand degrees) -> degree`` (``None``: not a polynomial in the variables)."""
 KinkRule = Callable[[Any], KinkSite | None]
 """Given the CVXPY node, its :class:`KinkSite` (``None``: this instance is smooth)."""
 SmoothRule = Callable[[Any], SmoothEvaluator | None]
@@ -77,6 +79,11 @@ class AtomRule:
             local first and second derivatives (:mod:`.jets`); ``None`` on a nonlinear atom:
             programs using it take their derivatives from autograd. Affine atoms without one
             must be *linear* in their operands jointly (their derivatives are the atom itself).
+        degree: given the node and its operands' polynomial degrees in the variables (``None``:
+            not a polynomial), its own (``None``: not a polynomial). Default: an affine atom
+            has its operands' largest degree; any other atom is a polynomial only of constants
+            (degree 0). Products add degrees, ``x^2`` doubles one (see
+            :func:`polynomial_degree`: a degree-2 objective has an exact Newton model).
         note: why the declared smoothness holds where it is not obvious (C1 only, domain
             boundaries, instances without kinks).
     """
@@ -89,6 +96,7 @@ class AtomRule:
     affine: bool = False
     isolated_kinks: bool = False
     jet: JetRule | None = None
+    degree: DegreeRule | None = None
     note: str = ""
 
 
@@ -141,3 +149,40 @@ def operands(expr: cp.Expression) -> list[cp.Expression]:
     elif isinstance(expr, huber):
         args.append(expr.M)
     return args
+
+
+def product_degree(node: Any, degrees: tuple[int | None, ...]) -> int | None:
+    """A product of its operands (``multiply``, ``@``, ``kron``, convolutions): degrees add."""
+    return None if None in degrees else sum(degrees)  # type: ignore[arg-type]
+
+
+def polynomial_degree(expr: cp.Expression, rules: Mapping[type, AtomRule]) -> int | None:
+    """The degree of ``expr`` as a polynomial in its variables (parameters and constants count
+    as constants), or ``None`` where it is not one (or an atom has no rule)."""
+    memo: dict[int, int | None] = {}
+
+    def degree(node: cp.Expression) -> int | None:
+        key = id(node)
+        if key in memo:
+            return memo[key]
+        if isinstance(node, cp.Variable):
+            result: int | None = 1
+        elif isinstance(node, (cp.Constant, cp.Parameter)):
+            result = 0
+        elif type(node) not in rules:
+            result = None
+        else:
+            rule = rules[type(node)]
+            inner = tuple(degree(a) for a in operands(node))
+            if rule.degree is not None:
+                result = rule.degree(node, inner)
+            elif None in inner:
+                result = None
+            elif rule.affine:
+                result = max(inner, default=0)  # type: ignore[type-var]
+            else:
+                result = 0 if all(d == 0 for d in inner) else None
+        memo[key] = result
+        return result
+
+    return degree(expr)

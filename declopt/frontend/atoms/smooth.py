@@ -34,7 +34,7 @@ from cvxpy.atoms.quad_over_lin import quad_over_lin
 from torch import Tensor
 
 from declopt.frontend.atoms import jets
-from declopt.frontend.atoms.base import AtomRule, Evaluator
+from declopt.frontend.atoms.base import AtomRule, DegreeRule, Evaluator
 from declopt.frontend.atoms.tensors import (
     TensorCache,
     cumulative,
@@ -223,14 +223,33 @@ def _geo_mean(expr: Any) -> Evaluator:
 
 
 def _elementwise(
-    evaluate: Any, derivs: Callable[[Any], jets.Derivs] | None = None, note: str = ""
+    evaluate: Any,
+    derivs: Callable[[Any], jets.Derivs] | None = None,
+    note: str = "",
+    degree: DegreeRule | None = None,
 ) -> AtomRule:
     return AtomRule(
         evaluate,
         elementwise=True,
         note=note,
         jet=None if derivs is None else jets.elementwise(derivs),
+        degree=degree,
     )
+
+
+def _power_degree(expr: Any, degrees: tuple[int | None, ...]) -> int | None:
+    # x^p with a constant whole exponent p >= 0: p times x's degree (x^0 is 1).
+    if not isinstance(expr.p, cp.Constant) or degrees[0] is None:
+        return 0 if all(d == 0 for d in degrees) else None
+    p = float(expr.p.value)
+    return int(p) * degrees[0] if p >= 0 and p == int(p) else (0 if degrees[0] == 0 else None)
+
+
+def _squared_degree(expr: Any, degrees: tuple[int | None, ...]) -> int | None:
+    # quad_over_lin(x, y) = sum(x^2) / y, quad_form(x, P) = x^T P x: twice x's degree when the
+    # second operand is a constant.
+    x, other = degrees
+    return 2 * x if x is not None and other == 0 else None
 
 
 def _fixed(fn: jets.Derivs) -> Callable[[Any], jets.Derivs]:
@@ -319,8 +338,8 @@ SMOOTH: dict[type, AtomRule] = {
     ),
     normcdf: _elementwise(_unary(torch.special.ndtr), _fixed(_normcdf_pair)),
     # x^p: smooth for x > 0 (CVXPY's domain for non-integer p); polynomial for integer p.
-    Power: _elementwise(_power, _power_derivs, _DOMAIN),
-    PowerApprox: _elementwise(_power, _power_derivs, _DOMAIN),
+    Power: _elementwise(_power, _power_derivs, _DOMAIN, _power_degree),
+    PowerApprox: _elementwise(_power, _power_derivs, _DOMAIN, _power_degree),
     huber: _elementwise(
         _huber,
         _huber_derivs,
@@ -343,8 +362,9 @@ SMOOTH: dict[type, AtomRule] = {
         _quad_over_lin,
         note="smooth where the denominator is positive",
         jet=lambda node, dependent: jets.summed_squares(_summed(node))(node, dependent),
+        degree=_squared_degree,
     ),
-    QuadForm: AtomRule(_quad_form),
+    QuadForm: AtomRule(_quad_form, degree=_squared_degree),
     Prod: AtomRule(_prod),
     # prod x_i^w_i: smooth for x > 0; at x_i = 0 (w_i < 1) the slope is infinite (the domain's
     # edge, as sqrt at 0), not a kink.
