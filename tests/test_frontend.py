@@ -773,3 +773,16 @@ def test_error_unsupported_constraint() -> None:
     problem = cp.Problem(cp.Minimize(x + y + z), [cp.constraints.ExpCone(x, y, z)])
     with pytest.raises(UnsupportedAtomError, match="ExpCone"):
         compile_problem(problem, [], [x, y, z])
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_column_norm_with_constant_parts_matches_cvxpy(rows: int) -> None:
+    # The constant parts' squares are summed once at compile time (pseudo-Huber's alpha row).
+    rng = np.random.default_rng(rows)
+    z = cp.Variable((1, 5))
+    w = cp.Parameter((2, 5))
+    z.value, w.value = rng.normal(size=(1, 5)), rng.normal(size=(2, 5))
+    constant = rng.normal(size=(rows, 5))
+    check(cp.norm(cp.vstack([z, constant]), 2, axis=0))
+    check(cp.norm(cp.vstack([constant, z, w, 0.5 * constant]), 2, axis=0))
+    check(cp.norm(cp.vstack([z, np.zeros((rows, 5))]), 2, axis=0))  # may vanish: guarded

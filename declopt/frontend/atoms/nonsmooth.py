@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import cvxpy as cp
@@ -53,7 +53,14 @@ from declopt.frontend.atoms.base import (
     SmoothEvaluator,
     stacked_column_norm,
 )
-from declopt.frontend.atoms.tensors import Shape, cumulative, reduction, rows_of, shape_of
+from declopt.frontend.atoms.tensors import (
+    Shape,
+    TensorCache,
+    cumulative,
+    reduction,
+    rows_of,
+    shape_of,
+)
 
 
 def _size(expr: Any) -> int:
@@ -276,22 +283,38 @@ def _restacked(expr: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
 def _column_norm(expr: Any) -> Evaluator:
     shapes = _column_rows(expr)
     shape = shape_of(expr)
+    squares = _column_squares(expr, shapes)
     if _never_vanishes(expr):  # no origin to guard (two wheres cost 10x a pass on CPU)
-
-        def smooth(*parts: Tensor) -> Tensor:
-            squares = sum(torch.sum(torch.square(x.reshape(r)), 0) for x, r in zip(parts, shapes))
-            return torch.sqrt(squares).reshape(shape)  # type: ignore[arg-type]
-
-        return smooth
+        return lambda *parts: torch.sqrt(squares(parts)).reshape(shape)
 
     def f(*parts: Tensor) -> Tensor:
-        squares = sum(torch.sum(torch.square(x.reshape(r)), 0) for x, r in zip(parts, shapes))
-        positive = squares > 0
-        return torch.where(positive, torch.sqrt(torch.where(positive, squares, 1.0)), 0.0).reshape(
-            shape
-        )
+        squares_ = squares(parts)
+        positive = squares_ > 0
+        root = torch.sqrt(torch.where(positive, squares_, 1.0))
+        return torch.where(positive, root, 0.0).reshape(shape)
 
     return f
+
+
+def _column_squares(expr: Any, shapes: list[tuple[int, int]]) -> Callable[..., Tensor]:
+    """``parts -> (columns,)``: each column's sum of squares over the stacked parts. The constant
+    parts (``pseudo_huber``'s row of ``alpha``) are summed once, here, not at every evaluation."""
+    parts = stacked_column_norm(expr)
+    constant = [isinstance(p, cp.Constant) for p in parts]
+    live = [i for i, c in enumerate(constant) if not c]
+    folded = None
+    if any(constant):
+        values = [np.asarray(p.value, dtype=np.float64) for p, c in zip(parts, constant) if c]
+        rows = [r for r, c in zip(shapes, constant) if c]
+        folded = TensorCache(sum(np.sum(np.square(v.reshape(r)), 0) for v, r in zip(values, rows)))
+
+    def squares(tensors: Sequence[Tensor]) -> Tensor:
+        total = [torch.sum(torch.square(tensors[i].reshape(shapes[i])), 0) for i in live]
+        if folded is not None:
+            total.append(folded.get(tensors[0].dtype, tensors[0].device))
+        return functools.reduce(torch.add, total)
+
+    return squares
 
 
 def _column_norm_jet(expr: Any, dependent: tuple[bool, ...]) -> jets.JetFn:
