@@ -103,6 +103,25 @@ CASES = {
         [A, x, a],
         [u, y],
     ),
+    "column norms and rearrangements (compact derivatives)": (
+        cp.sum(cp.norm(cp.vstack([cp.reshape(y - x, (1, N), "C"), 0.5 * np.ones((1, N))]), 2, 0))
+        + cp.sum(
+            cp.norm(
+                cp.vstack(
+                    [cp.reshape(cp.square(u), (2, 2), "F"), cp.reshape(y + x[:2], (1, 2), "C")]
+                ),
+                2,
+                axis=0,
+            )
+        )
+        + cp.sum(cp.exp(cp.reshape(y - x, (2, 2), order="F").T[0]))
+        + cp.sum(cp.exp((y + u)[[0, 2]]) + cp.square(cp.reshape(u + y, (2, 2), order="C")[1]))
+        + cp.sum(
+            cp.norm(cp.vstack([cp.reshape(u, (1, N), "C"), cp.reshape(x, (1, N), "C")]), 2, 0)
+        ),
+        [x],
+        [u, y],
+    ),
 }
 
 

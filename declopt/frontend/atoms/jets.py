@@ -65,7 +65,7 @@ def _first_order(hesses: Grads | None, grads: Grads) -> Grads:
     return [None] * len(grads) if hesses is None else hesses
 
 
-def _outer(a: Tensor, b: Tensor) -> Tensor:
+def outer(a: Tensor, b: Tensor) -> Tensor:
     """``(*s, m) x (*s, m) -> (*s, m, m)``, entrywise outer products (broadcasting ``s``)."""
     return a.unsqueeze(-1) * b.unsqueeze(-2)
 
@@ -87,7 +87,7 @@ def chain(
     grad = _col(f1, 1) * g
     if not second:
         return grad, None
-    hess = _col(f2, 2) * _outer(g, g)
+    hess = _col(f2, 2) * outer(g, g)
     if h is not None:
         hess = hess + _col(f1, 2) * h
     return grad, hess
@@ -146,6 +146,32 @@ def add(node: Any, dependent: tuple[bool, ...]) -> JetFn:
         return grad, hess
 
     return jet
+
+
+def rearranged(evaluator: Callable[[Any], Callable[..., Tensor]]) -> JetRule:
+    """An atom that only moves entries (reshape, transpose, indexing; ``evaluator(node)`` is
+    its evaluation): a derivative constant over every entry (a promoted scalar's) stays one
+    compact entry; any other goes through the atom itself (:func:`linear`)."""
+
+    def rule(node: Any, dependent: tuple[bool, ...]) -> JetFn:
+        through = linear(evaluator(node))
+        ndim = len(node.shape)
+
+        def constant(t: Tensor | None, k: int) -> bool:
+            return t is None or all(d == 1 for d in t.shape[: t.dim() - k])
+
+        @compact
+        def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
+            g, h = grads[0], None if hesses is None else hesses[0]
+            if g is not None and constant(g, 1) and constant(h, 2):
+                hess = None if h is None else h.reshape(*(1,) * ndim, *h.shape[-2:])
+                return g.reshape(*(1,) * ndim, g.shape[-1]), hess
+            full_h = None if hesses is None else [expand(h, values[0].shape, 2)]
+            return through(values, [expand(g, values[0].shape, 1)], full_h, out)
+
+        return jet
+
+    return rule
 
 
 def broadcast(node: Any, dependent: tuple[bool, ...]) -> JetFn:
@@ -246,7 +272,7 @@ def multiply(node: Any, dependent: tuple[bool, ...]) -> JetFn:
             None if ha is None else ha * _col(b, 2), None if hb is None else _col(a, 2) * hb
         )
         if ga is not None and gb is not None:
-            hess = _add_opt(hess, _outer(ga, gb) + _outer(gb, ga))
+            hess = _add_opt(hess, outer(ga, gb) + outer(gb, ga))
         return grad, hess
 
     return jet
@@ -330,8 +356,15 @@ def root_of_sum(
     curvature ``-1 / (4 out^3)``; 0 at the origin, the kink, as the evaluators' subgradient.
     ``positive``: ``out`` is known never to vanish (no guard for the origin)."""
     if positive:
-        slope = 0.5 * torch.reciprocal(out)
-        return chain(slope, -2 * slope * slope * slope, g, h, second)
+        # hess = h / (2 out) - grad grad^T / out, grad = g / (2 out): two passes fewer than
+        # the curvature -1 / (4 out^3) times g g^T.
+        inverse = torch.reciprocal(out)
+        slope = 0.5 * inverse
+        grad = _col(slope, 1) * g
+        if not second:
+            return grad, None
+        hess = -_col(inverse, 2) * outer(grad, grad)
+        return grad, hess if h is None else hess + _col(slope, 2) * h
     positive = out > 0
     r = torch.where(positive, out, 1.0)
     f1 = torch.where(positive, 0.5 / r, 0.0)
@@ -350,9 +383,9 @@ def softmax_weighted(reduce: Callable[[Tensor], Tensor], dims: tuple[int, ...]) 
         grad = _trailing(reduce, [_col(p, 1) * g], 1)  # type: ignore[operator]
         if hesses is None:
             return grad, None
-        square = _outer(g, g) if hesses[0] is None else _outer(g, g) + hesses[0]  # type: ignore[arg-type]
+        square = outer(g, g) if hesses[0] is None else outer(g, g) + hesses[0]  # type: ignore[arg-type]
         hess = _trailing(reduce, [_col(p, 2) * square], 2)  # type: ignore[operator]
-        return grad, hess - _outer(grad, grad)
+        return grad, hess - outer(grad, grad)
 
     return jet
 

@@ -322,29 +322,43 @@ def _column_norm_jet(expr: Any, dependent: tuple[bool, ...]) -> jets.JetFn:
     shape = shape_of(expr)
     positive = _never_vanishes(expr)
 
+    @jets.compact
     def jet(values: Any, grads: Any, hesses: Any, out: Tensor) -> tuple:
+        # Per column, s = sum over the stacked rows of x^2: D s = sum 2 x g and
+        # D2 s = sum (2 g g^T + 2 x h). A one-row part (pseudo-Huber's z) needs no row sum, and
+        # its 2 g g^T stays compact when g is (a promoted scalar's derivative).
         g_sum = h_sum = None
         second = hesses is not None
         for x, g, h, r in zip(values, grads, hesses if second else [None] * len(grads), shapes):
             if g is None:
                 continue
             v = x.reshape(r)
-            gg, hh = jets.chain(
-                2 * v,
-                2.0,
-                g.reshape(*r, -1),
-                None if h is None else h.reshape(*r, *h.shape[-2:]),
-                second,
-            )
-            g_sum = gg.sum(0) if g_sum is None else g_sum + gg.sum(0)
-            if hh is not None:
-                h_sum = hh.sum(0) if h_sum is None else h_sum + hh.sum(0)
+            full = jets.expand(g, x.shape, 1).reshape(*r, -1)
+            gg = _row_sum(jets.chain(2 * v, 0.0, full, None, False)[0], r)
+            g_sum = gg if g_sum is None else g_sum + gg
+            if not second:
+                continue
+            if r[0] == 1:  # compact as it comes: drop the leading dims down to the columns'
+                square = 2 * jets.outer(g, g)
+                square = square.reshape(*square.shape[max(square.dim() - 3, 0) :])
+            else:
+                square = _row_sum(2 * jets.outer(full, full), r)
+            if h is not None:
+                curved = jets.expand(h, x.shape, 2).reshape(*r, *h.shape[-2:])
+                square = square + _row_sum(2 * v.unsqueeze(-1).unsqueeze(-1) * curved, r)
+            h_sum = square if h_sum is None else h_sum + square
         grad, hess = jets.root_of_sum(out.reshape(-1), g_sum, h_sum, second, positive)  # type: ignore[arg-type]
         if hess is None:
             return grad.reshape(*shape, -1), None
+        hess = jets.expand(hess, (out.numel(),), 2)
         return grad.reshape(*shape, -1), hess.reshape(*shape, *hess.shape[-2:])
 
     return jet
+
+
+def _row_sum(t: Tensor, rows: tuple[int, int]) -> Tensor:
+    """``t: (R, C, ...)`` summed over its ``R`` stacked rows (none to sum when ``R = 1``)."""
+    return t[0] if rows[0] == 1 else t.sum(0)
 
 
 def _pnorm_jet(expr: Any, dependent: tuple[bool, ...]) -> jets.JetFn | None:
