@@ -56,13 +56,13 @@ def _sum_of_all(arg: Expression) -> Expression | None:
         return -_sum(arg.args[0])
     if isinstance(arg, multiply):
         a, b = arg.args
-        if _scalar_factor(a) is not None:
-            return _scalar_factor(a) * _sum(b)
-        if _scalar_factor(b) is not None:
-            return _sum(a) * _scalar_factor(b)
+        if (factor := _scalar_factor(a)) is not None:
+            return factor * _sum(b)
+        if (factor := _scalar_factor(b)) is not None:
+            return _sum(a) * factor
         return None
-    if isinstance(arg, DivExpression) and _scalar_factor(arg.args[1]) is not None:
-        return _sum(arg.args[0]) / _scalar_factor(arg.args[1])
+    if isinstance(arg, DivExpression) and (factor := _scalar_factor(arg.args[1])) is not None:
+        return _sum(arg.args[0]) / factor
     if isinstance(arg, Promote) and arg.args[0].size == 1:
         return math.prod(int(d) for d in arg.shape) * _scalar(arg.args[0])
     return None
