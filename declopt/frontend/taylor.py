@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from declopt.frontend.atoms import RULES, operands
-from declopt.frontend.atoms.jets import JetFn, expand, takes_compact
+from declopt.frontend.atoms.jets import JetFn, expanded, takes_compact
 
 Env = Mapping[int, Tensor]
 Step = Callable[[list, Env, Tensor | None], Tensor]
@@ -106,13 +106,9 @@ def compile_taylor(
                 operand_grads = [grads[i] for i in inputs]
                 operand_hesses = [hesses[i] for i in inputs] if second else None
                 if not takes_compact(jet):  # type: ignore[arg-type]
-                    operand_grads = [
-                        expand(g, v.shape, 1) for g, v in zip(operand_grads, operand_values)
-                    ]
-                    if operand_hesses is not None:
-                        operand_hesses = [
-                            expand(h, v.shape, 2) for h, v in zip(operand_hesses, operand_values)
-                        ]
+                    operand_grads, operand_hesses = expanded(
+                        operand_values, operand_grads, operand_hesses
+                    )
                 g, h = jet(  # type: ignore[misc]
                     operand_values, operand_grads, operand_hesses, value
                 )

@@ -134,6 +134,22 @@ def expand(t: Tensor | None, shape: Sequence[int], k: int) -> Tensor | None:
     return torch.broadcast_to(t, (*shape, *t.shape[t.dim() - k :]))
 
 
+def expanded(
+    values: Sequence[Tensor], grads: Grads, hesses: Grads | None
+) -> tuple[list[Tensor | None], list[Tensor | None] | None]:
+    """Every operand's derivatives expanded to its value's shape (views): what a jet that is
+    not :func:`compact` receives."""
+    full_grads = [expand(g, v.shape, 1) for g, v in zip(grads, values)]
+    if hesses is None:
+        return full_grads, None
+    return full_grads, [expand(h, v.shape, 2) for h, v in zip(hesses, values)]
+
+
+def _constant(t: Tensor | None, ndim: int, k: int) -> Tensor | None:
+    """A derivative constant over a node's entries as one compact entry of ``ndim`` dims."""
+    return None if t is None else t.reshape(*(1,) * ndim, *t.shape[t.dim() - k :])
+
+
 def add(node: Any, dependent: tuple[bool, ...]) -> JetFn:
     """``a + b + ...`` with numpy broadcasting: the sum of the derivatives."""
 
@@ -164,10 +180,8 @@ def rearranged(evaluator: Callable[[Any], Callable[..., Tensor]]) -> JetRule:
         def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
             g, h = grads[0], None if hesses is None else hesses[0]
             if g is not None and constant(g, 1) and constant(h, 2):
-                hess = None if h is None else h.reshape(*(1,) * ndim, *h.shape[-2:])
-                return g.reshape(*(1,) * ndim, g.shape[-1]), hess
-            full_h = None if hesses is None else [expand(h, values[0].shape, 2)]
-            return through(values, [expand(g, values[0].shape, 1)], full_h, out)
+                return _constant(g, ndim, 1), _constant(h, ndim, 2)
+            return through(values, *expanded(values, grads, hesses), out)
 
         return jet
 
@@ -181,11 +195,10 @@ def broadcast(node: Any, dependent: tuple[bool, ...]) -> JetFn:
     scalar = math.prod(int(d) for d in node.args[0].shape) == 1
 
     def padded(t: Tensor | None, k: int) -> Tensor | None:
-        if t is None:
-            return None
-        lead, trail = t.shape[: t.dim() - k], t.shape[t.dim() - k :]
-        lead = (1,) * ndim if scalar else (1,) * (ndim - len(lead)) + tuple(lead)
-        return t.reshape(*lead, *trail)
+        if t is None or scalar:
+            return _constant(t, ndim, k)
+        lead = t.shape[: t.dim() - k]
+        return t.reshape(*(1,) * (ndim - len(lead)), *t.shape)
 
     @compact
     def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:

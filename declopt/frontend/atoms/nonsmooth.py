@@ -334,7 +334,7 @@ def _column_norm_jet(expr: Any, dependent: tuple[bool, ...]) -> jets.JetFn:
                 continue
             v = x.reshape(r)
             full = jets.expand(g, x.shape, 1).reshape(*r, -1)
-            gg = _row_sum(jets.chain(2 * v, 0.0, full, None, False)[0], r)
+            gg = _row_sum(2 * v.unsqueeze(-1) * full, r)
             g_sum = gg if g_sum is None else g_sum + gg
             if not second:
                 continue

@@ -238,11 +238,12 @@ def _elementwise(
 
 
 def _power_degree(expr: Any, degrees: tuple[int | None, ...]) -> int | None:
-    # x^p with a constant whole exponent p >= 0: p times x's degree (x^0 is 1).
-    if not isinstance(expr.p, cp.Constant) or degrees[0] is None:
-        return 0 if all(d == 0 for d in degrees) else None
-    p = float(expr.p.value)
-    return int(p) * degrees[0] if p >= 0 and p == int(p) else (0 if degrees[0] == 0 else None)
+    # x^p: a constant if x and p are; p times x's degree for a constant whole p >= 0.
+    if all(d == 0 for d in degrees):
+        return 0
+    p = float(expr.p.value) if isinstance(expr.p, cp.Constant) else -1.0
+    whole = p >= 0 and p == int(p)
+    return int(p) * degrees[0] if whole and degrees[0] is not None else None
 
 
 def _squared_degree(expr: Any, degrees: tuple[int | None, ...]) -> int | None:
