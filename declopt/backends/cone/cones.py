@@ -286,3 +286,11 @@ class ConeData:
     def batch(self) -> int:
         sizes = [t.shape[0] for t in (self.P, self.q, self.A, self.b) if t is not None]
         return max(sizes)
+
+    def select(self, index: Tensor) -> ConeData:
+        """The programs ``index (b,)`` of the batch (shared tensors stay shared)."""
+
+        def pick(t: Tensor | None) -> Tensor | None:
+            return t if t is None or t.shape[0] == 1 else t[index]
+
+        return ConeData(pick(self.P), pick(self.q), pick(self.A), pick(self.b), self.cones)

@@ -119,6 +119,13 @@ def _inf_norm(v: Tensor) -> Tensor:
     return v.abs().amax(-1) if v.shape[-1] else v.new_zeros(v.shape[:-1])
 
 
+def _finite_factor(L: Tensor) -> Tensor:
+    """``(B,)`` whether the Cholesky factor ``L (B, k, k)`` is finite: a NaN or Inf in the
+    factored matrix's lower triangle reaches the diagonal of ``L`` (each pivot subtracts the
+    squares of its row), so the diagonal is checked, not the whole matrix."""
+    return torch.isfinite(L.diagonal(dim1=-2, dim2=-1)).all(-1)
+
+
 DUAL_CONDITION = 1e-8
 """The dual (row-space) factorisation is used when ``P``'s Cholesky factor has every pivot
 squared above this times the largest (``P`` comfortably positive definite)."""
@@ -148,6 +155,15 @@ class _DualBase:
             A = data.A.expand(batch, -1, -1)
             self.Y = self.P_inv @ A.mT
             self.K0 = A @ self.Y
+
+    def select(self, index: Tensor) -> _DualBase:
+        """The factors of the programs ``index (b,)`` of the batch."""
+        out = _DualBase.__new__(_DualBase)
+        out.usable = self.usable
+        for name in ("L", "P_inv", "Y", "K0"):
+            value = getattr(self, name)
+            setattr(out, name, value if value.shape[0] == 1 else value[index])
+        return out
 
     @staticmethod
     def worthwhile(data: ConeData) -> bool:
@@ -195,7 +211,7 @@ class _KKT:
             reg = torch.full((rows,), eps, dtype=A.dtype, device=A.device)
             S = K0 + H + torch.diag_embed(reg)
             self.Ls, info = torch.linalg.cholesky_ex(S)
-            self.failed = (info != 0) | ~torch.isfinite(S).all(-1).all(-1)
+            self.failed = (info != 0) | ~_finite_factor(self.Ls)
             return
         if scaling is None:  # H = I on the conic rows (the starting point's system)
             scaled = A[:, cones.conic]
@@ -226,7 +242,7 @@ class _KKT:
             eye = torch.eye(cones.zero, dtype=M.dtype, device=M.device)
             self.Ls, info_s = torch.linalg.cholesky_ex(S + self.delta[:, None, None] * eye)
             failed = failed | (info_s != 0)
-        self.failed = failed | ~torch.isfinite(M).all(-1).all(-1)
+        self.failed = failed | ~_finite_factor(self.L)
 
     def _diagonal(self) -> Tensor | None:
         """``(B, rows)`` the diagonal of ``H`` (``w^2`` on the orthant, 0 on the zero rows) when
@@ -409,15 +425,48 @@ def solve(data: ConeData, settings: Settings | None = None) -> IPMResult:
     return IPMResult(x, s, z, result.status, result.iterations, objective, result.residual)
 
 
+COMPACT_SHARE = 8
+"""Finished problems leave the working batch once at least ``1/COMPACT_SHARE`` of it has finished
+(their answers are stored aside): the batch's iteration count is its slowest member's (10-16 on
+the 50-variable QP against a mean of 9-10), and every batched factorisation costs per member."""
+
+
+@dataclass
+class _Answers:
+    """The batch's iterates by original index, filled in as members leave the working batch."""
+
+    x: Tensor
+    s: Tensor
+    z: Tensor
+    tau: Tensor
+    status: Tensor
+    iterations: Tensor
+    residual: Tensor
+
+    def store(self, members: Tensor | None, *values: Tensor) -> None:
+        """Write the working batch's ``values`` (in field order) at ``members`` (``None``: the
+        whole batch, in order)."""
+        for name, value in zip(("x", "s", "z", "tau", "status", "iterations", "residual"), values):
+            if members is None:
+                setattr(self, name, value)
+            else:
+                getattr(self, name)[members] = value
+
+
+def _inf_norms(*vectors: Tensor) -> Tensor:
+    """``(k, B)`` the largest absolute entry of each of ``k`` same-shaped ``(B, w)`` vectors
+    (0 when ``w = 0``), in one reduction."""
+    stacked = torch.stack(vectors)
+    if stacked.shape[-1] == 0:
+        return stacked.new_zeros(stacked.shape[:-1])
+    return stacked.abs().amax(-1)
+
+
 def _solve(data: ConeData, settings: Settings) -> tuple[IPMResult, _DualBase | None]:
     cones, batch = data.cones, data.batch
     tol = settings.tol
     eps = STATIC_REGULARISATION[data.q.dtype]
-    P = data.P
-    q, b = data.q.expand(batch, -1), data.b.expand(batch, -1)
-    A = data.A
-    q_size, b_size, A_size, P_size = _norms(data)
-    tiny = torch.finfo(q.dtype).tiny
+    tiny = torch.finfo(data.q.dtype).tiny
 
     dual = _DualBase(data, eps) if _DualBase.worthwhile(data) else None
     dual = dual if dual is not None and dual.usable else None
@@ -426,81 +475,100 @@ def _solve(data: ConeData, settings: Settings) -> tuple[IPMResult, _DualBase | N
         refinement = 0 if dual is not None else 1
     settings = dataclasses.replace(settings, refinement=refinement)
     x, s, z, tau, kappa, failed = _starting_point(data, settings, eps, dual)
-    status = torch.full((batch,), -1, dtype=torch.int64, device=q.device)  # -1: running
-    status = torch.where(failed, int(Status.NUMERICAL), status)
-    iterations = torch.zeros(batch, dtype=torch.int64, device=q.device)
+    device = x.device
+    status = torch.where(failed, int(Status.NUMERICAL), -1)  # -1: running
+    iterations = torch.zeros(batch, dtype=torch.int64, device=device)
     residual = torch.full_like(tau, float("inf"))
+    answers = _Answers(x, s, z, tau, status, iterations, residual)
     degree = cones.degree + 1
+    # The working batch: its members (None: all, in order), data and row-space factors.
+    members: Tensor | None = None
+    work, work_dual = data, dual
+    q_size, b_size, A_size, P_size = _norms(data)
 
-    def px_of(v: Tensor) -> Tensor:
-        return _bmv(P, v) if P is not None else torch.zeros_like(v)
-
-    for _ in range(settings.max_iter + 1):
+    for k in range(settings.max_iter + 1):
+        size = x.shape[0]
+        P, A = work.P, work.A
+        q, b = work.q.expand(size, -1), work.b.expand(size, -1)
         running = status < 0
         # -------- verdicts on the current iterate
-        px, ax, atz = px_of(x), _bmv(A, x), _bmtv(A, z)
-        # The embedding's residuals: the verdicts read them divided by tau, the step as they are.
-        r_x = px + atz + q * tau[:, None]
-        r_z = ax + s - b * tau[:, None]  # s is 0 on the zero rows
-        xb, sb, zb = x / tau[:, None], s / tau[:, None], z / tau[:, None]
-        pxb, axb, atzb = px / tau[:, None], ax / tau[:, None], atz / tau[:, None]
-        xpx = _dot(xb, pxb)
-        pobj = 0.5 * xpx + _dot(q, xb)
-        dobj = -0.5 * xpx - _dot(b, zb)
+        px = _bmv(P, x) if P is not None else torch.zeros_like(x)
+        ax, atz = _bmv(A, x), _bmtv(A, z)
+        # The embedding's residuals; the verdicts divide them by tau, the step takes them as
+        # they are.
+        t = tau[:, None]
+        r_x = px + atz + q * t
+        axs = ax + s  # s is 0 on the zero rows
+        r_z = axs - b * t
+        n_rz, n_ax, n_s, n_axs = _inf_norms(r_z, ax, s, axs)
+        n_rx, n_px, n_atz = _inf_norms(r_x, px, atz)
+        xpx, qx, bz = _dot(x, px), _dot(q, x), _dot(b, z)
+        pobj = (0.5 * xpx / tau + qx) / tau
+        dobj = (-0.5 * xpx / tau - bz) / tau
         # Each piece against the size of its own terms, and never below 1: the data are
         # equilibrated (|b| = 1 unless b = 0, |q| <= 1, the cost scaled to 1), so 1 is the data's
         # own unit. Without that floor a solution at exactly 0 with b = 0 (min x, x >= 0) is never
-        # accepted: its residuals shrink with the terms they are measured against.
-        p_unit = torch.maximum(torch.maximum(b_size, _inf_norm(axb)), _inf_norm(sb)).clamp_min(1)
-        d_unit = torch.maximum(torch.maximum(q_size, _inf_norm(pxb)), _inf_norm(atzb)).clamp_min(1)
-        g_unit = torch.minimum(pobj.abs(), dobj.abs()).clamp_min(1)
-        pres = _inf_norm(r_z) / tau / p_unit
-        dres = _inf_norm(r_x) / tau / d_unit
-        gap = (pobj - dobj).abs() / g_unit
-        residual = torch.where(running, torch.maximum(torch.maximum(pres, dres), gap), residual)
-        solved = (pres <= tol) & (dres <= tol) & (gap <= tol)
+        # accepted: its residuals shrink with the terms they are measured against. (Sizes of
+        # iterates divided by tau: |r_z| / tau / max(|b|, |ax| / tau, |s| / tau, 1).)
+        pres = n_rz / torch.maximum(torch.maximum(b_size * tau, n_ax), torch.maximum(n_s, tau))
+        dres = n_rx / torch.maximum(torch.maximum(q_size * tau, n_px), torch.maximum(n_atz, tau))
+        gap = (pobj - dobj).abs() / torch.minimum(pobj.abs(), dobj.abs()).clamp_min(1)
+        worst = torch.maximum(torch.maximum(pres, dres), gap)
+        residual = torch.where(running, worst, residual)
         # Certificates, normalised by the certificate's own objective (scale-free in z and x).
-        bz, qx = _dot(b, z), _dot(q, x)
-        p_infeasible = (bz < 0) & (_inf_norm(atz) * b_size <= tol * A_size * (-bz).clamp_min(tiny))
+        p_infeasible = (bz < 0) & (n_atz * b_size <= tol * A_size * (-bz).clamp_min(tiny))
         d_scale = (-qx).clamp_min(tiny)
         d_infeasible = (
             (qx < 0)
-            & (_inf_norm(ax + s) * q_size <= tol * A_size * d_scale)
-            & (_inf_norm(px) * q_size <= tol * P_size.clamp_min(tiny) * d_scale)
+            & (n_axs * q_size <= tol * A_size * d_scale)
+            & (n_px * q_size <= tol * P_size.clamp_min(tiny) * d_scale)
         )
-        nonfinite = ~(
-            torch.isfinite(x).all(-1) & torch.isfinite(z).all(-1) & torch.isfinite(s).all(-1)
-        )
-        verdict = torch.full_like(status, -1)
-        verdict = torch.where(d_infeasible, int(Status.UNBOUNDED), verdict)
+        # A NaN or Inf anywhere in x, s, z reaches a norm (amax propagates NaN).
+        nonfinite = ~torch.isfinite(worst + n_axs + tau + kappa)
+        verdict = torch.where(d_infeasible, int(Status.UNBOUNDED), -1)
         verdict = torch.where(p_infeasible, int(Status.INFEASIBLE), verdict)
-        verdict = torch.where(solved, int(Status.SOLVED), verdict)
+        verdict = torch.where(worst <= tol, int(Status.SOLVED), verdict)
         verdict = torch.where(nonfinite, int(Status.NUMERICAL), verdict)
         status = torch.where(running, verdict, status)
         running = status < 0
-        if not bool(running.any()):
+        left = int(running.sum())  # the iteration's one host sync
+        if left == 0:
             break
-        if int(iterations.max()) >= settings.max_iter:
+        if k >= settings.max_iter:  # every running member has taken k steps
             status = torch.where(running, int(Status.ITERATION_LIMIT), status)
             break
+        if (size - left) * COMPACT_SHARE >= size:
+            answers.store(members, x, s, z, tau, status, iterations, residual)
+            keep = running.nonzero().squeeze(-1)
+            members = keep if members is None else members[keep]
+            x, s, z, tau, kappa = x[keep], s[keep], z[keep], tau[keep], kappa[keep]
+            status, iterations, residual = status[keep], iterations[keep], residual[keep]
+            r_x, r_z, px, qx, bz = r_x[keep], r_z[keep], px[keep], qx[keep], bz[keep]
+            q, b, xpx = q[keep], b[keep], xpx[keep]
+            q_size, b_size, A_size, P_size = (v[keep] for v in (q_size, b_size, A_size, P_size))
+            work = work.select(keep)
+            work_dual = None if work_dual is None else work_dual.select(keep)
+            running = torch.ones_like(running[keep])
+            size = left
         iterations = iterations + running.long()
 
         # -------- one predictor-corrector step
-        r_tau = qx + bz + _dot(x, pxb) + kappa
+        r_tau = qx + bz + xpx / tau + kappa
         mu = (cones.dot(s, z) + tau * kappa) / degree
-
-        # Sanitize finished/failed problems so the batch's algebra stays finite.
-        safe = running.unsqueeze(-1)
         e = cones.unit(s)
-        s_w = torch.where(safe, s, e)
-        z_w = torch.where(safe, z, e)
+        if left < size:  # finished members keep a well-defined (unused) step
+            safe = running.unsqueeze(-1)
+            s_w, z_w = torch.where(safe, s, e), torch.where(safe, z, e)
+        else:
+            s_w, z_w = s, z
         scaling = cones.scaling(s_w, z_w)
         lam = scaling.apply(z_w)
-        kkt = _KKT(data, scaling, eps, dual)
+        kkt = _KKT(work, scaling, eps, work_dual)
         status = torch.where(running & kkt.failed, int(Status.NUMERICAL), status)
         running = status < 0
 
-        step = _Step(data, kkt, settings.refinement, r_x, r_z, r_tau, xb, pxb, tau, kappa)
+        t = tau[:, None]
+        step = _Step(work, kkt, settings.refinement, r_x, r_z, r_tau, x / t, px / t, tau, kappa)
         # predictor (affine scaling): d_s = s, d_kappa = tau kappa
         _, ds_a, dz_a, dtau_a, dkappa_a = step.direction(torch.ones_like(tau), s_w, tau * kappa)
         alpha_a = step.to_boundary(s_w, z_w, ds_a, dz_a, dtau_a, dkappa_a).clamp_max(1)
@@ -508,12 +576,12 @@ def _solve(data: ConeData, settings: Settings) -> tuple[IPMResult, _DualBase | N
         # corrector: d_s = W (lambda \ (lambda o lambda + (W^{-1} ds_a) o (W dz_a) - sigma mu e))
         second = cones.circ(scaling.apply(ds_a, inverse=True), scaling.apply(dz_a))
         target = cones.circ(lam, lam) + second - (sigma * mu)[:, None] * e
-        d_s = scaling.apply(cones.circ_solve(torch.where(safe, lam, e), target))
+        d_s = scaling.apply(cones.circ_solve(lam, target))
         d_kappa = tau * kappa + dtau_a * dkappa_a - sigma * mu
         dx, ds, dz, dtau, dkappa = step.direction(1 - sigma, d_s, d_kappa)
         alpha = step.to_boundary(s_w, z_w, ds, dz, dtau, dkappa)
         alpha = (settings.step_fraction * alpha).clamp_max(1)
-        alpha = torch.where(running & torch.isfinite(alpha), alpha, torch.zeros_like(alpha))
+        alpha = torch.where(running & torch.isfinite(alpha), alpha, 0.0)
         a = alpha[:, None]
         x = x + a * dx
         s = s + a * ds
@@ -521,9 +589,16 @@ def _solve(data: ConeData, settings: Settings) -> tuple[IPMResult, _DualBase | N
         tau = tau + alpha * dtau
         kappa = kappa + alpha * dkappa
 
-    xb, sb, zb = x / tau[:, None], s / tau[:, None], z / tau[:, None]
-    objective = 0.5 * _dot(xb, px_of(xb)) + _dot(q, xb)
-    return IPMResult(xb, sb, zb, status, iterations, objective, residual), dual
+    answers.store(members, x, s, z, tau, status, iterations, residual)
+    t = answers.tau[:, None]
+    xb, sb, zb = answers.x / t, answers.s / t, answers.z / t
+    q = data.q.expand(batch, -1)
+    px = _bmv(data.P, xb) if data.P is not None else torch.zeros_like(xb)
+    objective = 0.5 * _dot(xb, px) + _dot(q, xb)
+    result = IPMResult(
+        xb, sb, zb, answers.status, answers.iterations, objective, answers.residual
+    )
+    return result, dual
 
 
 POLISH_ROUNDS = 3
