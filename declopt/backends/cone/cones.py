@@ -164,6 +164,13 @@ class Cones:
             a, d = v[:, self.orthant], dv[:, self.orthant]
             ratio = torch.where(d < 0, -a / d.clamp_max(-torch.finfo(d.dtype).tiny), torch.inf)
             step = torch.minimum(step, ratio.amin(-1))
+        if self.soc:
+            step = torch.minimum(step, self.soc_max_step(v, dv))
+        return step
+
+    def soc_max_step(self, v: Tensor, dv: Tensor) -> Tensor:
+        """``(B,)``: :meth:`max_step` for the second-order cones alone."""
+        step = v.new_full(v.shape[:1], float("inf"))
         for index in self.groups(v.device):
             step = torch.minimum(step, _soc_max_step(v[:, index], dv[:, index]).amin(-1))
         return step

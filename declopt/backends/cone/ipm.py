@@ -341,6 +341,7 @@ class _Step:
         self.c = 2 * pxi + self.q  # the tau row's coefficient of dx
         self.xpx = _dot(xi, pxi)
         self.constant: tuple[Tensor, Tensor] | None = None
+        self.den = tau  # set with the constant solution
 
     def direction(self, eta: Tensor, d_s: Tensor, d_kappa: Tensor) -> tuple[Tensor, ...]:
         """``(dx, ds, dz, dtau, dkappa)`` for residuals scaled by ``eta (B,)`` and the
@@ -352,17 +353,17 @@ class _Step:
             dx, dz = self.kkt.solve(
                 torch.stack([-q, r1], -1), torch.stack([b, r2], -1), self.refinement
             )
-            self.constant = dx[..., 0], dz[..., 0]
+            x1, z1 = self.constant = dx[..., 0], dz[..., 0]
             x2, z2 = dx[..., 1], dz[..., 1]
+            # den < 0 always (docs/design.md, "The cone backend")
+            den = _dot(self.c, x1) + _dot(b, z1) - self.xpx - kappa / tau
+            self.den = torch.where(den != 0, den, -1.0)
         else:
             dx, dz = self.kkt.solve(r1.unsqueeze(-1), r2.unsqueeze(-1), self.refinement)
             x2, z2 = dx[..., 0], dz[..., 0]
         x1, z1 = self.constant
-        c = self.c
-        num = -eta * self.r_tau - _dot(c, x2) - _dot(b, z2) + d_kappa / tau
-        # den < 0 always (docs/design.md, "The cone backend")
-        den = _dot(c, x1) + _dot(b, z1) - self.xpx - kappa / tau
-        dtau = num / torch.where(den != 0, den, -torch.ones_like(den))
+        num = -eta * self.r_tau - _dot(self.c, x2) - _dot(b, z2) + d_kappa / tau
+        dtau = num / self.den
         dx = x2 + dtau[:, None] * x1
         dz = z2 + dtau[:, None] * z1
         ds = -d_s - self.kkt.h(dz.unsqueeze(-1)).squeeze(-1)
@@ -374,10 +375,16 @@ class _Step:
     ) -> Tensor:
         """``(B,)`` the largest step keeping ``s``, ``z``, ``tau``, ``kappa`` in their cones."""
         cones = self.data.cones
-        alpha = torch.minimum(cones.max_step(s, ds), cones.max_step(z, dz))
-        inf = torch.full_like(alpha, float("inf"))
-        alpha = torch.minimum(alpha, torch.where(dtau < 0, -self.tau / dtau, inf))
-        return torch.minimum(alpha, torch.where(dkappa < 0, -self.kappa / dkappa, inf))
+        # Every coordinate that must stay positive (the orthant's rows of s and z, tau, kappa)
+        # in one ratio test; a direction that never leaves gives a huge step (or inf).
+        o = cones.orthant
+        v = torch.cat([s[:, o], z[:, o], self.tau[:, None], self.kappa[:, None]], 1)
+        d = torch.cat([ds[:, o], dz[:, o], dtau[:, None], dkappa[:, None]], 1)
+        alpha = (v / -d.clamp_max(-torch.finfo(d.dtype).tiny)).amin(-1)
+        if cones.soc:
+            alpha = torch.minimum(alpha, cones.soc_max_step(s, ds))
+            alpha = torch.minimum(alpha, cones.soc_max_step(z, dz))
+        return alpha
 
 
 def _starting_point(
