@@ -423,3 +423,78 @@ def test_solutions_at_zero_with_zero_data_are_accepted() -> None:
     with pytest.warns(NonConvergenceWarning, match="unbounded at batch indices \\[\\(1,\\)\\]"):
         layer(torch.zeros(2, dtype=F64), torch.tensor([[1.0, 0, 0], [1.0, 1.0, 0]], dtype=F64))
     assert layer.info.status.tolist() == [Status.SOLVED, Status.UNBOUNDED]
+
+
+def _dense_reduction(canonical, params):
+    """The reduced program by the definition (see ``Elimination``), from the full data maps
+    written out densely: the reference the block maps must reproduce."""
+    full, _ = canonical.theta(params, F64)
+    n, rows, el = canonical.n, canonical.rows, canonical.elimination
+    Ab = canonical.A.apply(full).reshape(-1, n + 1, rows).transpose(-1, -2)
+    A_c, b_c = Ab[..., :n], Ab[..., n]
+    q = canonical.q.apply(full)[:, :n]
+    P = canonical.P.apply(full).reshape(-1, n, n).transpose(-1, -2)
+    E, R, e_rows, K = el.columns, el.kept_columns, el.rows, el.kept_rows
+    c = el.coefficients
+    T = -A_c[:, e_rows][:, :, R] / c[:, None]
+    t = -b_c[:, e_rows] / c
+    S = torch.zeros(full.shape[0], n, R.numel(), dtype=F64)  # x = S x_R + s
+    S[:, R, torch.arange(R.numel())] = 1
+    S[:, E] = T
+    s = torch.zeros(full.shape[0], n, dtype=F64)
+    s[:, E] = t
+    P_red = S.mT @ P @ S
+    q_red = (S.mT @ (q + (P @ s.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1)).squeeze(-1)
+    return P_red, q_red, -A_c[:, K][:, :, R], b_c[:, K]
+
+
+def test_the_reduced_data_blocks_equal_the_dense_reduction() -> None:
+    """Each block of the reduced program is written straight from the parameters (no full
+    matrix formed and cut up), skipping structurally zero blocks and applying a diagonal P_ee
+    as a product; the result is the substitution x = S x_R + s of the full program, for a
+    diagonal P_ee (sum_squares), a full one (quad_form of a defined variable), a coupling block
+    P_re (a variable partly defined) and shared or batched parameters."""
+    from declopt.program import BatchedParams
+
+    w, y, v = cp.Variable(4), cp.Variable(3), cp.Variable(3)
+    Q, c = cp.Parameter((3, 4)), cp.Parameter(3)
+    S3 = np.array([[2.0, 0.5, 0.0], [0.5, 1.0, 0.2], [0.0, 0.2, 1.5]])
+    declarations = {
+        "diagonal": (cp.sum_squares(Q @ w - c) + cp.sum(w), [w >= -1], [w]),
+        "full": (cp.quad_form(y, S3) + c @ y + cp.sum_squares(w), [y == Q @ w, w >= -1], [w, y]),
+        "coupled": (
+            cp.quad_form(v, S3) + cp.sum_squares(w) + c @ v,
+            [v[0] == Q[0, :] @ w, v[1:] >= -1, w >= -1],
+            [w, v],
+        ),
+    }
+    seen = set()
+    g = torch.Generator().manual_seed(3)
+    for name, (objective, constraints, variables) in declarations.items():
+        problem = cp.Problem(cp.Minimize(objective), constraints)
+        layer = dl.Layer(problem, [Q, c], variables, backend="cone")
+        canonical = get("cone").canonical(layer.program)
+        blocks = canonical.blocks
+        assert canonical.elimination.columns.numel() > 0
+        seen.add((blocks.P_ee_diagonal, blocks.P_re is not None))
+        for shared in (False, True):
+            Qv = torch.randn(*(() if shared else (5,)), 3, 4, dtype=F64, generator=g)
+            params = BatchedParams(
+                (Qv, torch.randn(5, 3, dtype=F64, generator=g)), (None if shared else 0, 0), 5
+            )
+            data = canonical.data(params, F64).data
+            for mine, ref in zip(
+                (data.P, data.q, data.A, data.b), _dense_reduction(canonical, params)
+            ):
+                assert mine.shape[0] in (1, 5)
+                torch.testing.assert_close(mine.expand_as(ref), ref, atol=1e-12, rtol=0)
+            if name == "diagonal":  # P = Q^T Q: built once when Q is shared
+                assert (data.P.shape[0] == 1) == shared
+        ref_layer = dl.Layer(problem, [Q, c], variables, backend="torch")
+        inputs = [
+            torch.randn(2, 3, 4, dtype=F64, generator=g),
+            torch.randn(2, 3, dtype=F64, generator=g),
+        ]
+        for a, b in zip(layer(*inputs), ref_layer(*inputs)):
+            torch.testing.assert_close(a, b, atol=1e-8, rtol=0)
+    assert seen == {(True, False), (False, False), (True, True)}, seen

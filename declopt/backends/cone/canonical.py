@@ -21,7 +21,7 @@ are ``-z`` on those slices (CVXPY's duals enter the Lagrangian as ``f + y^T r``;
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import cvxpy as cp
@@ -34,7 +34,7 @@ from declopt.backends.cone.cones import ConeData, Cones
 from declopt.backends.cvxpy_source import constraint_kinds, lower_domains
 from declopt.program import BatchedParams
 
-__all__ = ["Batch", "CanonicalProgram", "Elimination", "Unsupported", "canonicalise"]
+__all__ = ["Batch", "Blocks", "CanonicalProgram", "Elimination", "Unsupported", "canonicalise"]
 
 _CANON_SOLVERS = ("CLARABEL", "SCS", "ECOS")
 """Solvers whose canonicalisation CVXPY is asked for (the first installed): all three take
@@ -68,6 +68,35 @@ class _AffineMap:
             torch.as_tensor(coo.row[keep].astype(np.int64)),
             torch.as_tensor(coo.col[keep].astype(np.int64)),
             torch.as_tensor(coo.data[keep].astype(np.float64)),
+        )
+
+    @property
+    def empty(self) -> bool:
+        return self.cols.numel() == 0
+
+    def block(
+        self, leading: int, rows: Tensor, cols: Tensor, row_scale: Tensor | None = None
+    ) -> _AffineMap:
+        """The map of a sub-matrix of this map's matrix ``M`` (stored Fortran order, ``leading``
+        rows: ``M[r, c]`` at position ``c * leading + r``): ``S[i, j] = row_scale[i] *
+        M[rows[i], cols[j]]``, stored row-major (``apply(theta).reshape(-1, len(rows),
+        len(cols))`` is ``S``). Built once, so a call writes each block directly, never the
+        whole matrix."""
+        position = self.rows
+        r, c = position % leading, position // leading
+        row_at = torch.full((leading,), -1, dtype=torch.int64)
+        row_at[rows] = torch.arange(rows.numel())
+        width = int(c.max()) + 1 if c.numel() else 0
+        col_at = torch.full((max(width, int(cols.max()) + 1 if cols.numel() else 0),), -1)
+        col_at[cols] = torch.arange(cols.numel())
+        i, j = row_at[r], col_at[c]
+        keep = (i >= 0) & (j >= 0)
+        i, j = i[keep], j[keep]
+        values = self.values[keep]
+        if row_scale is not None:
+            values = values * row_scale[i]
+        return _AffineMap(
+            rows.numel() * cols.numel(), i * cols.numel() + j, self.cols[keep], values
         )
 
     def apply(self, theta: Tensor) -> Tensor:
@@ -107,6 +136,8 @@ class CanonicalProgram:
             program's equality and inequality rows (front-end order); ``None`` if the program's
             rows could not be matched (the backward then fits multipliers itself).
         has_quadratic: ``P`` is not identically zero.
+        elimination: the columns solved for before the interior point; ``blocks``: the
+            reduced program's data maps.
     """
 
     cones: Cones
@@ -122,6 +153,7 @@ class CanonicalProgram:
     ineq_rows: Tensor | None
     has_quadratic: bool
     elimination: Elimination
+    blocks: Blocks
 
     @property
     def rows(self) -> int:
@@ -153,16 +185,13 @@ class CanonicalProgram:
         with the defined variables eliminated (see :class:`Elimination`)."""
         full, shared = self.theta(params, dtype)
         batched_cols = self._batched_columns(params)
-        n, rows = self.n, self.rows
 
-        def block(m: _AffineMap) -> Tensor:
+        def build(m: _AffineMap, *shape: int) -> Tensor:
             uses_batch = bool(batched_cols[m.cols].any()) if m.cols.numel() else False
-            return m.apply(full if uses_batch else shared)
+            out = m.apply(full if uses_batch else shared)
+            return out.reshape(out.shape[0], *shape)
 
-        qd = block(self.q)
-        Ab = block(self.A).reshape(-1, n + 1, rows).transpose(-1, -2)
-        P = block(self.P).reshape(-1, n, n).transpose(-1, -2) if self.has_quadratic else None
-        return self.elimination.reduce(P, qd[:, :n], Ab[..., :n], Ab[..., n], self.cones)
+        return self.elimination.reduce(self.blocks, build, self.cones)
 
     def _batched_columns(self, params: BatchedParams) -> Tensor:
         mask = torch.zeros(self.width, dtype=torch.bool)
@@ -245,43 +274,109 @@ class Elimination:
             keep_r.nonzero().squeeze(-1),
         )
 
-    def reduce(self, P: Tensor | None, q: Tensor, A_c: Tensor, b_c: Tensor, cones: Cones) -> Batch:
-        """The reduced batch (solver form) for the full data ``P (L, n, n)``, ``q (L, n)``,
-        ``A_c (L, rows, n)``, ``b_c (L, rows)``."""
-        e = self.columns.numel()
-        if e == 0:
-            data = ConeData(P, q.contiguous(), (-A_c).contiguous(), b_c.contiguous(), cones)
-            return Batch(self, data, None, None, P, q)
-        device, dtype = q.device, q.dtype
-        E, R = self.columns.to(device), self.kept_columns.to(device)
-        rows_e, K = self.rows.to(device), self.kept_rows.to(device)
-        c = self.coefficients.to(device=device, dtype=dtype)
-        T = -A_c[:, rows_e][:, :, R] / c[:, None]  # (L, e, r)
-        t = -b_c[:, rows_e] / c  # (L, e)
-        q_r = q[:, R] + (T.mT @ q[:, E].unsqueeze(-1)).squeeze(-1)
-        P_red = None
+    def blocks(
+        self, P: _AffineMap | None, q: _AffineMap, A: _AffineMap, n: int, rows: int
+    ) -> Blocks:
+        """The reduced program's data maps (see :class:`Blocks`) from CVXPY's maps of ``P``
+        (``None``: no quadratic part), ``q`` and ``[A_c, b_c]``."""
+        R, E, K, rows_e = self.kept_columns, self.columns, self.kept_rows, self.rows
+        last, first = torch.tensor([n]), torch.tensor([0])
+        minus = torch.full((K.numel(),), -1.0, dtype=torch.float64)
+        by_c = -1 / self.coefficients
+        P_rr = P_re = P_ee = None
+        diagonal = False
         if P is not None:
-            P_rr, P_re, P_ee = P[:, R][:, :, R], P[:, R][:, :, E], P[:, E][:, :, E]
-            cross = P_re @ T
-            P_red = P_rr + cross + cross.mT + T.mT @ P_ee @ T
-            q_r = q_r + ((P_re + T.mT @ P_ee) @ t.unsqueeze(-1)).squeeze(-1)
+            P_rr = P.block(n, R, R)
+            P_re = P.block(n, R, E)
+            P_ee = P.block(n, E, E)
+            e = E.numel()
+            i, j = P_ee.rows // max(e, 1), P_ee.rows % max(e, 1)
+            diagonal = bool((i == j).all())
+            if diagonal:  # store the diagonal alone: T^T P_ee T is then one product
+                P_ee = _AffineMap(e, i, P_ee.cols, P_ee.values)
+        return Blocks(
+            A=A.block(rows, K, R, minus),
+            b=A.block(rows, K, last),
+            q=q.block(n + 1, R, first),
+            P=P_rr,
+            T=A.block(rows, rows_e, R, by_c),
+            t=A.block(rows, rows_e, last, by_c),
+            q_e=q.block(n + 1, E, first),
+            P_re=None if P_re is None or P_re.empty else P_re,
+            P_ee=None if P_ee is None or P_ee.empty else P_ee,
+            P_ee_diagonal=diagonal,
+        )
+
+    def reduce(self, blocks: Blocks, build: Callable[..., Tensor], cones: Cones) -> Batch:
+        """The reduced batch (solver form) from the data maps; ``build(map, *shape)`` evaluates
+        one map at the batch's parameters as a ``(L, *shape)`` tensor (``L``: ``B`` or 1)."""
+        r, k, e = self.kept_columns.numel(), self.kept_rows.numel(), self.columns.numel()
+        A, b, q = build(blocks.A, k, r), build(blocks.b, k), build(blocks.q, r)
+        P = None if blocks.P is None else build(blocks.P, r, r)
         reduced = Cones(cones.zero - e, cones.nonneg, cones.soc)
-        A = -A_c[:, K][:, :, R]
-        data = ConeData(P_red, q_r.contiguous(), A.contiguous(), b_c[:, K].contiguous(), reduced)
-        return Batch(self, data, T, t, P, q)
+        if e == 0:
+            return Batch(self, ConeData(P, q, A, b, reduced), None, None, None, None, None, False)
+        T, t, q_e = build(blocks.T, e, r), build(blocks.t, e), build(blocks.q_e, e)
+        q = q + (T.mT @ q_e.unsqueeze(-1)).squeeze(-1)
+        P_re = P_ee = None
+        if P is not None:
+            # P_red = P_rr + P_re T + T^T P_er + T^T P_ee T, q_red += (P_re + T^T P_ee) t, with
+            # the structurally zero blocks skipped and a diagonal P_ee applied as a product.
+            if blocks.P_ee is not None:
+                if blocks.P_ee_diagonal:
+                    P_ee = build(blocks.P_ee, e)
+                    PT = P_ee.unsqueeze(-1) * T
+                else:
+                    P_ee = build(blocks.P_ee, e, e)
+                    PT = P_ee @ T
+                P = P + T.mT @ PT
+                q = q + (PT.mT @ t.unsqueeze(-1)).squeeze(-1)
+            if blocks.P_re is not None:
+                P_re = build(blocks.P_re, r, e)
+                cross = P_re @ T
+                P = P + cross + cross.mT
+                q = q + (P_re @ t.unsqueeze(-1)).squeeze(-1)
+        data = ConeData(P, q, A, b, reduced)
+        return Batch(self, data, T, t, q_e, P_re, P_ee, blocks.P_ee_diagonal)
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """A program's data maps for the reduced batch: blocks of CVXPY's ``P``, ``q`` and
+    ``[A_c, b_c]`` with the elimination's signs and scales folded in (``R``: kept columns,
+    ``K``: kept rows, ``E``: eliminated columns, defined by rows ``e`` with coefficients
+    ``c``): ``A = -A_c[K, R]``, ``b = b_c[K]``, ``q = q[R]``, ``P = P[R, R]`` (``None``: a
+    linear objective); ``T = -A_c[e, R] / c``, ``t = -b_c[e] / c``, ``q_e = q[E]``, ``P_re =
+    P[R, E]`` and ``P_ee = P[E, E]`` (``None`` when structurally zero; ``P_ee`` its diagonal
+    alone when ``P_ee_diagonal``). A call writes each block straight from the parameters: no
+    full matrix is formed and cut up."""
+
+    A: _AffineMap
+    b: _AffineMap
+    q: _AffineMap
+    P: _AffineMap | None
+    T: _AffineMap
+    t: _AffineMap
+    q_e: _AffineMap
+    P_re: _AffineMap | None
+    P_ee: _AffineMap | None
+    P_ee_diagonal: bool
 
 
 @dataclass(frozen=True)
 class Batch:
     """One call's reduced cone programs, and what recovers the full ``x``, ``z`` from their
-    solution: the elimination's ``T``, ``t`` and the full ``P``, ``q``."""
+    solution: the elimination's ``T``, ``t`` and the eliminated columns' ``q_e``, ``P_re``,
+    ``P_ee`` (see :class:`Blocks`; ``None`` without eliminated columns)."""
 
     elimination: Elimination
     data: ConeData
     T: Tensor | None
     t: Tensor | None
-    P: Tensor | None
-    q: Tensor
+    q_e: Tensor | None
+    P_re: Tensor | None
+    P_ee: Tensor | None
+    P_ee_diagonal: bool
 
     def expand(self, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
         """The full program's ``x (B, n)`` and ``z (B, rows)`` from the reduced ones."""
@@ -291,12 +386,19 @@ class Batch:
         E, R = el.columns.to(x.device), el.kept_columns.to(x.device)
         rows_e, K = el.rows.to(x.device), el.kept_rows.to(x.device)
         n, rows = E.numel() + R.numel(), rows_e.numel() + K.numel()
+        x_e = (self.T @ x.unsqueeze(-1)).squeeze(-1) + self.t
         full_x = x.new_zeros(x.shape[0], n)
         full_x[:, R] = x
-        full_x[:, E] = (self.T @ x.unsqueeze(-1)).squeeze(-1) + self.t
-        gradient = self.q[:, E].expand(x.shape[0], -1)
-        if self.P is not None:
-            gradient = gradient + (self.P[:, E] @ full_x.unsqueeze(-1)).squeeze(-1)
+        full_x[:, E] = x_e
+        # Stationarity in the eliminated columns: z_row c = q_e + P_er x + P_ee x_e.
+        gradient = self.q_e.expand(x.shape[0], -1)
+        if self.P_re is not None:
+            gradient = gradient + (self.P_re.mT @ x.unsqueeze(-1)).squeeze(-1)
+        if self.P_ee is not None:
+            if self.P_ee_diagonal:
+                gradient = gradient + self.P_ee * x_e
+            else:
+                gradient = gradient + (self.P_ee @ x_e.unsqueeze(-1)).squeeze(-1)
         c = el.coefficients.to(device=x.device, dtype=x.dtype)
         full_z = z.new_zeros(z.shape[0], rows)
         full_z[:, K] = z
@@ -410,20 +512,24 @@ def canonicalise(
 
     P_tensor = getattr(prog, "P", None)
     A_map = _AffineMap.of(prog.A, cones.rows * (n + 1))
+    P_map, q_map = _AffineMap.of(P_tensor, n * n), _AffineMap.of(prog.q, n + 1)
+    has_quadratic = P_tensor is not None and sp.coo_array(P_tensor).nnz > 0
+    elimination = Elimination.find(A_map, n, cones.rows, cones.zero, constant)
     canonical = CanonicalProgram(
         cones=cones,
         n=n,
         width=width,
         slots=tuple(slots),
         constant=constant,
-        P=_AffineMap.of(P_tensor, n * n),
-        q=_AffineMap.of(prog.q, n + 1),
+        P=P_map,
+        q=q_map,
         A=A_map,
         variables=variable_columns,
         eq_rows=eq_rows,
         ineq_rows=ineq_rows,
-        has_quadratic=P_tensor is not None and sp.coo_array(P_tensor).nnz > 0,
-        elimination=Elimination.find(A_map, n, cones.rows, cones.zero, constant),
+        has_quadratic=has_quadratic,
+        elimination=elimination,
+        blocks=elimination.blocks(P_map if has_quadratic else None, q_map, A_map, n, cones.rows),
     )
     _check_against_cvxpy(canonical, prog, parameters)
     return canonical

@@ -602,9 +602,7 @@ def _solve(data: ConeData, settings: Settings) -> tuple[IPMResult, _DualBase | N
     q = data.q.expand(batch, -1)
     px = _bmv(data.P, xb) if data.P is not None else torch.zeros_like(xb)
     objective = 0.5 * _dot(xb, px) + _dot(q, xb)
-    result = IPMResult(
-        xb, sb, zb, answers.status, answers.iterations, objective, answers.residual
-    )
+    result = IPMResult(xb, sb, zb, answers.status, answers.iterations, objective, answers.residual)
     return result, dual
 
 
