@@ -288,10 +288,15 @@ class ConeData:
     A: Tensor
     b: Tensor
     cones: Cones
+    P_scale: Tensor | None = None
+    """``(B,)``: the quadratic is ``P_scale[i] P`` for one shared ``P (1, n, n)`` (the
+    equilibration's per-problem cost scale kept apart, so that a shared ``P`` stays one matrix
+    and is factored once); ``None``: 1."""
 
     @property
     def batch(self) -> int:
-        sizes = [t.shape[0] for t in (self.P, self.q, self.A, self.b) if t is not None]
+        tensors = (self.P, self.q, self.A, self.b, self.P_scale)
+        sizes = [t.shape[0] for t in tensors if t is not None]
         return max(sizes)
 
     def select(self, index: Tensor) -> ConeData:
@@ -300,4 +305,6 @@ class ConeData:
         def pick(t: Tensor | None) -> Tensor | None:
             return t if t is None or t.shape[0] == 1 else t[index]
 
-        return ConeData(pick(self.P), pick(self.q), pick(self.A), pick(self.b), self.cones)
+        return ConeData(
+            pick(self.P), pick(self.q), pick(self.A), pick(self.b), self.cones, pick(self.P_scale)
+        )

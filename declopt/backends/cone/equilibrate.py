@@ -99,7 +99,11 @@ def equilibrate(data: ConeData) -> tuple[ConeData, Equilibration]:
     if Ps is not None:
         size = torch.maximum(size, Ps.abs().amax(-1).mean(-1))
     c = 1 / _positive_or_one(size)
-    Ps = None if Ps is None else c[:, None, None] * Ps
-    scaled = ConeData(Ps, c[:, None] * qs, As, bs, cones)
+    P_scale = None
+    if Ps is not None and Ps.shape[0] == 1 and c.shape[0] > 1:
+        P_scale = c  # a shared P stays shared: its per-problem cost scale rides along
+    elif Ps is not None:
+        Ps = c[:, None, None] * Ps
+    scaled = ConeData(Ps, c[:, None] * qs, As, bs, cones, P_scale)
     # The original program's cost unit is c * c0 (P was divided by its largest entry).
     return scaled, Equilibration(D, E, beta, c * c0)

@@ -99,6 +99,24 @@ def _bmv(M: Tensor, v: Tensor) -> Tensor:
     return M @ v
 
 
+def _p_times(data: ConeData, v: Tensor) -> Tensor:
+    """``P v`` (with the per-problem scale, if any) for ``v (B, n)`` or ``(B, n, k)``; zeros
+    for a linear objective."""
+    if data.P is None:
+        return torch.zeros_like(v)
+    out = _bmv(data.P, v)
+    if data.P_scale is not None:
+        out = out * data.P_scale.reshape(-1, *([1] * (v.dim() - 1)))
+    return out
+
+
+def _dense_p(data: ConeData) -> Tensor | None:
+    """``P (B|1, n, n)`` with its per-problem scale applied."""
+    if data.P is None or data.P_scale is None:
+        return data.P
+    return data.P * data.P_scale[:, None, None]
+
+
 def _cholesky_solve(L: Tensor, r: Tensor) -> Tensor:
     """``(L L^T)^{-1} r`` by two triangular solves (several times faster than
     ``torch.cholesky_solve`` on batches of small systems on the CPU)."""
@@ -140,29 +158,47 @@ class _DualBase:
 
     def __init__(self, data: ConeData, eps: float) -> None:
         assert data.P is not None
-        batch, n = data.batch, data.q.shape[-1]
-        P = data.P.expand(batch, -1, -1)
-        eye = torch.eye(n, dtype=P.dtype, device=P.device)
+        P = data.P  # (B|1, n, n): a shared P is factored once
+        eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
         self.L, info = torch.linalg.cholesky_ex(P + eps * eye)
         pivots = self.L.diagonal(dim1=-2, dim2=-1) ** 2
         self.usable = bool((info == 0).all()) and bool(
             (pivots.amin(-1) >= DUAL_CONDITION * pivots.amax(-1)).all()
         )
+        # (c P)^{-1} = P^{-1} / c for the per-problem cost scale c: the factors stay shared.
+        self.inv_scale = None if data.P_scale is None else 1 / data.P_scale
         if self.usable:
             # P is well conditioned (above): its explicit inverse turns every later solve with
             # it into one product (iterative refinement absorbs the rounding).
             self.P_inv = torch.cholesky_inverse(self.L)
-            A = data.A.expand(batch, -1, -1)
-            self.Y = self.P_inv @ A.mT
-            self.K0 = A @ self.Y
+            self.Y = self.P_inv @ data.A.mT
+            self.K0 = data.A @ self.Y
+
+    def _scaled(self, v: Tensor) -> Tensor:
+        if self.inv_scale is None:
+            return v
+        return v * self.inv_scale.reshape(-1, *([1] * (v.dim() - 1)))
+
+    def p_inv(self, r: Tensor) -> Tensor:
+        """``P^{-1} r`` for ``r (B, n, k)``."""
+        return self._scaled(_bmv(self.P_inv, r))
+
+    def y(self, v: Tensor) -> Tensor:
+        """``P^{-1} A^T v`` for ``v (B, rows, k)``."""
+        return self._scaled(_bmv(self.Y, v))
+
+    def k0(self) -> Tensor:
+        """``A P^{-1} A^T (B|1, rows, rows)``."""
+        return self._scaled(self.K0)
 
     def select(self, index: Tensor) -> _DualBase:
         """The factors of the programs ``index (b,)`` of the batch."""
         out = _DualBase.__new__(_DualBase)
         out.usable = self.usable
-        for name in ("L", "P_inv", "Y", "K0"):
+        for name in ("L", "P_inv", "Y", "K0", "inv_scale"):
             value = getattr(self, name)
-            setattr(out, name, value if value.shape[0] == 1 else value[index])
+            shared = value is None or value.shape[0] == 1
+            setattr(out, name, value if shared else value[index])
         return out
 
     @staticmethod
@@ -205,7 +241,7 @@ class _KKT:
             else:
                 eye = torch.eye(rows, dtype=A.dtype, device=A.device).expand(batch, rows, rows)
                 H = self.h(eye)  # block diagonal: W^2 on the conic rows, 0 on the zero rows
-            K0 = dual.K0
+            K0 = dual.k0()
             if row_mask is not None:
                 K0 = K0 * (row_mask.unsqueeze(-1) * row_mask.unsqueeze(-2))
             reg = torch.full((rows,), eps, dtype=A.dtype, device=A.device)
@@ -220,7 +256,7 @@ class _KKT:
         self.scaled = scaled  # W^{-1} A_C
         M = scaled.transpose(-1, -2) @ scaled
         if data.P is not None:
-            M = M + data.P
+            M = M + _dense_p(data)
         if cones.zero:
             # Augmented with gamma A_E^T A_E (gamma = 1 in equilibrated units): [M, A_E^T; A_E, 0]
             # is nonsingular iff this is positive definite, however singular P + A_C^T H^-1 A_C
@@ -278,9 +314,9 @@ class _KKT:
         zero = self.cones.zero
         if self.dual is not None:
             # dz = (A P^-1 A^T + H)^-1 (A P^-1 r1 - r2), dx = P^-1 (r1 - A^T dz)
-            t = self.dual.P_inv @ r1
+            t = self.dual.p_inv(r1)
             dz = _cholesky_solve(self.Ls, _bmv(self.data.A, t) - r2)
-            return t - _bmv(self.dual.Y, dz), dz
+            return t - self.dual.y(dz), dz
         hr = self._h_inv(r2)
         hr[:, :zero] = 0
         A = self.data.A
@@ -303,11 +339,11 @@ class _KKT:
         """``(dx (B, n, k), dz (B, rows, k))`` for right-hand sides ``r1 (B, n, k)``, ``r2
         (B, rows, k)``."""
         dx, dz = self._solve_regularised(r1, r2)
-        P, A = self.data.P, self.data.A
+        A = self.data.A
         for _ in range(refinement):
             e1 = r1 - _bmtv(A, dz)
-            if P is not None:
-                e1 = e1 - _bmv(P, dx)
+            if self.data.P is not None:
+                e1 = e1 - _p_times(self.data, dx)
             e2 = r2 - _bmv(A, dx) + self.h(dz)
             cx, cz = self._solve_regularised(e1, e2)
             dx, dz = dx + cx, dz + cz
@@ -417,7 +453,10 @@ def _norms(data: ConeData) -> tuple[Tensor, Tensor, Tensor, Tensor]:
             return data.q.new_zeros(batch)
         return t.abs().amax(dim=tuple(range(1, 1 + dims))).expand(batch)
 
-    return size(data.q, 1), size(data.b, 1), size(data.A, 2), size(data.P, 2)
+    P_size = size(data.P, 2)
+    if data.P_scale is not None:
+        P_size = P_size * data.P_scale
+    return size(data.q, 1), size(data.b, 1), size(data.A, 2), P_size
 
 
 def solve(data: ConeData, settings: Settings | None = None) -> IPMResult:
@@ -495,11 +534,11 @@ def _solve(data: ConeData, settings: Settings) -> tuple[IPMResult, _DualBase | N
 
     for k in range(settings.max_iter + 1):
         size = x.shape[0]
-        P, A = work.P, work.A
+        A = work.A
         q, b = work.q.expand(size, -1), work.b.expand(size, -1)
         running = status < 0
         # -------- verdicts on the current iterate
-        px = _bmv(P, x) if P is not None else torch.zeros_like(x)
+        px = _p_times(work, x)
         ax, atz = _bmv(A, x), _bmtv(A, z)
         # The embedding's residuals; the verdicts divide them by tau, the step takes them as
         # they are.
@@ -600,8 +639,7 @@ def _solve(data: ConeData, settings: Settings) -> tuple[IPMResult, _DualBase | N
     t = answers.tau[:, None]
     xb, sb, zb = answers.x / t, answers.s / t, answers.z / t
     q = data.q.expand(batch, -1)
-    px = _bmv(data.P, xb) if data.P is not None else torch.zeros_like(xb)
-    objective = 0.5 * _dot(xb, px) + _dot(q, xb)
+    objective = 0.5 * _dot(xb, _p_times(data, xb)) + _dot(q, xb)
     result = IPMResult(xb, sb, zb, answers.status, answers.iterations, objective, answers.residual)
     return result, dual
 
@@ -645,7 +683,7 @@ def _polish(
         mask = active.to(x.dtype)
         A = data.A.expand(batch, -1, -1) * mask.unsqueeze(-1)
         b = data.b.expand(batch, -1) * mask
-        equalities = ConeData(data.P, q, A, b, type(cones)(rows, 0))
+        equalities = ConeData(data.P, q, A, b, type(cones)(rows, 0), data.P_scale)
         if dual is None:
             kkt = _KKT(equalities, None, eps)
         else:  # row space: the dropped rows get H = 1 (so z = 0 there), K0 masked to match
@@ -674,7 +712,7 @@ def _polish(
         active = active & ~(wrong_sign & pending.unsqueeze(-1))
     objective = _dot(q, out_x)
     if data.P is not None:
-        objective = objective + 0.5 * _dot(out_x, _bmv(data.P, out_x))
+        objective = objective + 0.5 * _dot(out_x, _p_times(data, out_x))
     return IPMResult(
         out_x, out_s, out_z, result.status, result.iterations, objective, result.residual
     )
