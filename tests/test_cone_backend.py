@@ -75,7 +75,7 @@ def test_max_step_reaches_the_boundary_exactly(seed: int) -> None:
 # the interior-point method against Clarabel
 
 
-def _clarabel(P, q, A, b, cones: Cones):
+def _clarabel(P, q, A, b, cones: Cones, tight: bool = False):
     parts = []
     if cones.zero:
         parts.append(clarabel.ZeroConeT(cones.zero))
@@ -84,6 +84,9 @@ def _clarabel(P, q, A, b, cones: Cones):
     parts += [clarabel.SecondOrderConeT(k) for k in cones.soc]
     options = clarabel.DefaultSettings()
     options.verbose = False
+    if tight:  # a reference for exact (polished) answers
+        options.tol_gap_abs = options.tol_gap_rel = options.tol_feas = 1e-12
+        options.tol_ktratio = 1e-10
     n = q.shape[0]
     Pm = sp.csc_matrix(np.triu(P)) if P is not None else sp.csc_matrix((n, n))
     solution = clarabel.DefaultSolver(Pm, q, sp.csc_matrix(A), b, parts, options).solve()
@@ -152,6 +155,36 @@ def test_solutions_do_not_depend_on_the_data_units(unit: float, cost: float) -> 
     assert (other.iterations - base.iterations).abs().max() <= 1
     torch.testing.assert_close(other.x / unit, base.x, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(other.objective / cost, base.objective, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("cones", [Cones(0, 6), Cones(2, 4)])
+def test_a_shared_quadratic_keeps_one_matrix_and_each_problem_its_own_units(cones: Cones) -> None:
+    """One ``P`` and ``A`` for the batch, ``q`` and ``b`` per problem in units 1e-6 .. 1e6:
+    equilibration keeps ``P`` one matrix (the per-problem cost scale apart, ``P_scale``), the
+    row-space factors are built once, and each problem's answer is Clarabel's."""
+    from declopt.backends.cone.equilibrate import equilibrate
+
+    g = torch.Generator().manual_seed(11)
+    n, batch = 9, 7
+    Q = torch.randn(1, n, n, dtype=F64, generator=g)
+    P = Q @ Q.mT / n + 0.1 * torch.eye(n, dtype=F64)
+    A = torch.randn(1, cones.rows, n, dtype=F64, generator=g)
+    x0 = torch.randn(batch, n, dtype=F64, generator=g)
+    b = (A @ x0.unsqueeze(-1)).squeeze(-1) + _interior(cones, batch, g)
+    units = 10.0 ** torch.linspace(-6, 6, batch, dtype=F64)
+    q = torch.randn(batch, n, dtype=F64, generator=g) * units[:, None]
+    data = ConeData(P, q, A, b, cones)
+    scaled, _ = equilibrate(data)
+    assert scaled.P.shape[0] == 1 and scaled.P_scale is not None
+    assert scaled.P_scale.shape == (batch,) and scaled.P_scale.unique().numel() > 1
+    result = solve(data)
+    assert (result.status == int(Status.SOLVED)).all()
+    for i in range(batch):
+        args = (P[0].numpy(), q[i].numpy(), A[0].numpy(), b[i].numpy(), cones)
+        status, x, obj = _clarabel(*args, tight=True)
+        assert status == "Solved"
+        np.testing.assert_allclose(result.x[i].numpy(), x, atol=1e-7 * np.abs(x).max(), rtol=0)
+        assert abs(result.objective[i].item() - obj) <= 1e-8 * max(1.0, abs(obj))
 
 
 # ---------------------------------------------------------------------------------------------
