@@ -125,6 +125,35 @@ def test_interior_point_agrees_with_clarabel(cones: Cones, quadratic: bool) -> N
             np.testing.assert_allclose(result.x[i].numpy(), x, atol=1e-6 * np.abs(x).max())
 
 
+def test_an_early_polish_that_fails_resumes_the_interior_point(monkeypatch) -> None:
+    """The interior point stops at ``POLISH_FROM`` and polishes; a problem whose active set is
+    not yet plain there (forced here by stopping at 1e-1) is taken up again from where it
+    stopped and polished at the full tolerance: the answers are the exact ones either way."""
+    from declopt.backends.cone import ipm
+
+    data = _random_programs(Cones(3, 15), 8, 12, quadratic=True, seed=3)
+    exact = solve(data, ipm.Settings(tol=1e-9))
+    monkeypatch.setattr(ipm, "POLISH_FROM", 1e-9)  # no early stop
+    reference = solve(data, ipm.Settings(tol=1e-9))
+    resumed = []
+    original = ipm._resume
+    monkeypatch.setattr(ipm, "_resume", lambda *a: resumed.append(a[3].sum()) or original(*a))
+    monkeypatch.setattr(ipm, "POLISH_FROM", 1e-1)
+    early = solve(data, ipm.Settings(tol=1e-9))
+    assert resumed and resumed[0] > 0
+    for result in (exact, early):
+        assert (result.status == int(Status.SOLVED)).all()
+        torch.testing.assert_close(result.x, reference.x, atol=1e-10, rtol=0)
+        torch.testing.assert_close(result.objective, reference.objective, atol=1e-10, rtol=1e-12)
+        assert (result.residual <= 1e-9).all()
+    for i in range(8):
+        P = data.P[i].numpy()
+        _, x, _ = _clarabel(
+            P, data.q[i].numpy(), data.A[i].numpy(), data.b[i].numpy(), data.cones, tight=True
+        )
+        np.testing.assert_allclose(early.x[i].numpy(), x, atol=1e-7 * np.abs(x).max(), rtol=0)
+
+
 def test_linear_programs_report_unbounded_members() -> None:
     """Random LPs with free variables are mostly unbounded; Clarabel's verdict per member."""
     cones = Cones(3, 15)
