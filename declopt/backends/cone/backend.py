@@ -46,8 +46,8 @@ float64's."""
 AUTO_MAX_COLUMNS = 100
 """``backend="auto"`` picks this backend for cone programs with at most this many columns after
 presolve. Its dense batched factorisations cost ``O(B n^3)`` per iteration: measured
-(``benchmarks/backends.py``, one thread, float64, forward+backward) it is 6-30x faster than the
-torch backend and 3.5-7x faster than cvxpylayers on the 50-variable QP and the 2-variable L1
+(``benchmarks/backends.py``, one thread, float64, forward+backward) it is 6-50x faster than the
+torch backend and 3-7x faster than cvxpylayers on the 50-variable QP and the 2-variable L1
 problem, but 80-120x slower than the torch backend on Huber pooling n=64 (129 columns) and the
 L2-ball projection d=256 (257 columns), and 7.6x slower than cvxpylayers' sparse SCS on the
 latter."""
