@@ -186,6 +186,31 @@ def test_solutions_do_not_depend_on_the_data_units(unit: float, cost: float) -> 
     torch.testing.assert_close(other.objective / cost, base.objective, rtol=1e-8, atol=1e-10)
 
 
+def test_equilibration_stops_once_settled_and_scales_badly_scaled_data_near_one() -> None:
+    """Ruiz passes stop as soon as a pass would move no row or column by more than 1%: data
+    whose rows and columns already peak at 1 is left as it is; rows and columns spanning 1e-6 ..
+    1e6 end with their largest entries near 1."""
+    from declopt.backends.cone.equilibrate import equilibrate
+
+    g = torch.Generator().manual_seed(2)
+    cones = Cones(1, 5)
+    signs = torch.randint(0, 2, (3, cones.rows, 4), generator=g).to(F64) * 2 - 1
+    unit = ConeData(
+        None, torch.ones(3, 4, dtype=F64), signs, torch.ones(3, cones.rows, dtype=F64), cones
+    )
+    _, scaling = equilibrate(unit)
+    assert torch.equal(scaling.D, torch.ones_like(scaling.D))
+    assert torch.equal(scaling.E, torch.ones_like(scaling.E))
+    rows = 10.0 ** torch.linspace(-6, 6, cones.rows, dtype=F64)
+    cols = 10.0 ** torch.linspace(3, -3, 4, dtype=F64)
+    A = torch.randn(3, cones.rows, 4, dtype=F64, generator=g) * rows[:, None] * cols
+    scaled, _ = equilibrate(
+        ConeData(None, torch.ones(3, 4, dtype=F64), A, torch.ones(3, 6, dtype=F64), cones)
+    )
+    for peaks in (scaled.A.abs().amax(-1), scaled.A.abs().amax(-2)):
+        assert ((peaks > 0.5) & (peaks < 2)).all(), peaks
+
+
 @pytest.mark.parametrize("cones", [Cones(0, 6), Cones(2, 4)])
 def test_a_shared_quadratic_keeps_one_matrix_and_each_problem_its_own_units(cones: Cones) -> None:
     """One ``P`` and ``A`` for the batch, ``q`` and ``b`` per problem in units 1e-6 .. 1e6:

