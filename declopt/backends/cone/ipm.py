@@ -227,6 +227,8 @@ class _KKT:
         cones = data.cones
         self.data, self.scaling, self.cones, self.dual = data, scaling, cones, dual
         self.h_diagonal = h_diagonal
+        self._w2: Tensor | None = None  # the orthant's w^2 and H's diagonal, formed once
+        self._h: Tensor | None = None
         batch, n = data.batch, data.q.shape[-1]
         A = data.A.expand(batch, -1, -1)
         self.A_eq = A[:, : cones.zero]
@@ -282,13 +284,17 @@ class _KKT:
 
     def _diagonal(self) -> Tensor | None:
         """``(B, rows)`` the diagonal of ``H`` (``w^2`` on the orthant, 0 on the zero rows) when
-        ``H`` is diagonal (no second-order cones, or given), else ``None``."""
+        ``H`` is diagonal (no second-order cones, or given), else ``None``; formed once (every
+        solve of the step applies it)."""
         if self.h_diagonal is not None:
             return self.h_diagonal
         if self.scaling is None or self.cones.soc or self.scaling.w is None:
             return None
-        w = self.scaling.w
-        return w * w * self.cones.mask(w)
+        if self._h is None:
+            w = self.scaling.w
+            self._w2 = w * w  # 1 on the zero rows: H^{-1}'s divisor
+            self._h = self._w2 * self.cones.mask(w)
+        return self._h
 
     def h(self, v: Tensor) -> Tensor:
         """``H v`` on the conic rows of ``v (B, rows, k)`` (0 on the zero rows)."""
@@ -305,9 +311,8 @@ class _KKT:
             return v / self.h_diagonal.reshape(*self.h_diagonal.shape, *([1] * (v.dim() - 2)))
         if self.scaling is None:
             return v.clone()
-        if not self.cones.soc and self.scaling.w is not None:
-            w = self.scaling.w
-            return v / (w * w).reshape(*w.shape, *([1] * (v.dim() - 2)))
+        if self._diagonal() is not None and self._w2 is not None:  # no second-order cones
+            return v / self._w2.reshape(*self._w2.shape, *([1] * (v.dim() - 2)))
         return self.scaling.apply(self.scaling.apply(v, inverse=True), inverse=True)
 
     def _solve_regularised(self, r1: Tensor, r2: Tensor) -> tuple[Tensor, Tensor]:
