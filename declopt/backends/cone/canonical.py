@@ -22,7 +22,7 @@ are ``-z`` on those slices (CVXPY's duals enter the Lagrangian as ``f + y^T r``;
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cvxpy as cp
 import numpy as np
@@ -48,13 +48,16 @@ class Unsupported(ValueError):
 @dataclass(frozen=True)
 class _AffineMap:
     """``data[b, rows[k]] += theta[b, cols[k]] * values[k]``: one data block affine in
-    ``theta``. ``batched_cols``: does any column belong to a batched parameter (else built once
-    and broadcast)."""
+    ``theta`` (the coordinate lists live on the CPU; their copies on the parameters' device and
+    dtype are made once, not per call)."""
 
     size: int
     rows: Tensor
     cols: Tensor
     values: Tensor
+    _on: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor, Tensor]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def of(cls, tensor: sp.sparray | sp.spmatrix | None, size: int) -> _AffineMap:
@@ -101,12 +104,19 @@ class _AffineMap:
 
     def apply(self, theta: Tensor) -> Tensor:
         """``(lead, size)`` the block for parameters ``theta (lead, |theta|)``."""
-        device, dtype = theta.device, theta.dtype
-        cols = self.cols.to(device)
+        key = (theta.device, theta.dtype)
+        lists = self._on.get(key)
+        if lists is None:
+            lists = (
+                self.rows.to(theta.device),
+                self.cols.to(theta.device),
+                self.values.to(device=theta.device, dtype=theta.dtype),
+            )
+            self._on[key] = lists
+        rows, cols, values = lists
         out = theta.new_zeros(theta.shape[0], self.size)
         if cols.numel():
-            contributions = theta[:, cols] * self.values.to(device=device, dtype=dtype)
-            out.index_add_(1, self.rows.to(device), contributions)
+            out.index_add_(1, rows, theta[:, cols] * values)
         return out
 
 
