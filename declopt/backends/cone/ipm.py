@@ -96,6 +96,8 @@ def _bmv(M: Tensor, v: Tensor) -> Tensor:
     if v.dim() == 2:
         # A broadcast multiply-and-sum beats batched GEMV kernels (~3x on the CPU at DDN sizes).
         return (M * v.unsqueeze(-2)).sum(-1)
+    if M.shape[0] == v.shape[0]:
+        return torch.bmm(M, v)  # one kernel (matmul adds its own expands and reshapes)
     return M @ v
 
 
@@ -383,13 +385,18 @@ class _Step:
         self.xpx = _dot(xi, pxi)
         self.constant: tuple[Tensor, Tensor] | None = None
         self.den = tau  # set with the constant solution
+        self.positive: Tensor | None = None  # the coordinates to_boundary keeps positive
 
-    def direction(self, eta: Tensor, d_s: Tensor, d_kappa: Tensor) -> tuple[Tensor, ...]:
-        """``(dx, ds, dz, dtau, dkappa)`` for residuals scaled by ``eta (B,)`` and the
-        complementarity right-hand sides ``d_s (B, rows)`` (0 on the zero rows), ``d_kappa``."""
+    def direction(self, eta: Tensor | None, d_s: Tensor, d_kappa: Tensor) -> tuple[Tensor, ...]:
+        """``(dx, ds, dz, dtau, dkappa)`` for residuals scaled by ``eta (B,)`` (``None``: 1)
+        and the complementarity right-hand sides ``d_s (B, rows)`` (0 on the zero rows),
+        ``d_kappa``."""
         q, b, tau, kappa = self.q, self.b, self.tau, self.kappa
-        r1 = -eta[:, None] * self.r_x
-        r2 = -eta[:, None] * self.r_z + d_s
+        if eta is None:  # the predictor: eta = 1
+            r1, r2 = -self.r_x, d_s - self.r_z
+        else:
+            r1 = -eta[:, None] * self.r_x
+            r2 = d_s - eta[:, None] * self.r_z
         if self.constant is None:
             dx, dz = self.kkt.solve(
                 torch.stack([-q, r1], -1), torch.stack([b, r2], -1), self.refinement
@@ -403,7 +410,8 @@ class _Step:
             dx, dz = self.kkt.solve(r1.unsqueeze(-1), r2.unsqueeze(-1), self.refinement)
             x2, z2 = dx[..., 0], dz[..., 0]
         x1, z1 = self.constant
-        num = -eta * self.r_tau - _dot(self.c, x2) - _dot(b, z2) + d_kappa / tau
+        r_tau = self.r_tau if eta is None else eta * self.r_tau
+        num = d_kappa / tau - r_tau - _dot(self.c, x2) - _dot(b, z2)
         dtau = num / self.den
         dx = x2 + dtau[:, None] * x1
         dz = z2 + dtau[:, None] * z1
@@ -419,7 +427,9 @@ class _Step:
         # Every coordinate that must stay positive (the orthant's rows of s and z, tau, kappa)
         # in one ratio test; a direction that never leaves gives a huge step (or inf).
         o = cones.orthant
-        v = torch.cat([s[:, o], z[:, o], self.tau[:, None], self.kappa[:, None]], 1)
+        if self.positive is None:  # the same point for the predictor and the corrector
+            self.positive = torch.cat([s[:, o], z[:, o], self.tau[:, None], self.kappa[:, None]], 1)
+        v = self.positive
         d = torch.cat([ds[:, o], dz[:, o], dtau[:, None], dkappa[:, None]], 1)
         alpha = (v / -d.clamp_max(-torch.finfo(d.dtype).tiny)).amin(-1)
         if cones.soc:
@@ -680,7 +690,7 @@ def _solve(
         t = tau[:, None]
         step = _Step(work, kkt, settings.refinement, r_x, r_z, r_tau, x / t, px / t, tau, kappa)
         # predictor (affine scaling): d_s = s, d_kappa = tau kappa
-        _, ds_a, dz_a, dtau_a, dkappa_a = step.direction(torch.ones_like(tau), s_w, tau * kappa)
+        _, ds_a, dz_a, dtau_a, dkappa_a = step.direction(None, s_w, tau * kappa)
         alpha_a = step.to_boundary(s_w, z_w, ds_a, dz_a, dtau_a, dkappa_a).clamp_max(1)
         sigma = (1 - alpha_a) ** 3
         # corrector: d_s = W (lambda \ (lambda o lambda + (W^{-1} ds_a) o (W dz_a) - sigma mu e))
@@ -691,7 +701,8 @@ def _solve(
         dx, ds, dz, dtau, dkappa = step.direction(1 - sigma, d_s, d_kappa)
         alpha = step.to_boundary(s_w, z_w, ds, dz, dtau, dkappa)
         alpha = (settings.step_fraction * alpha).clamp_max(1)
-        alpha = torch.where(running & torch.isfinite(alpha), alpha, 0.0)
+        # Clamped above, so only a NaN step is not finite; stopped problems do not move.
+        alpha = torch.where(running, alpha.nan_to_num(0.0), 0.0)
         a = alpha[:, None]
         x = x + a * dx
         s = s + a * ds
