@@ -231,7 +231,7 @@ class _KKT:
         self.h_diagonal = h_diagonal
         self._w2: Tensor | None = None  # the orthant's w^2 and H's diagonal, formed once
         self._h: Tensor | None = None
-        batch, n = data.batch, data.q.shape[-1]
+        batch = data.batch
         A = data.A.expand(batch, -1, -1)
         self.A_eq = A[:, : cones.zero]
         if dual is not None:
@@ -258,7 +258,7 @@ class _KKT:
         else:
             scaled = scaling.apply(A, inverse=True)[:, cones.conic]
         self.scaled = scaled  # W^{-1} A_C
-        M = scaled.transpose(-1, -2) @ scaled
+        M = torch.bmm(scaled.mT, scaled)
         if data.P is not None:
             M = M + _dense_p(data)
         if cones.zero:
@@ -270,7 +270,7 @@ class _KKT:
         # multiple of eps^2 of the largest pivot.
         diag = M.diagonal(dim1=-2, dim2=-1).abs().amax(-1)
         self.rho = eps + torch.finfo(M.dtype).eps ** 2 * diag
-        M = M + self.rho[:, None, None] * torch.eye(n, dtype=M.dtype, device=M.device)
+        M.diagonal(dim1=-2, dim2=-1).add_(self.rho[:, None])  # M is this step's own
         self.L, info = torch.linalg.cholesky_ex(M)
         failed = info != 0
         if cones.zero:
@@ -324,8 +324,7 @@ class _KKT:
             t = self.dual.p_inv(r1)
             dz = _cholesky_solve(self.Ls, _bmv(self.data.A, t) - r2)
             return t - self.dual.y(dz), dz
-        hr = self._h_inv(r2)
-        hr[:, :zero] = 0
+        hr = self._h_inv(r2)  # a new tensor
         A = self.data.A
         if zero:
             hr[:, :zero] = r2[:, :zero]  # the augmentation's gamma A_E^T r2_E
