@@ -101,22 +101,25 @@ def _bmv(M: Tensor, v: Tensor) -> Tensor:
     return M @ v
 
 
+def _per_problem(v: Tensor, factor: Tensor) -> Tensor:
+    """``v (B, ...)`` with each problem's entries multiplied by its ``factor (B,)``."""
+    return v * factor.reshape(-1, *([1] * (v.dim() - 1)))
+
+
 def _p_times(data: ConeData, v: Tensor) -> Tensor:
     """``P v`` (with the per-problem scale, if any) for ``v (B, n)`` or ``(B, n, k)``; zeros
     for a linear objective."""
     if data.P is None:
         return torch.zeros_like(v)
     out = _bmv(data.P, v)
-    if data.P_scale is not None:
-        out = out * data.P_scale.reshape(-1, *([1] * (v.dim() - 1)))
-    return out
+    return out if data.P_scale is None else _per_problem(out, data.P_scale)
 
 
 def _dense_p(data: ConeData) -> Tensor | None:
     """``P (B|1, n, n)`` with its per-problem scale applied."""
     if data.P is None or data.P_scale is None:
         return data.P
-    return data.P * data.P_scale[:, None, None]
+    return _per_problem(data.P, data.P_scale)
 
 
 def _cholesky_solve(L: Tensor, r: Tensor) -> Tensor:
@@ -177,9 +180,7 @@ class _DualBase:
             self.K0 = data.A @ self.Y
 
     def _scaled(self, v: Tensor) -> Tensor:
-        if self.inv_scale is None:
-            return v
-        return v * self.inv_scale.reshape(-1, *([1] * (v.dim() - 1)))
+        return v if self.inv_scale is None else _per_problem(v, self.inv_scale)
 
     def p_inv(self, r: Tensor) -> Tensor:
         """``P^{-1} r`` for ``r (B, n, k)``."""
@@ -480,7 +481,8 @@ def solve(data: ConeData, settings: Settings | None = None) -> IPMResult:
     eps = STATIC_REGULARISATION[scaled.q.dtype]
     dual = _DualBase(scaled, eps) if _DualBase.worthwhile(scaled) else None
     dual = dual if dual is not None and dual.usable else None
-    if not (settings.polish and not data.cones.soc):
+    polishing = settings.polish and not data.cones.soc
+    if not polishing:
         result, _ = _solve(scaled, settings, dual)
     else:
         # The polish is exact once the active set shows: stop the interior point early, polish,
@@ -553,8 +555,8 @@ class _Answers:
     def store(self, members: Tensor | None, *values: Tensor) -> None:
         """Write the working batch's ``values`` (in field order) at ``members`` (``None``: the
         whole batch, in order)."""
-        names = ("x", "s", "z", "tau", "kappa", "status", "iterations", "residual")
-        for name, value in zip(names, values):
+        for field, value in zip(dataclasses.fields(self), values):
+            name = field.name
             if members is None:
                 setattr(self, name, value)
             else:
