@@ -89,8 +89,8 @@ class _AffineMap:
         r, c = position % leading, position // leading
         row_at = torch.full((leading,), -1, dtype=torch.int64)
         row_at[rows] = torch.arange(rows.numel())
-        width = int(c.max()) + 1 if c.numel() else 0
-        col_at = torch.full((max(width, int(cols.max()) + 1 if cols.numel() else 0),), -1)
+        span = max((int(t.max()) + 1 for t in (c, cols) if t.numel()), default=0)
+        col_at = torch.full((span,), -1, dtype=torch.int64)
         col_at[cols] = torch.arange(cols.numel())
         i, j = row_at[r], col_at[c]
         keep = (i >= 0) & (j >= 0)
