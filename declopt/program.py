@@ -70,6 +70,12 @@ class Program:
             represented by the extremum at that point. A site whose margin is ~0 holds the
             solution on a kink; the backward then adds ``residual = 0`` as one more active
             equality (docs/design.md, "Kinks").
+        kink_rows: ``(x, u, reference=None) -> (residuals (K,), margins (K,), index (K, 2),
+            value (K, 2))``: ``kinks`` with the residuals' exact Jacobian as index sets, row
+            ``k`` being ``value[k, 0] e_{index[k, 0]} + value[k, 1] e_{index[k, 1]}``; ``None``
+            unless every kink residual is linear in at most two coordinates of ``u`` (every
+            site linear, its operands selections of ``u``: ``abs(u)``, ``norm1(u - x)``,
+            ``max(u)``, ...).
         kinks_isolated: every kink site is an isolated point (``AtomRule.isolated_kinks``, e.g.
             the origin of a 2-norm): solvers may treat the declaration as smooth and deal with
             kinks only where a solution lands on one.
@@ -119,6 +125,7 @@ class Program:
         default=None, compare=False, repr=False
     )
     kinks: Callable[..., tuple[Tensor, Tensor]] | None = None
+    kink_rows: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]] | None = None
     kinks_isolated: bool = False
     smoothed: Program | None = field(default=None, compare=False, repr=False)
     frontend_error: Exception | None = field(default=None, compare=False, repr=False)

@@ -274,8 +274,91 @@ def kinks_are_isolated(exprs: Sequence[cp.Expression]) -> bool:
     )
 
 
+VarSlices = Sequence[tuple[int, int, int, tuple[int, ...]]]
+"""``(variable id, start, stop, shape)`` of each variable in the flat ``u``."""
+
+
+def _selection(node: cp.Expression, var_slices: VarSlices, m: int) -> tuple[np.ndarray, ...] | None:
+    """``(index, coef)`` (each ``(size,)``) with ``node`` (flattened row-major) ``= coef *
+    u[index] +`` terms free of ``u``, for every value of the parameters; ``None`` where ``node``
+    is not such a signed, scaled selection of ``u`` (``coef = 0``: the entry is free of ``u``).
+
+    Found numerically on an affine ``node``: forward-mode products with ``1`` and with the
+    positions ``1..m`` give each entry's coefficient and its position (one nonzero per entry),
+    a random direction checks them, and a second random parameter point checks that they do
+    not depend on the parameters.
+    """
+    if not _degree_at_most(node, 1):
+        return None
+    steps, (root,), _ = _build([node])
+    found = []
+    for seed in (0, 1):
+        env = dict(gating.random_env(node, seed))
+        rng = np.random.default_rng(seed)
+        u0 = torch.from_numpy(rng.uniform(0.2, 0.8, m))
+
+        def value(u: Tensor, env: dict = env) -> Tensor:
+            env = {**env, **{vid: u[a:b].reshape(shape) for vid, a, b, shape in var_slices}}
+            slots: list[Tensor] = []
+            for step in steps:
+                slots.append(step(slots, env, u))
+            return slots[root].reshape(-1)
+
+        def along(direction: Tensor, value: Callable = value, u0: Tensor = u0) -> Tensor:
+            return torch.func.jvp(value, (u0,), (direction,))[1]
+
+        coef = along(torch.ones(m, dtype=torch.float64))
+        ramp = along(torch.arange(1, m + 1, dtype=torch.float64))
+        free = coef == 0
+        index = torch.where(free, 1.0, ramp / torch.where(free, 1.0, coef)).round() - 1
+        if not bool(((index >= 0) & (index < m)).all()):
+            return None
+        index = index.long()
+        probe = torch.from_numpy(rng.standard_normal(m))
+        expected = coef * probe[index]
+        if not torch.allclose(along(probe), expected, rtol=1e-12, atol=1e-12):
+            return None
+        found.append((index.numpy(), coef.numpy()))
+    (index, coef), (index2, coef2) = found
+    if not (np.array_equal(index, index2) and np.array_equal(coef, coef2)):
+        return None
+    return index, coef
+
+
+class _SiteRows:
+    """Maps a linear site's :data:`~declopt.frontend.kinks.Rows` from operand positions to
+    coordinates of ``u``: the positions it hands the site, and each position's coordinate and
+    coefficient (the operands' :func:`_selection`)."""
+
+    def __init__(self, operands_: Sequence[cp.Expression], maps: Sequence[tuple]) -> None:
+        self.positions, offset = [], 0
+        for a in operands_:
+            shape = tuple(int(d) for d in a.shape)
+            size = math.prod(shape)
+            self.positions.append(TensorCache(np.arange(offset, offset + size).reshape(shape)))
+            offset += size
+        self.index = TensorCache(np.concatenate([index for index, _ in maps]).astype(np.int64))
+        self.coef = TensorCache(np.concatenate([coef for _, coef in maps]))
+
+    def operand_positions(self, device: torch.device) -> list[Tensor]:
+        return [p.get(torch.long, device) for p in self.positions]
+
+    def in_u(self, index: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """``(index (K, 2), value (K, 2))`` in coordinates of ``u``; a row whose two entries
+        land on one coordinate keeps their sum in its first slot."""
+        at = self.index.get(torch.long, index.device)[index]
+        value = value * self.coef.get(value.dtype, value.device)[index]
+        same = at[..., 0] == at[..., 1]
+        first = value[..., 0] + torch.where(same, value[..., 1], torch.zeros_like(value[..., 1]))
+        second = torch.where(same, torch.zeros_like(value[..., 1]), value[..., 1])
+        return at, torch.stack([first, second], -1)
+
+
 def _compile_kinks(
-    exprs: Sequence[cp.Expression], inequality_roots: frozenset[int] = frozenset()
+    exprs: Sequence[cp.Expression],
+    inequality_roots: frozenset[int] = frozenset(),
+    var_slices: VarSlices | None = None,
+    m: int = 0,
 ) -> KinkFn | None:
     """``env -> (residuals (K,), margins (K,))`` of every kink site in ``exprs``, or ``None``.
 
@@ -285,6 +368,11 @@ def _compile_kinks(
     A site that only appears inside inequalities (roots listed in ``inequality_roots``, each an
     expression ``<= 0``) counts only while an inequality row that depends on it is active: its
     margin is at least the smallest gap ``max(0, -g_r)`` among those rows (:mod:`.gating`).
+
+    With ``var_slices``, and when every site is linear (:attr:`KinkSite.linear`) in operands that
+    are selections of ``u`` (:func:`_selection`), ``evaluate(env, reference_env, rows=True)``
+    also returns the residuals' Jacobian as index sets: ``index (K, 2)``, ``value (K, 2)`` in
+    coordinates of ``u``; the returned function's ``structured`` attribute says whether it can.
     """
     nodes: list[cp.Expression] = []
     steps, roots, _ = _build(exprs, nodes)
@@ -312,9 +400,16 @@ def _compile_kinks(
                 size,
             )
         owner_index = TensorCache(np.asarray(site.owners, dtype=np.int64))
-        sites.append((site.fn, [slot_of[id(a)] for a in operands(node)], gate, owner_index))
+        site_rows = None
+        if site.linear and var_slices is not None:
+            maps = [_selection(a, var_slices, m) for a in operands(node)]
+            if all(map_ is not None for map_ in maps):
+                site_rows = _SiteRows(operands(node), maps)
+        inputs = [slot_of[id(a)] for a in operands(node)]
+        sites.append((site.fn, inputs, gate, owner_index, site_rows))
     if not sites:
         return None
+    structured = all(site_rows is not None for *_, site_rows in sites)
 
     def run(env: Env) -> list[Tensor]:
         ref = next(iter(env.values()), None)
@@ -323,13 +418,25 @@ def _compile_kinks(
             slots.append(step(slots, env, ref))
         return slots
 
-    def evaluate(env: Env, reference_env: Env | None = None) -> tuple[Tensor, Tensor]:
+    def evaluate(
+        env: Env, reference_env: Env | None = None, rows: bool = False
+    ) -> tuple[Tensor, ...]:
         slots = run(env)
         reference = run(reference_env) if reference_env is not None else None
-        residuals, margins = [], []
-        for site, inputs, gate, owner_index in sites:
+        residuals, margins, indices, values = [], [], [], []
+        for site, inputs, gate, owner_index, site_rows in sites:
             at_reference = None if reference is None else [reference[i] for i in inputs]
-            residual, margin = site(*[slots[i] for i in inputs], reference=at_reference)
+            operand_values = [slots[i] for i in inputs]
+            if rows:
+                positions = site_rows.operand_positions(operand_values[0].device)
+                residual, margin, (index, value) = site(
+                    *operand_values, reference=at_reference, positions=positions
+                )
+                index, value = site_rows.in_u(index, value)
+                indices.append(index)
+                values.append(value)
+            else:
+                residual, margin = site(*operand_values, reference=at_reference)
             if gate is not None:
                 # A site of an inequality is only as close to binding as the rows it affects:
                 # its margin is at least their smallest gap, so one tolerance decides both.
@@ -337,8 +444,11 @@ def _compile_kinks(
                 margin = torch.where(gap > margin.abs(), gap, margin)
             residuals.append(residual.reshape(-1))
             margins.append(margin.reshape(-1))
+        if rows:
+            return torch.cat(residuals), torch.cat(margins), torch.cat(indices), torch.cat(values)
         return torch.cat(residuals), torch.cat(margins)
 
+    evaluate.structured = structured  # type: ignore[attr-defined]
     return evaluate
 
 
@@ -849,12 +959,6 @@ def compile_problem(
     objective_expr = hoisted(objective.expr)
     eqs, ineqs = [hoisted(e) for e in eqs], [hoisted(e) for e in ineqs]
 
-    first_ineq = 1 + len(eqs)
-    kink_eval = _compile_kinks(
-        [objective_expr, *eqs, *ineqs],
-        frozenset(range(first_ineq, first_ineq + len(ineqs))),
-    )
-
     param_ids = [p.id for p in parameters]
     n_params = len(parameters)
     var_slices: list[tuple[int, int, int, tuple[int, ...]]] = []
@@ -865,6 +969,14 @@ def compile_problem(
         var_slices.append((v.id, offset, offset + size, shape))
         offset += size
     m = offset
+
+    first_ineq = 1 + len(eqs)
+    kink_eval = _compile_kinks(
+        [objective_expr, *eqs, *ineqs],
+        frozenset(range(first_ineq, first_ineq + len(ineqs))),
+        var_slices,
+        m,
+    )
 
     def functions(smooth: bool) -> tuple[Callable, Callable | None, Callable | None, Callable]:
         """``(objective, equalities, inequalities, env_of)``; with ``smooth``, the nonsmooth
@@ -914,6 +1026,14 @@ def compile_problem(
     ) -> tuple[Tensor, Tensor]:
         return kink_eval(env_of(x, u), None if reference is None else env_of(x, reference))
 
+    def kink_rows_fn(
+        x: Sequence[Tensor], u: Tensor, reference: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        reference_env = None if reference is None else env_of(x, reference)
+        return kink_eval(env_of(x, u), reference_env, rows=True)
+
+    structured = kink_eval is not None and kink_eval.structured
+
     names = tuple(p.name() for p in parameters)
     shapes = tuple(tuple(int(d) for d in p.shape) for p in parameters)
     variable_names = tuple(v.name() for v in variables)
@@ -948,6 +1068,7 @@ def compile_problem(
         maximize=sign < 0,
         source=(problem, tuple(parameters), tuple(variables)),
         kinks=kinks_fn if kink_eval is not None else None,
+        kink_rows=kink_rows_fn if structured else None,
         kinks_isolated=kink_eval is not None and kinks_are_isolated([objective_expr, *eqs, *ineqs]),
         smoothed=smoothed,
     )

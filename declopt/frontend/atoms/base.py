@@ -43,10 +43,18 @@ class KinkSite:
     be on one). With ``reference`` (the operands at a reference point), ties are represented by
     the extremum there. ``owners[k]`` is the flat (row-major) index of the atom-output entry that
     site ``k`` belongs to: a kink inside an inequality is gated by the rows that depend on it.
+
+    ``linear``: every residual is linear in the operands, at most two entries per residual, with
+    piecewise constant coefficients (an entry, an entry less its tie representative). Then
+    ``fn(..., positions=...)``, given each operand's flat positions in the concatenated operands
+    (long tensors shaped like the operands), also returns the residuals' exact Jacobian as
+    :data:`~declopt.frontend.kinks.Rows` ``(index (K, 2), value (K, 2))``: the KKT core then
+    keeps kink rows as index sets instead of dense Jacobian rows.
     """
 
-    fn: Callable[..., tuple[Tensor, Tensor]]
+    fn: Callable[..., tuple[Any, ...]]
     owners: np.ndarray
+    linear: bool = False
 
 
 DegreeRule = Callable[[Any, tuple[int | None, ...]], int | None]

@@ -76,15 +76,36 @@ def _chooser(to_rows: Any, x: Tensor, reference: Any) -> Tensor:
     return to_rows(x) if reference is None else to_rows(reference[0])
 
 
+def _entries(rows: Tensor, positions: Any, to_rows: Any = None) -> tuple[Tensor, ...]:
+    """``(residual, margin)`` of sites that are the entries ``rows`` themselves, with their
+    :data:`~declopt.frontend.kinks.Rows` when the operand's ``positions`` are given."""
+    flat = rows.reshape(-1)
+    if positions is None:
+        return flat, flat
+    at = positions[0] if to_rows is None else to_rows(positions[0])
+    return flat, flat, _flat_rows(K.entry_rows(at.reshape(-1), torch.ones_like(flat)))
+
+
+def _flat_rows(rows: K.Rows) -> K.Rows:
+    index, value = rows
+    return index.reshape(-1, 2), value.reshape(-1, 2)
+
+
+def _flat(parts: tuple[Tensor, ...]) -> tuple[Any, ...]:
+    """A site builder's ``(residual, margin[, rows])`` flattened to one site per row."""
+    flat = tuple(t.reshape(-1) for t in parts[:2])
+    return flat if len(parts) == 2 else (*flat, _flat_rows(parts[2]))
+
+
 # ---------------------------------------------------------------------------------------------
 # abs, norm1
 
 
 def _abs_kinks(expr: Any) -> KinkSite:
-    def fn(x: Tensor, reference: Any = None) -> tuple[Tensor, Tensor]:
-        return x.reshape(-1), x.reshape(-1)
+    def fn(x: Tensor, reference: Any = None, positions: Any = None) -> tuple[Any, ...]:
+        return _entries(x, positions)
 
-    return KinkSite(fn, np.arange(_size(expr), dtype=np.int64))
+    return KinkSite(fn, np.arange(_size(expr), dtype=np.int64), linear=True)
 
 
 def _norm1(expr: Any) -> Evaluator:
@@ -96,11 +117,10 @@ def _norm1(expr: Any) -> Evaluator:
 def _norm1_kinks(expr: Any) -> KinkSite:
     to_rows, n = rows_of(expr)
 
-    def fn(x: Tensor, reference: Any = None) -> tuple[Tensor, Tensor]:
-        rows = to_rows(x).reshape(-1)
-        return rows, rows
+    def fn(x: Tensor, reference: Any = None, positions: Any = None) -> tuple[Any, ...]:
+        return _entries(to_rows(x), positions, to_rows)
 
-    return KinkSite(fn, _per_row(_size(expr), n))
+    return KinkSite(fn, _per_row(_size(expr), n), linear=True)
 
 
 def _norm1_smoothed(expr: Any) -> SmoothEvaluator:
@@ -131,20 +151,26 @@ def _elementwise_extremum(largest: bool) -> AtomRule:
             # the loser's ``x_loser - x_winner`` up to sign, without the argmin and gathers).
             shape = shape_of(expr)
 
-            def pair(a: Tensor, b: Tensor, reference: Any = None) -> tuple[Tensor, Tensor]:
+            def pair(
+                a: Tensor, b: Tensor, reference: Any = None, positions: Any = None
+            ) -> tuple[Any, ...]:
                 diff = torch.broadcast_to(a - b, shape).reshape(-1)
-                return diff, diff
+                if positions is None:
+                    return diff, diff
+                at_a, at_b = (torch.broadcast_to(p, shape).reshape(-1) for p in positions)
+                one = torch.ones_like(diff)
+                return diff, diff, (torch.stack([at_a, at_b], -1), torch.stack([one, -one], -1))
 
-            return KinkSite(pair, _per_row(_size(expr), 1))
+            return KinkSite(pair, _per_row(_size(expr), 1), linear=True)
         stack = _stacked(expr)
 
-        def fn(*xs: Tensor, reference: Any = None) -> tuple[Tensor, Tensor]:
+        def fn(*xs: Tensor, reference: Any = None, positions: Any = None) -> tuple[Any, ...]:
             rows = stack(xs)  # (out_size, number of arguments)
             chooser = rows if reference is None else stack(reference)
-            residual, margin = K.ties(rows, chooser, largest)
-            return residual.reshape(-1), margin.reshape(-1)
+            at = None if positions is None else stack(positions)
+            return _flat(K.ties(rows, chooser, largest, at))
 
-        return KinkSite(fn, _per_row(_size(expr), len(expr.args)))
+        return KinkSite(fn, _per_row(_size(expr), len(expr.args)), linear=True)
 
     def smoothed(expr: Any) -> SmoothEvaluator:
         return lambda mu, *xs: functools.reduce(lambda a, b: S.pair_max(a, b, mu, sign), xs)
@@ -168,11 +194,11 @@ def _reduced_extremum(largest: bool) -> AtomRule:
     def kinks(expr: Any) -> KinkSite:
         to_rows, n = rows_of(expr)
 
-        def fn(x: Tensor, reference: Any = None) -> tuple[Tensor, Tensor]:
-            residual, margin = K.ties(to_rows(x), _chooser(to_rows, x, reference), largest)
-            return residual.reshape(-1), margin.reshape(-1)
+        def fn(x: Tensor, reference: Any = None, positions: Any = None) -> tuple[Any, ...]:
+            at = None if positions is None else to_rows(positions[0])
+            return _flat(K.ties(to_rows(x), _chooser(to_rows, x, reference), largest, at))
 
-        return KinkSite(fn, _per_row(_size(expr), n))
+        return KinkSite(fn, _per_row(_size(expr), n), linear=True)
 
     def smoothed(expr: Any) -> SmoothEvaluator:
         to_rows, _ = rows_of(expr)
@@ -191,21 +217,28 @@ def _norm_inf(expr: Any) -> Evaluator:
 def _norm_inf_kinks(expr: Any) -> KinkSite:
     to_rows, n = rows_of(expr)
 
-    def fn(x: Tensor, reference: Any = None) -> tuple[Tensor, Tensor]:
+    def fn(x: Tensor, reference: Any = None, positions: Any = None) -> tuple[Any, ...]:
         rows = to_rows(x)
         chooser = _chooser(to_rows, x, reference)
         # |x_j| as s_j x_j with the sign s at the chooser (+1 at zero): the same value, and a
         # unit slope where x_j = 0, so that the rows still pin the entries at the origin.
-        signed = K.unit_sign(chooser) * rows
-        residual, margin = K.ties(signed, chooser.abs(), largest=True)
+        sign = K.unit_sign(chooser)
+        signed = sign * rows
+        at = None if positions is None else to_rows(positions[0])
+        parts = K.ties(signed, chooser.abs(), True, at, sign)
         pick = chooser.abs().argmax(-1, keepdim=True)
         origin = signed.gather(-1, pick)  # the largest |x_j|: zero only at the origin
         reach = rows.abs().amax(-1, keepdim=True)
-        residual = torch.cat([residual, origin], -1)
-        margin = torch.cat([margin, reach], -1)
-        return residual.reshape(-1), margin.reshape(-1)
+        residual = torch.cat([parts[0], origin], -1).reshape(-1)
+        margin = torch.cat([parts[1], reach], -1).reshape(-1)
+        if at is None:
+            return residual, margin
+        origin_rows = K.entry_rows(at.gather(-1, pick), sign.gather(-1, pick))
+        (index, value), (index0, value0) = parts[2], origin_rows
+        rows_ = (torch.cat([index, index0], -2), torch.cat([value, value0], -2))
+        return residual, margin, _flat_rows(rows_)
 
-    return KinkSite(fn, _per_row(_size(expr), n + 1))
+    return KinkSite(fn, _per_row(_size(expr), n + 1), linear=True)
 
 
 def _norm_inf_smoothed(expr: Any) -> SmoothEvaluator:
@@ -273,8 +306,9 @@ def _restacked(expr: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
         return torch.cat([x.reshape(r) for x, r in zip(parts, shapes)], 0)
 
     def f(*parts: Tensor, **kwargs: Any) -> Any:
-        if kwargs.get("reference") is not None:
-            kwargs["reference"] = [stack(kwargs["reference"])]
+        for key in ("reference", "positions"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = [stack(kwargs[key])]
         return fn(stack(parts), **kwargs)
 
     return f
@@ -409,7 +443,7 @@ def _pnorm_kinks(expr: Any) -> KinkSite | None:
     site = None if _never_vanishes(expr) else _pnorm_kinks_of_argument(expr)
     if site is None or stacked_column_norm(expr) is None:
         return site
-    return KinkSite(_restacked(expr, site.fn), site.owners)
+    return KinkSite(_restacked(expr, site.fn), site.owners, linear=True)
 
 
 def _pnorm_kinks_of_argument(expr: Any) -> KinkSite | None:
@@ -418,16 +452,17 @@ def _pnorm_kinks_of_argument(expr: Any) -> KinkSite | None:
         return None
     to_rows, n = rows_of(expr)
 
-    def fn(x: Tensor, reference: Any = None) -> tuple[Tensor, Tensor]:
+    def fn(x: Tensor, reference: Any = None, positions: Any = None) -> tuple[Any, ...]:
         rows = to_rows(x)
         reach = (
             _two_norm(rows, (-1,), True)
             if p == 2
             else torch.linalg.vector_norm(rows, ord=p, dim=-1, keepdim=True)
         )
-        return rows.reshape(-1), reach.expand_as(rows).reshape(-1)
+        residual, *structure = _entries(rows, positions, to_rows)
+        return residual, reach.expand_as(rows).reshape(-1), *structure[1:]
 
-    return KinkSite(fn, _per_row(_size(expr), n))
+    return KinkSite(fn, _per_row(_size(expr), n), linear=True)
 
 
 def _pnorm_smoothed(expr: Any) -> SmoothEvaluator | None:
@@ -489,15 +524,20 @@ def _sum_largest_kinks(expr: Any) -> KinkSite | None:
         return None  # k >= n (a plain sum) or k < 1 with n = 1
     to_rows, n, _, _ = _sum_largest_layout(expr)
 
-    def fn(x: Tensor, reference: Any = None) -> tuple[Tensor, Tensor]:
+    def fn(x: Tensor, reference: Any = None, positions: Any = None) -> tuple[Any, ...]:
         rows = to_rows(x)
         chooser = _chooser(to_rows, x, reference)
-        parts = [K.boundary_ties(rows, chooser, b) for b in boundaries]
-        residual = torch.cat([r for r, _ in parts], -1)
-        margin = torch.cat([m for _, m in parts], -1)
-        return residual.reshape(-1), margin.reshape(-1)
+        at = None if positions is None else to_rows(positions[0])
+        parts = [K.boundary_ties(rows, chooser, b, at) for b in boundaries]
+        residual = torch.cat([part[0] for part in parts], -1).reshape(-1)
+        margin = torch.cat([part[1] for part in parts], -1).reshape(-1)
+        if at is None:
+            return residual, margin
+        index = torch.cat([part[2][0] for part in parts], -2)
+        value = torch.cat([part[2][1] for part in parts], -2)
+        return residual, margin, _flat_rows((index, value))
 
-    return KinkSite(fn, _per_row(_size(expr), n * len(boundaries)))
+    return KinkSite(fn, _per_row(_size(expr), n * len(boundaries)), linear=True)
 
 
 def _sum_largest_smoothed(expr: Any) -> SmoothEvaluator | None:
@@ -552,11 +592,11 @@ def _cummax_kinks(expr: Any) -> KinkSite | None:
     to_rows, _, owners = layout
     n = owners.shape[-1]
 
-    def fn(x: Tensor, reference: Any = None) -> tuple[Tensor, Tensor]:
-        residual, margin = K.prefix_ties(to_rows(x), _chooser(to_rows, x, reference))
-        return residual.reshape(-1), margin.reshape(-1)
+    def fn(x: Tensor, reference: Any = None, positions: Any = None) -> tuple[Any, ...]:
+        at = None if positions is None else to_rows(positions[0])
+        return _flat(K.prefix_ties(to_rows(x), _chooser(to_rows, x, reference), at))
 
-    return KinkSite(fn, np.repeat(owners.reshape(-1), n))
+    return KinkSite(fn, np.repeat(owners.reshape(-1), n), linear=True)
 
 
 def _cummax_smoothed(expr: Any) -> SmoothEvaluator | None:
