@@ -28,8 +28,8 @@ from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
 from declopt.derivatives import BatchedObjective, kink_test_for
-from declopt.kkt.functions import constraint_fn, lagrangian, weighted_constraints
-from declopt.kkt.point import KKTPoint, kkt_point
+from declopt.kkt.functions import constraint_fn, weighted_constraints
+from declopt.kkt.point import KKTPoint, kkt_point, lagrangian_derivatives
 from declopt.linalg import (
     LinearSolver,
     LinearSolveReport,
@@ -110,7 +110,7 @@ def implicit_vjp(
     """
     if side not in SIDES:
         raise ValueError(f"side must be one of {SIDES}, got {side!r}")
-    batch, m = u.shape
+    batch = u.shape[0]
     wanted = (True,) * len(params.values) if wanted is None else tuple(wanted)
     if point is None and (program.is_constrained or _on_a_kink(program, params, u, compile)):
         point = kkt_point(
@@ -128,37 +128,18 @@ def implicit_vjp(
         flags = (point.weakly_active.any(-1), point.sign_violation, point.stationarity)
         return grads, ImplicitReport(linear, point, *flags)
 
-    # Only held rows enter the KKT system: gather each problem's held rows to the front and pad
-    # to the largest count of the batch (padding: zero in A, one on the diagonal).
-    rows, row_mask = compact_rows(held)
-    k = rows.shape[-1]
-    jac = point.jacobian.gather(1, rows.unsqueeze(-1).expand(-1, -1, m)) * row_mask.unsqueeze(-1)
     lam = torch.where(held, point.multipliers, torch.zeros_like(point.multipliers))
-    with_kinks = point.sizes.kinks > 0
-    extended = BatchedParams((*params.values, lam), (*params.in_dims, 0), batch)
-    lagrangian_derivatives = BatchedObjective(
-        lagrangian(program, with_kinks), extended, compile=compile
-    )
-    rhs = torch.cat([v, v.new_zeros(batch, k)], -1)
-    if linear_solver.is_dense(m):
-        kkt = bordered_kkt(lagrangian_derivatives.hessian(u), jac, row_mask)
-        solution, linear = solve_symmetric(kkt, rhs, num_negative_expected=row_mask.sum(-1))
-    else:
-        solution, linear = kkt_minres(
-            lambda d: lagrangian_derivatives.hvp(u, d), jac, row_mask, rhs
-        )
-    w = solution[:, :m]
-    z = torch.zeros_like(lam).scatter(1, rows, solution[:, m:] * row_mask)
-
-    grads_l = lagrangian_derivatives.param_vjp(u, w)[: len(params.values)]
-    weighted = weighted_constraints(program, with_kinks)
+    derivatives = lagrangian_derivatives(program, params, point, lam, compile)
+    w, z, linear = _kkt_solve(derivatives, point, held, v, linear_solver)
+    grads_l = derivatives.param_vjp(u, w)[: len(params.values)]
+    weighted = weighted_constraints(program, point.sizes.kinks > 0)
     in_dims = (*params.in_dims, 0)
     _, pullback = vjp(
         lambda xs: vmap(weighted, in_dims=(in_dims, 0))((*xs, z), u).sum(), params.values
     )
     grads_c = pullback(torch.ones((), dtype=u.dtype, device=u.device))[0]
     grads = tuple(gl - gc for gl, gc in zip(grads_l, grads_c))
-    stationarity = (point.grad_f - (lam.unsqueeze(-1) * point.jacobian).sum(-2)).abs().amax(-1)
+    stationarity = (point.grad_f - point.jacobian.rmatvec(lam)).abs().amax(-1)
     report = ImplicitReport(
         linear,
         point,
@@ -187,7 +168,7 @@ def implicit_jvp(
     """
     if side not in SIDES:
         raise ValueError(f"side must be one of {SIDES}, got {side!r}")
-    batch, m = u.shape
+    m = u.shape[-1]
     if point is None and (program.is_constrained or _on_a_kink(program, params, u)):
         point = kkt_point(program, params, u)
     held = None if point is None else point.held_rows(side)
@@ -200,26 +181,49 @@ def implicit_jvp(
         if linear_solver.is_dense(m):
             _, hess = objective.grad_and_hessian(u)
             return solve_symmetric(hess, -dg)[0]
-        return conjugate_gradient(lambda d: objective.hvp(u, d), -dg)[0]
-    rows, row_mask = compact_rows(held)
-    jac = point.jacobian.gather(1, rows.unsqueeze(-1).expand(-1, -1, m)) * row_mask.unsqueeze(-1)
+        return conjugate_gradient(objective.hvp_at(u), -dg)[0]
     lam = torch.where(held, point.multipliers, torch.zeros_like(point.multipliers))
-    with_kinks = point.sizes.kinks > 0
-    extended = BatchedParams((*params.values, lam), (*params.in_dims, 0), batch)
-    lagrangian_derivatives = BatchedObjective(lagrangian(program, with_kinks), extended)
+    derivatives = lagrangian_derivatives(program, params, point, lam)
+    multipliers = derivatives.params.values[-1]
     dg = _gradient_jvp(
-        lagrangian(program, with_kinks), extended, u, (*tangents, torch.zeros_like(lam))
+        derivatives.fn, derivatives.params, u, (*tangents, torch.zeros_like(multipliers))
     )
+    with_kinks = point.sizes.kinks > 0
     constraints = vmap(constraint_fn(program, with_kinks), in_dims=(params.in_dims, 0))
     _, dc = jvp(lambda *xs: constraints(xs, u), tuple(params.values), tangents)
-    dc = dc.gather(1, rows) * row_mask
-    rhs = -torch.cat([dg, dc], -1)
+    return _kkt_solve(derivatives, point, held, -dg, linear_solver, -dc)[0]
+
+
+def _kkt_solve(
+    derivatives: BatchedObjective,
+    point: KKTPoint,
+    held: Tensor,
+    top: Tensor,
+    linear_solver: LinearSolver,
+    bottom: Tensor | None = None,
+) -> tuple[Tensor, Tensor, LinearSolveReport]:
+    """``(w (B, m), z (B, k), report)`` solving ``[[H, A^T], [A, 0]] [w; z] = [top; bottom]`` on
+    the rows ``held`` (``bottom (B, k)``, default zero; read on the held rows only).
+
+    Dense (``m`` small): each problem's held rows gathered to the front, padded to the batch's
+    largest count (zero in ``A``, one on the diagonal), and the bordered matrix factored.
+    Krylov: MINRES on every row, those not held as padding, with ``A`` as the point keeps it
+    (kink rows as index sets)."""
+    u = point.u
+    m = u.shape[-1]
+    bottom = torch.zeros_like(held, dtype=top.dtype) if bottom is None else bottom
+    bottom = torch.where(held, bottom, torch.zeros_like(bottom))
     if linear_solver.is_dense(m):
-        kkt = bordered_kkt(lagrangian_derivatives.hessian(u), jac, row_mask)
-        solution = solve_symmetric(kkt, rhs, num_negative_expected=row_mask.sum(-1))[0]
-    else:
-        solution = kkt_minres(lambda d: lagrangian_derivatives.hvp(u, d), jac, row_mask, rhs)[0]
-    return solution[:, :m]
+        rows, row_mask = compact_rows(held)
+        jac = point.jacobian.rows(rows, row_mask)
+        rhs = torch.cat([top, bottom.gather(1, rows) * row_mask], -1)
+        kkt = bordered_kkt(derivatives.hessian(u), jac, row_mask)
+        solution, linear = solve_symmetric(kkt, rhs, num_negative_expected=row_mask.sum(-1))
+        z = torch.zeros_like(bottom).scatter(1, rows, solution[:, m:] * row_mask)
+        return solution[:, :m], z, linear
+    rhs = torch.cat([top, bottom], -1)
+    solution, linear = kkt_minres(derivatives.hvp_at(u), point.jacobian, held, rhs)
+    return solution[:, :m], solution[:, m:] * held, linear
 
 
 def _gradient_jvp(
@@ -257,7 +261,7 @@ def _unconstrained(
         w, linear = solve_symmetric(hess, v)
     else:
         g = objective.grad(u)
-        w, linear = conjugate_gradient(lambda d: objective.hvp(u, d), v)
+        w, linear = conjugate_gradient(objective.hvp_at(u), v)
     return objective.param_vjp(u, w, wanted), g, linear
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from declopt.kkt.jacobian import RowJacobian
+
 DENSE_MAX = 128
 """Up to this many variables, Newton and KKT systems are formed and factored; above, Krylov
 methods run on Hessian-vector products (the backward, the constrained polish and the nonsmooth
@@ -249,40 +251,49 @@ def compact_rows(mask: Tensor) -> tuple[Tensor, Tensor]:
     return rows, mask.gather(1, rows)
 
 
-def masked_least_squares(jac: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+def masked_least_squares(jac: RowJacobian | Tensor, target: Tensor, mask: Tensor) -> Tensor:
     """Least-squares ``lambda`` of ``A^T lambda = target`` over the rows of ``A`` in ``mask``.
 
-    ``jac: (B, k, m)``, ``target: (B, m)``, ``mask: (B, k)``; rows outside ``mask`` get 0. The
-    normal equations are solved on the compacted active rows only; dependent rows give the
-    minimum-norm multipliers.
+    ``jac: (B, k, m)`` (a tensor or a :class:`~declopt.kkt.jacobian.RowJacobian`), ``target:
+    (B, m)``, ``mask: (B, k)``; rows outside ``mask`` get 0. Dependent rows give the
+    minimum-norm multipliers. Up to :data:`DENSE_LEAST_SQUARES_MAX` rows held, the normal
+    equations are formed on the compacted held rows; beyond, CG runs on products with ``A``
+    (cheap for index-set rows), dense only for the problems where it does not converge.
     """
-    batch, k, m = jac.shape
+    jac = RowJacobian.of_dense(jac) if isinstance(jac, Tensor) else jac
+    batch, k = mask.shape
     if k == 0:
-        return jac.new_zeros(batch, 0)
+        return target.new_zeros(batch, 0).to(jac.dtype)
     rows, row_mask = compact_rows(mask)
     if rows.shape[1] == 0:
-        return jac.new_zeros(batch, k)
+        return target.new_zeros(batch, k).to(jac.dtype)
     # The normal equations square the condition number (many tied kinks make it large): form and
     # solve them in float64 whatever the data's dtype.
     wide = torch.promote_types(jac.dtype, torch.float64)
-    active = jac.gather(1, rows.unsqueeze(-1).expand(-1, -1, m)).to(wide) * row_mask.unsqueeze(-1)
-    rhs = (active @ target.to(wide).unsqueeze(-1)).squeeze(-1)
-    pad = (~row_mask).to(wide)
-    if rows.shape[1] > DENSE_LEAST_SQUARES_MAX:
-        # Forming A A^T costs k^2 m; CG needs two products with A per iteration, and active
-        # rows of kinks and constraints are usually near-orthogonal (few iterations).
-        def normal_product(z: Tensor) -> Tensor:
-            back = (active.transpose(-1, -2) @ z.unsqueeze(-1)).squeeze(-1)
-            return (active @ back.unsqueeze(-1)).squeeze(-1) + pad * z
+    if rows.shape[1] <= DENSE_LEAST_SQUARES_MAX:
+        active = jac.rows(rows, row_mask).to(wide)
+        rhs = (active @ target.to(wide).unsqueeze(-1)).squeeze(-1)
+        lam = _dense_normal(active, rhs, (~row_mask).to(wide))
+        return target.new_zeros(batch, k).to(jac.dtype).scatter(1, rows, lam.to(jac.dtype))
+    # Forming A A^T costs k^2 m; CG needs two products with A per iteration, and held rows of
+    # kinks and constraints are usually near-orthogonal (few iterations).
+    held = jac.to(wide).masked(mask)
+    pad = (~mask).to(wide)
+    rhs = held.matvec(target.to(wide))
 
-        lam, report = conjugate_gradient(normal_product, rhs, max_iter=LEAST_SQUARES_CG_ITER)
-        slow = report.singular  # not converged: dense for those problems
-        if bool(slow.any()):
-            lam = lam.clone()
-            lam[slow] = _dense_normal(active[slow], rhs[slow], pad[slow])
-    else:
-        lam = _dense_normal(active, rhs, pad)
-    return jac.new_zeros(batch, k).scatter(1, rows, (lam * row_mask).to(jac.dtype))
+    def normal_product(z: Tensor) -> Tensor:
+        return held.matvec(held.rmatvec(z)) + pad * z
+
+    lam, report = conjugate_gradient(normal_product, rhs, max_iter=LEAST_SQUARES_CG_ITER)
+    slow = report.singular  # not converged: dense for those problems
+    if bool(slow.any()):
+        lam = lam.clone()
+        sub_rows, sub_mask = rows[slow], row_mask[slow]
+        active = held.select(slow.nonzero().squeeze(-1)).rows(sub_rows, sub_mask)
+        sub_rhs = (active @ target[slow].to(wide).unsqueeze(-1)).squeeze(-1)
+        fit = _dense_normal(active, sub_rhs, (~sub_mask).to(wide))
+        lam[slow] = torch.zeros_like(lam[slow]).scatter(1, sub_rows, fit * sub_mask)
+    return (lam * mask).to(jac.dtype)
 
 
 DENSE_LEAST_SQUARES_MAX = DENSE_MAX
@@ -441,33 +452,37 @@ def minres(
 
 
 def kkt_minres(
-    hvp: Callable[[Tensor], Tensor], jac: Tensor, row_mask: Tensor, rhs: Tensor
+    hvp: Callable[[Tensor], Tensor], jac: RowJacobian | Tensor, row_mask: Tensor, rhs: Tensor
 ) -> tuple[Tensor, LinearSolveReport]:
     """Solve the padded KKT systems ``[[H, A^T], [A, D]] s = rhs`` matrix-free by MINRES.
 
     ``hvp: (B, m) -> (B, m)`` applies each problem's Lagrangian Hessian ``H``; ``jac: (B, k, m)``
-    holds the active rows ``A`` (padding rows zero), ``D = diag(~row_mask)`` puts a one on each
-    padding row. MINRES takes symmetric indefinite systems (the KKT matrix has ``k`` negative
+    (a tensor or a :class:`~declopt.kkt.jacobian.RowJacobian`) holds the rows ``A``, those
+    outside ``row_mask`` padding: ``D = diag(~row_mask)`` puts a one on each. MINRES takes
+    symmetric indefinite systems (the KKT matrix has ``k`` negative
     eigenvalues) and, started from zero, converges to the minimum-norm solution of a consistent
     singular system, as the dense pseudo-inverse does. It cannot count eigenvalues, so
     ``second_order_ok`` only checks the curvature ``w.Hw > 0`` along the solution's ``w``
     (necessary, not sufficient, for a strict minimum).
     """
-    m = jac.shape[-1]
+    jac = RowJacobian.of_dense(jac) if isinstance(jac, Tensor) else jac
+    jac = jac.masked(row_mask)
+    m = jac.m
     pad = (~row_mask).to(rhs.dtype)
-    jac_t = jac.transpose(-1, -2)
 
     def matvec(s: Tensor) -> Tensor:
         w, z = s[:, :m], s[:, m:]
-        top = hvp(w) + (jac_t @ z.unsqueeze(-1)).squeeze(-1)
-        bottom = (jac @ w.unsqueeze(-1)).squeeze(-1) + pad * z
+        top = hvp(w) + jac.rmatvec(z)
+        bottom = jac.matvec(w) + pad * z
         return torch.cat([top, bottom], -1)
 
     solution, converged, residual = minres(matvec, rhs)
     w = solution[:, :m]
     curvature = (w * hvp(w)).sum(-1)
     tiny = torch.finfo(rhs.dtype).tiny
-    flat = curvature <= torch.finfo(rhs.dtype).eps * (w * w).sum(-1).clamp_min(tiny)
+    # w = 0 (the held rows leave no free direction, or v lies in their span) says nothing.
+    size = (w * w).sum(-1)
+    flat = (curvature <= torch.finfo(rhs.dtype).eps * size.clamp_min(tiny)) & (size > 0)
     singular = ~converged
     report = LinearSolveReport("minres", singular, ~flat & ~singular, residual)
     return solution, report

@@ -66,6 +66,7 @@ def _wrap(program: Program, reduced: Callable[[Sequence[Tensor]], tuple[Tensor, 
         "equalities": of_x(program.equalities),
         "inequalities": of_x(program.inequalities),
         "kinks": of_x(program.kinks),
+        "kink_rows": of_x(program.kink_rows),
     }
 
 
@@ -83,10 +84,10 @@ def in_declared_parameters(
 ) -> Program:
     """The compiled log-space ``program`` (of the reduced problem's parameters, in the order of
     ``uses``) as a log-log Program of the declared parameters: every function (``objective``,
-    ``objective_taylor``, ``equalities``, ``inequalities``, ``kinks`` and those of ``smoothed``,
-    whose last parameter, the smoothing width, is passed through as it is) maps the declared
-    parameters to the reduced ones first; the outputs are ``exp(u)``; ``source``, the names and
-    signs are the declaration's."""
+    ``objective_taylor``, ``equalities``, ``inequalities``, ``kinks``, ``kink_rows`` and those of
+    ``smoothed``, whose last parameter, the smoothing width, is passed through as it is) maps the
+    declared parameters to the reduced ones first; the outputs are ``exp(u)``; ``source``, the
+    names and signs are the declaration's."""
     n = len(parameter_names)
     reduced = _reduced_parameters(uses, n)
     common = {

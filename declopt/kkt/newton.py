@@ -13,15 +13,13 @@ with different held sets.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from declopt.derivatives import BatchedObjective
-from declopt.kkt.functions import lagrangian
-from declopt.kkt.point import KKTPoint, kkt_point, reassess, sizes
+from declopt.kkt.point import KKTPoint, kkt_point, lagrangian_derivatives, reassess, sizes
 from declopt.kkt.tolerances import table
 from declopt.linalg import LinearSolver, bordered_kkt, kkt_minres, solve_newton
 from declopt.program import BatchedParams, Program
@@ -37,17 +35,15 @@ def newton_kkt_step(
     """``(u_new (B, m), lambda_new (B, k))`` after one Newton step (LU, least squares where
     singular) or MINRES on Hessian-vector products, as ``linear_solver`` says."""
     u, held = point.u, point.held
-    batch, m = u.shape
-    with_kinks = point.sizes.kinks > 0
-    extended = BatchedParams((*params.values, point.multipliers), (*params.in_dims, 0), batch)
-    lagrangian_derivatives = BatchedObjective(lagrangian(program, with_kinks), extended)
-    jac = point.jacobian * held.unsqueeze(-1)
+    m = u.shape[-1]
+    derivatives = lagrangian_derivatives(program, params, point)
+    jac = point.jacobian.masked(held)
     rows = torch.where(held, point.rows, torch.zeros_like(point.rows))
     rhs = torch.cat([-point.grad_lagrangian, -rows], -1)
     if linear_solver.is_dense(m):
-        step = solve_newton(bordered_kkt(lagrangian_derivatives.hessian(u), jac, held), rhs)
+        step = solve_newton(bordered_kkt(derivatives.hessian(u), jac.to_dense(), held), rhs)
     else:  # m Hessian probes would cost more than a few MINRES products
-        step, _ = kkt_minres(functools.partial(lagrangian_derivatives.hvp, u), jac, held, rhs)
+        step, _ = kkt_minres(derivatives.hvp_at(u), jac, held, rhs)
     lam = torch.where(held, point.multipliers - step[:, m:], torch.zeros_like(point.multipliers))
     return u + step[:, :m], lam
 

@@ -20,7 +20,9 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value, jacfwd, jacrev, vmap
 
-from declopt.kkt.functions import equality_fn, inequality_fn
+from declopt.derivatives import BatchedObjective
+from declopt.kkt.functions import equality_fn, inequality_fn, lagrangian
+from declopt.kkt.jacobian import RowJacobian
 from declopt.kkt.tolerances import (
     Tolerances,
     gradient_scale,
@@ -69,7 +71,9 @@ class KKTPoint:
         objective: ``(B,)`` ``f``.
         grad_f: ``(B, m)`` ``D_u f``.
         rows: ``(B, k)`` ``c = [h; g; kinks]`` (kinks only when the point was made with them).
-        jacobian: ``(B, k, m)`` ``D_u c`` (every row, held or not).
+        jacobian: ``D_u c`` (every row, held or not), ``(B, k, m)`` as a
+            :class:`~declopt.kkt.jacobian.RowJacobian` (kink rows as index sets where the
+            declaration gives them: :attr:`~declopt.program.Program.kink_rows`).
         margins: ``(B, K)`` kink margins (~0 on a kink).
         multipliers: ``(B, k)`` seed convention, zero on rows not held.
         held: ``(B, k)`` rows held as equalities.
@@ -93,7 +97,7 @@ class KKTPoint:
     objective: Tensor
     grad_f: Tensor
     rows: Tensor
-    jacobian: Tensor
+    jacobian: RowJacobian
     margins: Tensor
     multipliers: Tensor
     held: Tensor
@@ -151,6 +155,8 @@ class KKTPoint:
         """The same point with its floating tensors in ``dtype`` on ``device``."""
 
         def move(value: object) -> object:
+            if isinstance(value, RowJacobian):
+                return value.to(dtype, device)
             if not isinstance(value, Tensor):
                 return value
             return value.to(device=device, dtype=dtype if value.is_floating_point() else None)
@@ -159,23 +165,63 @@ class KKTPoint:
 
     def select(self, index: Tensor) -> KKTPoint:
         """The points ``index`` (a 1-D long tensor) of the batch."""
-        return KKTPoint(
-            *(
-                value[index] if isinstance(value, Tensor) else value
-                for value in (getattr(self, f.name) for f in fields(self))
-            )
-        )
+
+        def take(value: object) -> object:
+            if isinstance(value, RowJacobian):
+                return value.select(index)
+            return value[index] if isinstance(value, Tensor) else value
+
+        return KKTPoint(*(take(getattr(self, f.name)) for f in fields(self)))
+
+    def index_copy(self, index: Tensor, sub: KKTPoint) -> KKTPoint:
+        """This point with the problems ``index`` (1-D long) replaced by ``sub``'s (same row
+        layout)."""
+
+        def put(full: object, part: object) -> object:
+            if isinstance(full, RowJacobian):
+                return full.index_copy(index, part)
+            if not isinstance(full, Tensor):
+                return full
+            return full.index_copy(0, index, part.to(full.dtype))
+
+        pairs = ((getattr(self, f.name), getattr(sub, f.name)) for f in fields(self))
+        return KKTPoint(*(put(a, b) for a, b in pairs))
 
     def where(self, take: Tensor, other: KKTPoint) -> KKTPoint:
         """Per problem, this point where ``take`` (``(B,)``), else ``other``."""
 
         def pick(a: object, b: object) -> object:
+            if isinstance(a, RowJacobian):
+                return a.where(take, b)
             if not isinstance(a, Tensor):
                 return a
             return torch.where(take.reshape(-1, *[1] * (a.dim() - 1)), a, b)
 
         pairs = ((getattr(self, f.name), getattr(other, f.name)) for f in fields(self))
         return KKTPoint(*(pick(a, b) for a, b in pairs))
+
+
+def lagrangian_derivatives(
+    program: Program,
+    params: BatchedParams,
+    point: KKTPoint,
+    multipliers: Tensor | None = None,
+    compile: bool = False,
+) -> BatchedObjective:
+    """The derivatives of ``L = f - lambda . c`` at ``point`` (``multipliers`` ``(B, k)``,
+    default the point's), for the Hessian products and parameter VJPs of the backward and the
+    Newton-KKT steps.
+
+    Kink rows given as index sets (:attr:`~declopt.program.Program.kink_rows`) are linear in
+    ``u`` with coefficients free of ``x``: they add nothing to ``D2_uu L`` or ``D_x D_u L`` and
+    are left out, so no Hessian product passes through the kink sites.
+    """
+    lam = point.multipliers if multipliers is None else multipliers
+    with_kinks = point.sizes.kinks > 0 and program.kink_rows is None
+    if point.sizes.kinks and not with_kinks:
+        lam = lam[:, : point.sizes.p + point.sizes.q]
+    extended = BatchedParams((*params.values, lam), (*params.in_dims, 0), params.size)
+    return BatchedObjective(lagrangian(program, with_kinks), extended, compile=compile)
 
 
 def kkt_point(
@@ -217,26 +263,37 @@ def kkt_point(
     count = sizes(program, m)
     scale = problem_scale(params, u) if scale is None else scale
     f, grad_f = _objective_and_gradient(program.objective, params.in_dims)(params.values, u)
-    jac, rows, margins = None, None, None
+    margins = None
+    # Kink rows as index sets (their exact Jacobian, no derivative pass) where the declaration
+    # gives them; else dense rows from the Jacobian pass of [h; g; kinks].
+    structured = with_kinks and bool(count.kinks) and program.kink_rows is not None
+    if structured:
+        residuals, margins, index, value = _kink_rows(program, params.in_dims)(params.values, u)
     if with_kinks and held is None and count.kinks:
         # The default rule holds a kink only where a solution sits on it: the margins first
         # (one evaluation, no derivatives), then one Jacobian pass, with the kink rows (for a
         # 2-norm's origin, m rows) only if some solution of the batch is on a kink. (Carrying
         # the margins along a first Jacobian pass of [h; g] instead paid for a second pass
         # whenever a kink was held: the README LP's KKT point 7.1 -> 5.6 ms, unchanged without.)
-        margins = kink_margins(program, params, u)
+        if margins is None:
+            margins = kink_margins(program, params, u)
         with_kinks = bool(on_kink(margins, u, scale, tol.activity, tol.resolution).any())
     if not with_kinks:
         count = Sizes(count.p, count.q, 0)
-    if jac is None and count.total:
-        jac, (rows, margins) = _rows_and_jacobian(
+        margins = u.new_zeros(batch, 0)
+    if structured and with_kinks:
+        dense, constraint_rows = _constraint_rows(program, params, u)
+        jac = RowJacobian(dense, index, value.to(u.dtype))
+        rows = torch.cat([constraint_rows, residuals], -1)
+    elif count.total:
+        dense, (rows, found) = _rows_and_jacobian(
             program, params.in_dims, "kinks" if with_kinks else "constraints", m
         )(params.values, u)
-    elif jac is None:
-        jac = u.new_zeros(batch, 0, m)
+        jac = RowJacobian.of_dense(dense)
+        margins = found if with_kinks else margins
+    else:
+        jac = RowJacobian.of_dense(u.new_zeros(batch, 0, m))
         rows = u.new_zeros(batch, 0)
-    if not with_kinks:
-        margins = u.new_zeros(batch, 0)
     return _assess(
         u,
         f,
@@ -292,7 +349,7 @@ def _assess(
     f: Tensor,
     grad_f: Tensor,
     rows: Tensor,
-    jac: Tensor,
+    jac: RowJacobian,
     margins: Tensor,
     count: Sizes,
     scale: Tensor,
@@ -306,8 +363,7 @@ def _assess(
 ) -> KKTPoint:
     """Activity, multipliers and residual pieces from the evaluations at ``u``."""
     p, q = count.p, count.q
-    m = u.shape[-1]
-    norms = jac.abs().amax(-1) if m else torch.zeros_like(rows)  # (B, k)
+    norms = jac.norms()  # (B, k)
 
     known_lam_g = ineq_multipliers
     if multipliers is not None and q:
@@ -324,8 +380,7 @@ def _assess(
     if multipliers is None:
         multipliers = _multipliers(jac, grad_f, held, eq_multipliers, ineq_multipliers, count)
     multipliers = torch.where(held, multipliers.to(u.dtype), torch.zeros_like(rows))
-    weighted = multipliers.unsqueeze(-1) * jac
-    grad_l = grad_f - weighted.sum(-2)
+    grad_l = grad_f - jac.rmatvec(multipliers)
 
     g, lam_g = rows[:, p : p + q], multipliers[:, p : p + q]
     held_rows = torch.where(held, rows, torch.zeros_like(rows)).abs()
@@ -338,7 +393,7 @@ def _assess(
     if gradient_unit is not None:
         gscale = torch.maximum(gscale, gradient_unit.to(gscale.dtype))
     if count.total:
-        gscale = torch.maximum(gscale, weighted.abs().amax(-1).amax(-1))
+        gscale = torch.maximum(gscale, (multipliers.abs() * norms).amax(-1))
     row_scale = norms * scale.unsqueeze(-1)
     tiny = torch.finfo(u.dtype).tiny
     distance = torch.where(violation > 0, violation / row_scale.clamp_min(tiny), 0.0)
@@ -417,7 +472,7 @@ def _held_at_solution(
 
 
 def _multipliers(
-    jac: Tensor,
+    jac: RowJacobian,
     grad_f: Tensor,
     held: Tensor,
     lam_h: Tensor | None,
@@ -436,9 +491,9 @@ def _multipliers(
         known[:, p : p + q] = True
         given[:, p : p + q] = lam_g.to(jac.dtype)
     given = torch.where(held & known, given, torch.zeros_like(given))
-    leftover = grad_f - (given.unsqueeze(-1) * jac).sum(-2)
+    leftover = grad_f - jac.rmatvec(given)
     fit = held & ~known
-    fitted = masked_least_squares(jac * fit.unsqueeze(-1), leftover, fit)
+    fitted = masked_least_squares(jac.masked(fit), leftover, fit)
     return torch.where(known, given, fitted)
 
 
@@ -454,6 +509,28 @@ def _objective_and_gradient(
         return value, gradient
 
     return fn
+
+
+def _constraint_rows(program: Program, params: BatchedParams, u: Tensor) -> tuple[Tensor, Tensor]:
+    """``(D_u [h; g] (B, p + q, m), [h; g] (B, p + q))``."""
+    count = sizes(program, u.shape[-1])
+    if not count.p + count.q:
+        return u.new_zeros(u.shape[0], 0, u.shape[-1]), u.new_zeros(u.shape[0], 0)
+    jac, (rows, _) = _rows_and_jacobian(program, params.in_dims, "constraints", u.shape[-1])(
+        params.values, u
+    )
+    return jac, rows
+
+
+@lru_cache(maxsize=256)
+def _kink_rows(
+    program: Program, in_dims: InDims
+) -> Callable[[Params, Tensor], tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """``(values, u) -> (residuals, margins (B, K), index, value (B, K, 2))``: the kink sites
+    with their rows as index sets (:attr:`~declopt.program.Program.kink_rows`)."""
+    kink_rows = program.kink_rows
+    assert kink_rows is not None
+    return vmap(lambda x, uu: kink_rows(x, uu), in_dims=(in_dims, 0))
 
 
 @lru_cache(maxsize=256)

@@ -133,7 +133,7 @@ def solve_nonsmooth(
         again, solved = _finish(program, sub, more, scale[index], tolerance[index], linear_solver)
         # Keep the retry's answer where it is a solution (else the first finish's, as before).
         take = torch.zeros_like(converged).index_copy(0, index, solved)
-        point = _scatter(point, index, again).where(take, point)
+        point = point.index_copy(index, again).where(take, point)
         converged = converged | take
         iterations = iterations.index_add(0, index, more.iterations)
         if penalty is not None and more.penalty is not None:
@@ -239,24 +239,12 @@ def _finish(
     return point, stayed & point.converged & ~unresolved
 
 
-def _scatter(point: KKTPoint, index: Tensor, sub: KKTPoint) -> KKTPoint:
-    """``point`` with the problems ``index`` replaced by ``sub``'s (same row layout)."""
-    fields = dataclasses.fields(point)
-    values = ((getattr(point, f.name), getattr(sub, f.name)) for f in fields)
-    return KKTPoint(
-        *(
-            full.index_copy(0, index, part.to(full.dtype)) if isinstance(full, Tensor) else full
-            for full, part in values
-        )
-    )
-
-
 @lru_cache(maxsize=64)
 def pinned_ties(program: Program) -> Program:
     """The declaration with one more parameter, a reference point ``(m,)`` at which the kinks'
     tie representatives are chosen (``Program.kinks``)."""
     count = len(program.parameter_shapes)
-    kinks = program.kinks
+    kinks, kink_rows = program.kinks, program.kink_rows
     assert kinks is not None
 
     def declared(fn: Callable | None) -> Callable | None:
@@ -271,6 +259,7 @@ def pinned_ties(program: Program) -> Program:
         equalities=declared(program.equalities),
         inequalities=declared(program.inequalities),
         kinks=lambda x, u: kinks(x[:count], u, x[count]),
+        kink_rows=None if kink_rows is None else (lambda x, u: kink_rows(x[:count], u, x[count])),
         smoothed=None,
         source=None,
     )
@@ -362,7 +351,7 @@ def _held_by_mistake(
     kinks = held.shape[-1]
     if kinks == 0 or not bool(held.any()):
         return held
-    jac = point.jacobian * point.held.unsqueeze(-1)
+    jac = point.jacobian.masked(point.held).to_dense()
     directions = torch.linalg.pinv(jac)[..., k0:].transpose(1, 2)  # (B, K, m)
     norms = directions.norm(dim=-1, keepdim=True)
     directions = torch.where(norms > 0, directions / norms.clamp_min(1e-300), 0.0)
