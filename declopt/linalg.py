@@ -459,32 +459,40 @@ def kkt_minres(
     ``hvp: (B, m) -> (B, m)`` applies each problem's Lagrangian Hessian ``H``; ``jac: (B, k, m)``
     (a tensor or a :class:`~declopt.kkt.jacobian.RowJacobian`) holds the rows ``A``, those
     outside ``row_mask`` padding: ``D = diag(~row_mask)`` puts a one on each. MINRES takes
-    symmetric indefinite systems (the KKT matrix has ``k`` negative
-    eigenvalues) and, started from zero, converges to the minimum-norm solution of a consistent
-    singular system, as the dense pseudo-inverse does. It cannot count eigenvalues, so
-    ``second_order_ok`` only checks the curvature ``w.Hw > 0`` along the solution's ``w``
-    (necessary, not sufficient, for a strict minimum).
+    symmetric indefinite systems (the KKT matrix has ``k`` negative eigenvalues) and, started
+    from zero, converges to the minimum-norm solution of a consistent singular system, as the
+    dense pseudo-inverse does. It cannot count eigenvalues, so ``second_order_ok`` only checks
+    the curvature ``w.Hw > 0`` along the solution's ``w`` (necessary, not sufficient, for a
+    strict minimum).
+
+    The recurrences run in float64 whatever the data's dtype (``H`` is applied in the data's):
+    in float32 the Lanczos vectors of thousands of tied kink rows lose orthogonality, and the
+    iteration stopped on its own residual estimate 10-1000x above the true one.
     """
+    dtype = rhs.dtype
+    wide = torch.promote_types(dtype, torch.float64)
     jac = RowJacobian.of_dense(jac) if isinstance(jac, Tensor) else jac
-    jac = jac.masked(row_mask)
+    jac = jac.masked(row_mask).to(wide)
     m = jac.m
-    pad = (~row_mask).to(rhs.dtype)
+    pad = (~row_mask).to(wide)
 
     def matvec(s: Tensor) -> Tensor:
         w, z = s[:, :m], s[:, m:]
-        top = hvp(w) + jac.rmatvec(z)
+        top = hvp(w.to(dtype)).to(wide) + jac.rmatvec(z)
         bottom = jac.matvec(w) + pad * z
         return torch.cat([top, bottom], -1)
 
-    solution, converged, residual = minres(matvec, rhs)
+    rtol = torch.finfo(dtype).eps ** 0.75
+    solution, converged, residual = minres(matvec, rhs.to(wide), rtol=rtol)
+    solution = solution.to(dtype)
     w = solution[:, :m]
     curvature = (w * hvp(w)).sum(-1)
-    tiny = torch.finfo(rhs.dtype).tiny
+    tiny = torch.finfo(dtype).tiny
     # w = 0 (the held rows leave no free direction, or v lies in their span) says nothing.
     size = (w * w).sum(-1)
-    flat = (curvature <= torch.finfo(rhs.dtype).eps * size.clamp_min(tiny)) & (size > 0)
+    flat = (curvature <= torch.finfo(dtype).eps * size.clamp_min(tiny)) & (size > 0)
     singular = ~converged
-    report = LinearSolveReport("minres", singular, ~flat & ~singular, residual)
+    report = LinearSolveReport("minres", singular, ~flat & ~singular, residual.to(dtype))
     return solution, report
 
 
