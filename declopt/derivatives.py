@@ -191,12 +191,18 @@ class Derivatives:
             return g, h, tuple(grads)
 
         expanded = None if taylor is None else vmap(taylor, in_dims=(in_dims, 0))
-        # The gradient alone: what the parameter VJPs differentiate (a curvature recorded on
-        # autograd's tape would double the tensors it saves).
+        # The VJPs differentiate the gradient and never read the value (the pass then skips the
+        # node values no jet reads); the parameter VJPs take the gradient alone (a curvature
+        # recorded on autograd's tape would double the tensors it saves).
         first_order = (
             None
             if taylor is None
-            else vmap(lambda x, u: taylor(x, u, second=False), in_dims=(in_dims, 0))
+            else vmap(lambda x, u: taylor(x, u, second=False, value=False)[0], in_dims=(in_dims, 0))
+        )
+        curvature = (
+            None
+            if taylor is None
+            else vmap(lambda x, u: taylor(x, u, value=False), in_dims=(in_dims, 0))
         )
 
         def value_grad_hessian_autograd(values: Params, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -210,7 +216,7 @@ class Derivatives:
             free = [i for i, want in enumerate(wanted) if want]
 
             def gradient_map(*xs: Tensor) -> Tensor:
-                return first_order(_substitute(values, free, xs), u)[1]  # type: ignore[misc]
+                return first_order(_substitute(values, free, xs), u)  # type: ignore[misc]
 
             # First-order reverse through the closed-form gradient: shared parameters come out
             # summed over the batch, batched ones per problem.
@@ -223,7 +229,7 @@ class Derivatives:
             free = [i for i, want in enumerate(wanted) if want]
 
             def gradient_map(*xs: Tensor) -> tuple[Tensor, Tensor]:
-                _, g, h = expanded(_substitute(values, free, xs), u)  # type: ignore[misc]
+                g, h = curvature(_substitute(values, free, xs), u)  # type: ignore[misc]
                 return g, h[..., 0]
 
             # One pass: the Hessian (aux, not differentiated) is known before the pullback, so

@@ -45,9 +45,9 @@ class Program:
             concatenation, ``m = sum(prod(shape))``.
         objective: ``f(x, u) -> ()``, the scalar objective; ``None`` for a *source-only*
             program (see ``frontend_error``).
-        objective_taylor: ``(x, u, second=True) -> (f (), grad (m,), hess (m, m))``, the
-            objective with its first two derivatives in ``u`` (``second=False``: ``(f, grad)``)
-            in one pass from the atoms' closed-form local
+        objective_taylor: ``(x, u, second=True, value=True) -> (f (), grad (m,), hess (m, m))``,
+            the objective with its first two derivatives in ``u`` (``second=False`` leaves out
+            ``hess``, ``value=False`` ``f``) in one pass from the atoms' closed-form local
             derivatives (:mod:`declopt.frontend.taylor`); ``None`` where some atom on the
             variables' path has none (derivatives then come from autograd).
         objective_quadratic: ``objective`` is a polynomial of degree at most 2 in ``u`` (the

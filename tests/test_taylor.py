@@ -320,3 +320,45 @@ def test_huber_curvature_counts_the_threshold_as_inside(dtype: torch.dtype) -> N
     want_curvature = torch.tensor([2, 2, 2, 2, 0, 0, 0, 0], dtype=dtype)
     torch.testing.assert_close(slope, want_slope)
     torch.testing.assert_close(curvature, want_curvature)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_value_free_pass_gives_the_same_derivatives(name: str) -> None:
+    objective, params, variables = CASES[name]
+    if not isinstance(objective, (cp.Minimize, cp.Maximize)):
+        objective = cp.Minimize(objective)
+    program = compile_problem(cp.Problem(objective), params, variables)
+    m = sum(v.size for v in variables)
+    values, point = _inputs(params, m, 3, batch=1)
+    xs, uu = tuple(v[0] for v in values), point[0]
+    full = program.objective_taylor(xs, uu)
+    for second in (True, False):
+        free = program.objective_taylor(xs, uu, second=second, value=False)
+        assert len(free) == (2 if second else 1)
+        for got, want in zip(free, full[1:]):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_the_backward_pass_skips_the_values_no_jet_reads() -> None:
+    # 0.5 sum(huber(y - x)): the gradient and curvature read y - x, not the huber values or
+    # their sum (huber's closed-form f', f'' do not use f; a constant factor's product rule
+    # does not read the other factor).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    program = compile_problem(cp.Problem(cp.Minimize(CASES["huber"][0])), [x, a], [y])
+    xs = (torch.linspace(-2, 2, N, dtype=torch.float64), torch.tensor(0.7, dtype=torch.float64))
+    uu = torch.zeros(1, dtype=torch.float64)
+    counts = []
+    for value in (True, False):
+        Count.calls = 0
+        with Count():
+            program.objective_taylor(xs, uu, value=value)
+        counts.append(Count.calls)
+    assert counts[1] + 4 <= counts[0], counts

@@ -804,17 +804,19 @@ def _objective_taylor(
     m: int,
     sign: float,
 ) -> Callable[..., tuple[Tensor, ...]] | None:
-    """``(x, u, second=True) -> (f, grad (m,), hess (m, m))`` of the (sign-adjusted) objective
-    in one pass (:mod:`.taylor`; ``second=False``: ``(f, grad)``), or ``None`` where an atom on
-    the variables' path has no jet rule."""
+    """``(x, u, second=True, value=True) -> (f, grad (m,), hess (m, m))`` of the (sign-adjusted)
+    objective in one pass (:mod:`.taylor`; ``second=False`` leaves out ``hess``, ``value=False``
+    ``f``), or ``None`` where an atom on the variables' path has no jet rule."""
     nodes: list[cp.Expression] = []
     steps, roots, _ = _build([expr], nodes)
     taylor = compile_taylor(nodes, steps, roots[0], var_slices, m)
     if taylor is None:
         return None
 
-    def fn(x: Sequence[Tensor], u: Tensor, second: bool = True) -> tuple[Tensor, ...]:
-        out = taylor(env_of(x, u), u, second)
+    def fn(
+        x: Sequence[Tensor], u: Tensor, second: bool = True, value: bool = True
+    ) -> tuple[Tensor, ...]:
+        out = taylor(env_of(x, u), u, second, value)
         return tuple(-t for t in out) if sign < 0 else out
 
     return fn

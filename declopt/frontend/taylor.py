@@ -21,13 +21,15 @@ import torch
 from torch import Tensor
 
 from declopt.frontend.atoms import RULES, operands
-from declopt.frontend.atoms.jets import JetFn, expanded, takes_compact
+from declopt.frontend.atoms.jets import JetFn, expanded, reads_of, takes_compact
 
 Env = Mapping[int, Tensor]
 Step = Callable[[list, Env, Tensor | None], Tensor]
 TaylorFn = Callable[..., tuple[Tensor, ...]]
-"""``(env, u, second=True) -> (value (), grad (m,), hess (m, m))`` of a scalar expression;
-``second=False``: ``(value, grad)`` only (no curvature is formed)."""
+"""``(env, u, second=True, value=True) -> (value (), grad (m,), hess (m, m))`` of a scalar
+expression; ``second=False`` leaves out the curvature (nothing of it is formed) and
+``value=False`` the value (only the node values some jet reads are computed): the tuple then
+holds the rest, in order."""
 
 _VARIABLE = "variable"
 
@@ -84,15 +86,19 @@ def compile_taylor(
             last_use[slot_of[id(a)]] = k
     last_use[root] = len(nodes)
     released = [[i for i in range(len(nodes)) if last_use[i] == k] for k in range(len(nodes))]
+    computed = {want: _values_read(nodes, plan, slot_of, root, want) for want in (True, False)}
 
-    def evaluate(env: Env, u: Tensor, second: bool = True) -> tuple[Tensor, ...]:
+    def evaluate(
+        env: Env, u: Tensor, second: bool = True, value: bool = True
+    ) -> tuple[Tensor, ...]:
         eye = torch.eye(m, dtype=u.dtype, device=u.device)
-        values: list[Tensor] = []
+        values: list[Tensor | None] = []
         grads: list[Tensor | None] = []
         hesses: list[Tensor | None] = []
+        wanted = computed[value]
         for k, (step, entry) in enumerate(zip(steps, plan)):
-            value = step(values, env, u)
-            values.append(value)
+            out = step(values, env, u) if wanted[k] else None
+            values.append(out)
             if entry is None:
                 grads.append(None)
                 hesses.append(None)
@@ -110,7 +116,7 @@ def compile_taylor(
                         operand_values, operand_grads, operand_hesses
                     )
                 g, h = jet(  # type: ignore[misc]
-                    operand_values, operand_grads, operand_hesses, value
+                    operand_values, operand_grads, operand_hesses, out
                 )
                 grads.append(g)
                 hesses.append(h)
@@ -118,9 +124,38 @@ def compile_taylor(
                 values[i] = grads[i] = hesses[i] = None  # type: ignore[call-overload]
         grad, hess = grads[root], hesses[root]
         assert grad is not None  # the root depends on u
+        head = (values[root].reshape(()),) if value else ()  # type: ignore[union-attr]
         if not second:
-            return values[root].reshape(()), grad.reshape(m)
+            return (*head, grad.reshape(m))
         hess = torch.zeros(m, m, dtype=u.dtype, device=u.device) if hess is None else hess
-        return values[root].reshape(()), grad.reshape(m), hess.reshape(m, m)
+        return (*head, grad.reshape(m), hess.reshape(m, m))
 
     return evaluate
+
+
+def _values_read(
+    nodes: Sequence[cp.Expression],
+    plan: Sequence[tuple[str, JetFn | None, tuple[int, ...]] | None],
+    slot_of: Mapping[int, int],
+    root: int,
+    value: bool,
+) -> list[bool]:
+    """Per slot, whether the pass computes its value: the root's when the caller asks for it,
+    and every value a jet or a computed value reads. (A declared penalty's backward reads
+    ``huber(y - x)``'s operand but not the huber values or their sum: five of its passes.)"""
+    needed = [False] * len(nodes)
+    needed[root] = value
+    for k in reversed(range(len(nodes))):  # post-order: every reader of k comes after it
+        node, entry = nodes[k], plan[k]
+        if isinstance(node, (cp.Constant, cp.Parameter, cp.Variable)) or type(node) not in RULES:
+            continue
+        args = operands(node)
+        read = [False] * len(args)
+        if entry is not None and entry[0] != _VARIABLE:
+            read_values, read_out = reads_of(entry[1], len(args))  # type: ignore[arg-type]
+            needed[k] = needed[k] or read_out
+            read = list(read_values)
+        for i, a in enumerate(args):
+            if needed[k] or read[i]:  # a computed value reads every operand
+                needed[slot_of[id(a)]] = True
+    return needed

@@ -54,6 +54,34 @@ def takes_compact(jet: JetFn) -> bool:
     return getattr(jet, "compact", False)
 
 
+def reads(values: bool | Sequence[bool] = True, out: bool = True) -> Callable[[JetFn], JetFn]:
+    """Mark what ``jet`` reads besides its operands' derivatives: the operands' ``values`` (one
+    flag for all, or one per operand) and its own value ``out`` (unmarked jets read both). The
+    Taylor pass computes a node's value only where a jet reads it or the caller asks for the
+    objective's value."""
+
+    def mark(jet: JetFn) -> JetFn:
+        jet.reads_values = values  # type: ignore[attr-defined]
+        jet.reads_out = out  # type: ignore[attr-defined]
+        return jet
+
+    return mark
+
+
+def reads_of(jet: JetFn, count: int) -> tuple[tuple[bool, ...], bool]:
+    """``(per operand, own value)``: what :func:`reads` marked ``jet`` (of ``count`` operands)
+    as reading."""
+    values = getattr(jet, "reads_values", True)
+    per_operand = (values,) * count if isinstance(values, bool) else tuple(values)
+    return per_operand, getattr(jet, "reads_out", True)
+
+
+def free_of_out(derivs: Derivs) -> Derivs:
+    """Mark elementwise derivatives ``(out, x, ...) -> (f', f'')`` that do not read ``out``."""
+    derivs.reads_out = False  # type: ignore[attr-defined]
+    return derivs
+
+
 def _add_opt(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     if a is None:
         return b
@@ -153,6 +181,7 @@ def _constant(t: Tensor | None, ndim: int, k: int) -> Tensor | None:
 def add(node: Any, dependent: tuple[bool, ...]) -> JetFn:
     """``a + b + ...`` with numpy broadcasting: the sum of the derivatives."""
 
+    @reads(values=False, out=False)
     @compact
     def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
         grad = hess = None
@@ -200,6 +229,7 @@ def broadcast(node: Any, dependent: tuple[bool, ...]) -> JetFn:
         lead = t.shape[: t.dim() - k]
         return t.reshape(*(1,) * (ndim - len(lead)), *t.shape)
 
+    @reads(values=False, out=False)
     @compact
     def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
         h = None if hesses is None else padded(hesses[0], 2)
@@ -211,6 +241,7 @@ def broadcast(node: Any, dependent: tuple[bool, ...]) -> JetFn:
 def negate(node: Any, dependent: tuple[bool, ...]) -> JetFn:
     """``-a``: the negated derivatives (compact as they come)."""
 
+    @reads(values=False, out=False)
     @compact
     def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
         h = None if hesses is None or hesses[0] is None else -hesses[0]
@@ -243,6 +274,7 @@ def summed(node: Any, dependent: tuple[bool, ...]) -> JetFn:
         kept = [t.shape[d] for d in range(len(shape)) if d not in reduced]
         return t.reshape(*kept, *trail)
 
+    @reads(values=False, out=False)
     @compact
     def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
         return reduce(grads[0], 1), None if hesses is None else reduce(hesses[0], 2)
@@ -259,6 +291,7 @@ def elementwise(derivs: Callable[[Any], Derivs]) -> JetRule:
             return None
         d = derivs(node)
 
+        @reads(values=True, out=getattr(d, "reads_out", True))
         @compact
         def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
             f1, f2 = d(out, *values)
@@ -271,8 +304,10 @@ def elementwise(derivs: Callable[[Any], Derivs]) -> JetRule:
 
 
 def multiply(node: Any, dependent: tuple[bool, ...]) -> JetFn:
-    """Elementwise ``a * b`` (broadcasting): the product rule."""
+    """Elementwise ``a * b`` (broadcasting): the product rule (a factor's value is read only
+    where the other factor depends on ``u``)."""
 
+    @reads(values=(dependent[1], dependent[0]), out=False)
     @compact
     def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
         (a, b), (ga, gb), (ha, hb) = values, grads, _first_order(hesses, grads)
@@ -327,6 +362,7 @@ def divide(node: Any, dependent: tuple[bool, ...]) -> JetFn:
     """``a / b`` (elementwise, broadcasting) as ``a * (1 / b)``."""
     product = multiply(node, dependent)
 
+    @reads(values=(dependent[1], True), out=False)
     @compact
     def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
         (a, b), (ga, gb), (ha, hb) = values, grads, _first_order(hesses, grads)

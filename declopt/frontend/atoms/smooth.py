@@ -263,15 +263,19 @@ def _power_derivs(expr: Any) -> jets.Derivs:
     if isinstance(expr.p, cp.Constant):
         p = float(expr.p.value)
         if p == 2:
-            return lambda out, x: (2 * x, 2.0)
+            return jets.free_of_out(lambda out, x: (2 * x, 2.0))
         if p == 0.5:
             return lambda out, x: (0.5 / out, -0.25 / (out * x))
         if p == 1:
-            return lambda out, x: (1.0, 0.0)
+            return jets.free_of_out(lambda out, x: (1.0, 0.0))
         if p == -1:
             return lambda out, x: (-out * out, 2 * out * out * out)
-        return lambda out, x: (p * torch.pow(x, p - 1), p * (p - 1) * torch.pow(x, p - 2))
-    return lambda out, x, p: (p * torch.pow(x, p - 1), p * (p - 1) * torch.pow(x, p - 2))
+        return jets.free_of_out(
+            lambda out, x: (p * torch.pow(x, p - 1), p * (p - 1) * torch.pow(x, p - 2))
+        )
+    return jets.free_of_out(
+        lambda out, x, p: (p * torch.pow(x, p - 1), p * (p - 1) * torch.pow(x, p - 2))
+    )
 
 
 def _huber_derivs(expr: Any) -> jets.Derivs:
@@ -283,6 +287,7 @@ def _huber_derivs(expr: Any) -> jets.Derivs:
     constant = isinstance(expr.M, cp.Constant) and np.size(expr.M.value) == 1
     bound = float(np.asarray(expr.M.value).reshape(())) if constant else None
 
+    @jets.free_of_out
     def derivs(out: Tensor, x: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
         if bound is not None and bound >= 0:
             slope = 2 * torch.nn.functional.hardtanh(x, -bound, bound)
@@ -313,9 +318,13 @@ _DOMAIN = "smooth on the open domain; infinite slope at its boundary is a domain
 
 SMOOTH: dict[type, AtomRule] = {
     exp: _elementwise(_unary(torch.exp), _fixed(lambda out, x: (out, out))),
-    log: _elementwise(_unary(torch.log), _fixed(lambda out, x: (1 / x, -1 / (x * x))), _DOMAIN),
+    log: _elementwise(
+        _unary(torch.log), _fixed(jets.free_of_out(lambda out, x: (1 / x, -1 / (x * x)))), _DOMAIN
+    ),
     log1p: _elementwise(
-        _unary(torch.log1p), _fixed(lambda out, x: (1 / (1 + x), -1 / ((1 + x) * (1 + x)))), _DOMAIN
+        _unary(torch.log1p),
+        _fixed(jets.free_of_out(lambda out, x: (1 / (1 + x), -1 / ((1 + x) * (1 + x))))),
+        _DOMAIN,
     ),
     sin: _elementwise(_unary(torch.sin), _fixed(lambda out, x: (torch.cos(x), -out))),
     cos: _elementwise(_unary(torch.cos), _fixed(lambda out, x: (-torch.sin(x), -out))),
@@ -337,7 +346,7 @@ SMOOTH: dict[type, AtomRule] = {
         _fixed(lambda out, x: (1 / (1 - x * x), 2 * x / ((1 - x * x) * (1 - x * x)))),
         _DOMAIN,
     ),
-    normcdf: _elementwise(_unary(torch.special.ndtr), _fixed(_normcdf_pair)),
+    normcdf: _elementwise(_unary(torch.special.ndtr), _fixed(jets.free_of_out(_normcdf_pair))),
     # x^p: smooth for x > 0 (CVXPY's domain for non-integer p); polynomial for integer p.
     Power: _elementwise(_power, _power_derivs, _DOMAIN, _power_degree),
     PowerApprox: _elementwise(_power, _power_derivs, _DOMAIN, _power_degree),
@@ -346,17 +355,19 @@ SMOOTH: dict[type, AtomRule] = {
         _huber_derivs,
         "C1: x^2 and 2M|x| - M^2 meet with equal slope at |x| = M (curvature jumps)",
     ),
-    entr: _elementwise(_entr, _fixed(lambda out, x: (-(torch.log(x) + 1), -1 / x)), _DOMAIN),
+    entr: _elementwise(
+        _entr, _fixed(jets.free_of_out(lambda out, x: (-(torch.log(x) + 1), -1 / x))), _DOMAIN
+    ),
     kl_div: _elementwise(_kl_div, _DOMAIN),
     rel_entr: _elementwise(_rel_entr, _DOMAIN),
-    xexp: _elementwise(_xexp, _fixed(_xexp_pair)),
-    logistic: _elementwise(_logistic, _fixed(_sigmoid_pair)),
+    xexp: _elementwise(_xexp, _fixed(jets.free_of_out(_xexp_pair))),
+    logistic: _elementwise(_logistic, _fixed(jets.free_of_out(_sigmoid_pair))),
     # CVXPY's one_minus_pos is 1 - x (a GP atom; its domain 0 < x < 1 is not enforced here).
     one_minus_pos: AtomRule(
         _one_minus_pos,
         elementwise=True,
         affine=True,
-        jet=jets.elementwise(_fixed(lambda out, x: (-1.0, 0.0))),
+        jet=jets.elementwise(_fixed(jets.free_of_out(lambda out, x: (-1.0, 0.0)))),
     ),
     log_sum_exp: AtomRule(_log_sum_exp, jet=_log_sum_exp_jet),
     quad_over_lin: AtomRule(
