@@ -353,11 +353,16 @@ def derivatives_for(
 
 @lru_cache(maxsize=256)
 def kink_test_for(
-    kinks: Callable[[Params, Tensor], tuple[Tensor, Tensor]], in_dims: InDims, compile: bool = False
+    kinks: Callable[[Params, Tensor], tuple[Tensor, Tensor]],
+    in_dims: InDims,
+    compile: bool = False,
+    activity: float | None = None,
+    resolution: float = 0.0,
 ) -> Callable[[Params, Tensor], Tensor]:
     """``(values, u) -> (B,)``: whether problem ``b`` sits on a kink, i.e. some margin of
     ``kinks`` (a :attr:`Program.kinks`) passes :func:`~declopt.kkt.tolerances.on_kink` (the
-    rule of :func:`~declopt.kkt.point.kkt_point`).
+    rule of :func:`~declopt.kkt.point.kkt_point`) with ``activity`` (default the dtype's) and
+    ``resolution``.
 
     Compiled with the rest when asked: it evaluates the whole objective once (the margins of
     ``minimum`` and ``maximum`` are differences of their operands), a pass as costly as the
@@ -367,7 +372,8 @@ def kink_test_for(
 
     def on_a_kink(values: Params, u: Tensor) -> Tensor:
         scale = problem_scale(BatchedParams(values, in_dims, u.shape[0]), u)
-        return on_kink(margins(values, u), u, scale, table(u.dtype).activity).any(-1)
+        band = table(u.dtype).kinks if activity is None else activity
+        return on_kink(margins(values, u), u, scale, band, resolution).any(-1)
 
     return maybe_compile(on_a_kink, compile)
 

@@ -30,6 +30,7 @@ from torch.func import grad, jvp, vjp, vmap
 from declopt.derivatives import BatchedObjective, kink_test_for
 from declopt.kkt.functions import constraint_fn, weighted_constraints
 from declopt.kkt.point import KKTPoint, kkt_point, lagrangian_derivatives
+from declopt.kkt.tolerances import Tolerances, table
 from declopt.linalg import (
     LinearSolver,
     LinearSolveReport,
@@ -87,6 +88,7 @@ def implicit_vjp(
     linear_solver: LinearSolver = LinearSolver(),
     compile: bool = False,
     wanted: Sequence[bool] | None = None,
+    tolerances: Tolerances | None = None,
 ) -> tuple[tuple[Tensor | None, ...], ImplicitReport]:
     """Gradients of ``sum_b v_b . y_b(x)`` with respect to every parameter tensor.
 
@@ -104,6 +106,9 @@ def implicit_vjp(
         compile: run the derivative passes under ``torch.compile``.
         wanted: per parameter, whether its gradient is needed (default: all); the others may
             come back as ``None``.
+        tolerances: for the KKT point computed here (default the dtype's
+            :func:`~declopt.kkt.tolerances.table`;
+            :func:`~declopt.kkt.tolerances.exact_tolerances` for answers exact up to rounding).
     Returns:
         One gradient per parameter, shaped like ``params.values[i]`` (shared parameters get the sum
         over the batch), and the per-problem report.
@@ -112,9 +117,16 @@ def implicit_vjp(
         raise ValueError(f"side must be one of {SIDES}, got {side!r}")
     batch = u.shape[0]
     wanted = (True,) * len(params.values) if wanted is None else tuple(wanted)
-    if point is None and (program.is_constrained or _on_a_kink(program, params, u, compile)):
+    if point is None and (
+        program.is_constrained or _on_a_kink(program, params, u, compile, tolerances)
+    ):
         point = kkt_point(
-            program, params, u, eq_multipliers=eq_multipliers, ineq_multipliers=ineq_multipliers
+            program,
+            params,
+            u,
+            eq_multipliers=eq_multipliers,
+            ineq_multipliers=ineq_multipliers,
+            tolerances=tolerances,
         )
     held = None if point is None else point.held_rows(side)
     if held is not None and not bool(held.any()):
@@ -159,6 +171,7 @@ def implicit_jvp(
     point: KKTPoint | None = None,
     side: str = "active",
     linear_solver: LinearSolver = LinearSolver(),
+    tolerances: Tolerances | None = None,
 ) -> Tensor:
     """The tangent ``du (B, m)`` of the solutions along parameter tangents (forward mode).
 
@@ -169,8 +182,10 @@ def implicit_jvp(
     if side not in SIDES:
         raise ValueError(f"side must be one of {SIDES}, got {side!r}")
     m = u.shape[-1]
-    if point is None and (program.is_constrained or _on_a_kink(program, params, u)):
-        point = kkt_point(program, params, u)
+    if point is None and (
+        program.is_constrained or _on_a_kink(program, params, u, tolerances=tolerances)
+    ):
+        point = kkt_point(program, params, u, tolerances=tolerances)
     held = None if point is None else point.held_rows(side)
     tangents = tuple(
         torch.zeros_like(x) if t is None else t for x, t in zip(params.values, tangents)
@@ -277,8 +292,16 @@ def _expandable(params: BatchedParams, wanted: tuple[bool, ...]) -> bool:
     )
 
 
-def _on_a_kink(program: Program, params: BatchedParams, u: Tensor, compile: bool = False) -> bool:
+def _on_a_kink(
+    program: Program,
+    params: BatchedParams,
+    u: Tensor,
+    compile: bool = False,
+    tolerances: Tolerances | None = None,
+) -> bool:
     """Whether any problem of the batch sits on a kink of a nonsmooth atom."""
     if program.kinks is None:
         return False
-    return bool(kink_test_for(program.kinks, params.in_dims, compile)(params.values, u).any())
+    tol = table(u.dtype) if tolerances is None else tolerances
+    test = kink_test_for(program.kinks, params.in_dims, compile, tol.kinks, tol.resolution)
+    return bool(test(params.values, u).any())

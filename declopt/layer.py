@@ -25,7 +25,13 @@ from declopt.frontend import compile_layer
 from declopt.implicit import implicit_jvp, implicit_vjp
 from declopt.inputs import PreparedInputs, prepare_inputs
 from declopt.kkt.point import KKTPoint, kkt_point
-from declopt.kkt.tolerances import gradient_scale, problem_scale, table
+from declopt.kkt.tolerances import (
+    Tolerances,
+    exact_tolerances,
+    gradient_scale,
+    problem_scale,
+    table,
+)
 from declopt.linalg import LinearSolver
 from declopt.policies import (
     Backward,
@@ -42,6 +48,12 @@ from declopt.program import BatchedParams, Program
 Solver = Callable[..., Sequence[Tensor]]
 """A custom forward: called with the parameter tensors (batch dims included, detached), returns one
 tensor per variable of shape ``(*batch, *variable_shape)``.
+
+A solver whose answers are exact up to rounding (a closed form, a 1-D solver run to a few ulps)
+says so with an attribute ``exact = True``: its solutions' kinks and bounds are then decided within
+:data:`~declopt.kkt.tolerances.EXACT_ULPS` ulps of the problem's scale
+(:func:`declopt.kkt.tolerances.exact_tolerances`) instead of the band sized for iterative solvers,
+so an entry that merely lies close to a tie keeps its own derivative.
 
 It may also bring its own backward, a method ``solver.vjp(params, outputs, grads)``: ``params`` the
 tensors it was called with (detached), ``outputs`` what it returned and ``grads`` the upstream
@@ -303,6 +315,10 @@ class _Call:
         self.detached = BatchedParams(
             tuple(v.detach() for v in params.values), params.in_dims, params.size
         )
+        # A custom solver exact up to rounding (``solver.exact``) has its kinks and bounds decided
+        # within a few ulps, not the band sized for iterative solvers.
+        exact = getattr(layer.solver, "exact", False) is True
+        self.tolerances: Tolerances | None = exact_tolerances(inputs.dtype) if exact else None
 
     def solve(self, differentiable: bool = False) -> Tensor:
         """The packed solutions ``(B, m)``; fills in ``self.info`` and ``self.point``.
@@ -412,7 +428,7 @@ class _Call:
         program, params = self.program, self.detached
         with torch.no_grad():
             if program.is_constrained or program.kinks is not None:
-                self.point = kkt_point(program, params, u)
+                self.point = kkt_point(program, params, u, tolerances=self.tolerances)
                 return self.point.objective, self.point.residual, self.point.converged
             objective = BatchedObjective.of(program, params, self.layer.compiled)
             f, g = objective.value_and_grad(u)
@@ -530,6 +546,7 @@ class _Call:
                 linear_solver=linear_solver,
                 compile=layer.compiled and not differentiable,
                 wanted=tuple(wanted),
+                tolerances=self.tolerances,
             )
         self._backward_info(report)
         return self.inputs.gradients(self.program, grads_flat, per_problem)
@@ -551,6 +568,7 @@ class _Call:
             side=self.layer.degenerate.side,
             linear_solver=getattr(self.layer.backward_strategy, "linear_solver", None)
             or self.layer.linear_solver,
+            tolerances=self.tolerances,
         )
         return self.outputs(du)
 

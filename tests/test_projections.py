@@ -353,3 +353,28 @@ def test_bad_p_and_radius_are_rejected() -> None:
         dl.nn.SphereProjection(3)
     with pytest.raises(ValueError, match="radius must be a positive"):
         dl.nn.BallProjection(2, radius=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["float32", "float64"])
+@pytest.mark.parametrize("ulps", [0, 40])
+def test_an_entry_close_to_the_linf_tie_keeps_its_own_derivative(
+    dtype: torch.dtype, ulps: int
+) -> None:
+    """The exact forward decides ties exactly, so the implicit backward must not hold an entry
+    40 ulps below the clipped value as tied (the iterative solvers' activity band is 64 ulps in
+    float32 and 1.5e-8 in float64): its derivative stays 1, as the native backward's. An exact
+    tie (0 ulps) is held by both."""
+    eps = torch.finfo(dtype).eps
+    x = torch.linspace(-0.9, 0.9, 10, dtype=F64)
+    x[3], x[7] = 3.0, 1.0 - ulps * eps  # x[3] is clipped to the radius, x[7] is near it
+    x = x.to(dtype).unsqueeze(0)
+    v = torch.ones_like(x)
+    grads = []
+    for backward in ("native", "implicit"):
+        proj = dl.nn.SphereProjection(math.inf, backward=backward)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", dl.GradientWarning)
+            grads.append(implicit_vjp_of(proj, [x], v)[0])
+    torch.testing.assert_close(grads[1], grads[0], atol=8 * eps, rtol=0)
+    if ulps:
+        assert float(grads[1][0, 7]) == pytest.approx(1.0, abs=8 * eps)

@@ -277,7 +277,7 @@ def kkt_point(
         # whenever a kink was held: the README LP's KKT point 7.1 -> 5.6 ms, unchanged without.)
         if margins is None:
             margins = kink_margins(program, params, u)
-        with_kinks = bool(on_kink(margins, u, scale, tol.activity, tol.resolution).any())
+        with_kinks = bool(on_kink(margins, u, scale, tol.kinks, tol.resolution).any())
     if not with_kinks:
         count = Sizes(count.p, count.q, 0)
         margins = u.new_zeros(batch, 0)
@@ -372,7 +372,7 @@ def _assess(
         held = held(rows, margins, norms)
     elif held is None:
         unit = solution_scale(u, scale)
-        kinks_on = on_kink(margins, u, scale, tol.activity, tol.resolution)
+        kinks_on = on_kink(margins, u, scale, tol.kinks, tol.resolution)
         held = _held_at_solution(
             rows, kinks_on, norms, unit, known_lam_g, grad_f, f, count, tol, gradient_unit
         )

@@ -172,6 +172,8 @@ class ProjectionSolver:
     layer sums ``grad_r`` down to the shape of ``r``).
     """
 
+    exact = True  # closed forms: ties and zeros are exact (the layer decides kinks to a few ulps)
+
     def __init__(self, p: float, sphere: bool) -> None:
         self.p, self.sphere = _check_p(p), sphere
 
