@@ -22,6 +22,7 @@ Examples::
 
     python benchmarks/declared.py            # the issue's sizes (several minutes)
     python benchmarks/declared.py --quick    # n = 64 and 1024 only, fewer repeats (about 1 min)
+    python benchmarks/declared.py --quick --compiled  # also compile=True (compiles per shape)
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tq-sizes", nargs="*", type=int, default=[64], help="n for the declared TQ (slow)"
     )
     p.add_argument("--projection-sizes", nargs="*", type=int, default=[1024, 4096])
+    p.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also time RobustPool and the declared layer with compile=True (pooling, batch 1)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.reps, args.projection_sizes = [64, 1024], 3, [1024]
@@ -72,12 +78,18 @@ def _fb(fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor) -> Callabl
 
 
 def row(name: str, times: dict[str, float], **extra: object) -> dict:
+    compiled = {
+        f"{k} / floor": times[k] / times["floor"]
+        for k in ("hand compiled", "declared compiled")
+        if k in times
+    }
     return {
         "case": name,
         **times,
         "declared / hand": times["declared"] / times["hand"],
         "declared / floor": times["declared"] / times["floor"],
         "hand / floor": times["hand"] / times["floor"],
+        **compiled,
         **extra,
     }
 
@@ -96,6 +108,8 @@ def pooling_rows(args: argparse.Namespace) -> list[dict]:
                 "hand": _fb(pool, x0),
                 "declared": _fb(layer, x0),
             }
+            if args.compiled and penalty != "truncated_quadratic":
+                fns.update(_compiled_pair(penalty, n, x0))
             for fn in fns.values():
                 fn()
             reps = 1 if penalty == "truncated_quadratic" else args.reps
@@ -118,6 +132,18 @@ def pooling_rows(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _compiled_pair(penalty: str, n: int, x0: torch.Tensor) -> dict[str, Callable[[], None]]:
+    """RobustPool and the declared layer with ``compile=True``, warmed up (compiled) here."""
+    fns = {
+        "hand compiled": _fb(dl.nn.RobustPool(penalty, alpha=1.0, compile=True), x0),
+        "declared compiled": _fb(declared_pool(penalty, n, starts=False, compile=True), x0),
+    }
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    return fns
+
+
 def batch_one_row(args: argparse.Namespace) -> dict:
     x0 = torch.randn(16)
     pool = dl.nn.RobustPool("huber", alpha=1.0)
@@ -127,6 +153,8 @@ def batch_one_row(args: argparse.Namespace) -> dict:
         "hand": _fb(pool, x0),
         "declared": _fb(layer, x0),
     }
+    if args.compiled:
+        fns.update(_compiled_pair("huber", 16, x0))
     for fn in fns.values():
         for _ in range(5):
             fn()
@@ -193,6 +221,11 @@ HEADER = (
 
 def format_row(r: dict) -> str:
     notes = [f"{k} {r[k]:.2g}" for k in ("|dy|", "|dg|", "|dg32|", "gap") if k in r]
+    if "declared compiled" in r:
+        notes.append(
+            f"compiled: hand {r['hand compiled']:.2f} ms ({r['hand compiled / floor']:.1f}x), "
+            f"declared {r['declared compiled']:.2f} ms ({r['declared compiled / floor']:.1f}x)"
+        )
     if "target" in r:
         notes.append(str(r["target"]))
     return (
