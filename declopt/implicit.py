@@ -34,9 +34,8 @@ from declopt.kkt.tolerances import Tolerances, table
 from declopt.linalg import (
     LinearSolver,
     LinearSolveReport,
-    bordered_kkt,
-    compact_rows,
     conjugate_gradient,
+    held_kkt_system,
     kkt_minres,
     scalar_solve,
     solve_symmetric,
@@ -229,13 +228,10 @@ def _kkt_solve(
     bottom = torch.zeros_like(held, dtype=top.dtype) if bottom is None else bottom
     bottom = torch.where(held, bottom, torch.zeros_like(bottom))
     if linear_solver.is_dense(m):
-        rows, row_mask = compact_rows(held)
-        jac = point.jacobian.rows(rows, row_mask)
-        rhs = torch.cat([top, bottom.gather(1, rows) * row_mask], -1)
-        kkt = bordered_kkt(derivatives.hessian(u), jac, row_mask)
-        solution, linear = solve_symmetric(kkt, rhs, num_negative_expected=row_mask.sum(-1))
-        z = torch.zeros_like(bottom).scatter(1, rows, solution[:, m:] * row_mask)
-        return solution[:, :m], z, linear
+        kkt, rhs, split = held_kkt_system(derivatives.hessian(u), point.jacobian, held, top, bottom)
+        solution, linear = solve_symmetric(kkt, rhs, num_negative_expected=held.sum(-1))
+        w, z = split(solution)
+        return w, z, linear
     rhs = torch.cat([top, bottom], -1)
     solution, linear = kkt_minres(derivatives.hvp_at(u), point.jacobian, held, rhs)
     return solution[:, :m], solution[:, m:] * held, linear

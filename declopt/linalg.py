@@ -239,6 +239,27 @@ def bordered_kkt(hess: Tensor, jac: Tensor, mask: Tensor) -> Tensor:
     return torch.cat([top, bottom], -2).reshape(batch, m + k, m + k)
 
 
+def held_kkt_system(
+    hess: Tensor, jac: RowJacobian, held: Tensor, top: Tensor, bottom: Tensor
+) -> tuple[Tensor, Tensor, Callable[[Tensor], tuple[Tensor, Tensor]]]:
+    """The bordered system ``[[H, A^T], [A, D]] s = [top; bottom]`` on each problem's held rows
+    only, gathered to the front and padded to the batch's largest count (zero in ``A``, one on
+    ``D``): ``(matrix (B, m + r, m + r), rhs (B, m + r), split)``, where ``split(s)`` returns
+    ``(s_top (B, m), s_rows (B, k))`` with zero on the rows not held. A batch holding few of many
+    rows (the kinks of a truncated quadratic: ``k = n``, one or two held) factors ``m + r``, not
+    ``m + k``. ``hess: (B, m, m)``, ``jac`` the ``(B, k, m)`` rows, ``held: (B, k)``."""
+    m = hess.shape[-1]
+    rows, row_mask = compact_rows(held)
+    rhs = torch.cat([top, bottom.gather(1, rows) * row_mask], -1)
+    matrix = bordered_kkt(hess, jac.rows(rows, row_mask), row_mask)
+
+    def split(solution: Tensor) -> tuple[Tensor, Tensor]:
+        scattered = torch.zeros_like(bottom).scatter(1, rows, solution[:, m:] * row_mask)
+        return solution[:, :m], scattered
+
+    return matrix, rhs, split
+
+
 def compact_rows(mask: Tensor) -> tuple[Tensor, Tensor]:
     """Per problem, the indices of its ``True`` rows first, cut to the batch's largest count.
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from declopt.derivatives import BatchedObjective
 from declopt.kkt.point import KKTPoint, kkt_point, lagrangian_derivatives, reassess, sizes
 from declopt.kkt.tolerances import table
-from declopt.linalg import LinearSolver, bordered_kkt, kkt_minres, solve_newton
+from declopt.linalg import LinearSolver, held_kkt_system, kkt_minres, solve_newton
 from declopt.program import BatchedParams, Program
 
 
@@ -37,15 +37,18 @@ def newton_kkt_step(
     u, held = point.u, point.held
     m = u.shape[-1]
     derivatives = lagrangian_derivatives(program, params, point)
-    jac = point.jacobian.masked(held)
     rows = torch.where(held, point.rows, torch.zeros_like(point.rows))
-    rhs = torch.cat([-point.grad_lagrangian, -rows], -1)
-    if linear_solver.is_dense(m):
-        step = solve_newton(bordered_kkt(derivatives.hessian(u), jac.to_dense(), held), rhs)
+    if linear_solver.is_dense(m):  # on the held rows alone
+        matrix, rhs, split = held_kkt_system(
+            derivatives.hessian(u), point.jacobian, held, -point.grad_lagrangian, -rows
+        )
+        du, dz = split(solve_newton(matrix, rhs))
     else:  # m Hessian probes would cost more than a few MINRES products
-        step, _ = kkt_minres(derivatives.hvp_at(u), jac, held, rhs)
-    lam = torch.where(held, point.multipliers - step[:, m:], torch.zeros_like(point.multipliers))
-    return u + step[:, :m], lam
+        rhs = torch.cat([-point.grad_lagrangian, -rows], -1)
+        step, _ = kkt_minres(derivatives.hvp_at(u), point.jacobian, held, rhs)
+        du, dz = step[:, :m], step[:, m:]
+    lam = torch.where(held, point.multipliers - dz, torch.zeros_like(point.multipliers))
+    return u + du, lam
 
 
 def newton_kkt(
