@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -49,9 +49,10 @@ _ADVICE = {
 }
 
 
-def status_summary(status: Tensor) -> str:
+def status_summary(status: Tensor, advice: Mapping[Status, str] | None = None) -> str:
     """``"infeasible at [(1,)] (check ...); unbounded at [(3,)] (...)"`` for the failed problems
-    of a batch-shaped ``status`` tensor."""
+    of a batch-shaped ``status`` tensor; ``advice`` replaces :attr:`Status.advice` where a
+    backend knows better (its own options: a cone solver's tolerance, not ``initializers=``)."""
     parts = []
     for code in Status:
         if code is Status.SOLVED:
@@ -59,7 +60,8 @@ def status_summary(status: Tensor) -> str:
         mask = status == int(code)
         if bool(mask.any()):
             name = code.name.lower().replace("_", " ")
-            parts.append(f"{name} at batch indices {first_indices(mask)} ({code.advice})")
+            hint = (advice or {}).get(code, code.advice)
+            parts.append(f"{name} at batch indices {first_indices(mask)} ({hint})")
     return "; ".join(parts)
 
 

@@ -8,6 +8,7 @@ parameters broadcast to one batch shape; parameters without batch dims are share
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -77,12 +78,13 @@ def prepare_inputs(program: Program, args: Sequence[object]) -> PreparedInputs:
         )
     dtype, device = _common_dtype_device(args)
     tensors = tuple(torch.as_tensor(a, device=device).to(dtype=dtype) for a in args)
+    labels = [_label(name, i) for i, name in enumerate(names)]
     batch_shapes = []
-    for name, shape, tensor in zip(names, program.parameter_shapes, tensors):
+    for label, shape, tensor in zip(labels, program.parameter_shapes, tensors):
         ndim = len(shape)
         if tensor.dim() < ndim or tuple(tensor.shape[tensor.dim() - ndim :]) != shape:
             raise InputError(
-                f"parameter {name!r} has declared shape {shape}; pass a tensor of shape "
+                f"parameter {label} has declared shape {shape}; pass a tensor of shape "
                 f"(*batch, {', '.join(map(str, shape))}{',' if len(shape) == 1 else ''}), "
                 f"got {tuple(tensor.shape)}"
             )
@@ -95,13 +97,13 @@ def prepare_inputs(program: Program, args: Sequence[object]) -> PreparedInputs:
             f"the batch shapes of the parameters do not broadcast ({listing}); leading dims "
             "beyond each parameter's declared shape are batch dims and must broadcast"
         ) from None
-    for name, sign, tensor, bshape in zip(names, _signs(program), tensors, batch_shapes):
-        _check_values(name, sign, tensor, len(bshape))
-    for name, symmetric, tensor, bshape in zip(
-        names, program.parameter_symmetric, tensors, batch_shapes
+    for label, sign, tensor, bshape in zip(labels, _signs(program), tensors, batch_shapes):
+        _check_values(label, sign, tensor, len(bshape))
+    for label, symmetric, tensor, bshape in zip(
+        labels, program.parameter_symmetric, tensors, batch_shapes
     ):
         if symmetric:
-            _check_symmetric(name, tensor, len(bshape))
+            _check_symmetric(label, tensor, len(bshape))
 
     params = _flatten(program, tensors, batch_shape)
     return PreparedInputs(tensors, params, batch_shape, dtype, device)
@@ -159,25 +161,37 @@ def _signs(program: Program) -> Sequence[str | None]:
     )
 
 
-def _check_values(name: str, sign: str | None, tensor: Tensor, batch_ndim: int) -> None:
+_GENERATED_NAME = re.compile(r"param\d+")
+"""CVXPY's name for a parameter declared without one."""
+
+
+def _label(name: str, position: int) -> str:
+    """How messages name a parameter: its name, and its position in the call where the name is
+    CVXPY's generated one (``'param273'`` alone does not say which argument it is)."""
+    if _GENERATED_NAME.fullmatch(name):
+        return f"{name!r} (argument {position} of the call)"
+    return repr(name)
+
+
+def _check_values(label: str, sign: str | None, tensor: Tensor, batch_ndim: int) -> None:
     # One reduction decides the common case; the elementwise check only runs to locate a culprit
     # (a huge but finite tensor whose sum overflows passes the second check).
     finite = None if bool(torch.isfinite(tensor.sum())) else torch.isfinite(tensor)
     if finite is not None and not bool(finite.all()):
         raise InputError(
-            f"parameter {name!r} contains NaN or Inf at {_first_bad(finite, batch_ndim)}; "
+            f"parameter {label} contains NaN or Inf at {_first_bad(finite, batch_ndim)}; "
             "declopt solves only problems with finite data"
         )
     if sign == "nonneg" and bool((tensor < 0).any()):
         raise InputError(
-            f"parameter {name!r} is declared nonneg but is negative at "
+            f"parameter {label} is declared nonneg but is negative at "
             f"{_first_bad(tensor >= 0, batch_ndim)}; if it is a learned hyperparameter, keep it "
             "positive by construction: torch.nn.utils.parametrize.register_parametrization("
             "module, name, declopt.nn.Positive())"
         )
     if sign == "pos" and bool((tensor <= 0).any()):
         raise InputError(
-            f"parameter {name!r} must be positive (a log-log program, gp=True, takes its log) but "
+            f"parameter {label} must be positive (a log-log program, gp=True, takes its log) but "
             f"is zero or negative at {_first_bad(tensor > 0, batch_ndim)}; if it is a learned "
             "hyperparameter, keep it positive by construction: "
             "torch.nn.utils.parametrize.register_parametrization(module, name, "
@@ -185,7 +199,7 @@ def _check_values(name: str, sign: str | None, tensor: Tensor, batch_ndim: int) 
         )
     if sign == "nonpos" and bool((tensor > 0).any()):
         raise InputError(
-            f"parameter {name!r} is declared nonpos but is positive at "
+            f"parameter {label} is declared nonpos but is positive at "
             f"{_first_bad(tensor <= 0, batch_ndim)}"
         )
 
@@ -196,7 +210,7 @@ its dtype's epsilon, relative to its largest entry (per matrix): rounding of an 
 ``A @ A.T`` computed in that dtype passes, a matrix that is not symmetric does not."""
 
 
-def _check_symmetric(name: str, tensor: Tensor, batch_ndim: int) -> None:
+def _check_symmetric(label: str, tensor: Tensor, batch_ndim: int) -> None:
     if not tensor.is_floating_point():
         return
     gap = (tensor - tensor.transpose(-1, -2)).abs()
@@ -204,7 +218,7 @@ def _check_symmetric(name: str, tensor: Tensor, batch_ndim: int) -> None:
     ok = gap <= SYMMETRY_TOLERANCE * torch.finfo(tensor.dtype).eps * scale
     if not bool(ok.all()):
         raise InputError(
-            f"parameter {name!r} is declared symmetric but is not symmetric at "
+            f"parameter {label} is declared symmetric but is not symmetric at "
             f"{_first_bad(ok, batch_ndim)} (|P - P^T| = {float(gap.max()):.3g}); pass a symmetric "
             "matrix, e.g. (P + P.transpose(-1, -2)) / 2"
         )

@@ -482,12 +482,18 @@ class _Call:
         info, policy = self.info, self.layer.on_failure
         if policy == "ignore" or info.all_converged:
             return
+        advice = getattr(self.layer.backend, "advice", None)
+        after = (
+            "The other problems are unaffected; layer.info.status has every problem's status."
+            if policy == "warn"
+            else "on_failure='warn' returns the batch instead, with every problem's status in "
+            "layer.info.status."
+        )
         message = (
             f"{int((~info.converged).sum())} of {info.converged.numel()} problem(s) did not "
             f"converge (backend {info.backend!r}); first batch indices: "
-            f"{first_indices(~info.converged)}: {status_summary(info.status)}; max KKT residual "
-            f"{float(info.kkt_residual[~info.converged].max()):.3g}. The other problems are "
-            "unaffected; layer.info.status has every problem's status."
+            f"{first_indices(~info.converged)}: {status_summary(info.status, advice)}; max KKT "
+            f"residual {float(info.kkt_residual[~info.converged].max()):.3g}. {after}"
         )
         escalate(policy, message, NonConvergenceWarning, stacklevel=6)
 

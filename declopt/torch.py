@@ -31,7 +31,8 @@ class CvxpyLayer(Layer):
     dual variables of its constraints (``c.dual_variables[0]``). ``solver`` names a
     cvxpylayers solver (``None``/``"DIFFCP"``: diffcp; ``"MOREAU"``, ... are passed to
     cvxpylayers); ``cp.SCS`` / ``cp.CLARABEL`` / ``cp.ECOS`` are also accepted and
-    select diffcp's cone solver (``solver_args["solve_method"]``).
+    select diffcp's cone solver (``solver_args["solve_method"]``); a cvxpylayers custom solver
+    (a ``cvxpylayers.interfaces.SolverInterface``) is passed to cvxpylayers as it is.
 
     Args:
         backend: ``"cvxpylayers"`` (default, what cvxpylayers does), ``"torch"``, ``"auto"``...
@@ -64,6 +65,10 @@ class CvxpyLayer(Layer):
         if solver is not None and str(solver).upper() == "DIFFCP":
             solver = None
         takes_cvxpylayers_options = backend == "cvxpylayers"
+        if takes_cvxpylayers_options and _is_solver_interface(solver):
+            # cvxpylayers' own custom-solver API: the object goes to its CvxpyLayer(solver=).
+            layer_options["solver"] = solver
+            solver = None
         if takes_cvxpylayers_options:
             options.setdefault("on_solver_error", "raise")
             if layer_options:
@@ -112,6 +117,15 @@ class CvxpyLayer(Layer):
             )
         except SolverError as error:  # declopt's on_failure="raise": diffcp's type, as cvxpylayers
             raise _solver_error(str(error)) from error
+
+
+def _is_solver_interface(solver: Any) -> bool:
+    """Whether ``solver`` is a cvxpylayers custom solver (``SolverInterface``)."""
+    try:
+        from cvxpylayers.interfaces.base import SolverInterface
+    except ImportError:  # an older cvxpylayers without the custom-solver API
+        return False
+    return isinstance(solver, SolverInterface)
 
 
 def _solver_error(message: str) -> Exception:

@@ -441,3 +441,103 @@ def test_entropic_transport_gradients_are_the_minimum_norm_representative() -> N
     shift_b = grads["native"][1] - gb
     torch.testing.assert_close(shift_a, shift_a.mean().expand_as(shift_a), rtol=0, atol=1e-5)
     torch.testing.assert_close(shift_b, -shift_a, rtol=0, atol=1e-5)
+
+
+def _l1_fit() -> tuple[cp.Problem, list, list]:
+    x = cp.Variable(2)
+    A, b = cp.Parameter((3, 2)), cp.Parameter(3)
+    return cp.Problem(cp.Minimize(cp.pnorm(A @ x - b, 1)), [x >= 0]), [A, b], [x]
+
+
+def test_solver_args_reach_diffcp_as_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """diffcp's own keys win over declopt's defaults, as cvxpylayers passes them through;
+    SCS 3's eps_abs / eps_rel replace the default eps (diffcp would turn it into both)."""
+    import cvxpylayers.interfaces.diffcp_if as diffcp_if
+
+    seen: list[dict] = []
+    original = diffcp_if.diffcp.solve_and_derivative_batch
+
+    def spy(*args, **kwargs):
+        seen.append(dict(kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(diffcp_if.diffcp, "solve_and_derivative_batch", spy)
+    problem, parameters, variables = _l1_fit()
+    torch.manual_seed(0)
+    A = torch.randn(3, 2, dtype=F64, requires_grad=True)
+    b = torch.randn(3, dtype=F64)
+    given = {"eps_abs": 1e-3, "eps_rel": 1e-3, "mode": "lsqr", "n_jobs_forward": 1}
+    given["n_jobs_backward"] = 1
+    CvxpyLayer(problem, parameters, variables)(A, b, solver_args=given)
+    assert seen, "diffcp was not called"
+    for key, value in given.items():
+        assert seen[-1][key] == value, (key, seen[-1])
+    assert "eps" not in seen[-1]
+
+
+def test_a_cvxpylayers_custom_solver_is_passed_to_cvxpylayers() -> None:
+    """cvxpylayers 1.2's SolverInterface (its own test's batch mock, delegating to diffcp)."""
+    import diffcp
+    from cvxpylayers.interfaces.base import SolverInterface
+    from cvxpylayers.interfaces.diffcp_if import (
+        _build_diffcp_matrices,
+        _compute_gradients,
+        dims_to_solver_dict,
+    )
+
+    class Batch(SolverInterface):
+        canon_solver = "DIFFCP"
+
+        def __init__(self, ctx) -> None:
+            self.ctx = ctx
+
+        def solve_torch_batch(self, P, q, A, dims, solver_args, needs_grad):
+            ctx, batch = self.ctx, q.shape[0]
+            As, bs, cs, b_idxs = _build_diffcp_matrices(
+                A.T.contiguous(), q.T.contiguous(), ctx.A_structure, ctx.A_shape, ctx.b_idx, batch
+            )
+            cones = [dims_to_solver_dict(ctx.dims)] * batch
+            xs, ys, _, _, adjoint = diffcp.solve_and_derivative_batch(As, bs, cs, cones)
+            primal = torch.stack([torch.from_numpy(x) for x in xs])
+            dual = torch.stack([torch.from_numpy(y) for y in ys])
+            return primal, dual, (adjoint, bs, b_idxs, batch)
+
+        def derivative_torch_batch(self, dprimal, ddual, data):
+            adjoint, bs, b_idxs, batch = data
+            dq, dA = _compute_gradients(
+                adjoint, dprimal.detach().numpy(), ddual.detach().numpy(), bs, b_idxs, batch
+            )
+            return (
+                None,
+                torch.stack([torch.from_numpy(g) for g in dq]),
+                torch.stack([torch.from_numpy(g) for g in dA]),
+            )
+
+    problem, parameters, variables = _l1_fit()
+    ctx = Reference(problem, parameters, variables).ctx.solver_ctx
+    torch.manual_seed(0)
+    params = (torch.randn(3, 2, dtype=F64), torch.randn(3, dtype=F64))
+    want = _outputs_and_grads(Reference(problem, parameters, variables, solver=Batch(ctx)), *params)
+    got = _outputs_and_grads(CvxpyLayer(problem, parameters, variables, solver=Batch(ctx)), *params)
+    _close(got[0], want[0])
+    _close(got[1], want[1])
+
+
+def test_a_failed_batch_says_what_to_change_on_the_cvxpylayers_backend() -> None:
+    problem, parameters, variables = _l1_fit()
+    torch.manual_seed(0)
+    layer = CvxpyLayer(problem, parameters, variables)
+    with pytest.raises(DiffcpSolverError) as raised:
+        layer(torch.randn(3, 2, dtype=F64), torch.randn(3, dtype=F64), solver_args={"max_iters": 1})
+    message = str(raised.value)
+    assert "solver_args" in message and "initializers=" not in message, message
+    assert "on_failure='warn' returns the batch" in message, message
+
+
+def test_a_wrong_sign_names_the_argument_of_an_unnamed_parameter() -> None:
+    x = cp.Variable()
+    a, lam = cp.Parameter(), cp.Parameter(nonneg=True)
+    problem = cp.Problem(cp.Minimize(cp.square(x - a) + lam * cp.abs(x)))
+    layer = CvxpyLayer(problem, [a, lam], [x])
+    with pytest.raises(dl.InputError, match=r"\(argument 1 of the call\) is declared nonneg"):
+        layer(torch.tensor(1.0, dtype=F64), torch.tensor(-0.5, dtype=F64))

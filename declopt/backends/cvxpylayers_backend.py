@@ -30,7 +30,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import cvxpy as cp
 import torch
@@ -241,6 +241,9 @@ class CvxpyLayersBackend:
         derivative_mode: diffcp's ``mode`` for the native backward (``"dense"``, ``"lsqr"``,
             ``"lsmr"``, ...); ``"auto"`` (default): see :data:`DENSE_DERIVATIVE_MAX`.
         n_jobs: threads diffcp uses across the batch (``-1``: one per core; its default).
+            diffcp's own keys given in ``solver_args`` (``mode``, ``n_jobs_forward``,
+            ``n_jobs_backward``; ``eps_abs`` / ``eps_rel``, which then replace the default
+            ``eps``) take precedence, as cvxpylayers passes them through.
         feasibility_tol: see :data:`FEASIBILITY_TOL`.
         on_solver_error: ``"isolate"`` (default: bisect a batch diffcp rejects, failed members
             come back as zeros with ``converged=False``) or ``"raise"`` (cvxpylayers' own
@@ -263,6 +266,15 @@ class CvxpyLayersBackend:
     """
 
     name = "cvxpylayers"
+    advice: ClassVar[dict[Status, str]] = {
+        Status.ITERATION_LIMIT: "raise max_iter= (SCS's max_iters) or loosen solver_args "
+        "(e.g. {'eps': 1e-6}); badly scaled data slows SCS: rescale it, or pass "
+        "solver_args={'solve_method': 'Clarabel'}",
+        Status.NOT_CONVERGED: "the cone solver failed or was inaccurate: loosen solver_args "
+        "(e.g. {'eps': 1e-6}), rescale the data, or pass solver_args={'solve_method': "
+        "'Clarabel'}",
+    }
+    """What to do about a failed member here (:func:`declopt.diagnostics.status_summary`)."""
     native_backward = True
     default_backward = "native"
     takes_source_only = True
@@ -343,12 +355,18 @@ class CvxpyLayersBackend:
         compiled = self.compiled(program, layer_options)
         ref = starts[0] if starts else params.values[0]
         size = params.size
-        args = _solver_args(solver_args or {}, max_iter)
-        args["n_jobs_forward"] = n_jobs
-        if derivative_mode == "auto" and hasattr(compiled.layer.ctx.solver_ctx, "A_shape"):
-            rows, columns = compiled.layer.ctx.solver_ctx.A_shape
-            derivative_mode = "dense" if rows + columns <= DENSE_DERIVATIVE_MAX else "lsmr"
-        args["mode"] = derivative_mode
+        if _takes_diffcp_args(layer_options):
+            args = _solver_args(solver_args or {}, max_iter)
+            # diffcp's own keys in solver_args win over declopt's keywords (cvxpylayers passes
+            # solver_args through as they are).
+            args.setdefault("n_jobs_forward", n_jobs)
+            if derivative_mode == "auto" and hasattr(compiled.layer.ctx.solver_ctx, "A_shape"):
+                rows, columns = compiled.layer.ctx.solver_ctx.A_shape
+                derivative_mode = "dense" if rows + columns <= DENSE_DERIVATIVE_MAX else "lsmr"
+            if derivative_mode != "auto":
+                args.setdefault("mode", derivative_mode)
+        else:  # another cvxpylayers solver (MOREAU, a custom one): its solver_args as given
+            args = dict(solver_args or {})
         values = tuple(v.to(device="cpu", dtype=torch.float64) for v in params.values)
         if not differentiable:
             values = tuple(v.detach() for v in values)
@@ -420,11 +438,22 @@ def _source_solution(packed: Packed, solved: Tensor, ref: Tensor) -> Solution:
     )
 
 
+def _takes_diffcp_args(layer_options: dict[str, Any] | None) -> bool:
+    """Whether the cvxpylayers layer solves with diffcp (its default solver), whose keywords
+    declopt's defaults (:data:`DEFAULT_SOLVER_ARGS`, ``mode``, ``n_jobs_*``) are."""
+    solver = (layer_options or {}).get("solver")
+    return solver is None or (isinstance(solver, str) and solver.upper() == "DIFFCP")
+
+
 def _solver_args(given: dict[str, Any], max_iter: int | None) -> dict[str, Any]:
     """diffcp's keyword arguments: SCS gets declopt's tight defaults; other cone solvers
     (``solve_method="Clarabel"``) keep their own, which use different names."""
     scs = str(given.get("solve_method", "SCS")).upper() == "SCS"
-    args = {**(DEFAULT_SOLVER_ARGS if scs else {}), **given}
+    defaults = dict(DEFAULT_SOLVER_ARGS) if scs else {}
+    if "eps_abs" in given or "eps_rel" in given:
+        # SCS 3's own names: diffcp turns an ``eps`` into both, which would override them.
+        defaults.pop("eps", None)
+    args = {**defaults, **given}
     if max_iter is not None:
         args["max_iters" if scs else "max_iter"] = max_iter
     return args
@@ -528,10 +557,12 @@ class _BatchSolver:
         solver_args = dict(self.args)
         # cvxpylayers sets up diffcp's derivative only when a gradient is needed, and diffcp's
         # forward-only entry point passes unknown keywords on to SCS, which rejects these two.
-        if torch.is_grad_enabled() and any(a.requires_grad for a in args):
-            solver_args["n_jobs_backward"] = solver_args["n_jobs_forward"]
-        else:
-            solver_args.pop("mode", None)
+        # (Another cvxpylayers solver's arguments, without n_jobs_forward, pass as given.)
+        if "n_jobs_forward" in solver_args:
+            if torch.is_grad_enabled() and any(a.requires_grad for a in args):
+                solver_args.setdefault("n_jobs_backward", solver_args["n_jobs_forward"])
+            else:
+                solver_args.pop("mode", None)
         with warnings.catch_warnings(record=True) as caught:
             # Recording also silences diffcp's np.array(tensor) DeprecationWarnings (NumPy 2).
             warnings.simplefilter("always")
