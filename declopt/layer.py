@@ -555,7 +555,40 @@ class _Call:
                 tolerances=self.tolerances,
             )
         self._backward_info(report)
+        self._report_non_finite(grads_flat, params)
         return self.inputs.gradients(self.program, grads_flat, per_problem)
+
+    def _report_non_finite(self, grads: Sequence[Tensor | None], params: BatchedParams) -> None:
+        """A ``GradientWarning`` (per ``on_gradient_issue``) naming the problems whose implicit
+        gradient has a NaN or an infinity: derivatives that overflowed (an entry whose square
+        exceeds the dtype's range) or a system beyond repair; never a silent NaN."""
+        if self.layer.on_gradient_issue == "ignore" or any(
+            g is not None and _under_vmap(g) for g in grads
+        ):
+            return  # under vmap a per-problem test is data-dependent control flow
+        bad = torch.zeros(params.size, dtype=torch.bool, device=self.inputs.device)
+        shared = False
+        for grad, dim in zip(grads, params.in_dims):
+            if grad is None:
+                continue
+            if dim == 0:
+                bad = bad | ~torch.isfinite(grad.reshape(params.size, -1)).all(-1)
+            else:
+                shared = shared or not bool(torch.isfinite(grad).all())
+        if not (shared or bool(bad.any())):
+            return
+        where = (
+            f"{int(bad.sum())} problem(s), first batch indices "
+            f"{first_indices(bad.reshape(self.inputs.batch_shape))}"
+            if bool(bad.any())
+            else "a parameter shared by the batch"
+        )
+        message = (
+            f"implicit backward: the gradient is not finite (NaN or Inf) for {where}: its "
+            "derivatives overflowed (data beyond the dtype's range when squared) or the KKT "
+            "system could not be solved; rescale the data or use float64. See layer.info.backward."
+        )
+        escalate(self.layer.on_gradient_issue, message, GradientWarning, stacklevel=5)
 
     def jvp(self, tensors: Sequence[Tensor], tangents: Sequence[Tensor | None]) -> tuple:
         """Forward-mode tangents of the outputs (the KKT solve of the backward, transposed)."""
@@ -658,6 +691,11 @@ class _Call:
             "systems use the minimum-norm least-squares gradient. See layer.info.backward."
         )
         escalate(policy, message, GradientWarning, stacklevel=4)
+
+
+def _under_vmap(t: Tensor) -> bool:
+    """Whether ``t`` is a tensor batched by ``torch.func.vmap`` (a level of it is active)."""
+    return bool(torch._C._functorch.is_batchedtensor(t))
 
 
 _DIFFCP_SOLVE_METHODS = {"SCS": "SCS", "ECOS": "ECOS", "CLARABEL": "Clarabel"}
@@ -800,8 +838,14 @@ class _LayerFunction(torch.autograd.Function):
         raw, outputs = saved[: ctx.num_params], saved[ctx.num_params :]
         needs = ctx.needs_input_grad[2:]
         grads = grads[: len(outputs)]
-        if call.inputs.params.size == 0 or all(g is None for g in grads):
+        if all(g is None for g in grads):
             return (None, None, *(None for _ in raw))
+        if call.inputs.params.size == 0:  # no problems: every gradient is zero (and connected)
+            zeros = (
+                torch.zeros_like(t) if need and isinstance(t, Tensor) else None
+                for t, need in zip(raw, needs)
+            )
+            return (None, None, *zeros)
         inputs = call.inputs
         tensors = tuple(
             t.to(dtype=inputs.dtype, device=inputs.device) if isinstance(t, Tensor) else c

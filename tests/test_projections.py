@@ -378,3 +378,28 @@ def test_an_entry_close_to_the_linf_tie_keeps_its_own_derivative(
     torch.testing.assert_close(grads[1], grads[0], atol=8 * eps, rtol=0)
     if ulps:
         assert float(grads[1][0, 7]) == pytest.approx(1.0, abs=8 * eps)
+
+
+@pytest.mark.parametrize(
+    ("scale", "dtype"),
+    [
+        (1e-30, torch.float32),
+        (1e-22, torch.float32),
+        (1e19, torch.float32),
+        (1e-170, F64),
+        (1e160, F64),
+    ],
+)
+def test_l2_projection_of_tiny_and_huge_vectors(scale: float, dtype: torch.dtype) -> None:
+    # |x|^2 of the entries themselves under- or overflows here; the projection must not.
+    x = torch.tensor([[3.0, 4.0]], dtype=F64) * scale
+    x = x.to(dtype).requires_grad_(True)
+    y = dl.nn.SphereProjection(2)(x)
+    torch.testing.assert_close(y.double(), torch.tensor([[0.6, 0.8]], dtype=F64), rtol=1e-6, atol=0)
+    ball = dl.nn.BallProjection(2)(x.detach())
+    want = x.detach() if scale < 1 else torch.tensor([[0.6, 0.8]], dtype=dtype)
+    torch.testing.assert_close(ball, want, rtol=1e-6, atol=0)
+    y[0, 0].backward()
+    # d y_0 / dx = (1 - u_0^2, -u_0 u_1) / |x| with u = (0.6, 0.8)
+    expected = torch.tensor([[0.64, -0.48]], dtype=F64) / (5.0 * scale)
+    torch.testing.assert_close(x.grad.double(), expected, rtol=1e-5, atol=0)

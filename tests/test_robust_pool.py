@@ -376,3 +376,130 @@ def test_fixed_alpha_is_a_constant_of_the_declaration() -> None:
     # the buffer can change: the pool re-declares with the new value
     fixed.alpha.fill_(1.25)
     torch.testing.assert_close(fixed(x), dl.nn.RobustPool("welsch", alpha=1.25)(x))
+
+
+def _huber_root_by_bisection(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The minimiser of sum_i huber(y - x_i) per row: the root of the monotone sum of
+    clamp(y - x_i, -alpha, alpha) by bisection (float64, 200 halvings)."""
+    lo, hi = x.amin(-1), x.amax(-1)
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        g = (mid.unsqueeze(-1) - x).clamp(-alpha, alpha).sum(-1)
+        lo, hi = torch.where(g < 0, mid, lo), torch.where(g < 0, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+@pytest.mark.parametrize(
+    ("row", "alpha"), [([1.3, 1.0], 0.3), ([1.5, 1.0], 0.3), ([2.1, 1.0], 0.6)]
+)
+def test_huber_newton_does_not_cycle_between_its_bracket_ends(row: list, alpha: float) -> None:
+    # From the median, Newton's step lands exactly on the other end of the bracket (one kink to
+    # the next) and back: it must bisect instead, and converge.
+    x = torch.tensor([row], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", dl.NonConvergenceWarning)
+        y = dl.nn.RobustPool("huber", alpha=alpha)(x)
+    torch.testing.assert_close(y, _huber_root_by_bisection(x, alpha), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_huber_pooling_of_quantised_data_converges_to_the_minimiser(dtype: torch.dtype) -> None:
+    # Pixel-like data (k / 255) with alpha a few quanta: kinks everywhere at exact spacings.
+    g = torch.Generator().manual_seed(0)
+    for n in (2, 4, 16):
+        x = torch.randint(0, 256, (512, n), generator=g).to(torch.float64) / 255
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", dl.NonConvergenceWarning)
+            y = dl.nn.RobustPool("huber", alpha=0.05)(x.to(dtype))
+        want = _huber_root_by_bisection(x, 0.05)
+
+        # Compare objectives: with two entries more than 2 alpha apart the minimisers form an
+        # interval (the objective is flat between the kinks).
+        def objective(y: torch.Tensor, x: torch.Tensor = x) -> torch.Tensor:
+            z = (y.double().unsqueeze(-1) - x).abs()
+            return torch.where(z <= 0.05, 0.5 * z * z, 0.05 * (z - 0.025)).sum(-1)
+
+        tol = 1e-14 if dtype == torch.float64 else 1e-6
+        assert float((objective(y) - objective(want)).max()) <= tol * n
+
+
+@pytest.mark.parametrize("module", ["pool", "sphere"])
+def test_nothing_to_pool_or_project_is_an_input_error(module: str) -> None:
+    make = (
+        (lambda: dl.nn.RobustPool("huber"))
+        if module == "pool"
+        else (lambda: dl.nn.SphereProjection(2))
+    )
+    with pytest.raises(dl.InputError, match="is empty"):
+        make()(torch.zeros(3, 0))
+    with pytest.raises(dl.InputError, match="0-d tensor"):
+        make()(torch.tensor(1.0))
+    with pytest.raises(dl.InputError, match="out of range"):
+        type(make())(*(("huber",) if module == "pool" else (2,)), dim=2)(torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_an_empty_batch_gets_zero_gradients(learnable: bool) -> None:
+    alpha = torch.nn.Parameter(torch.tensor(1.0)) if learnable else 1.0
+    x = torch.zeros(0, 5, requires_grad=True)
+    dl.nn.RobustPool("huber", alpha=alpha)(x).sum().backward()
+    assert x.grad is not None and x.grad.shape == (0, 5)
+    if learnable:
+        assert float(alpha.grad) == 0.0
+
+
+def test_the_quadratic_ignores_a_learnable_alpha() -> None:
+    alpha = torch.nn.Parameter(torch.tensor(2.0))
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    y = dl.nn.RobustPool("quadratic", alpha=alpha)(x)
+    torch.testing.assert_close(y, x.mean(-1))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 0.25))
+
+
+def test_huber_gradients_take_one_side_at_the_threshold() -> None:
+    """On |y - x_i| = alpha the slope's derivative and the curvature take the same (inside)
+    side: fixed and learnable alpha agree, and a flat minimum the forward leaves at its end
+    y = x_0 + alpha gets that piece's derivative (central differences of the forward: [1, 0],
+    d/dalpha = 1)."""
+    x = torch.tensor([0.0, 5.0], dtype=torch.float64, requires_grad=True)
+    alpha = torch.nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+    dl.nn.RobustPool("huber", alpha=alpha)(x).backward()
+    torch.testing.assert_close(x.grad, torch.tensor([1.0, 0.0], dtype=torch.float64))
+    assert float(alpha.grad) == pytest.approx(1.0)
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 6, (400, 3), generator=g).to(torch.float64)
+    grads = []
+    for learnable in (False, True):
+        x = data.clone().requires_grad_(True)
+        a = torch.nn.Parameter(torch.tensor(1.0, dtype=torch.float64)) if learnable else 1.0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", dl.GradientWarning)
+            dl.nn.RobustPool("huber", alpha=a)(x).sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-12)
+
+
+def test_welsch_leaves_a_symmetric_start_that_is_a_local_maximum() -> None:
+    # Mean and median both sit at 0, between two clusters, where the objective has a local
+    # maximum (curvature < 0): the forward must still return a local minimum (one of +-0.968).
+    x = torch.tensor([-1.0, -1, -1, 0, 1, 1, 1], dtype=torch.float64)
+    alpha = 0.45
+    y = dl.nn.RobustPool("welsch", alpha=alpha)(x)
+
+    def objective(t: torch.Tensor) -> torch.Tensor:
+        return (1 - torch.exp(-((t - x) ** 2) / (2 * alpha**2))).sum()
+
+    assert float(objective(y)) < float(objective(torch.tensor(0.0, dtype=torch.float64))) - 1
+    h = torch.autograd.functional.hessian(objective, y.detach().clone())
+    assert float(h) > 0
+    assert abs(float(y)) == pytest.approx(0.9678, abs=1e-3)
+
+
+def test_a_non_finite_gradient_is_reported() -> None:
+    # float32: the outlier's square overflows in the derivatives; the NaN gradient must come
+    # with a warning that says so.
+    x = torch.tensor([0.1, -0.2, 0.05, 0.3, 1e20], requires_grad=True)
+    y = dl.nn.RobustPool("welsch", alpha=1.0)(x)
+    with pytest.warns(dl.GradientWarning, match="not finite"):
+        y.backward()

@@ -82,12 +82,7 @@ def solve_pool(penalty: str, x: Tensor, alpha: Tensor | None, compile: bool = Fa
         if penalty in ("pseudo_huber", "huber"):
             y, converged = _newton(kernels, rows, alpha, subsample_median(rows))
         elif penalty == "welsch":
-            y, s0, converged = _welsch(kernels, rows, alpha, rows.mean(-1))
-            y2, s02, converged2 = _welsch(kernels, rows, alpha, median(rows))
-            # The lower objective n - sum(w) wins; a tie keeps the mean's (the seed's order).
-            second = s02 > s0
-            y = torch.where(second, y2, y)
-            converged = torch.where(second, converged2, converged)
+            y, converged = _welsch_pool(kernels, rows, alpha)
         elif penalty == "truncated_quadratic":
             if rows.dtype not in (torch.float32, torch.float64):
                 rows = rows.float()
@@ -193,7 +188,10 @@ def _newton_step(penalty, alpha, y, g, h, kink, lo, hi, done):
     usable = h > 0
     step = -g / torch.where(usable, h, torch.ones_like(h))
     newton = y + step
-    inside = usable & (newton >= lo) & (newton <= hi)
+    # Strictly inside: the bracket's ends are data extremes or points already evaluated with
+    # g != 0, never the root; a step onto one (Huber from one kink to the next: [1.3, 1.0] with
+    # alpha = 0.3 cycled 1.0 -> 1.3 -> 1.0) bisects instead.
+    inside = usable & (newton > lo) & (newton < hi)
     if penalty == "pseudo_huber":
         # |psi''| <= 1.5 psi' / alpha: a step s leaves an error below 1.25 s^2 / alpha.
         exact = (step.abs() <= alpha / 3) & (1.25 * step * step <= 0.5 * tol * alpha)
@@ -346,10 +344,14 @@ def _newton(kernels: _Kernels, x: Tensor, alpha: Tensor, y: Tensor) -> tuple[Ten
 
 def _welsch(
     kernels: _Kernels, x: Tensor, alpha: Tensor, y: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """From the start ``y``, a local minimiser: ``(y, sum of weights there, converged)``."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """From the start ``y``, a stationary point: ``(y, sum of weights there, alpha^2 times the
+    curvature there, converged)``; a local minimiser unless the start was a stationary point
+    already (the curvature tells)."""
     out = torch.empty_like(y)
     weight = torch.empty_like(y)
+    bend = torch.empty_like(y)
+    a2 = alpha * alpha
     converged = torch.zeros_like(y, dtype=torch.bool)
     active = _Active()
     s0, s1, s2, s3 = kernels.start(x, alpha, y)
@@ -364,13 +366,42 @@ def _welsch(
         remaining = int((~state[-1]).sum())
         if remaining == 0 or remaining < _COMPACT_BELOW * state[-1].shape[0]:
             _finish(active, out, converged, state[1], state[-1], weight, state[2])
+            active.scatter(bend, state[2] - state[4] / a2)
             if remaining == 0:
-                return out, weight, converged
+                return out, weight, bend, converged
             state = active.compact(~state[-1], *state)
         xa, *rest = state
         state = (xa, *kernels.block(xa, alpha, *rest))
     _finish(active, out, converged, state[1], state[-1], weight, state[2])
-    return out, weight, converged
+    active.scatter(bend, state[2] - state[4] / a2)
+    return out, weight, bend, converged
+
+
+def _welsch_pool(kernels: _Kernels, x: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+    """The better of the local minima from the mean and from the median (the lower objective
+    ``n - sum(w)``; a tie keeps the mean's, the seed's order); ``(y, converged)``.
+
+    A start that is itself a stationary point but not a minimum (symmetric data: the mean and
+    the median at the centre of two clusters, a local maximum) stops there at once; such rows
+    continue from ``alpha`` either side and keep the better minimum."""
+    y, s0, bend, converged = _welsch(kernels, x, alpha, x.mean(-1))
+    y2, s02, bend2, converged2 = _welsch(kernels, x, alpha, median(x))
+    second = s02 > s0
+    y, s0 = torch.where(second, y2, y), torch.where(second, s02, s0)
+    bend = torch.where(second, bend2, bend)
+    converged = torch.where(second, converged2, converged)
+    stuck = (bend <= 0).nonzero().squeeze(-1)
+    if stuck.numel():
+        xs, ys, best = x[stuck], y[stuck], s0[stuck]
+        y_best, ok = ys, converged[stuck]
+        for side in (-1.0, 1.0):
+            y_new, s_new, _, ok_new = _welsch(kernels, xs, alpha, ys + side * alpha)
+            better = s_new > best
+            y_best = torch.where(better, y_new, y_best)
+            ok = torch.where(better, ok_new, ok)
+            best = torch.where(better, s_new, best)
+        y, converged = y.index_copy(0, stuck, y_best), converged.index_copy(0, stuck, ok)
+    return y, converged
 
 
 def _finish(active, out, converged, y, done, extra_out=None, extra=None) -> None:

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from declopt.layer import Layer
+from declopt.nn._checks import moved_to_last
 from declopt.nn._scalar import register_positive_scalar
 
 _P_VALUES = {1.0: 1, 2.0: 2, float("inf"): "inf"}
@@ -62,14 +63,25 @@ def _positive_sign(x: Tensor) -> Tensor:
     return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
 
 
+def _norm_and_direction(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(|x|_2 (..., 1), x / |x|_2)`` computed on ``x / max|x|``: squaring the entries
+    themselves underflows below ~1e-19 (float32) and overflows above ~1e19 (a norm of 0 or
+    inf, a wrong projection without a warning). The direction is 0 where ``x = 0``."""
+    tiny = torch.finfo(x.dtype).tiny
+    largest = x.abs().amax(-1, keepdim=True)
+    scaled = x / largest.clamp_min(tiny)
+    size = scaled.norm(dim=-1, keepdim=True)
+    direction = scaled / size.clamp_min(tiny)
+    return largest * size, direction
+
+
 def project_l2(x: Tensor, r: Tensor, sphere: bool) -> Tensor:
-    norm = x.norm(dim=-1, keepdim=True)
+    norm, direction = _norm_and_direction(x)
     if sphere:
         first = torch.zeros_like(x)
         first[..., 0] = 1
-        direction = torch.where(norm > 0, x / norm.clamp_min(torch.finfo(x.dtype).tiny), first)
-        return r * direction
-    return torch.where(norm > r, r * x / norm.clamp_min(torch.finfo(x.dtype).tiny), x)
+        return r * torch.where(norm > 0, direction, first)
+    return torch.where(norm > r, r * direction, x)
 
 
 def project_linf(x: Tensor, r: Tensor, sphere: bool) -> Tensor:
@@ -129,8 +141,8 @@ def _l1_threshold(magnitude: Tensor, total: Tensor, r: Tensor) -> Tensor:
 
 
 def vjp_l2(x: Tensor, r: Tensor, y: Tensor, v: Tensor, sphere: bool) -> tuple[Tensor, Tensor]:
-    norm = x.norm(dim=-1, keepdim=True)
-    unit = y / r  # x / |x| where the sphere's formula applies
+    norm = _norm_and_direction(x)[0]
+    unit = y / r  # x / |x| where the sphere's formula applies (e_1 at x = 0 on the sphere)
     along = (unit * v).sum(-1, keepdim=True)
     # x = 0 (sphere only): the derivative is unbounded; 0 is the implicit backward's answer.
     scale = torch.where(norm > 0, r / norm.clamp_min(torch.finfo(x.dtype).tiny), 0)
@@ -230,7 +242,7 @@ class _Projection(nn.Module):
     @torch.compiler.disable  # declares CVXPY layers lazily; one graph break under torch.compile
     def forward(self, x: Tensor) -> Tensor:
         """``x: (..., n, ...)`` -> its projection, same shape (projects along ``dim``)."""
-        moved = x.movedim(self.dim, -1)
+        moved = moved_to_last(x, self.dim, type(self).__name__)
         (u,) = self.layer(moved.shape[-1])(moved, self.radius.to(moved.dtype))
         return u.movedim(-1, self.dim)
 

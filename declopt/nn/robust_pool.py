@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from declopt import penalties
 from declopt.layer import Layer
+from declopt.nn._checks import moved_to_last
 from declopt.nn._scalar import register_positive_scalar
 from declopt.nn.pool_solver import solve_pool
 
@@ -42,9 +43,12 @@ class RobustPool(nn.Module):
             (10-30 s per penalty and dtype on a CPU, and ~4 s for the backward of each new pooled
             length). Falls back to eager, with a warning, where compilation fails.
 
-    The forward is exact: the convex penalties' unique minimiser; for welsch the better of the
-    local minima reached from the mean and from the median (the seed paper's rule); for the
-    truncated quadratic the global minimiser.
+    The forward is exact: the convex penalties' minimiser (unique but for Huber, whose minimisers
+    form an interval where the objective is flat, e.g. two entries more than ``2 alpha`` apart:
+    the solver returns a point of it, and the backward differentiates the piece that point sits
+    on, the inside one on a threshold ``|y - x_i| = alpha``); for welsch the better of the local
+    minima reached from the mean and from the median (the seed paper's rule); for the truncated
+    quadratic the global minimiser. An empty pooled dim or a 0-d input is an ``InputError``.
     """
 
     def __init__(
@@ -75,7 +79,8 @@ class RobustPool(nn.Module):
     @property
     def learnable_alpha(self) -> bool:
         # A plain nn.Parameter, or a parametrized one (dl.nn.Positive): any alpha with a graph.
-        return isinstance(self.alpha, Tensor) and self.alpha.requires_grad
+        # The quadratic ignores alpha (the mean), so its alpha is never an input of the layer.
+        return self.uses_alpha and isinstance(self.alpha, Tensor) and self.alpha.requires_grad
 
     def layer(self, n: int, alpha: float | None = None) -> Layer:
         """The declarative layer pooling ``n`` values (declared once per ``n``).
@@ -125,7 +130,7 @@ class RobustPool(nn.Module):
     @torch.compiler.disable  # declares CVXPY layers lazily; one graph break under torch.compile
     def forward(self, x: Tensor) -> Tensor:
         """``x: (..., n, ...)`` -> pooled over ``dim``: ``(..., ...)`` (or size 1 with keepdim)."""
-        moved = x.movedim(self.dim, -1)
+        moved = moved_to_last(x, self.dim, f"RobustPool({self.penalty!r})")
         single = moved.dim() == 1  # one row: give the layer a batch dim of one
         if single:
             moved = moved.unsqueeze(0)

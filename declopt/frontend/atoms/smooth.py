@@ -281,18 +281,23 @@ def _power_derivs(expr: Any) -> jets.Derivs:
 def _huber_derivs(expr: Any) -> jets.Derivs:
     # x^2 inside |x| <= M, 2M|x| - M^2 outside: slope 2 clip(x, -M, M), curvature 2 inside.
     # The CPU kernels of clamp with tensor bounds, of a bool mask cast to the dtype and of the
-    # backward of maximum/minimum cost 4-16x a plain elementwise pass; a constant threshold's
-    # clip is hardtanh (one pass forward and back: the implicit backward differentiates the
-    # slope). The indicator is exact: |x| > M iff |x| - M > 0 (IEEE subtraction).
+    # backward of maximum/minimum cost 4-16x a plain elementwise pass: a constant threshold's
+    # clip is x - softshrink(x) (two passes forward and back: the implicit backward
+    # differentiates the slope). The indicator is exact: |x| > M iff |x| - M > 0 (IEEE).
     constant = isinstance(expr.M, cp.Constant) and np.size(expr.M.value) == 1
     bound = float(np.asarray(expr.M.value).reshape(())) if constant else None
 
     @jets.free_of_out
     def derivs(out: Tensor, x: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
+        # The slope clip(x, -M, M) written as x minus what lies beyond M, so that autograd's
+        # derivative of it (the implicit backward's D_x D_u f) takes the inside side on the
+        # threshold, as the curvature does: hardtanh's backward counts |x| = M as outside and
+        # maximum/minimum's splits a tie in half, which mixed with an inside curvature gave
+        # gradients of no piece (pooling [0, 5] with M = 1 landing on y = 1: [0, 0], not [1, 0]).
         if bound is not None and bound >= 0:
-            slope = 2 * torch.nn.functional.hardtanh(x, -bound, bound)
+            slope = 2 * (x - torch.nn.functional.softshrink(x, bound))
         else:
-            slope = 2 * torch.minimum(torch.maximum(x, -m), m)
+            slope = 2 * (x - torch.sign(x) * torch.relu(x.abs() - m))
         outside = torch.sign(torch.clamp_min(x.abs() - m, 0.0))
         return slope, 2 - 2 * outside
 
