@@ -19,7 +19,7 @@ Scales:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 import torch
@@ -107,17 +107,8 @@ def exact_tolerances(dtype: torch.dtype) -> Tolerances:
     Inequality rows keep the default band: they are reductions (``|u|_1 - r`` over 512 entries
     rounds by far more than a few ulps).
     """
-    base = table(dtype)
     band = EXACT_ULPS * torch.finfo(dtype).eps
-    return Tolerances(
-        activity=base.activity,
-        identification=base.identification,
-        multiplier=base.multiplier,
-        converged=base.converged,
-        floor=base.floor,
-        resolution=band,
-        kink_activity=band,
-    )
+    return replace(table(dtype), resolution=band, kink_activity=band)
 
 
 SOLVER_MARGIN = 10.0
