@@ -103,7 +103,7 @@ def solve_symmetric(
     n = matrix.shape[-1]
     rcond = default_rcond(matrix.dtype, n) if rcond is None else rcond
     # eigh reads one triangle only; symmetrise so autodiff rounding asymmetry is averaged.
-    sym = 0.5 * (matrix + matrix.transpose(-1, -2))
+    sym = (matrix + matrix.transpose(-1, -2)).mul_(0.5)  # one fresh (B, n, n), not two
     expected = torch.as_tensor(num_negative_expected, device=matrix.device)
     # The LDL path decides per batch (data-dependent control flow), which functorch transforms
     # (vmap, jacfwd through the layer) cannot trace.

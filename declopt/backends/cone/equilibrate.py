@@ -16,7 +16,7 @@ from torch import Tensor
 
 from declopt.backends.cone.cones import ConeData, Cones
 
-__all__ = ["Equilibration", "equilibrate"]
+__all__ = ["Equilibration", "abs_max", "equilibrate"]
 
 PASSES = 15
 """Ruiz passes at most (each halves the log of every row's and column's distance from 1)."""
@@ -62,6 +62,13 @@ def _cone_mean(v: Tensor, cones: Cones) -> Tensor:
     return out
 
 
+def abs_max(t: Tensor, dim: int | tuple[int, ...]) -> Tensor:
+    """``t.abs().amax(dim)`` without the ``abs`` copy: two reductions over ``t`` instead of a
+    fresh tensor of its size (the solver's matrices are megabytes at DDN batch sizes, and a
+    fresh allocation that large costs more than the pass itself on the CPU)."""
+    return torch.maximum(t.amax(dim), -t.amin(dim))
+
+
 def _positive_or_one(size: Tensor) -> Tensor:
     return torch.where(size > 0, size, torch.ones_like(size))
 
@@ -77,35 +84,35 @@ def equilibrate(data: ConeData) -> tuple[ConeData, Equilibration]:
     n, rows = A.shape[-1], A.shape[-2]
     c0 = A.new_ones(P.shape[0] if P is not None else 1)
     if P is not None:
-        c0 = 1 / _positive_or_one(P.abs().amax((-2, -1)))
+        c0 = 1 / _positive_or_one(abs_max(P, (-2, -1)))
         P = c0[:, None, None] * P
     D = A.new_ones(lead, n)
     E = A.new_ones(lead, rows)
     low, high = CLAMP
     Ps, As = P, A
     for _ in range(PASSES):
-        col = As.abs().amax(-2) if rows else A.new_zeros(lead, n)
+        col = abs_max(As, -2) if rows else A.new_zeros(lead, n)
         if Ps is not None:
-            col = torch.maximum(col, Ps.abs().amax(-2))
-        row = As.abs().amax(-1) if n else A.new_zeros(lead, rows)
+            col = torch.maximum(col, abs_max(Ps, -2))
+        row = abs_max(As, -1) if n else A.new_zeros(lead, rows)
         dcol = 1 / _positive_or_one(col).sqrt().clamp(low, high)
         drow = _cone_mean(1 / _positive_or_one(row).sqrt().clamp(low, high), cones)
         if bool((torch.cat([dcol.flatten(), drow.flatten()]) - 1).abs().amax() <= SETTLED):
             break
         D, E = D * dcol, E * drow
-        As = E.unsqueeze(-1) * A * D.unsqueeze(-2)
+        As = (A * D.unsqueeze(-2)).mul_(E.unsqueeze(-1))
         if P is not None:
-            Ps = D.unsqueeze(-1) * P * D.unsqueeze(-2)
+            Ps = (P * D.unsqueeze(-2)).mul_(D.unsqueeze(-1))
     bs, qs = E * b, D * q * c0[:, None]
     beta = bs.abs().amax(-1) if rows else bs.new_zeros(bs.shape[0])
     if Ps is not None:  # b = 0: the solution's size is |q| / |P|
-        from_q = qs.abs().amax(-1) / _positive_or_one(Ps.abs().amax((-2, -1)))
+        from_q = qs.abs().amax(-1) / _positive_or_one(abs_max(Ps, (-2, -1)))
         beta = torch.where(beta > 0, beta, from_q)
     beta = _positive_or_one(beta)
     bs, qs = bs / beta[:, None], qs / beta[:, None]
     size = qs.abs().amax(-1)
     if Ps is not None:
-        size = torch.maximum(size, Ps.abs().amax(-1).mean(-1))
+        size = torch.maximum(size, abs_max(Ps, -1).mean(-1))
     c = 1 / _positive_or_one(size)
     P_scale = None
     if Ps is not None and Ps.shape[0] == 1 and c.shape[0] > 1:
