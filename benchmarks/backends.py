@@ -23,6 +23,8 @@ Rows:
                            point in torch) with its defaults, silenced (``verbose=-1``).
     proxsuite              QP cases only: ProxSuite's ``proxsuite.torch.qplayer.QPFunction``
                            (ProxQP per problem, serial) with its defaults, ``-1e20 <= G w <= h``.
+    cone / qpth, ...       QP cases: the cone backend's time over each peer's, from the rows
+                           above (below 1: the cone backend is faster).
 
 The peers get the Hessian ``Q'Q``, formed inside the timed call from the same ``Q`` tensor (so
 their gradients are with respect to ``Q``, like declopt's), and the same q, G, h, A, b; shared
@@ -256,6 +258,7 @@ def bench(case: Case, repeats: int, scipy_batch: int) -> list[Row]:
     }
     reference = results.get("torch")
     base: dict[bool, float] = {}
+    seconds_of: dict[tuple[str, bool], float] = {}
     rows = []
     for name, run in runners.items():
         if isinstance(run, str):
@@ -267,6 +270,7 @@ def bench(case: Case, repeats: int, scipy_batch: int) -> list[Row]:
                 seconds = median_time(run, small, backward, 1) * case.batch / scipy_batch
             else:
                 seconds = median_time(run, case.data, backward, repeats)
+            seconds_of[name, backward] = seconds
             if name == "torch":
                 base[backward] = seconds
             ratio = _ratio(seconds / base[backward]) if backward in base else "n/a"
@@ -279,6 +283,14 @@ def bench(case: Case, repeats: int, scipy_batch: int) -> list[Row]:
                 for got, want in zip(results[name], reference)
             ]
         rows.append((case.name, name, *timed, *diffs))
+    # The cone backend against each peer that ran, in one row: issue 16's targets read here.
+    peers = [p for p in ("qpth", "proxsuite") if (p, True) in seconds_of]
+    if peers and ("cone", True) in seconds_of:
+        cells = [
+            ", ".join(f"{seconds_of['cone', b] / seconds_of[p, b]:.2f}x" for p in peers)
+            for b in (False, True)
+        ]
+        rows.append((case.name, "cone / " + ", cone / ".join(peers), *cells, "-", "-"))
     return rows
 
 
