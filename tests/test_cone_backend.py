@@ -475,8 +475,8 @@ def test_a_misread_data_layout_is_refused(monkeypatch: pytest.MonkeyPatch) -> No
     wrongly (here: its entries reversed) is refused, never solved."""
     from declopt.backends.cone import canonical
 
-    right = canonical._fortran_order
-    monkeypatch.setattr(canonical, "_fortran_order", lambda shape: right(shape).flip(0))
+    right = canonical._fortran_flat
+    monkeypatch.setattr(canonical, "_fortran_flat", lambda value: right(value).flip(0))
     x, A, b = cp.Variable(3), cp.Parameter((2, 3)), cp.Parameter(2)
     problem = cp.Problem(cp.Minimize(cp.sum_squares(A @ x - b)), [x >= 0])
     A.value = np.ones((2, 3))
@@ -525,10 +525,11 @@ def _dense_reduction(canonical, params):
     c = el.coefficients
     T = -A_c[:, e_rows][:, :, R] / c[:, None]
     t = -b_c[:, e_rows] / c
-    S = torch.zeros(full.shape[0], n, R.numel(), dtype=F64)  # x = S x_R + s
+    batch = full.shape[1]  # theta holds one column per problem
+    S = torch.zeros(batch, n, R.numel(), dtype=F64)  # x = S x_R + s
     S[:, R, torch.arange(R.numel())] = 1
     S[:, E] = T
-    s = torch.zeros(full.shape[0], n, dtype=F64)
+    s = torch.zeros(batch, n, dtype=F64)
     s[:, E] = t
     P_red = S.mT @ P @ S
     q_red = (S.mT @ (q + (P @ s.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1)).squeeze(-1)

