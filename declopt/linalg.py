@@ -247,17 +247,50 @@ def held_kkt_system(
     ``D``): ``(matrix (B, m + r, m + r), rhs (B, m + r), split)``, where ``split(s)`` returns
     ``(s_top (B, m), s_rows (B, k))`` with zero on the rows not held. A batch holding few of many
     rows (the kinks of a truncated quadratic: ``k = n``, one or two held) factors ``m + r``, not
-    ``m + k``. ``hess: (B, m, m)``, ``jac`` the ``(B, k, m)`` rows, ``held: (B, k)``."""
+    ``m + k``. ``hess: (B, m, m)``, ``jac`` the ``(B, k, m)`` rows, ``held: (B, k)``.
+
+    The system is equilibrated by blocks (:func:`kkt_block_scales`): ``matrix`` and ``rhs`` are
+    those of the scaled unknowns ``s_top / s_u``, ``s_rows / s_c``, and ``split`` undoes it."""
     m = hess.shape[-1]
     rows, row_mask = compact_rows(held)
-    rhs = torch.cat([top, bottom.gather(1, rows) * row_mask], -1)
-    matrix = bordered_kkt(hess, jac.rows(rows, row_mask), row_mask)
+    mask = row_mask.to(hess.dtype)
+    rows_jac = jac.rows(rows, row_mask)
+    s_u, s_c = kkt_block_scales(hess, rows_jac)
+    u_scale, c_scale = s_u[:, None], s_c[:, None]
+    rhs = torch.cat([top * u_scale, bottom.gather(1, rows) * mask * c_scale], -1)
+    matrix = bordered_kkt(
+        hess * (u_scale * u_scale).unsqueeze(-1),
+        rows_jac * (u_scale * c_scale).unsqueeze(-1),
+        row_mask,
+    )
 
     def split(solution: Tensor) -> tuple[Tensor, Tensor]:
-        scattered = torch.zeros_like(bottom).scatter(1, rows, solution[:, m:] * row_mask)
-        return solution[:, :m], scattered
+        values = solution[:, m:] * mask * c_scale
+        return solution[:, :m] * u_scale, torch.zeros_like(bottom).scatter(1, rows, values)
 
     return matrix, rhs, split
+
+
+def kkt_block_scales(hess: Tensor, jac: Tensor) -> tuple[Tensor, Tensor]:
+    """``(s_u (B,), s_c (B,))``, powers of two (exact scalings) that bring ``[[H, A^T], [A, 0]]``
+    to ``[[s_u^2 H, s_u s_c A^T], [s_u s_c A, 0]]`` with both blocks' largest entries near 1.
+
+    Without it the two blocks' units set the system's condition: projecting ``x`` onto the
+    sphere of radius ``r`` gives ``H = 2 |x| / r I`` against ``A = 2 y^T``, condition ``(|x| /
+    r)^2``, and in float32 at ``|x| = 1000 r`` the implicit gradient was 3-6% off. One scale per
+    block keeps the minimum-norm multipliers of a singular system minimum-norm (every row is
+    scaled alike). ``hess (B, m, m)``, ``jac (B, r, m)``; a zero (or non-finite) block gets 1.
+    """
+
+    def power_of_two(size: Tensor, exponent: Tensor) -> Tensor:
+        usable = torch.isfinite(exponent) & (size > 0)
+        return torch.where(usable, torch.exp2(-torch.round(exponent)), torch.ones_like(size))
+
+    h = hess.abs().amax((-2, -1)) if hess.numel() else hess.new_zeros(hess.shape[0])
+    s_u = power_of_two(h, torch.log2(h) / 2)
+    a = jac.abs().amax((-2, -1)) if jac.numel() else jac.new_zeros(jac.shape[0])
+    s_c = power_of_two(a, torch.log2(a * s_u))
+    return s_u, s_c
 
 
 def compact_rows(mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -124,3 +124,17 @@ def test_a_singular_system_takes_the_minimum_norm_solution() -> None:
     assert report.singular.tolist() == [True, False]
     torch.testing.assert_close(z[0], torch.tensor([2.0, 0.0], dtype=torch.float64))
     torch.testing.assert_close(K[1] @ z[1], r[1])
+
+
+def test_kkt_block_scales_are_powers_of_two_that_bring_both_blocks_near_one() -> None:
+    from declopt.linalg import kkt_block_scales
+
+    hess = torch.stack([3e6 * torch.eye(4), 1e-5 * torch.eye(4), torch.zeros(4, 4)]).double()
+    jac = torch.stack([2e-3 * torch.ones(2, 4), 7e4 * torch.ones(2, 4), torch.zeros(2, 4)]).double()
+    s_u, s_c = kkt_block_scales(hess, jac)
+    for s in (s_u, s_c):
+        assert torch.equal(torch.exp2(torch.round(torch.log2(s))), s)  # exact scalings
+    top = (s_u**2 * hess.abs().amax((-2, -1)))[:2]
+    side = (s_u * s_c * jac.abs().amax((-2, -1)))[:2]
+    assert ((top >= 0.5) & (top <= 2)).all() and ((side >= 0.5) & (side <= 2)).all()
+    assert s_u[2] == 1 and s_c[2] == 1  # zero blocks are left alone
