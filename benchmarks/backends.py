@@ -4,8 +4,9 @@ For each problem (Huber pooling n=64 and L2-ball projection d=256 at batch 128; 
 variables, 25 inequalities and 10 equalities at batch 64, every input per problem, and the same
 QP with Q, G and A shared by the batch, as learned layer weights are, q, h and b per problem;
 cvxpylayers' README example ``0.5 |A x - b|_1, x >= 0`` at batch 64) and
-each backend, the median wall time of the forward pass and of forward+backward, as a ratio to
-the torch backend, and the largest difference of the solution and of the gradient (with respect
+each backend, the median wall time of the forward pass and of forward+backward (the backends
+called in turn, round by round, so that load drifting on a shared machine moves them alike), as
+a ratio to the torch backend, and the largest difference of the solution and of the gradient (with respect
 to every data tensor) to the torch backend's (relative to its largest entry). One thread
 everywhere: ``torch.set_num_threads(1)`` and diffcp's ``n_jobs=1``. Float64.
 
@@ -43,14 +44,20 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import cvxpy as cp
 import torch
 from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when imported
+
+from _common import keep_freed_memory, prefault_heap
 
 import declopt as dl
 
@@ -213,14 +220,21 @@ def forward_backward(
     return [o.detach() for o in outputs], list(torch.autograd.grad(loss, inputs))
 
 
-def median_time(run: Runner, data: Sequence[Tensor], backward: bool, repeats: int) -> float:
-    forward_backward(run, data, backward)  # warm-up: builds, first-call costs
-    times = []
+def median_times(
+    runs: dict[str, Runner], data: Sequence[Tensor], backward: bool, repeats: int
+) -> dict[str, float]:
+    """Median seconds of one call of each runner, the runners called in turn ``repeats`` times
+    (interleaved, so that a shared machine's load drifting over the run moves every runner
+    alike, and the ratios within a round stay comparable)."""
+    for run in runs.values():
+        forward_backward(run, data, backward)  # warm-up: builds, first-call costs
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        forward_backward(run, data, backward)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, run in runs.items():
+            start = time.perf_counter()
+            forward_backward(run, data, backward)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _ratio(r: float) -> str:
@@ -257,8 +271,15 @@ def bench(case: Case, repeats: int, scipy_batch: int) -> list[Row]:
         if not isinstance(run, str)
     }
     reference = results.get("torch")
-    base: dict[bool, float] = {}
     seconds_of: dict[tuple[str, bool], float] = {}
+    ready = {name: run for name, run in runners.items() if not isinstance(run, str)}
+    batched = {name: run for name, run in ready.items() if name != "scipy"}
+    for backward in (False, True):
+        for name, seconds in median_times(batched, case.data, backward, repeats).items():
+            seconds_of[name, backward] = seconds
+        if "scipy" in ready:  # one problem at a time: time a few, scale to the batch
+            few = median_times({"scipy": ready["scipy"]}, small, backward, 1)["scipy"]
+            seconds_of["scipy", backward] = few * case.batch / scipy_batch
     rows = []
     for name, run in runners.items():
         if isinstance(run, str):
@@ -266,14 +287,9 @@ def bench(case: Case, repeats: int, scipy_batch: int) -> list[Row]:
             continue
         timed = []
         for backward in (False, True):
-            if name == "scipy":  # one problem at a time: time a few, scale to the batch
-                seconds = median_time(run, small, backward, 1) * case.batch / scipy_batch
-            else:
-                seconds = median_time(run, case.data, backward, repeats)
-            seconds_of[name, backward] = seconds
-            if name == "torch":
-                base[backward] = seconds
-            ratio = _ratio(seconds / base[backward]) if backward in base else "n/a"
+            seconds = seconds_of[name, backward]
+            base = seconds_of.get(("torch", backward))
+            ratio = _ratio(seconds / base) if base else "n/a"
             timed.append(f"{seconds * 1e3:9.1f} ms  {ratio:>7}")
         if reference is None or name == "torch":
             diffs = ["-", "-"]
@@ -303,6 +319,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    # Freed memory kept for reuse, as in a long-running training process (as the other scripts
+    # do): a fresh process would time page faults of every new large tensor, for every layer.
+    keep_freed_memory()
+    prefault_heap()
     warnings.simplefilter("ignore")  # diffcp's NumPy-2 deprecation noise, SCS "inaccurate"
     header = (
         *("problem", "backend", "forward (x torch)", "fwd+bwd (x torch)"),
