@@ -4,7 +4,7 @@ For each problem (Huber pooling n=64 and L2-ball projection d=256 at batch 128; 
 variables, 25 inequalities and 10 equalities at batch 64, every input per problem, and the same
 QP with Q, G and A shared by the batch, as learned layer weights are, q, h and b per problem;
 cvxpylayers' README example ``0.5 |A x - b|_1, x >= 0`` at batch 64) and
-each backend, the median wall time of the forward pass and of forward+backward (the backends
+each backend, the median CPU time of the forward pass and of forward+backward (the backends
 called in turn, round by round, so that load drifting on a shared machine moves them alike), as
 a ratio to the torch backend, and the largest difference of the solution and of the gradient (with respect
 to every data tensor) to the torch backend's (relative to its largest entry). One thread
@@ -223,17 +223,18 @@ def forward_backward(
 def median_times(
     runs: dict[str, Runner], data: Sequence[Tensor], backward: bool, repeats: int
 ) -> dict[str, float]:
-    """Median seconds of one call of each runner, the runners called in turn ``repeats`` times
-    (interleaved, so that a shared machine's load drifting over the run moves every runner
-    alike, and the ratios within a round stay comparable)."""
+    """Median CPU seconds of one call of each runner (``time.process_time``: one thread
+    everywhere, and CPU time moves less than wall time with other tenants' load), the runners
+    called in turn ``repeats`` times (interleaved, so that load drifting over the run moves
+    every runner alike)."""
     for run in runs.values():
         forward_backward(run, data, backward)  # warm-up: builds, first-call costs
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
-            start = time.perf_counter()
+            start = time.process_time()
             forward_backward(run, data, backward)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(time.process_time() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
