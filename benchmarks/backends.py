@@ -6,9 +6,9 @@ QP with Q, G and A shared by the batch, as learned layer weights are, q, h and b
 cvxpylayers' README example ``0.5 |A x - b|_1, x >= 0`` at batch 64) and
 each backend, the median CPU time of the forward pass and of forward+backward (the backends
 called in turn, round by round, so that load drifting on a shared machine moves them alike), as
-a ratio to the torch backend, and the largest difference of the solution and of the gradient (with respect
-to every data tensor) to the torch backend's (relative to its largest entry). One thread
-everywhere: ``torch.set_num_threads(1)`` and diffcp's ``n_jobs=1``. Float64.
+a ratio to the torch backend, and the largest difference of the solution and of the gradient
+(with respect to every data tensor) to the torch backend's (relative to its largest entry).
+One thread everywhere: ``torch.set_num_threads(1)`` and diffcp's ``n_jobs=1``. Float64.
 
 Rows:
     torch                  declopt's batched torch backend, implicit backward.
