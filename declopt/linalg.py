@@ -282,15 +282,21 @@ def kkt_block_scales(hess: Tensor, jac: Tensor) -> tuple[Tensor, Tensor]:
     scaled alike). ``hess (B, m, m)``, ``jac (B, r, m)``; a zero (or non-finite) block gets 1.
     """
 
+    h = hess.abs().amax((-2, -1)) if hess.numel() else hess.new_zeros(hess.shape[0])
+    a = jac.abs().amax((-2, -1)) if jac.numel() else jac.new_zeros(jac.shape[0])
+    return _block_scales(h, a, hess.dtype)
+
+
+def _block_scales(h: Tensor, a: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """:func:`kkt_block_scales` from the blocks' sizes ``h``, ``a`` ``(B,)``."""
+
     def power_of_two(size: Tensor, exponent: Tensor) -> Tensor:
         usable = torch.isfinite(exponent) & (size > 0)
         return torch.where(usable, torch.exp2(-torch.round(exponent)), torch.ones_like(size))
 
-    h = hess.abs().amax((-2, -1)) if hess.numel() else hess.new_zeros(hess.shape[0])
+    h, a = h.to(dtype), a.to(dtype)
     s_u = power_of_two(h, torch.log2(h) / 2)
-    a = jac.abs().amax((-2, -1)) if jac.numel() else jac.new_zeros(jac.shape[0])
-    s_c = power_of_two(a, torch.log2(a * s_u))
-    return s_u, s_c
+    return s_u, power_of_two(a, torch.log2(a * s_u))
 
 
 def compact_rows(mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -529,15 +535,24 @@ def kkt_minres(
     jac = jac.masked(row_mask).to(wide)
     m = jac.m
     pad = (~row_mask).to(wide)
+    # Equilibrated by blocks as the dense systems are (kkt_block_scales), with H's size read
+    # from one product (the matrix is never formed): the unknowns are w / s_u and z / s_c.
+    probe = torch.ones(rhs.shape[0], m, dtype=dtype, device=rhs.device)
+    row_sizes = jac.norms()
+    a = row_sizes.amax(-1) if row_sizes.shape[-1] else row_sizes.new_zeros(rhs.shape[0])
+    s_u, s_c = _block_scales(hvp(probe).abs().amax(-1), a, dtype)
+    u_scale, c_scale = s_u.to(wide)[:, None], s_c.to(wide)[:, None]
 
     def matvec(s: Tensor) -> Tensor:
-        w, z = s[:, :m], s[:, m:]
+        w, z = s[:, :m] * u_scale, s[:, m:] * c_scale
         top = hvp(w.to(dtype)).to(wide) + jac.rmatvec(z)
-        bottom = jac.matvec(w) + pad * z
-        return torch.cat([top, bottom], -1)
+        bottom = jac.matvec(w) * c_scale + pad * s[:, m:]
+        return torch.cat([top * u_scale, bottom], -1)
 
     rtol = torch.finfo(dtype).eps ** 0.75
-    solution, converged, residual = minres(matvec, rhs.to(wide), rtol=rtol)
+    scaled = torch.cat([rhs[:, :m] * u_scale, rhs[:, m:] * c_scale], -1)
+    solution, converged, residual = minres(matvec, scaled.to(wide), rtol=rtol)
+    solution = torch.cat([solution[:, :m] * u_scale, solution[:, m:] * c_scale], -1)
     solution = solution.to(dtype)
     w = solution[:, :m]
     curvature = (w * hvp(w)).sum(-1)

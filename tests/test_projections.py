@@ -307,24 +307,27 @@ def test_float32_projection_gradients_agree_with_float64(p: float, backward: str
 
 @pytest.mark.parametrize("sphere", [True, False], ids=["sphere", "ball"])
 @pytest.mark.parametrize("p", [1.0, 2.0], ids=["l1", "l2"])
-@pytest.mark.parametrize("d", [12, 64])
+@pytest.mark.parametrize("d", [12, 64, 256])
 @pytest.mark.parametrize("scale", [1e-2, 1.0, 1e3])
 def test_float32_implicit_backward_does_not_depend_on_the_units_of_x(
     p: float, sphere: bool, d: int, scale: float
 ) -> None:
-    """The dense KKT solve at |x| far from the radius: the Hessian (2 |x| / r on the sphere) and
-    the constraint row (2 y) have different units, and unscaled the system's condition grew as
+    """The KKT solve at |x| far from the radius: the Hessian (2 |x| / r on the sphere) and the
+    constraint row (2 y) have different units, and unscaled the system's condition grew as
     (|x| / r)^2: float32 gradients were 3 (d = 12) to 1200 (d = 64) times their size off at
-    |x| = 1000 r. Against the float64 closed form."""
+    |x| = 1000 r on the dense path, 1e-5..5e-5 relative on MINRES (d = 256). Against the float64
+    closed form."""
     g = torch.Generator().manual_seed(3)
     x64 = torch.randn(16, d, generator=g, dtype=F64) * 2 * scale
     v64 = torch.randn(16, d, generator=g, dtype=F64)
     module = dl.nn.SphereProjection if sphere else dl.nn.BallProjection
     exact = implicit_vjp_of(module(p, backward="native"), [x64], v64)[0]
     g32 = implicit_vjp_of(module(p, backward="implicit"), [x64.float()], v64.float())[0]
-    # (far outside, the L1 projections put the radius on one entry: the gradient is 0)
-    error = (g32.double() - exact).abs().max() / exact.abs().max().clamp_min(1e-300)
-    assert error < 1e-4
+    # Far outside, the L1 projections put the radius on one entry: the gradient is 0, and the
+    # float32 one is measured against v's size instead.
+    unit = exact.abs().max() if bool((exact != 0).any()) else v64.abs().max()
+    error = (g32.double() - exact).abs().max() / unit
+    assert error < 5e-6
 
 
 @pytest.mark.parametrize("sphere", [True, False], ids=["sphere", "ball"])
