@@ -7,7 +7,7 @@ import warnings
 import hypothesis.strategies as st
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 
 import declopt as dl
 from declopt import derivatives
@@ -89,6 +89,7 @@ def test_truncated_quadratic_fast_solver_is_never_worse_than_local_search() -> N
 @pytest.mark.parametrize("penalty", PENALTIES[1:])
 @settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), alpha=st.floats(0.3, 3.0))
+@example(seed=206, alpha=0.30078125)  # the truncated quadratic's tied basins (below)
 def test_pool_gradients_match_central_differences(penalty: str, seed: int, alpha: float) -> None:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(3, 9, generator=g, dtype=torch.float64) * 1.5
@@ -109,6 +110,11 @@ def test_pool_gradients_match_central_differences(penalty: str, seed: int, alpha
             return
     analytic = implicit_vjp_of(pool, [x, a], v)
     numeric = central_difference_vjp(pool, [x, a], v)
+    if penalty == "truncated_quadratic" and bool(numeric[0].abs().max() > 10 * v.abs().max()):
+        # The global minimiser jumps between two tied basins within the difference step (seed
+        # 206, alpha 0.30078125: 6.9e4). With its inlier set fixed a pooled value moves at most
+        # as fast as an input, so a difference quotient this large is that jump, not a slope.
+        return
     for got, want in zip(analytic, numeric):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
