@@ -15,8 +15,9 @@ import torch
 from torch import Tensor
 
 from declopt.backends.cone.cones import ConeData, Cones
+from declopt.linalg import abs_max
 
-__all__ = ["Equilibration", "abs_max", "equilibrate"]
+__all__ = ["Equilibration", "equilibrate"]
 
 PASSES = 15
 """Ruiz passes at most (each halves the log of every row's and column's distance from 1)."""
@@ -61,13 +62,6 @@ def _cone_mean(v: Tensor, cones: Cones) -> Tensor:
         block = v[:, index]
         out[:, index] = block.log().mean(-1, keepdim=True).exp().expand_as(block)
     return out
-
-
-def abs_max(t: Tensor, dim: int | tuple[int, ...]) -> Tensor:
-    """``t.abs().amax(dim)`` without the ``abs`` copy: two reductions over ``t`` instead of a
-    fresh tensor of its size (the solver's matrices are megabytes at DDN batch sizes, and a
-    fresh allocation that large costs more than the pass itself on the CPU)."""
-    return torch.maximum(t.amax(dim), -t.amin(dim))
 
 
 def _positive_or_one(size: Tensor) -> Tensor:

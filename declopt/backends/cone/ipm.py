@@ -34,8 +34,9 @@ import torch
 from torch import Tensor
 
 from declopt.backends.cone.cones import ConeData, Scaling
-from declopt.backends.cone.equilibrate import abs_max, equilibrate
+from declopt.backends.cone.equilibrate import equilibrate
 from declopt.diagnostics import Status
+from declopt.linalg import abs_max
 
 __all__ = ["IPMResult", "Settings", "solve"]
 
@@ -377,8 +378,8 @@ class _Step:
         r_x: Tensor,
         r_z: Tensor,
         r_tau: Tensor,
-        xi: Tensor,
         pxi: Tensor,
+        xpx: Tensor,
         tau: Tensor,
         kappa: Tensor,
     ) -> None:
@@ -388,7 +389,7 @@ class _Step:
         batch = data.batch
         self.q, self.b = data.q.expand(batch, -1), data.b.expand(batch, -1)
         self.c = 2 * pxi + self.q  # the tau row's coefficient of dx
-        self.xpx = _dot(xi, pxi)
+        self.xpx = xpx  # xi' P xi for xi = x / tau
         self.constant: tuple[Tensor, Tensor] | None = None
         self.den = tau  # set with the constant solution
         self.positive: Tensor | None = None  # the coordinates to_boundary keeps positive
@@ -677,7 +678,7 @@ def _solve(
             members = keep if members is None else members[keep]
             x, s, z, tau, kappa = x[keep], s[keep], z[keep], tau[keep], kappa[keep]
             status, iterations, residual = status[keep], iterations[keep], residual[keep]
-            r_x, r_z, px, r_tau = r_x[keep], r_z[keep], px[keep], r_tau[keep]
+            r_x, r_z, px, r_tau, xpx_t = r_x[keep], r_z[keep], px[keep], r_tau[keep], xpx_t[keep]
             q_size, b_size, tol_A, tol_P = (v[keep] for v in (q_size, b_size, tol_A, tol_P))
             work = work.select(keep)
             work_dual = None if work_dual is None else work_dual.select(keep)
@@ -701,7 +702,8 @@ def _solve(
         running = status < 0
 
         t = tau[:, None]
-        step = _Step(work, kkt, settings.refinement, r_x, r_z, r_tau, x / t, px / t, tau, kappa)
+        xpx_i = xpx_t / tau
+        step = _Step(work, kkt, settings.refinement, r_x, r_z, r_tau, px / t, xpx_i, tau, kappa)
         # predictor (affine scaling): d_s = s, d_kappa = tau kappa
         _, ds_a, dz_a, dtau_a, dkappa_a = step.direction(None, s_w, tk)
         alpha_a = step.to_boundary(s_w, z_w, ds_a, dz_a, dtau_a, dkappa_a).clamp_max(1)
