@@ -35,9 +35,9 @@ from declopt.linalg import (
     LinearSolver,
     LinearSolveReport,
     conjugate_gradient,
-    held_kkt_system,
     kkt_minres,
     scalar_solve,
+    solve_held_kkt,
     solve_symmetric,
 )
 from declopt.program import BatchedParams, Params, Program
@@ -220,7 +220,8 @@ def _kkt_solve(
     the rows ``held`` (``bottom (B, k)``, default zero; read on the held rows only).
 
     Dense (``m`` small): each problem's held rows gathered to the front, padded to the batch's
-    largest count (zero in ``A``, one on the diagonal), and the bordered matrix factored.
+    largest count (zero in ``A``, one on the diagonal), and the system solved by its Schur
+    complement, or the bordered matrix factored (:func:`~declopt.linalg.solve_held_kkt`).
     Krylov: MINRES on every row, those not held as padding, with ``A`` as the point keeps it
     (kink rows as index sets)."""
     u = point.u
@@ -228,9 +229,8 @@ def _kkt_solve(
     bottom = torch.zeros_like(held, dtype=top.dtype) if bottom is None else bottom
     bottom = torch.where(held, bottom, torch.zeros_like(bottom))
     if linear_solver.is_dense(m):
-        kkt, rhs, split = held_kkt_system(derivatives.hessian(u), point.jacobian, held, top, bottom)
-        solution, linear = solve_symmetric(kkt, rhs, num_negative_expected=held.sum(-1))
-        w, z = split(solution)
+        w, z, linear = solve_held_kkt(derivatives.hessian(u), point.jacobian, held, top, bottom)
+        assert linear is not None
         return w, z, linear
     rhs = torch.cat([top, bottom], -1)
     solution, linear = kkt_minres(derivatives.hvp_at(u), point.jacobian, held, rhs)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from declopt.batched import abs_max, bmtv, bmv
 from declopt.kkt.jacobian import RowJacobian
 
 DENSE_MAX = 128
@@ -108,10 +109,36 @@ def solve_symmetric(
     # The LDL path decides per batch (data-dependent control flow), which functorch transforms
     # (vmap, jacfwd through the layer) cannot trace.
     if not torch.is_grad_enabled() and n > 1 and not torch._C._are_functorch_transforms_active():
-        fast = _solve_by_ldl(sym, rhs, rcond, expected)
+        fast = _solve_by_cholesky(sym, rhs, rcond) if not bool(expected.any()) else None
+        fast = _solve_by_ldl(sym, rhs, rcond, expected) if fast is None else fast
         if fast is not None:
             return fast
     return _solve_by_eigh(sym, rhs, rcond, expected)
+
+
+def _solve_by_cholesky(
+    sym: Tensor, rhs: Tensor, rcond: float
+) -> tuple[Tensor, LinearSolveReport] | None:
+    """Cholesky for a batch of clearly positive definite matrices (a plain Hessian at a strict
+    minimum: a third of Bunch-Kaufman's work, no inertia to count), by the rule of
+    :func:`_solve_by_schur`; ``None`` unless every matrix qualifies."""
+    batch, n = rhs.shape
+    no_rows = sym.new_zeros(batch, 0)
+    blocks = _HeldBlocks(
+        sym,
+        sym.new_zeros(batch, 0, n),
+        no_rows.bool(),
+        rhs,
+        no_rows,
+        no_rows.long(),
+        sym.new_ones(batch, 1),
+        sym.new_ones(batch, 1),
+        0,
+    )
+    solution, _, clear, residual = _solve_by_schur(blocks, rcond)
+    if not bool(clear.all()):
+        return None
+    return solution, LinearSolveReport("eigh", ~clear, clear, residual)
 
 
 LDL_MARGIN = 1e3
@@ -239,43 +266,194 @@ def bordered_kkt(hess: Tensor, jac: Tensor, mask: Tensor) -> Tensor:
     return torch.cat([top, bottom], -2).reshape(batch, m + k, m + k)
 
 
-def abs_max(t: Tensor, dim: int | tuple[int, ...]) -> Tensor:
-    """``t.abs().amax(dim)`` without the ``abs`` copy: two reductions over ``t`` instead of a
-    fresh tensor of its size (batched matrices are megabytes at DDN batch sizes, and a fresh
-    allocation that large costs more than the pass itself on the CPU)."""
-    return torch.maximum(t.amax(dim), -t.amin(dim))
+def solve_held_kkt(
+    hess: Tensor,
+    jac: RowJacobian,
+    held: Tensor,
+    top: Tensor,
+    bottom: Tensor,
+    *,
+    step: bool = False,
+) -> tuple[Tensor, Tensor, LinearSolveReport | None]:
+    """Solve ``[[H, A^T], [A, 0]] [w; z] = [top; bottom]`` on each problem's held rows:
+    ``(w (B, m), z (B, k), report)``, ``z`` zero on the rows not held. ``hess: (B, m, m)``,
+    ``jac`` the ``(B, k, m)`` rows, ``held: (B, k)``.
+
+    The held rows are gathered to the front and padded to the batch's largest count ``r``
+    (zero in ``A``, one on the diagonal: padding solves to zero); a batch holding few of many
+    rows (the kinks of a truncated quadratic: ``k = n``, one or two held) solves ``m + r``
+    unknowns, not ``m + k``. The system is equilibrated by blocks (:func:`kkt_block_scales`).
+
+    Where ``H`` is positive definite and the held rows independent (a strict minimum with
+    independent constraints: the common case), by its Schur complement: Cholesky of ``H``
+    and of ``A H^-1 A^T`` (``m^3 / 3 + r^3 / 3`` against the ``(m + r)^3`` of factoring the
+    bordered matrix; 3x faster than Bunch-Kaufman at ``m = 50, r = 35``). Such a system has
+    exactly ``m`` positive and ``r`` negative eigenvalues, so its inertia needs no count. The
+    other problems (an indefinite ``H``, dependent or near-dependent rows, a residual above
+    rounding) fall back to the bordered matrix: :func:`solve_symmetric` (singularity and
+    inertia reported) or, with ``step`` (a solver's Newton step, no report: ``None``),
+    :func:`solve_newton`. Under autograd or functorch transforms every problem takes the
+    bordered path (its per-problem choice is data-dependent control flow)."""
+    blocks = _HeldBlocks.of(hess, jac, held, top, bottom)
+    batch, m = top.shape
+    r = blocks.row_mask.shape[-1]
+    expected = held.sum(-1)
+    traced = torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
+    if traced:
+        clear = torch.zeros(batch, dtype=torch.bool, device=top.device)
+    else:
+        w, z, clear, residual = _solve_by_schur(blocks, default_rcond(hess.dtype, m + r))
+        if bool(clear.all()):
+            ok = torch.ones_like(clear)
+            report = None if step else LinearSolveReport("eigh", ~ok, ok, residual)
+            return *blocks.split(w, z), report
+    rest = ~clear
+    sub = blocks.select(rest)
+    matrix = bordered_kkt(sub.hess, sub.jac, sub.row_mask)
+    rhs = torch.cat([sub.top, sub.bottom], -1)
+    if step:
+        solution, sub_report = solve_newton(matrix, rhs), None
+    else:
+        solution, sub_report = solve_symmetric(matrix, rhs, expected[rest])
+    if bool(rest.all()):
+        return *blocks.split(solution[:, :m], solution[:, m:]), sub_report
+    w, z = w.clone(), z.clone()
+    w[rest], z[rest] = solution[:, :m], solution[:, m:]
+    report = None
+    if sub_report is not None:
+        singular = torch.zeros_like(clear)
+        singular[rest] = sub_report.singular
+        ok = torch.ones_like(clear)
+        ok[rest] = sub_report.second_order_ok
+        residual = residual.clone()
+        residual[rest] = sub_report.residual
+        report = LinearSolveReport("eigh", singular, ok, residual)
+    return *blocks.split(w, z), report
 
 
-def held_kkt_system(
-    hess: Tensor, jac: RowJacobian, held: Tensor, top: Tensor, bottom: Tensor
-) -> tuple[Tensor, Tensor, Callable[[Tensor], tuple[Tensor, Tensor]]]:
-    """The bordered system ``[[H, A^T], [A, D]] s = [top; bottom]`` on each problem's held rows
-    only, gathered to the front and padded to the batch's largest count (zero in ``A``, one on
-    ``D``): ``(matrix (B, m + r, m + r), rhs (B, m + r), split)``, where ``split(s)`` returns
-    ``(s_top (B, m), s_rows (B, k))`` with zero on the rows not held. A batch holding few of many
-    rows (the kinks of a truncated quadratic: ``k = n``, one or two held) factors ``m + r``, not
-    ``m + k``. ``hess: (B, m, m)``, ``jac`` the ``(B, k, m)`` rows, ``held: (B, k)``.
+@dataclass(frozen=True)
+class _HeldBlocks:
+    """A held-row KKT system by blocks, compacted and equilibrated (:func:`solve_held_kkt`):
+    ``hess (B, m, m)``, ``jac (B, r, m)`` (zero rows where ``row_mask`` is False), ``top (B,
+    m)``, ``bottom (B, r)`` (zero on padding), all scaled; ``rows (B, r)`` the held rows' indices
+    among the ``k``; ``u_scale``, ``c_scale`` ``(B, 1)`` the block scales."""
 
-    The system is equilibrated by blocks (:func:`kkt_block_scales`): ``matrix`` and ``rhs`` are
-    those of the scaled unknowns ``s_top / s_u``, ``s_rows / s_c``, and ``split`` undoes it."""
-    m = hess.shape[-1]
-    rows, row_mask = compact_rows(held)
-    mask = row_mask.to(hess.dtype)
-    rows_jac = jac.rows(rows, row_mask)
-    s_u, s_c = kkt_block_scales(hess, rows_jac)
-    u_scale, c_scale = s_u[:, None], s_c[:, None]
-    rhs = torch.cat([top * u_scale, bottom.gather(1, rows) * mask * c_scale], -1)
-    matrix = bordered_kkt(
-        hess * (u_scale * u_scale).unsqueeze(-1),
-        rows_jac * (u_scale * c_scale).unsqueeze(-1),
-        row_mask,
-    )
+    hess: Tensor
+    jac: Tensor
+    row_mask: Tensor
+    top: Tensor
+    bottom: Tensor
+    rows: Tensor
+    u_scale: Tensor
+    c_scale: Tensor
+    k: int
 
-    def split(solution: Tensor) -> tuple[Tensor, Tensor]:
-        values = solution[:, m:] * mask * c_scale
-        return solution[:, :m] * u_scale, torch.zeros_like(bottom).scatter(1, rows, values)
+    @classmethod
+    def of(
+        cls, hess: Tensor, jac: RowJacobian, held: Tensor, top: Tensor, bottom: Tensor
+    ) -> _HeldBlocks:
+        rows, row_mask = compact_rows(held)
+        mask = row_mask.to(hess.dtype)
+        rows_jac = jac.rows(rows, row_mask)
+        s_u, s_c = kkt_block_scales(hess, rows_jac)
+        u_scale, c_scale = s_u[:, None], s_c[:, None]
+        return cls(
+            hess * (u_scale * u_scale).unsqueeze(-1),
+            rows_jac * (u_scale * c_scale).unsqueeze(-1),
+            row_mask,
+            top * u_scale,
+            bottom.gather(1, rows) * mask * c_scale,
+            rows,
+            u_scale,
+            c_scale,
+            held.shape[-1],
+        )
 
-    return matrix, rhs, split
+    def select(self, which: Tensor) -> _HeldBlocks:
+        """The problems ``which (B,)`` (a mask)."""
+        return _HeldBlocks(
+            self.hess[which],
+            self.jac[which],
+            self.row_mask[which],
+            self.top[which],
+            self.bottom[which],
+            self.rows[which],
+            self.u_scale[which],
+            self.c_scale[which],
+            self.k,
+        )
+
+    def split(self, w: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        """The unknowns in the caller's units: ``(w (B, m), z (B, k))``, ``z`` zero where no row
+        is held."""
+        values = z * self.row_mask.to(z.dtype) * self.c_scale
+        out = torch.zeros(z.shape[0], self.k, dtype=z.dtype, device=z.device)
+        return w * self.u_scale, out.scatter(1, self.rows, values)
+
+
+def _solve_by_schur(blocks: _HeldBlocks, rcond: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(w (B, m), z (B, r), clear (B,), residual (B,))`` of the scaled blocks by the Schur
+    complement ``S = A H^-1 A^T`` (padding rows: ``S_ii = 1``, decoupled). ``clear``: both
+    Cholesky factorisations succeeded, every pivot of each clears the singularity cut-off by
+    :data:`LDL_MARGIN` relative to that factor's largest (the rule of :func:`_solve_by_ldl`),
+    and the bordered residual is at rounding level; elsewhere the values are not to be used.
+
+    ``w = H^-1 (t - A^T z)`` cancels where the rows pin most of ``w`` (``|w| << |H^-1 t|``): its
+    error is rounding of ``|H^-1 t|``, not of ``|w|``. One step of iterative refinement on the
+    same factors (the residual is formed for the test anyway) brings it to rounding of the
+    solution, as the bordered factorisations give."""
+    hess, jac, row_mask = blocks.hess, blocks.jac, blocks.row_mask
+    top, bottom = blocks.top, blocks.bottom
+    pad = (~row_mask).to(hess.dtype)
+    has_rows = jac.shape[1] > 0
+    tiny = torch.finfo(hess.dtype).tiny
+    cut = LDL_MARGIN * rcond
+
+    def clear_pivots(factor: Tensor, valid: Tensor | None = None) -> Tensor:
+        pivots = factor.diagonal(dim1=-2, dim2=-1).square()
+        if valid is not None:  # padding pivots are exactly 1 and say nothing: the largest
+            pivots = torch.where(valid, pivots, pivots.amax(-1, keepdim=True))
+        size = pivots.amax(-1).clamp_min(tiny)
+        return (pivots.amin(-1) > cut * size) & torch.isfinite(pivots).all(-1)
+
+    factor, info = torch.linalg.cholesky_ex(hess)
+    ok = (info == 0) & clear_pivots(factor)
+    if has_rows:
+        y = torch.linalg.solve_triangular(factor, jac.transpose(-1, -2), upper=False)  # L^-1 A'
+        schur = y.mT @ y
+        schur.diagonal(dim1=-2, dim2=-1).add_(pad)
+        s_factor, s_info = torch.linalg.cholesky_ex(schur)
+        # Each factor against its own largest pivot: S = A H^-1 A^T has the units of H^-1, and
+        # an ill-conditioned H makes S's pivots large, not the bordered system singular.
+        ok = ok & (s_info == 0) & clear_pivots(s_factor, row_mask)
+
+    def solve(t: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        g = torch.linalg.solve_triangular(factor, t.unsqueeze(-1), upper=False)  # L^-1 t
+        if has_rows:
+            z = torch.cholesky_solve(bmtv(y, g).sub_(b.unsqueeze(-1)), s_factor)
+            g = g - bmv(y, z)
+            z = z.squeeze(-1)
+        else:
+            z = b.new_zeros(b.shape)
+        w = torch.linalg.solve_triangular(factor.mT, g, upper=True)
+        return w.squeeze(-1), z
+
+    def residual(w: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        top_res = top - bmv(hess, w)
+        bottom_res = bottom - pad * z
+        if has_rows:
+            top_res = top_res - bmtv(jac, z)
+            bottom_res = bottom_res - bmv(jac, w)
+        return top_res, bottom_res
+
+    w, z = solve(top, bottom)
+    dw, dz = solve(*residual(w, z))
+    w, z = w + dw, z + dz
+    worst = abs_max(torch.cat(residual(w, z), -1), -1)
+    relative = worst / abs_max(torch.cat([top, bottom], -1), -1).clamp_min(tiny)
+    n = top.shape[-1] + bottom.shape[-1]
+    ok = ok & torch.isfinite(relative) & (relative <= LDL_MARGIN * n * torch.finfo(hess.dtype).eps)
+    return w, z, ok, relative
 
 
 def kkt_block_scales(hess: Tensor, jac: Tensor) -> tuple[Tensor, Tensor]:

@@ -10,7 +10,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "declopt"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("declopt.errors", "declopt.program", "declopt.compiling", "declopt.kkt"),
+    ("declopt.errors", "declopt.program", "declopt.compiling", "declopt.batched", "declopt.kkt"),
     ("declopt.linalg", "declopt.kkt.tolerances", "declopt.kkt.functions"),
     ("declopt.derivatives",),
     ("declopt.kkt.point",),

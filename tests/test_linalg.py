@@ -138,3 +138,78 @@ def test_kkt_block_scales_are_powers_of_two_that_bring_both_blocks_near_one() ->
     side = (s_u * s_c * jac.abs().amax((-2, -1)))[:2]
     assert ((top >= 0.5) & (top <= 2)).all() and ((side >= 0.5) & (side <= 2)).all()
     assert s_u[2] == 1 and s_c[2] == 1  # zero blocks are left alone
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    m=st.integers(1, 10),
+    k=st.integers(0, 6),
+    kind=st.sampled_from(["definite", "indefinite", "dependent", "mixed"]),
+)
+def test_the_schur_path_answers_as_the_bordered_eigendecomposition(
+    seed: int, m: int, k: int, kind: str
+) -> None:
+    """``solve_held_kkt`` (Schur complement where ``H`` is definite and the held rows
+    independent, the bordered matrix elsewhere): solution, singularity verdict and inertia
+    test as the eigendecomposition of the bordered matrix on each problem's held rows."""
+    from declopt.kkt.jacobian import RowJacobian
+    from declopt.linalg import (
+        _HeldBlocks,
+        _solve_by_eigh,
+        _solve_by_schur,
+        default_rcond,
+        kkt_block_scales,
+        solve_held_kkt,
+    )
+
+    g = torch.Generator().manual_seed(seed)
+    batch = 6
+    root = torch.randn(batch, m, m, dtype=F64, generator=g)
+    hess = root @ root.mT + 0.1 * torch.eye(m, dtype=F64)
+    if kind in ("indefinite", "mixed"):
+        sym = torch.randn(batch, m, m, dtype=F64, generator=g)
+        flip = torch.arange(batch) % 2 == 0 if kind == "mixed" else torch.ones(batch, dtype=bool)
+        hess = torch.where(flip[:, None, None], sym + sym.mT, hess)
+    jac = torch.randn(batch, k, m, dtype=F64, generator=g) * 1e3  # units unlike H's
+    if kind in ("dependent", "mixed") and k >= 2:
+        jac[1::2, 1] = 2 * jac[1::2, 0]
+    held = torch.rand(batch, k, generator=g) < 0.7
+    if kind == "dependent" and k >= 2:
+        held[:, :2] = True
+    top = torch.randn(batch, m, dtype=F64, generator=g)
+    bottom = torch.randn(batch, k, dtype=F64, generator=g)
+    with torch.no_grad():
+        w, z, report = solve_held_kkt(hess, RowJacobian.of_dense(jac), held, top, bottom)
+        blocks = _HeldBlocks.of(hess, RowJacobian.of_dense(jac), held, top, bottom)
+        clear = _solve_by_schur(blocks, default_rcond(F64, m + k))[2]
+    assert report is not None
+    # Which path answered: the Schur complement exactly where H is definite and the held rows
+    # independent (dependent pairs are exact multiples; indefinite H are random symmetric).
+    definite = torch.linalg.eigvalsh(hess)[:, 0] > 0
+    count = held.sum(-1)
+    rank = torch.tensor([int(torch.linalg.matrix_rank(jac[b, held[b]])) for b in range(batch)])
+    assert torch.equal(clear, definite & (rank == count))
+    for b in range(batch):
+        rows = held[b].nonzero().squeeze(-1)
+        r = rows.numel()
+        a = jac[b, rows]
+        K = torch.cat(
+            [torch.cat([hess[b], a.T], -1), torch.cat([a, torch.zeros(r, r, dtype=F64)], -1)]
+        )
+        rhs = torch.cat([top[b], bottom[b, rows]])
+        want, ref = _solve_by_eigh(K[None], rhs[None], default_rcond(F64, m + r), torch.tensor(r))
+        if bool(ref.singular):  # minimum norm solutions depend on the scaling; verdict only
+            assert bool(report.singular[b])
+            continue
+        assert not bool(report.singular[b])
+        assert bool(report.second_order_ok[b]) == bool(ref.second_order_ok)
+        got = torch.cat([w[b], z[b, rows]])
+        # Solved block-equilibrated, which can be the worse conditioned of the two.
+        s_u, s_c = kkt_block_scales(hess[b : b + 1], a[None])
+        scales = torch.cat([s_u.expand(m), s_c.expand(r)])
+        scaled = scales[:, None] * K * scales[None, :]
+        cond = max(float(torch.linalg.cond(K)), float(torch.linalg.cond(scaled)))
+        scale = max(float(want.abs().max()), float(rhs.abs().max() / K.abs().max()))
+        assert float((got - want[0]).abs().max()) <= 1e-12 * cond * scale
+        assert bool((z[b, ~held[b]] == 0).all())

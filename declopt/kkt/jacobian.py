@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from declopt.batched import bmtv, bmv
+
 
 @dataclass
 class RowJacobian:
@@ -61,7 +63,7 @@ class RowJacobian:
 
     def matvec(self, w: Tensor) -> Tensor:
         """``(B, k)``: ``A w`` for ``w: (B, m)``."""
-        top = (self.dense @ w.unsqueeze(-1)).squeeze(-1)
+        top = bmv(self.dense, w)
         batch, k_s, _ = self.index.shape
         entries = w.gather(1, self.index.reshape(batch, -1)).reshape(batch, k_s, 2)
         return torch.cat([top, (self.value * entries).sum(-1)], -1)
@@ -69,7 +71,7 @@ class RowJacobian:
     def rmatvec(self, z: Tensor) -> Tensor:
         """``(B, m)``: ``A^T z`` for ``z: (B, k)``."""
         k_d = self.dense.shape[1]
-        out = (self.dense.transpose(-1, -2) @ z[:, :k_d].unsqueeze(-1)).squeeze(-1)
+        out = bmtv(self.dense, z[:, :k_d])
         if self.index.shape[1] == 0:
             return out
         batch = z.shape[0]

@@ -21,7 +21,7 @@ from torch import Tensor
 from declopt.derivatives import BatchedObjective
 from declopt.kkt.point import KKTPoint, kkt_point, lagrangian_derivatives, reassess, sizes
 from declopt.kkt.tolerances import table
-from declopt.linalg import LinearSolver, held_kkt_system, kkt_minres, solve_newton
+from declopt.linalg import LinearSolver, kkt_minres, solve_held_kkt
 from declopt.program import BatchedParams, Program
 
 
@@ -32,17 +32,17 @@ def newton_kkt_step(
     *,
     linear_solver: LinearSolver = LinearSolver(),
 ) -> tuple[Tensor, Tensor]:
-    """``(u_new (B, m), lambda_new (B, k))`` after one Newton step (LU, least squares where
-    singular) or MINRES on Hessian-vector products, as ``linear_solver`` says."""
+    """``(u_new (B, m), lambda_new (B, k))`` after one Newton step (the Schur complement, LU
+    where it does not apply, least squares where singular) or MINRES on Hessian-vector
+    products, as ``linear_solver`` says."""
     u, held = point.u, point.held
     m = u.shape[-1]
     derivatives = lagrangian_derivatives(program, params, point)
     rows = torch.where(held, point.rows, torch.zeros_like(point.rows))
     if linear_solver.is_dense(m):  # on the held rows alone
-        matrix, rhs, split = held_kkt_system(
-            derivatives.hessian(u), point.jacobian, held, -point.grad_lagrangian, -rows
+        du, dz, _ = solve_held_kkt(
+            derivatives.hessian(u), point.jacobian, held, -point.grad_lagrangian, -rows, step=True
         )
-        du, dz = split(solve_newton(matrix, rhs))
     else:  # m Hessian probes would cost more than a few MINRES products
         rhs = torch.cat([-point.grad_lagrangian, -rows], -1)
         step, _ = kkt_minres(derivatives.hvp_at(u), point.jacobian, held, rhs)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from declopt.backends.cone.cones import ConeData, Cones
-from declopt.linalg import abs_max
+from declopt.batched import abs_max
 
 __all__ = ["Equilibration", "equilibrate"]
 

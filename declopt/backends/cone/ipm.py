@@ -35,8 +35,8 @@ from torch import Tensor
 
 from declopt.backends.cone.cones import ConeData, Scaling
 from declopt.backends.cone.equilibrate import equilibrate
+from declopt.batched import abs_max, bmtv, bmv
 from declopt.diagnostics import Status
-from declopt.linalg import abs_max
 
 __all__ = ["IPMResult", "Settings", "solve"]
 
@@ -86,25 +86,6 @@ class IPMResult:
     residual: Tensor
 
 
-def _bmv(M: Tensor, v: Tensor) -> Tensor:
-    """``M v`` for ``M (B|1, r, c)`` and ``v (B|1, c)`` or ``(B|1, c, k)``. A shared ``M`` is one
-    matrix product over the whole batch (broadcasting it in ``matmul`` would copy it ``B``
-    times)."""
-    if M.shape[0] == 1 and v.shape[0] != 1:
-        if v.dim() == 2:
-            return v @ M[0].mT
-        return (v.mT @ M[0].mT).mT
-    if v.shape[0] != M.shape[0]:
-        v = v.expand(M.shape[0], *v.shape[1:])
-    # As rows, (v^T M^T)^T: batched products whose left operand has one (or k) rows run as
-    # matrix-vector kernels on the CPU, 2-4x faster at DDN sizes than a right operand of one
-    # column, and than a broadcast multiply-and-sum (whose (B, r, c) temporary, allocated
-    # afresh each time, cost 1.3 ms per product at 64 x 50 x 50 in the solver's loop).
-    if v.dim() == 2:
-        return torch.bmm(v.unsqueeze(-2), M.mT).squeeze(-2)
-    return torch.bmm(v.mT, M.mT).mT
-
-
 def _per_problem(v: Tensor, factor: Tensor) -> Tensor:
     """``v (B, ...)`` with each problem's entries multiplied by its ``factor (B,)``."""
     return v * factor.reshape(-1, *([1] * (v.dim() - 1)))
@@ -115,7 +96,7 @@ def _p_times(data: ConeData, v: Tensor) -> Tensor:
     for a linear objective."""
     if data.P is None:
         return torch.zeros_like(v)
-    out = _bmv(data.P, v)
+    out = bmv(data.P, v)
     return out if data.P_scale is None else _per_problem(out, data.P_scale)
 
 
@@ -131,11 +112,6 @@ def _cholesky_solve(L: Tensor, r: Tensor) -> Tensor:
     ``torch.cholesky_solve`` on batches of small systems on the CPU)."""
     y = torch.linalg.solve_triangular(L, r, upper=False)
     return torch.linalg.solve_triangular(L.mT, y, upper=True)
-
-
-def _bmtv(M: Tensor, v: Tensor) -> Tensor:
-    """``M^T v``."""
-    return _bmv(M.transpose(-1, -2), v)
 
 
 def _dot(u: Tensor, v: Tensor) -> Tensor:
@@ -188,11 +164,11 @@ class _DualBase:
 
     def p_inv(self, r: Tensor) -> Tensor:
         """``P^{-1} r`` for ``r (B, n, k)``."""
-        return self._scaled(_bmv(self.P_inv, r))
+        return self._scaled(bmv(self.P_inv, r))
 
     def y(self, v: Tensor) -> Tensor:
         """``P^{-1} A^T v`` for ``v (B, rows, k)``."""
-        return self._scaled(_bmv(self.Y, v))
+        return self._scaled(bmv(self.Y, v))
 
     def k0(self) -> Tensor:
         """``A P^{-1} A^T (B|1, rows, rows)``."""
@@ -330,21 +306,21 @@ class _KKT:
         if self.dual is not None:
             # dz = (A P^-1 A^T + H)^-1 (A P^-1 r1 - r2), dx = P^-1 (r1 - A^T dz)
             t = self.dual.p_inv(r1)
-            dz = _cholesky_solve(self.Ls, _bmv(self.data.A, t) - r2)
+            dz = _cholesky_solve(self.Ls, bmv(self.data.A, t) - r2)
             return t - self.dual.y(dz), dz
         hr = self._h_inv(r2)  # a new tensor
         A = self.data.A
         if zero:
             hr[:, :zero] = r2[:, :zero]  # the augmentation's gamma A_E^T r2_E
-        rt = r1 + _bmtv(A, hr)  # r1 + A_C^T H^{-1} r2_C + A_E^T r2_E
+        rt = r1 + bmtv(A, hr)  # r1 + A_C^T H^{-1} r2_C + A_E^T r2_E
         v = _cholesky_solve(self.L, rt)
         if zero:
-            rhs = _bmv(self.A_eq, v) - r2[:, :zero]
+            rhs = bmv(self.A_eq, v) - r2[:, :zero]
             dz_eq = _cholesky_solve(self.Ls, rhs)
-            dx = v - _bmv(self.Y, dz_eq)
+            dx = v - bmv(self.Y, dz_eq)
         else:
             dx = v
-        dz = self._h_inv(_bmv(A, dx) - r2)
+        dz = self._h_inv(bmv(A, dx) - r2)
         if zero:
             dz = torch.cat([dz_eq, dz[:, zero:]], 1)
         return dx, dz
@@ -355,10 +331,10 @@ class _KKT:
         dx, dz = self._solve_regularised(r1, r2)
         A = self.data.A
         for _ in range(refinement):
-            e1 = r1 - _bmtv(A, dz)
+            e1 = r1 - bmtv(A, dz)
             if self.data.P is not None:
                 e1 = e1 - _p_times(self.data, dx)
-            e2 = r2 - _bmv(A, dx) + self.h(dz)
+            e2 = r2 - bmv(A, dx) + self.h(dz)
             cx, cz = self._solve_regularised(e1, e2)
             dx, dz = dx + cx, dz + cz
         return dx, dz
@@ -625,7 +601,7 @@ def _solve(
         running = status < 0
         # -------- verdicts on the current iterate
         px = _p_times(work, x)
-        ax, atz = _bmv(A, x), _bmtv(A, z)
+        ax, atz = bmv(A, x), bmtv(A, z)
         # The embedding's residuals; the verdicts divide them by tau, the step takes them as
         # they are.
         t = tau[:, None]
@@ -784,12 +760,12 @@ def _polish(
             kkt = _KKT(equalities, None, eps, dual, h_diagonal=1 - mask, row_mask=mask)
         xp, zp = kkt.solve(-q.unsqueeze(-1), b.unsqueeze(-1), refinement)
         xp, zp = xp.squeeze(-1), zp.squeeze(-1) * mask
-        axp = _bmv(data.A, xp)
+        axp = bmv(data.A, xp)
         sp = data.b - axp
         # The solve's own residuals (stationarity; the active rows), as the interior point
         # measures them: a singular active set (more active rows than the point can hold)
         # fails here rather than being taken.
-        pxp, atzp = _p_times(data, xp), _bmtv(data.A, zp)
+        pxp, atzp = _p_times(data, xp), bmtv(data.A, zp)
         n_rx, n_px, n_atz = _inf_norms(pxp + atzp + q, pxp, atzp)
         n_ract, n_ax = _inf_norms(sp * mask, axp)
         dres = n_rx / torch.maximum(torch.maximum(q_size, n_px), n_atz).clamp_min(1)
