@@ -22,8 +22,9 @@ from torch import Tensor
 from torch.func import grad, grad_and_value, jacrev, jvp, vjp, vmap
 
 from declopt.compiling import maybe_compile
+from declopt.kkt.jacobian import RowJacobian
 from declopt.kkt.tolerances import on_kink, problem_scale, table
-from declopt.linalg import scalar_singular
+from declopt.linalg import LinearSolveReport, kkt_minres, scalar_singular
 from declopt.program import BatchedParams, Params, Program, TaylorFn
 
 TAYLOR_MAX_M = 16
@@ -60,6 +61,10 @@ class Derivatives:
         mapped = vmap(fn, in_dims=(in_dims, 0))
         self.in_dims = in_dims
         self.has_taylor = taylor is not None
+        self.diagonal_hessian = True
+        """Whether Krylov KKT solves try a diagonal model of the Hessian first (cleared the first
+        time the model fails its check: a non-diagonal Hessian then costs one attempt per
+        function, not one per solve)."""
 
         def value(values: Params, u: Tensor) -> Tensor:
             return mapped(values, u)
@@ -416,6 +421,18 @@ class BatchedObjective:
     def hvp_at(self, u: Tensor) -> Callable[[Tensor], Tensor]:
         """``v -> H v`` at a fixed ``u: (B, m)``, for the many products of a Krylov solve."""
         return self.derivatives.hvp_at(self.values, u)
+
+    def kkt_krylov(
+        self, u: Tensor, jac: RowJacobian, held: Tensor, rhs: Tensor
+    ) -> tuple[Tensor, LinearSolveReport]:
+        """:func:`~declopt.linalg.kkt_minres` with this function's Hessian at ``u`` (the
+        diagonal model tried until it fails once for this function)."""
+        derivatives = self.derivatives
+        tried = derivatives.diagonal_hessian
+        solution, report = kkt_minres(self.hvp_at(u), jac, held, rhs, diagonal=tried)
+        if tried and report.method == "minres":  # the model is wrong for this function
+            derivatives.diagonal_hessian = False
+        return solution, report
 
     def hessian(self, u: Tensor) -> Tensor:
         """Dense per-problem Hessians ``(B, m, m)`` from ``m`` probe vectors."""

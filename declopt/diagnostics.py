@@ -70,7 +70,10 @@ class BackwardInfo:
     """What the implicit backward met, per problem (tensors have the call's batch shape).
 
     Attributes:
-        method: ``"eigh"`` (dense KKT solve) or ``"cg"`` (matrix-free).
+        method: ``"eigh"`` (dense KKT solve: the Schur complement, Bunch-Kaufman or the
+            eigendecomposition), or matrix-free: ``"cg"`` (no rows held), ``"minres"``,
+            ``"diagonal"`` (a diagonal model of a separable Hessian, checked against the true
+            one) or ``"diagonal+minres"`` (MINRES for the problems the model missed).
         singular: the KKT system was singular; the minimum-norm least-squares solution was used.
         second_order_ok: the Hessian is positive definite on the null space of the active
             constraints, i.e. the solution is a strict local minimum.

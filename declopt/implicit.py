@@ -35,7 +35,6 @@ from declopt.linalg import (
     LinearSolver,
     LinearSolveReport,
     conjugate_gradient,
-    kkt_minres,
     scalar_solve,
     solve_held_kkt,
     solve_symmetric,
@@ -233,7 +232,7 @@ def _kkt_solve(
         assert linear is not None
         return w, z, linear
     rhs = torch.cat([top, bottom], -1)
-    solution, linear = kkt_minres(derivatives.hvp_at(u), point.jacobian, held, rhs)
+    solution, linear = derivatives.kkt_krylov(u, point.jacobian, held, rhs)
     return solution[:, :m], solution[:, m:] * held, linear
 
 

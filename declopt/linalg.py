@@ -62,7 +62,8 @@ class LinearSolveReport:
     """Per-problem facts about one batched solve (all tensors ``(B,)``).
 
     Attributes:
-        method: ``"eigh"`` (dense symmetric) or ``"cg"`` (matrix-free conjugate gradient).
+        method: ``"eigh"`` (dense symmetric) or matrix-free: ``"cg"``, ``"minres"``,
+            ``"diagonal"``, ``"diagonal+minres"`` (:func:`kkt_minres`).
         singular: the system was singular or numerically so; the minimum-norm least-squares
             solution was used, so the gradient is one of many (directions in the null space are 0).
         second_order_ok: the Hessian is positive definite on the null space of the active
@@ -697,7 +698,12 @@ def minres(
 
 
 def kkt_minres(
-    hvp: Callable[[Tensor], Tensor], jac: RowJacobian | Tensor, row_mask: Tensor, rhs: Tensor
+    hvp: Callable[[Tensor], Tensor],
+    jac: RowJacobian | Tensor,
+    row_mask: Tensor,
+    rhs: Tensor,
+    *,
+    diagonal: bool = True,
 ) -> tuple[Tensor, LinearSolveReport]:
     """Solve the padded KKT systems ``[[H, A^T], [A, D]] s = rhs`` matrix-free by MINRES.
 
@@ -709,6 +715,13 @@ def kkt_minres(
     dense pseudo-inverse does. It cannot count eigenvalues, so ``second_order_ok`` only checks
     the curvature ``w.Hw > 0`` along the solution's ``w`` (necessary, not sufficient, for a
     strict minimum).
+
+    With ``diagonal``, a diagonal model of ``H`` is tried first (:class:`_DiagonalModel`: exact
+    for separable declarations, where MINRES needs one product per distinct curvature) and kept
+    for the problems whose residual under the true ``H`` it passes; MINRES solves the rest.
+    ``report.method``: ``"diagonal"`` (the model answered every problem), ``"diagonal+minres"``
+    (some missed the residual target by a little), ``"minres"`` (not tried, or the model is
+    wrong for this ``H``: a residual above ``rtol^0.5`` or a diagonal that is not positive).
 
     The recurrences run in float64 whatever the data's dtype (``H`` is applied in the data's):
     in float32 the Lanczos vectors of thousands of tied kink rows lose orthogonality, and the
@@ -725,7 +738,8 @@ def kkt_minres(
     probe = torch.ones(rhs.shape[0], m, dtype=dtype, device=rhs.device)
     row_sizes = jac.norms()
     a = row_sizes.amax(-1) if row_sizes.shape[-1] else row_sizes.new_zeros(rhs.shape[0])
-    s_u, s_c = _block_scales(hvp(probe).abs().amax(-1), a, dtype)
+    h_ones = hvp(probe)
+    s_u, s_c = _block_scales(h_ones.abs().amax(-1), a, dtype)
     u_scale, c_scale = s_u.to(wide)[:, None], s_c.to(wide)[:, None]
 
     def matvec(s: Tensor) -> Tensor:
@@ -735,8 +749,25 @@ def kkt_minres(
         return torch.cat([top * u_scale, bottom], -1)
 
     rtol = torch.finfo(dtype).eps ** 0.75
-    scaled = torch.cat([rhs[:, :m] * u_scale, rhs[:, m:] * c_scale], -1)
-    solution, converged, residual = minres(matvec, scaled.to(wide), rtol=rtol)
+    scaled = torch.cat([rhs[:, :m] * u_scale, rhs[:, m:] * c_scale], -1).to(wide)
+    method = "minres"
+    if diagonal:
+        d = h_ones.to(wide) * u_scale**2
+        model = _DiagonalModel(d, jac, u_scale * c_scale, pad, dtype)
+        solution, accepted, residual, wrong = model.solve(scaled, matvec, rtol)
+        converged = accepted
+        if bool(accepted.all()):
+            method = "diagonal"
+        else:  # the others by MINRES; the accepted ones sit at a zero right-hand side
+            method = "minres" if bool(wrong.any()) else "diagonal+minres"
+            rest = torch.where(accepted.unsqueeze(-1), torch.zeros_like(scaled), scaled)
+            other, other_ok, other_residual = minres(matvec, rest, rtol=rtol)
+            keep = accepted.unsqueeze(-1)
+            solution = torch.where(keep, solution, other)
+            converged = accepted | other_ok
+            residual = torch.where(accepted, residual, other_residual)
+    else:
+        solution, converged, residual = minres(matvec, scaled, rtol=rtol)
     solution = torch.cat([solution[:, :m] * u_scale, solution[:, m:] * c_scale], -1)
     solution = solution.to(dtype)
     w = solution[:, :m]
@@ -746,8 +777,68 @@ def kkt_minres(
     size = (w * w).sum(-1)
     flat = (curvature <= torch.finfo(dtype).eps * size.clamp_min(tiny)) & (size > 0)
     singular = ~converged
-    report = LinearSolveReport("minres", singular, ~flat & ~singular, residual.to(dtype))
+    report = LinearSolveReport(method, singular, ~flat & ~singular, residual.to(dtype))
     return solution, report
+
+
+@dataclass(frozen=True)
+class _DiagonalModel:
+    """``[[D, A^T], [A, P]]`` with ``D = diag(H 1)``: the block-scaled KKT operator of
+    :func:`kkt_minres` with ``H`` replaced by a diagonal, which equals ``H`` exactly when ``H``
+    is diagonal (a separable declaration: elementwise penalties, squared distances, piecewise
+    linear constraints, kink rows). ``d (B, m)`` the model's diagonal, ``jac`` the masked rows,
+    ``row_scale (B, 1)`` the scaling of ``A`` (``s_u s_c``), ``pad (B, k)`` one on padding,
+    ``dtype`` the one ``H`` is applied in (its rounding bounds the check)."""
+
+    d: Tensor
+    jac: RowJacobian
+    row_scale: Tensor
+    pad: Tensor
+    dtype: torch.dtype
+
+    def solve(
+        self, rhs: Tensor, matvec: Callable[[Tensor], Tensor], rtol: float
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(s (B, m + k), accepted (B,), residual (B,), wrong (B,))``: the model's solution by
+        its Schur complement ``A D^-1 A^T + P`` (CG on products with ``A``: no Hessian product),
+        checked by one product with the true operator ``matvec``. A problem is accepted where
+        ``D`` is positive, CG converged and the true relative residual is within ``rtol``
+        (MINRES's own target): the check, not the model, decides, so a non-diagonal ``H`` only
+        costs the attempt. ``wrong``: the model does not describe ``H`` (``D`` not positive, or
+        a residual above ``rtol^0.5``; CG's own rounding on a correct model stays far below)."""
+        d, jac, scale, pad = self.d, self.jac, self.row_scale, self.pad
+        m = d.shape[-1]
+        usable = (d > 0).all(-1) & torch.isfinite(d).all(-1)
+        d = torch.where(usable.unsqueeze(-1), d, torch.ones_like(d))
+        top, bottom = rhs[:, :m], rhs[:, m:]
+        if bottom.shape[-1]:
+
+            def schur(z: Tensor) -> Tensor:
+                return jac.matvec(jac.rmatvec(z * scale) / d) * scale + pad * z
+
+            # Padding rows solve z = b: their right-hand side keeps its sign.
+            target = jac.matvec(top / d) * scale - bottom * (1 - 2 * pad)
+            # 100x inside the acceptance target: the Schur complement's condition (many held
+            # kink rows) amplifies CG's residual into w's.
+            z, report = conjugate_gradient(schur, target, rtol=1e-2 * rtol)
+            converged = ~report.singular
+            w = (top - jac.rmatvec(z * scale)) / d
+        else:
+            z, w = bottom, top / d
+            converged = torch.ones_like(usable)
+        solution = torch.cat([w, z], -1)
+        residual = _relative_residual(matvec(solution), rhs)
+        # What rounding of the product itself allows, relative to the rhs: 64 ulps of its
+        # largest term (|A w| sums terms far larger than a Newton step's tiny rhs near
+        # convergence; the row sizes bound them).
+        rows = jac.norms()
+        largest_row = (rows.amax(-1) if rows.shape[-1] else rows.new_zeros(len(rows))) * scale[:, 0]
+        spread = torch.maximum(w.abs().sum(-1), z.abs().sum(-1))
+        terms = torch.maximum(abs_max(d * w, -1), largest_row * spread)
+        size = abs_max(rhs, -1).clamp_min(torch.finfo(rhs.dtype).tiny)
+        floor = 64 * torch.finfo(self.dtype).eps * terms / size
+        accepted = usable & converged & (residual <= torch.clamp(floor, min=rtol))
+        return solution, accepted, residual, ~usable | (residual > rtol**0.5)
 
 
 def _relative_residual(product: Tensor, rhs: Tensor) -> Tensor:

@@ -184,7 +184,8 @@ def test_linear_solver_value_switches_the_backward_to_krylov() -> None:
         )
         ones = torch.ones(4, 5, dtype=F64)
         grads[kind] = implicit_vjp_of(lambda *t, f=layer: f(*t)[0], data, ones)
-        assert layer.info.backward.method == ("eigh" if kind == "dense" else "minres")
+        # Matrix-free: a box projection's Hessian is I, so the checked diagonal model answers.
+        assert layer.info.backward.method == ("eigh" if kind == "dense" else "diagonal")
     for dense, krylov in zip(grads["dense"], grads["krylov"]):
         torch.testing.assert_close(dense, krylov, atol=1e-9, rtol=1e-9)
 

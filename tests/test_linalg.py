@@ -213,3 +213,79 @@ def test_the_schur_path_answers_as_the_bordered_eigendecomposition(
         scale = max(float(want.abs().max()), float(rhs.abs().max() / K.abs().max()))
         assert float((got - want[0]).abs().max()) <= 1e-12 * cond * scale
         assert bool((z[b, ~held[b]] == 0).all())
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    m=st.integers(1, 12),
+    k=st.integers(0, 5),
+    coupled=st.sampled_from(["none", "all", "some"]),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+)
+def test_the_diagonal_model_answers_only_where_it_is_exact(
+    seed: int, m: int, k: int, coupled: str, dtype: torch.dtype
+) -> None:
+    """``kkt_minres`` with the diagonal model: a diagonal ``H`` is answered by the model
+    (``method == "diagonal"``), a coupled one by MINRES (``"minres"``: the model is wrong),
+    and either way the solution is the dense solve's, in units far from 1."""
+    from declopt.kkt.jacobian import RowJacobian
+    from declopt.linalg import kkt_minres, solve_held_kkt
+
+    g = torch.Generator().manual_seed(seed)
+    batch = 4
+    diag = torch.rand(batch, m, dtype=F64, generator=g) * 10 + 0.1
+    hess = torch.diag_embed(diag) * 1e4
+    if coupled != "none" and m >= 2:
+        which = torch.arange(batch) < (batch if coupled == "all" else 2)
+        root = torch.randn(batch, m, 1, dtype=F64, generator=g)
+        hess = hess + 1e4 * which[:, None, None] * (root @ root.mT)
+    jac = torch.randn(batch, k, m, dtype=F64, generator=g) * 1e-3
+    held = torch.rand(batch, k, generator=g) < 0.8
+    held[:, : min(k, m)] &= True
+    if k > m:  # more held rows than variables would be dependent
+        held[:, m:] = False
+    top = torch.randn(batch, m, dtype=F64, generator=g)
+    bottom = torch.randn(batch, k, dtype=F64, generator=g) * held
+    with torch.no_grad():
+        w, z, _ = solve_held_kkt(hess, RowJacobian.of_dense(jac), held, top, bottom)
+        low = hess.to(dtype)
+
+        def hvp(v: torch.Tensor) -> torch.Tensor:
+            return (low @ v.unsqueeze(-1)).squeeze(-1)
+
+        rhs = torch.cat([top, bottom], -1).to(dtype)
+        solution, report = kkt_minres(hvp, jac.to(dtype), held, rhs, diagonal=True)
+    is_diagonal = coupled == "none" or m < 2
+    assert report.method == ("diagonal" if is_diagonal else "minres")
+    assert not report.singular.any()
+    want = torch.cat([w, z], -1)
+    tol = 1e-9 if dtype == torch.float64 else 2e-3
+    scale = want.abs().amax(-1, keepdim=True)
+    assert ((solution.to(F64) - want).abs() <= tol * scale).all()
+
+
+def test_a_batched_objective_stops_trying_the_diagonal_model_once_it_fails() -> None:
+    """The model's attempt costs one check per function, not one per solve: after a coupled
+    Hessian fails it, later Krylov solves of that function go straight to MINRES."""
+    from declopt.derivatives import BatchedObjective
+    from declopt.kkt.jacobian import RowJacobian
+    from declopt.program import BatchedParams
+
+    def separable(x: tuple[torch.Tensor, ...], u: torch.Tensor) -> torch.Tensor:
+        return ((u - x[0]) ** 2).sum()
+
+    def coupled(x: tuple[torch.Tensor, ...], u: torch.Tensor) -> torch.Tensor:
+        return ((u - x[0]) ** 2).sum() + u.sum() ** 2
+
+    x = torch.randn(3, 5, dtype=F64)
+    params = BatchedParams((x,), (0,), 3)
+    u = torch.randn(3, 5, dtype=F64)
+    jac = RowJacobian.of_dense(torch.randn(3, 1, 5, dtype=F64))
+    held = torch.ones(3, 1, dtype=torch.bool)
+    rhs = torch.randn(3, 6, dtype=F64)
+    for fn, methods in ((separable, ["diagonal", "diagonal"]), (coupled, ["minres", "minres"])):
+        objective = BatchedObjective(fn, params)
+        got = [objective.kkt_krylov(u, jac, held, rhs)[1].method for _ in range(2)]
+        assert got == methods
+        assert objective.derivatives.diagonal_hessian == (fn is separable)

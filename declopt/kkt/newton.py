@@ -21,7 +21,7 @@ from torch import Tensor
 from declopt.derivatives import BatchedObjective
 from declopt.kkt.point import KKTPoint, kkt_point, lagrangian_derivatives, reassess, sizes
 from declopt.kkt.tolerances import table
-from declopt.linalg import LinearSolver, kkt_minres, solve_held_kkt
+from declopt.linalg import LinearSolver, solve_held_kkt
 from declopt.program import BatchedParams, Program
 
 
@@ -45,7 +45,7 @@ def newton_kkt_step(
         )
     else:  # m Hessian probes would cost more than a few MINRES products
         rhs = torch.cat([-point.grad_lagrangian, -rows], -1)
-        step, _ = kkt_minres(derivatives.hvp_at(u), point.jacobian, held, rhs)
+        step, _ = derivatives.kkt_krylov(u, point.jacobian, held, rhs)
         du, dz = step[:, :m], step[:, m:]
     lam = torch.where(held, point.multipliers - dz, torch.zeros_like(point.multipliers))
     return u + du, lam
