@@ -781,6 +781,11 @@ def kkt_minres(
     return solution, report
 
 
+DIAGONAL_MODEL_CG_ITER = 100
+"""Most CG iterations the diagonal model's Schur complement may take (kink rows make it near
+the identity: 2-6 measured); a problem it does not finish goes to MINRES, not wrong."""
+
+
 @dataclass(frozen=True)
 class _DiagonalModel:
     """``[[D, A^T], [A, P]]`` with ``D = diag(H 1)``: the block-scaled KKT operator of
@@ -820,7 +825,9 @@ class _DiagonalModel:
             target = jac.matvec(top / d) * scale - bottom * (1 - 2 * pad)
             # 100x inside the acceptance target: the Schur complement's condition (many held
             # kink rows) amplifies CG's residual into w's.
-            z, report = conjugate_gradient(schur, target, rtol=1e-2 * rtol)
+            z, report = conjugate_gradient(
+                schur, target, max_iter=DIAGONAL_MODEL_CG_ITER, rtol=1e-2 * rtol
+            )
             converged = ~report.singular
             w = (top - jac.rmatvec(z * scale)) / d
         else:
