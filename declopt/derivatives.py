@@ -153,7 +153,7 @@ class Derivatives:
             free = [i for i, want in enumerate(wanted) if want]
 
             def gradient_map(*xs: Tensor) -> Tensor:
-                return gradient(u, _substitute(values, free, xs))
+                return gradient(u, substitute(values, free, xs))
 
             # Reverse over reverse: the pullback of the gradient map x -> D_u f(x, u). (The
             # equivalent grad-of-jvp form trips torch.compile's fake tensors on some atoms.)
@@ -182,7 +182,7 @@ class Derivatives:
             per_problem = vmap(fn, in_dims=(dims, 0))
 
             def gradient_map(uu: Tensor, *free_xs: Tensor) -> Tensor:
-                full = _substitute(xs, free, free_xs)
+                full = substitute(xs, free, free_xs)
                 return grad(lambda u_: per_problem(full, u_).sum())(uu)
 
             g, pullback = vjp(gradient_map, u, *(xs[i] for i in free))
@@ -221,7 +221,7 @@ class Derivatives:
             free = [i for i, want in enumerate(wanted) if want]
 
             def gradient_map(*xs: Tensor) -> Tensor:
-                return first_order(_substitute(values, free, xs), u)  # type: ignore[misc]
+                return first_order(substitute(values, free, xs), u)  # type: ignore[misc]
 
             # First-order reverse through the closed-form gradient: shared parameters come out
             # summed over the batch, batched ones per problem.
@@ -234,7 +234,7 @@ class Derivatives:
             free = [i for i, want in enumerate(wanted) if want]
 
             def gradient_map(*xs: Tensor) -> tuple[Tensor, Tensor]:
-                g, h = curvature(_substitute(values, free, xs), u)  # type: ignore[misc]
+                g, h = curvature(substitute(values, free, xs), u)  # type: ignore[misc]
                 return g, h[..., 0]
 
             # One pass: the Hessian (aux, not differentiated) is known before the pullback, so
@@ -332,7 +332,7 @@ class _LastEvaluation:
         return self.result
 
 
-def _substitute(values: Params, index: list[int], replacements: tuple[Tensor, ...]) -> Params:
+def substitute(values: Params, index: list[int], replacements: tuple[Tensor, ...]) -> Params:
     """``values`` with ``values[index[k]]`` replaced by ``replacements[k]``."""
     out = list(values)
     for i, x in zip(index, replacements):

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
-from declopt.derivatives import BatchedObjective, kink_test_for
+from declopt.derivatives import BatchedObjective, kink_test_for, substitute
 from declopt.kkt.functions import constraint_fn, weighted_constraints
 from declopt.kkt.point import KKTPoint, kkt_point, lagrangian_derivatives
 from declopt.kkt.tolerances import Tolerances, table
@@ -141,14 +141,7 @@ def implicit_vjp(
     lam = torch.where(held, point.multipliers, torch.zeros_like(point.multipliers))
     derivatives = lagrangian_derivatives(program, params, point, lam, compile)
     w, z, linear = _kkt_solve(derivatives, point, held, v, linear_solver)
-    grads_l = derivatives.param_vjp(u, w)[: len(params.values)]
-    weighted = weighted_constraints(program, point.sizes.kinks > 0)
-    in_dims = (*params.in_dims, 0)
-    _, pullback = vjp(
-        lambda xs: vmap(weighted, in_dims=(in_dims, 0))((*xs, z), u).sum(), params.values
-    )
-    grads_c = pullback(torch.ones((), dtype=u.dtype, device=u.device))[0]
-    grads = tuple(gl - gc for gl, gc in zip(grads_l, grads_c))
+    grads = _constrained_param_vjp(program, params, derivatives, point, w, z, wanted)
     stationarity = (point.grad_f - point.jacobian.rmatvec(lam)).abs().amax(-1)
     report = ImplicitReport(
         linear,
@@ -158,6 +151,37 @@ def implicit_vjp(
         multiplier_residual=stationarity,
     )
     return grads, report
+
+
+def _constrained_param_vjp(
+    program: Program,
+    params: BatchedParams,
+    derivatives: BatchedObjective,
+    point: KKTPoint,
+    w: Tensor,
+    z: Tensor,
+    wanted: tuple[bool, ...],
+) -> tuple[Tensor | None, ...]:
+    """``-d/dx [w . D_u L(x, y) + z . h~(x, y)]`` for the ``wanted`` parameters (``None`` for
+    the others, whose passes are skipped; the multipliers are constants of the pass)."""
+    u = point.u
+    free = [i for i, want in enumerate(wanted) if want]
+    if not free:
+        return (None,) * len(wanted)
+    grads_l = derivatives.param_vjp(u, w, (*wanted, False))
+    weighted = vmap(
+        weighted_constraints(program, point.sizes.kinks > 0), in_dims=((*params.in_dims, 0), 0)
+    )
+
+    def weighted_sum(*xs: Tensor) -> Tensor:
+        return weighted((*substitute(params.values, free, xs), z), u).sum()
+
+    _, pullback = vjp(weighted_sum, *(params.values[i] for i in free))
+    grads_c = dict(zip(free, pullback(torch.ones((), dtype=u.dtype, device=u.device))))
+    return tuple(
+        grads_l[i] - grads_c[i] if want else None  # type: ignore[operator]
+        for i, want in enumerate(wanted)
+    )
 
 
 def implicit_jvp(

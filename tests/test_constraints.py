@@ -211,3 +211,29 @@ def test_backend_multipliers_decide_activity_when_a_block_has_no_rows() -> None:
     params = prepare_inputs(layer.program, [P]).params
     u, lam_g = P / 5 * (1 - 1e-7), torch.tensor([[-4.0]], dtype=torch.float64)
     assert kkt_point(layer.program, params, u, ineq_multipliers=lam_g).active.all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cone"])
+def test_only_the_parameters_that_need_a_gradient_get_one(backend: str) -> None:
+    """A constrained layer whose constraint data do not require grad: the gradients of the
+    others are those of the full backward, and the fixed ones get none (their passes are
+    skipped)."""
+    g = torch.Generator().manual_seed(4)
+    n, k = 6, 3
+    x, G, h = cp.Parameter(n), cp.Parameter((k, n)), cp.Parameter(k)
+    u = cp.Variable(n)
+    problem = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(u - x)), [G @ u <= h])
+    layer = dl.Layer(problem, [x, G, h], [u], backend=backend)
+    data = [
+        torch.randn(4, n, generator=g, dtype=torch.float64) * 2,
+        torch.randn(4, k, n, generator=g, dtype=torch.float64),
+        torch.rand(4, k, generator=g, dtype=torch.float64) * 0.1,
+    ]
+    v = torch.randn(4, n, generator=g, dtype=torch.float64)
+    every = implicit_vjp_of(lambda *t: layer(*t)[0], data, v)
+    assert bool((every[2] != 0).any())  # some inequality is active
+    some = [t.clone().requires_grad_(i != 1) for i, t in enumerate(data)]
+    (layer(*some)[0] * v).sum().backward()
+    assert some[1].grad is None
+    for i in (0, 2):
+        torch.testing.assert_close(some[i].grad, every[i], atol=1e-10, rtol=1e-10)
