@@ -289,3 +289,23 @@ def test_a_batched_objective_stops_trying_the_diagonal_model_once_it_fails() -> 
         got = [objective.kkt_krylov(u, jac, held, rhs)[1].method for _ in range(2)]
         assert got == methods
         assert objective.derivatives.diagonal_hessian == (fn is separable)
+
+
+def test_kkt_solves_of_an_empty_batch_are_empty() -> None:
+    """No problems (two-entry index rows included): empty answers, not a reshape error."""
+    from declopt.kkt.jacobian import RowJacobian
+    from declopt.linalg import kkt_minres, solve_held_kkt
+
+    dense = torch.zeros(0, 1, 3, dtype=F64)
+    index = torch.zeros(0, 2, 2, dtype=torch.long)
+    jac = RowJacobian(dense, index, torch.zeros(0, 2, 2, dtype=F64))
+    held = torch.ones(0, 3, dtype=torch.bool)
+    with torch.no_grad():
+        solution, report = kkt_minres(lambda v: v, jac, held, torch.ones(0, 6, dtype=F64))
+        hess = torch.zeros(0, 3, 3, dtype=F64)
+        w, z, dense_report = solve_held_kkt(
+            hess, jac, held, torch.ones(0, 3, dtype=F64), torch.zeros(0, 3, dtype=F64)
+        )
+    assert solution.shape == (0, 6) and report.singular.shape == (0,)
+    assert w.shape == (0, 3) and z.shape == (0, 3)
+    assert dense_report is not None and dense_report.singular.shape == (0,)

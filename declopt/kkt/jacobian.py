@@ -65,7 +65,8 @@ class RowJacobian:
         """``(B, k)``: ``A w`` for ``w: (B, m)``."""
         top = bmv(self.dense, w)
         batch, k_s, _ = self.index.shape
-        entries = w.gather(1, self.index.reshape(batch, -1)).reshape(batch, k_s, 2)
+        # Explicit sizes: an empty batch has no -1 to infer.
+        entries = w.gather(1, self.index.reshape(batch, 2 * k_s)).reshape(batch, k_s, 2)
         return torch.cat([top, (self.value * entries).sum(-1)], -1)
 
     def rmatvec(self, z: Tensor) -> Tensor:
@@ -75,8 +76,9 @@ class RowJacobian:
         if self.index.shape[1] == 0:
             return out
         batch = z.shape[0]
-        weighted = (self.value * z[:, k_d:].unsqueeze(-1)).reshape(batch, -1)
-        return out.scatter_add(1, self.index.reshape(batch, -1), weighted)
+        k_s = self.index.shape[1]
+        weighted = (self.value * z[:, k_d:].unsqueeze(-1)).reshape(batch, 2 * k_s)
+        return out.scatter_add(1, self.index.reshape(batch, 2 * k_s), weighted)
 
     def masked(self, mask: Tensor) -> RowJacobian:
         """The rows outside ``mask: (B, k)`` set to zero."""
