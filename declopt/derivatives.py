@@ -308,7 +308,7 @@ class _LastEvaluation:
     """``fn(values, u)`` remembering its last call: a solver's first evaluation at its start is
     often the one the starting-point check just made (``backends/starts.py``). The key is the
     identity and version of every argument tensor (held, so identities cannot be reused), and
-    only calls outside autograd are remembered."""
+    only calls outside autograd, on tensors that have versions, are remembered."""
 
     def __init__(self, fn: Callable[[Params, Tensor], tuple[Tensor, ...]]) -> None:
         self.fn = fn
@@ -321,8 +321,11 @@ class _LastEvaluation:
 
     def __call__(self, values: Params, u: Tensor) -> tuple[Tensor, ...]:
         wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-        if torch.is_grad_enabled() or any(wrapped(t) for t in (*values, u)):
-            self.key = self.result = None  # inside a transform or on the graph: no memo
+        tensors = (*values, u)
+        # Inside a transform or on the graph: no memo; nor for inference tensors, which keep
+        # no version counter to key on (torch.inference_mode).
+        if torch.is_grad_enabled() or any(wrapped(t) or t.is_inference() for t in tensors):
+            self.key = self.result = None
             return self.fn(values, u)
         key = self._key(values, u)
         same = self.key is not None and len(key) == len(self.key)
@@ -396,6 +399,7 @@ class BatchedObjective:
         compile: bool = False,
         taylor: TaylorFn | None = None,
         quadratic: bool = False,
+        curvature: BatchedObjective | None = None,
     ) -> None:
         self.fn = fn
         self.derivatives = derivatives_for(fn, params.in_dims, compile, taylor)
@@ -403,6 +407,10 @@ class BatchedObjective:
         self.values = params.values
         self.quadratic = quadratic
         """``fn`` is of degree at most 2 in ``u``: its second-order model is exact."""
+        self.curvature = self if curvature is None else curvature
+        """An objective with ``fn``'s Hessian in ``u`` (a Lagrangian's objective where every row
+        is affine): Hessians and their products are taken from it, the cheaper function (and
+        its closed-form Taylor pass where it has one)."""
 
     def value(self, u: Tensor) -> Tensor:
         return self.derivatives.value(self.values, u)
@@ -416,18 +424,20 @@ class BatchedObjective:
 
     def hvp(self, u: Tensor, v: Tensor) -> Tensor:
         """``H_b v_b`` for every problem ``b``; ``v: (B, m)``."""
-        return self.derivatives.hvp(self.values, u, v)
+        source = self.curvature
+        return source.derivatives.hvp(source.values, u, v)
 
     def hvp_at(self, u: Tensor) -> Callable[[Tensor], Tensor]:
         """``v -> H v`` at a fixed ``u: (B, m)``, for the many products of a Krylov solve."""
-        return self.derivatives.hvp_at(self.values, u)
+        source = self.curvature
+        return source.derivatives.hvp_at(source.values, u)
 
     def kkt_krylov(
         self, u: Tensor, jac: RowJacobian, held: Tensor, rhs: Tensor
     ) -> tuple[Tensor, LinearSolveReport]:
         """:func:`~declopt.linalg.kkt_minres` with this function's Hessian at ``u`` (the
         diagonal model tried until it fails once for this function)."""
-        derivatives = self.derivatives
+        derivatives = self.curvature.derivatives  # whose Hessian the products apply
         tried = derivatives.diagonal_hessian
         solution, report = kkt_minres(self.hvp_at(u), jac, held, rhs, diagonal=tried)
         if tried and report.method == "minres":  # the model is wrong for this function
@@ -436,7 +446,8 @@ class BatchedObjective:
 
     def hessian(self, u: Tensor) -> Tensor:
         """Dense per-problem Hessians ``(B, m, m)`` from ``m`` probe vectors."""
-        return self.derivatives.hessian(self.values, u)
+        source = self.curvature
+        return source.derivatives.hessian(source.values, u)
 
     def grad_and_hessian(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """``(grad (B, m), Hessians (B, m, m))`` in the passes of the Hessian alone."""

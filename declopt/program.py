@@ -54,6 +54,10 @@ class Program:
             atoms' degree rules, :func:`declopt.frontend.atoms.base.polynomial_degree`): its
             second-order Taylor model is exact, so a Newton step's point is known without
             evaluating it. False where unknown.
+        constraints_affine: every equality and inequality row is affine in ``u`` (degree at
+            most 1 by the same rules): they add nothing to the Lagrangian's Hessian, which is
+            then the objective's (its closed-form Taylor pass where it has one). False where
+            unknown.
         equalities: ``h(x, u) -> (p,)`` with ``h = 0`` at a feasible point, or ``None``.
         inequalities: ``g(x, u) -> (q,)`` with ``g <= 0`` at a feasible point, or ``None``.
         is_convex: the declaration is DCP (convex objective over a convex set).
@@ -114,6 +118,7 @@ class Program:
     objective: ObjectiveFn | None
     objective_taylor: TaylorFn | None = field(default=None, compare=False, repr=False)
     objective_quadratic: bool = False
+    constraints_affine: bool = False
     equalities: ResidualFn | None = None
     inequalities: ResidualFn | None = None
     is_convex: bool = False

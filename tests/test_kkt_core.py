@@ -219,3 +219,47 @@ def test_problem_scale_is_the_largest_entry_of_each_problems_data_and_solution()
     torch.testing.assert_close(problem_scale(nothing, torch.zeros(2, 3)), torch.ones(2))
     bad = BatchedParams((torch.tensor([[float("nan")], [1.0]]),), (0,), 2)
     torch.testing.assert_close(problem_scale(bad, torch.zeros(2, 1)), torch.tensor([1.0, 1.0]))
+
+
+@pytest.mark.parametrize("m", [5, 40])  # the objective's Taylor pass (m <= 16) and autograd
+def test_affine_rows_leave_the_lagrangian_hessian_to_the_objective(m: int) -> None:
+    """A QP's rows are affine: the Lagrangian's Hessian and its products come from the
+    objective alone (its closed-form pass where it has one) and equal the Lagrangian's own;
+    a curved row (an L1 ball's norm) keeps the Lagrangian's."""
+    from declopt.derivatives import BatchedObjective
+    from declopt.frontend import compile_problem
+    from declopt.kkt.functions import lagrangian
+    from declopt.kkt.point import lagrangian_derivatives
+    from declopt.program import BatchedParams
+
+    g = torch.Generator().manual_seed(6)
+    Q, q, G, h = cp.Parameter((m, m)), cp.Parameter(m), cp.Parameter((3, m)), cp.Parameter(3)
+    u = cp.Variable(m)
+    qp = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(Q @ u) + q @ u), [G @ u <= h, u >= -1])
+    program = compile_problem(qp, [Q, q, G, h], [u])
+    assert program.constraints_affine
+    values = (
+        torch.randn(4, m, m, generator=g, dtype=F64),
+        torch.randn(4, m, generator=g, dtype=F64),
+        torch.randn(4, 3, m, generator=g, dtype=F64),
+        torch.rand(4, 3, generator=g, dtype=F64),
+    )
+    params = BatchedParams(values, (0, 0, 0, 0), 4)
+    at = torch.randn(4, m, generator=g, dtype=F64)
+    point = kkt_point(program, params, at)
+    lam = torch.randn(4, point.sizes.total, generator=g, dtype=F64)
+    derivatives = lagrangian_derivatives(program, params, point, lam)
+    assert derivatives.curvature is not derivatives
+    extended = BatchedParams((*values, lam), (0, 0, 0, 0, 0), 4)
+    own = BatchedObjective(lagrangian(program), extended)
+    v = torch.randn(4, m, generator=g, dtype=F64)
+    with torch.no_grad():
+        torch.testing.assert_close(derivatives.hessian(at), own.hessian(at))
+        torch.testing.assert_close(derivatives.hvp_at(at)(v), own.hvp(at, v))
+    ball, ball_params, ball_vars = _l1_ball()
+    curved = compile_problem(ball, ball_params, ball_vars)
+    assert not curved.constraints_affine
+    data = BatchedParams(tuple(_data("l1")), (0, None), 4)
+    curved_point = kkt_point(curved, data, torch.randn(4, 5, generator=g, dtype=F64))
+    curved_derivatives = lagrangian_derivatives(curved, data, curved_point)
+    assert curved_derivatives.curvature is curved_derivatives

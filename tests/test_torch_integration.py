@@ -309,6 +309,15 @@ def test_layers_run_under_inference_mode() -> None:
     with torch.inference_mode():
         (u,) = dl.Layer(*_box(), backend="torch")(torch.tensor([[1.5, 0.3, -0.2]], dtype=F64))
     torch.testing.assert_close(u, torch.tensor([[1.0, 0.3, 0.0]], dtype=F64))
+    # An unconstrained smooth declaration of a few variables (the Taylor pass's memo keys on
+    # tensor versions, which inference tensors do not have: this raised a RuntimeError).
+    x, v = cp.Parameter(3), cp.Variable(3)
+    smooth = cp.Problem(cp.Minimize(cp.sum_squares(v - x) + cp.sum(cp.exp(v))))
+    data = torch.tensor([[0.5, -1.0, 2.0]], dtype=F64)
+    layer = dl.Layer(smooth, [x], [v], backend="torch")
+    with torch.inference_mode():
+        (w,) = layer(data)
+    torch.testing.assert_close(w, layer(data)[0])
 
 
 def test_a_native_cvxpylayers_backward_refuses_transforms_and_second_derivatives() -> None:

@@ -1061,6 +1061,7 @@ def compile_problem(
         objective=objective_fn,
         objective_taylor=objective_taylor,
         objective_quadratic=_degree_at_most(objective_expr, 2),
+        constraints_affine=all(_degree_at_most(e, 1) for e in (*eqs, *ineqs)),
         equalities=equalities,
         inequalities=inequalities,
         is_convex=_safe(problem.is_dcp),

@@ -214,14 +214,23 @@ def lagrangian_derivatives(
 
     Kink rows given as index sets (:attr:`~declopt.program.Program.kink_rows`) are linear in
     ``u`` with coefficients free of ``x``: they add nothing to ``D2_uu L`` or ``D_x D_u L`` and
-    are left out, so no Hessian product passes through the kink sites.
+    are left out, so no Hessian product passes through the kink sites. Where every row is
+    affine (:attr:`~declopt.program.Program.constraints_affine`) the Hessian and its products
+    are the objective's.
     """
     lam = point.multipliers if multipliers is None else multipliers
     with_kinks = point.sizes.kinks > 0 and program.kink_rows is None
     if point.sizes.kinks and not with_kinks:
         lam = lam[:, : point.sizes.p + point.sizes.q]
     extended = BatchedParams((*params.values, lam), (*params.in_dims, 0), params.size)
-    return BatchedObjective(lagrangian(program, with_kinks), extended, compile=compile)
+    # Affine rows have no curvature: D2_uu L = D2_uu f, from the objective alone (its Taylor
+    # pass where it has one; the Lagrangian's double backward also runs through every row).
+    curvature = None
+    if program.constraints_affine and not with_kinks and program.objective is not None:
+        curvature = BatchedObjective.of(program, params, compile=compile)
+    return BatchedObjective(
+        lagrangian(program, with_kinks), extended, compile=compile, curvature=curvature
+    )
 
 
 def kkt_point(

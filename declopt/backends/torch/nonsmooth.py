@@ -248,7 +248,7 @@ def pinned_ties(program: Program) -> Program:
     assert kinks is not None
 
     def declared(fn: Callable | None) -> Callable | None:
-        return None if fn is None else (lambda x, u: fn(x[:count], u))
+        return None if fn is None else (lambda x, u, *a, **k: fn(x[:count], u, *a, **k))
 
     return dataclasses.replace(
         program,
@@ -256,6 +256,7 @@ def pinned_ties(program: Program) -> Program:
         parameter_shapes=(*program.parameter_shapes, (program.num_variables,)),
         parameter_signs=(),
         objective=declared(program.objective),
+        objective_taylor=declared(program.objective_taylor),
         equalities=declared(program.equalities),
         inequalities=declared(program.inequalities),
         kinks=lambda x, u: kinks(x[:count], u, x[count]),
