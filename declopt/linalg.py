@@ -200,8 +200,16 @@ def _solve_by_ldl(
 def _solve_by_eigh(
     sym: Tensor, rhs: Tensor, rcond: float, expected: Tensor
 ) -> tuple[Tensor, LinearSolveReport]:
-    """The eigendecomposition: minimum-norm solutions of singular systems, exact inertia."""
+    """The eigendecomposition: minimum-norm solutions of singular systems, exact inertia.
+
+    A matrix with a NaN or an infinity (a Hessian evaluated where the declaration is not
+    differentiable) has no eigendecomposition, and LAPACK's failure would end the whole batch:
+    it is decomposed as the identity, and its problem answered NaN and reported singular."""
     differentiable = torch.is_grad_enabled()
+    finite = torch.isfinite(sym).flatten(-2).all(-1)
+    if not bool(finite.all()):
+        eye = torch.eye(sym.shape[-1], dtype=sym.dtype, device=sym.device)
+        sym = torch.where(finite[:, None, None], sym, eye)
     eigenvalues, eigenvectors = robust_eigh(sym.detach() if differentiable else sym)
     scale = eigenvalues.abs().amax(dim=-1, keepdim=True)
     tiny = torch.finfo(sym.dtype).tiny
@@ -219,6 +227,11 @@ def _solve_by_eigh(
     num_negative = (eigenvalues < 0).sum(dim=-1)
     second_order_ok = (num_negative == expected) & ~singular
     residual = _relative_residual(sym @ solution.unsqueeze(-1), rhs)
+    if not bool(finite.all()):
+        nan = torch.full_like(solution, float("nan"))
+        solution = torch.where(finite.unsqueeze(-1), solution, nan)
+        singular, second_order_ok = singular | ~finite, second_order_ok & finite
+        residual = torch.where(finite, residual, torch.full_like(residual, float("inf")))
     report = LinearSolveReport("eigh", singular, second_order_ok, residual)
     return solution, report
 

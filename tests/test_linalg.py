@@ -309,3 +309,26 @@ def test_kkt_solves_of_an_empty_batch_are_empty() -> None:
     assert solution.shape == (0, 6) and report.singular.shape == (0,)
     assert w.shape == (0, 3) and z.shape == (0, 3)
     assert dense_report is not None and dense_report.singular.shape == (0,)
+
+
+def test_a_non_finite_matrix_is_answered_nan_and_singular_without_ending_the_batch() -> None:
+    """LAPACK cannot decompose a matrix with a NaN (a Hessian where the declaration is not
+    differentiable); that member comes back NaN and singular, the others exact."""
+    from declopt.kkt.jacobian import RowJacobian
+    from declopt.linalg import solve_held_kkt
+
+    hess = 2 * torch.eye(4, dtype=F64).expand(3, 4, 4).clone()
+    hess[1, 0, 0] = float("nan")
+    g = torch.Generator().manual_seed(8)
+    jac = RowJacobian.of_dense(torch.randn(3, 2, 4, generator=g, dtype=F64))
+    top = torch.randn(3, 4, generator=g, dtype=F64)
+    held = torch.ones(3, 2, dtype=torch.bool)
+    with torch.no_grad():
+        z, report = solve_symmetric(hess, top)
+        w, _, kkt_report = solve_held_kkt(hess, jac, held, top, torch.zeros(3, 2, dtype=F64))
+    for solution, rep in ((z, report), (w, kkt_report)):
+        assert rep is not None
+        assert rep.singular.tolist() == [False, True, False]
+        assert not bool(rep.second_order_ok[1])
+        assert bool(torch.isnan(solution[1]).all()) and bool(torch.isfinite(solution[[0, 2]]).all())
+    torch.testing.assert_close(z[[0, 2]], top[[0, 2]] / 2)
