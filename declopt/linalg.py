@@ -300,9 +300,9 @@ def solve_held_kkt(
 
     Where ``H`` is positive definite and the held rows independent (a strict minimum with
     independent constraints: the common case), by its Schur complement: Cholesky of ``H``
-    and of ``A H^-1 A^T`` (``m^3 / 3 + m^2 r + m r^2 + r^3 / 3`` flops against Bunch-Kaufman's
-    ``(m + r)^3 / 3`` on the bordered matrix, but as Cholesky and triangular kernels: 64
-    systems of ``m = 50, r ~ 27``, refinement and checks included, 7.5 -> 5.5 ms). Such a system has
+    and of ``A H^-1 A^T`` (the flops of Bunch-Kaufman on the bordered matrix, ``(m + r)^3 /
+    3``, but in Cholesky and triangular kernels, without pivoting: 64 systems of ``m = 50, r ~
+    27``, refinement and checks included, 7.5 -> 5.5 ms). Such a system has
     exactly ``m`` positive and ``r`` negative eigenvalues, so its inertia needs no count. The
     other problems (an indefinite ``H``, dependent or near-dependent rows, a residual above
     rounding) fall back to the bordered matrix: :func:`solve_symmetric` (singularity and
