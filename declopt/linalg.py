@@ -121,22 +121,9 @@ def _solve_by_cholesky(
     sym: Tensor, rhs: Tensor, rcond: float
 ) -> tuple[Tensor, LinearSolveReport] | None:
     """Cholesky for a batch of clearly positive definite matrices (a plain Hessian at a strict
-    minimum: a third of Bunch-Kaufman's work, no inertia to count), by the rule of
-    :func:`_solve_by_schur`; ``None`` unless every matrix qualifies."""
-    batch, n = rhs.shape
-    no_rows = sym.new_zeros(batch, 0)
-    blocks = _HeldBlocks(
-        sym,
-        sym.new_zeros(batch, 0, n),
-        no_rows.bool(),
-        rhs,
-        no_rows,
-        no_rows.long(),
-        sym.new_ones(batch, 1),
-        sym.new_ones(batch, 1),
-        0,
-    )
-    solution, _, clear, residual = _solve_by_schur(blocks, rcond)
+    minimum: Bunch-Kaufman's flops without its pivoting, and no inertia to count), by the rule
+    of :func:`_solve_by_schur`; ``None`` unless every matrix qualifies."""
+    solution, _, clear, residual = _solve_by_schur(_HeldBlocks.without_rows(sym, rhs), rcond)
     if not bool(clear.all()):
         return None
     return solution, LinearSolveReport("eigh", ~clear, clear, residual)
@@ -382,6 +369,16 @@ class _HeldBlocks:
             u_scale,
             c_scale,
             held.shape[-1],
+        )
+
+    @classmethod
+    def without_rows(cls, hess: Tensor, top: Tensor) -> _HeldBlocks:
+        """``H w = top`` as blocks: no rows, unit scales."""
+        batch, m = top.shape
+        none = hess.new_zeros(batch, 0)
+        ones = hess.new_ones(batch, 1)
+        return cls(
+            hess, hess.new_zeros(batch, 0, m), none.bool(), top, none, none.long(), ones, ones, 0
         )
 
     def select(self, which: Tensor) -> _HeldBlocks:
@@ -767,7 +764,7 @@ def kkt_minres(
     method = "minres"
     if diagonal:
         d = h_ones.to(wide) * u_scale**2
-        model = _DiagonalModel(d, jac, u_scale * c_scale, pad, dtype)
+        model = _DiagonalModel(d, jac, u_scale * c_scale, pad, dtype, a.to(wide))
         solution, accepted, residual, wrong = model.solve(scaled, matvec, rtol)
         converged = accepted
         if bool(accepted.all()):
@@ -807,13 +804,15 @@ class _DiagonalModel:
     is diagonal (a separable declaration: elementwise penalties, squared distances, piecewise
     linear constraints, kink rows). ``d (B, m)`` the model's diagonal, ``jac`` the masked rows,
     ``row_scale (B, 1)`` the scaling of ``A`` (``s_u s_c``), ``pad (B, k)`` one on padding,
-    ``dtype`` the one ``H`` is applied in (its rounding bounds the check)."""
+    ``dtype`` the one ``H`` is applied in (its rounding bounds the check), ``largest_row (B,)``
+    the largest entry of the unscaled rows."""
 
     d: Tensor
     jac: RowJacobian
     row_scale: Tensor
     pad: Tensor
     dtype: torch.dtype
+    largest_row: Tensor
 
     def solve(
         self, rhs: Tensor, matvec: Callable[[Tensor], Tensor], rtol: float
@@ -852,10 +851,8 @@ class _DiagonalModel:
         # What rounding of the product itself allows, relative to the rhs: 64 ulps of its
         # largest term (|A w| sums terms far larger than a Newton step's tiny rhs near
         # convergence; the row sizes bound them).
-        rows = jac.norms()
-        largest_row = (rows.amax(-1) if rows.shape[-1] else rows.new_zeros(len(rows))) * scale[:, 0]
         spread = torch.maximum(w.abs().sum(-1), z.abs().sum(-1))
-        terms = torch.maximum(abs_max(d * w, -1), largest_row * spread)
+        terms = torch.maximum(abs_max(d * w, -1), self.largest_row * scale[:, 0] * spread)
         size = abs_max(rhs, -1).clamp_min(torch.finfo(rhs.dtype).tiny)
         floor = 64 * torch.finfo(self.dtype).eps * terms / size
         accepted = usable & converged & (residual <= torch.clamp(floor, min=rtol))
