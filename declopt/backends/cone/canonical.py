@@ -21,6 +21,7 @@ are ``-z`` on those slices (CVXPY's duals enter the Lagrangian as ``f + y^T r``;
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
+from declopt.backends.cone.arrow import ArrowPattern
 from declopt.backends.cone.cones import ConeData, Cones
 from declopt.backends.cvxpy_source import constraint_kinds, lower_domains
 from declopt.program import BatchedParams
@@ -152,6 +154,8 @@ class CanonicalProgram:
         has_quadratic: ``P`` is not identically zero.
         elimination: the columns solved for before the interior point; ``blocks``: the
             reduced program's data maps.
+        arrow: the block-arrow plan of the reduced program's sparsity (``None``: dense KKT
+            factorisations; see :mod:`.arrow`).
     """
 
     cones: Cones
@@ -168,6 +172,7 @@ class CanonicalProgram:
     has_quadratic: bool
     elimination: Elimination
     blocks: Blocks
+    arrow: ArrowPattern | None = None
 
     @property
     def rows(self) -> int:
@@ -205,7 +210,10 @@ class CanonicalProgram:
             out = m.apply(full if uses_batch else shared)
             return out.reshape(out.shape[0], *shape)
 
-        return self.elimination.reduce(self.blocks, build, self.cones)
+        batch = self.elimination.reduce(self.blocks, build, self.cones)
+        if self.arrow is None:
+            return batch
+        return dataclasses.replace(batch, data=dataclasses.replace(batch.data, arrow=self.arrow))
 
     def _batched_columns(self, params: BatchedParams) -> Tensor:
         mask = torch.zeros(self.width, dtype=torch.bool)
@@ -320,6 +328,35 @@ class Elimination:
             P_ee=None if P_ee is None or P_ee.empty else P_ee,
             P_ee_diagonal=diagonal,
         )
+
+    def pattern(self, blocks: Blocks) -> tuple[np.ndarray, np.ndarray | None]:
+        """The reduced program's structural patterns ``(A (k, r), P (r, r) or None)``: the
+        entries that some parameter value makes nonzero (the maps' positions, and for ``P`` the
+        fill of the elimination's ``T^T P_ee T + P_re T + T^T P_er``)."""
+        r, k, e = self.kept_columns.numel(), self.kept_rows.numel(), self.columns.numel()
+
+        def mask(m: _AffineMap | None, *shape: int) -> np.ndarray:
+            out = np.zeros(int(np.prod(shape)), dtype=bool)
+            if m is not None:
+                out[m.rows.numpy()] = True
+            return out.reshape(shape)
+
+        a_mask = mask(blocks.A, k, r)
+        if blocks.P is None:
+            return a_mask, None
+        p_mask = mask(blocks.P, r, r)
+        if e:
+            T = mask(blocks.T, e, r).astype(np.int64)
+            if blocks.P_ee is not None:
+                if blocks.P_ee_diagonal:
+                    P_ee = np.diag(mask(blocks.P_ee, e)).astype(np.int64)
+                else:
+                    P_ee = mask(blocks.P_ee, e, e).astype(np.int64)
+                p_mask |= (T.T @ P_ee @ T) > 0
+            if blocks.P_re is not None:
+                cross = (mask(blocks.P_re, r, e).astype(np.int64) @ T) > 0
+                p_mask |= cross | cross.T
+        return a_mask, p_mask
 
     def reduce(self, blocks: Blocks, build: Callable[..., Tensor], cones: Cones) -> Batch:
         """The reduced batch (solver form) from the data maps; ``build(map, *shape)`` evaluates
@@ -545,7 +582,10 @@ def canonicalise(
         blocks=elimination.blocks(P_map if has_quadratic else None, q_map, A_map, n, cones.rows),
     )
     _check_against_cvxpy(canonical, prog, parameters)
-    return canonical
+    a_mask, p_mask = canonical.elimination.pattern(canonical.blocks)
+    reduced = Cones(cones.zero - canonical.elimination.columns.numel(), cones.nonneg, cones.soc)
+    arrow = ArrowPattern.plan(a_mask, p_mask, reduced.zero + reduced.nonneg, reduced.soc)
+    return dataclasses.replace(canonical, arrow=arrow)
 
 
 def _sample(parameter: cp.Parameter, generator: np.random.Generator) -> np.ndarray:

@@ -17,9 +17,13 @@ Jordan products ``u o v``, their inverse ``lambda \\ v``, and for each cone the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from declopt.backends.cone.arrow import ArrowPattern
 
 __all__ = ["ConeData", "Cones", "Scaling"]
 
@@ -45,6 +49,10 @@ class Cones:
         default_factory=dict, init=False, repr=False, compare=False
     )
 
+    _spans: list[tuple[int, int, int] | None] = field(
+        default_factory=list, init=False, repr=False, compare=False
+    )
+
     def __post_init__(self) -> None:
         start = self.zero + self.nonneg
         rows: dict[int, list[list[int]]] = {}
@@ -53,6 +61,30 @@ class Cones:
             start += k
         for k, index in rows.items():
             self._groups[k] = torch.tensor(index, dtype=torch.int64)
+            first, count = index[0][0], len(index)
+            contiguous = index[-1][-1] == first + count * k - 1
+            self._spans.append((first, count, k) if contiguous else None)
+
+    def take(self, v: Tensor, group: int) -> Tensor:
+        """``(B, g, k, *rest)``: the rows of ``v (B, rows, *rest)`` of the ``group``-th size
+        group (:meth:`groups`): a view where its cones are adjacent rows (a single cone, or
+        cones of one size in a row: the common case), a gather otherwise (advanced indexing
+        costs 5-10x a view's copy on the CPU)."""
+        span = self._spans[group]
+        if span is None:
+            return v[:, self.groups(v.device)[group]]
+        first, count, k = span
+        return v[:, first : first + count * k].unflatten(1, (count, k))
+
+    def put(self, out: Tensor, group: int, block: Tensor) -> None:
+        """Write ``block (B, g, k, *rest)`` into the ``group``-th size group's rows of ``out``
+        (as :meth:`take`)."""
+        span = self._spans[group]
+        if span is None:
+            out[:, self.groups(out.device)[group]] = block
+            return
+        first, count, k = span
+        out[:, first : first + count * k] = block.flatten(1, 2)
 
     @property
     def rows(self) -> int:
@@ -104,8 +136,10 @@ class Cones:
             return self.mask(like).expand_as(like)
         e = torch.zeros_like(like)
         e[:, self.orthant] = 1
-        for index in self.groups(like.device):
-            e[:, index[:, 0]] = 1
+        for group in range(len(self._spans)):
+            block = self.take(e, group).clone()
+            block[..., 0] = 1
+            self.put(e, group, block)
         return e
 
     def dot(self, u: Tensor, v: Tensor) -> Tensor:
@@ -118,8 +152,8 @@ class Cones:
         least = v.new_full(v.shape[:1], float("inf"))
         if self.nonneg:
             least = torch.minimum(least, v[:, self.orthant].amin(-1))
-        for index in self.groups(v.device):
-            block = v[:, index]
+        for group in range(len(self._spans)):
+            block = self.take(v, group)
             gap = block[..., 0] - torch.linalg.vector_norm(block[..., 1:], dim=-1)
             least = torch.minimum(least, gap.amin(-1))
         return least
@@ -130,8 +164,8 @@ class Cones:
             return u * v * self.mask(v)
         out = torch.zeros_like(v)
         out[:, self.orthant] = u[:, self.orthant] * v[:, self.orthant]
-        for index in self.groups(v.device):
-            a, b = u[:, index], v[:, index]
+        for group in range(len(self._spans)):
+            a, b = self.take(u, group), self.take(v, group)
             block = torch.cat(
                 [
                     (a * b).sum(-1, keepdim=True),
@@ -139,7 +173,7 @@ class Cones:
                 ],
                 dim=-1,
             )
-            out[:, index] = block
+            self.put(out, group, block)
         return out
 
     def circ_solve(self, lam: Tensor, v: Tensor) -> Tensor:
@@ -148,12 +182,12 @@ class Cones:
             return torch.where(self.mask(v) > 0, v / lam, torch.zeros_like(v))
         out = torch.zeros_like(v)
         out[:, self.orthant] = v[:, self.orthant] / lam[:, self.orthant]
-        for index in self.groups(v.device):
-            a, b = lam[:, index], v[:, index]
+        for group in range(len(self._spans)):
+            a, b = self.take(lam, group), self.take(v, group)
             a0, a1, b0, b1 = a[..., :1], a[..., 1:], b[..., :1], b[..., 1:]
             det = a0 * a0 - (a1 * a1).sum(-1, keepdim=True)
             x0 = (a0 * b0 - (a1 * b1).sum(-1, keepdim=True)) / det
-            out[:, index] = torch.cat([x0, (b1 - x0 * a1) / a0], dim=-1)
+            self.put(out, group, torch.cat([x0, (b1 - x0 * a1) / a0], dim=-1))
         return out
 
     def max_step(self, v: Tensor, dv: Tensor) -> Tensor:
@@ -171,8 +205,9 @@ class Cones:
     def soc_max_step(self, v: Tensor, dv: Tensor) -> Tensor:
         """``(B,)``: :meth:`max_step` for the second-order cones alone."""
         step = v.new_full(v.shape[:1], float("inf"))
-        for index in self.groups(v.device):
-            step = torch.minimum(step, _soc_max_step(v[:, index], dv[:, index]).amin(-1))
+        for group in range(len(self._spans)):
+            block = _soc_max_step(self.take(v, group), self.take(dv, group))
+            step = torch.minimum(step, block.amin(-1))
         return step
 
     def shift_inside(self, v: Tensor) -> Tensor:
@@ -196,8 +231,8 @@ class Cones:
             one = torch.ones_like(s)
             w = torch.where(mask, s / torch.where(mask, z, one), one).sqrt()
         blocks = []
-        for index in self.groups(s.device):
-            blocks.append(_soc_nt_point(s[:, index], z[:, index]))
+        for group in range(len(self._spans)):
+            blocks.append(_soc_nt_point(self.take(s, group), self.take(z, group)))
         return Scaling(self, w, blocks)
 
 
@@ -253,8 +288,8 @@ class Scaling:
             out = v / w if inverse else v * w
         else:
             out = v.clone()
-        for index, (eta, w) in zip(self.cones.groups(v.device), self.blocks):
-            block = v[:, index]  # (B, g, k, *rest)
+        for group, (eta, w) in enumerate(self.blocks):
+            block = self.cones.take(v, group)  # (B, g, k, *rest)
             eta = eta.reshape(*eta.shape, *([1] * extra))
             w = w.reshape(*w.shape, *([1] * extra))
             w0, w1 = w[:, :, :1], w[:, :, 1:]
@@ -263,11 +298,11 @@ class Scaling:
             if inverse:  # W^{-1} = J Wbar J / eta
                 head = w0 * b0 - inner
                 tail = b1 + (inner / (1 + w0) - b0) * w1
-                out[:, index] = torch.cat([head, tail], dim=2) / eta
+                self.cones.put(out, group, torch.cat([head, tail], dim=2) / eta)
             else:
                 head = w0 * b0 + inner
                 tail = b1 + (inner / (1 + w0) + b0) * w1
-                out[:, index] = torch.cat([head, tail], dim=2) * eta
+                self.cones.put(out, group, torch.cat([head, tail], dim=2) * eta)
         return out
 
 
@@ -292,6 +327,9 @@ class ConeData:
     """``(B,)``: the quadratic is ``P_scale[i] P`` for one shared ``P (1, n, n)`` (the
     equilibration's per-problem cost scale kept apart, so that a shared ``P`` stays one matrix
     and is factored once); ``None``: 1."""
+    arrow: ArrowPattern | None = None
+    """The block-arrow plan of the program's static sparsity (:mod:`.arrow`), or ``None``: the
+    interior point factors its KKT systems densely."""
 
     @property
     def batch(self) -> int:
@@ -306,5 +344,11 @@ class ConeData:
             return t if t is None or t.shape[0] == 1 else t[index]
 
         return ConeData(
-            pick(self.P), pick(self.q), pick(self.A), pick(self.b), self.cones, pick(self.P_scale)
+            pick(self.P),
+            pick(self.q),
+            pick(self.A),
+            pick(self.b),
+            self.cones,
+            pick(self.P_scale),
+            self.arrow,
         )

@@ -58,9 +58,9 @@ class Equilibration:
 def _cone_mean(v: Tensor, cones: Cones) -> Tensor:
     """``v (B, rows)`` with each second-order cone's entries replaced by their geometric mean."""
     out = v.clone()
-    for index in cones.groups(v.device):
-        block = v[:, index]
-        out[:, index] = block.log().mean(-1, keepdim=True).exp().expand_as(block)
+    for group in range(len(cones.groups(v.device))):
+        block = cones.take(v, group)
+        cones.put(out, group, block.log().mean(-1, keepdim=True).exp().expand_as(block))
     return out
 
 
@@ -114,6 +114,6 @@ def equilibrate(data: ConeData) -> tuple[ConeData, Equilibration]:
         P_scale = c  # a shared P stays shared: its per-problem cost scale rides along
     elif Ps is not None:
         Ps = c[:, None, None] * Ps
-    scaled = ConeData(Ps, c[:, None] * qs, As, bs, cones, P_scale)
+    scaled = ConeData(Ps, c[:, None] * qs, As, bs, cones, P_scale, data.arrow)
     # The original program's cost unit is c * c0 (P was divided by its largest entry).
     return scaled, Equilibration(D, E, beta, c * c0)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from declopt.backends.cone.arrow import ArrowFactor, soc_low_rank
 from declopt.backends.cone.cones import ConeData, Scaling
 from declopt.backends.cone.equilibrate import equilibrate
 from declopt.batched import abs_max, bmtv, bmv
@@ -96,8 +97,23 @@ def _p_times(data: ConeData, v: Tensor) -> Tensor:
     for a linear objective."""
     if data.P is None:
         return torch.zeros_like(v)
-    out = bmv(data.P, v)
+    out = bmv(data.P, v) if data.arrow is None else data.arrow.p_times(data.P, v)
     return out if data.P_scale is None else _per_problem(out, data.P_scale)
+
+
+def _a_times(data: ConeData, v: Tensor) -> Tensor:
+    """``A v`` for ``v (B, n)`` or ``(B, n, k)`` (over ``A``'s structural entries where the
+    program has a sparsity plan)."""
+    if data.arrow is None:
+        return bmv(data.A, v)
+    return data.arrow.a_times(data.A, v)
+
+
+def _at_times(data: ConeData, v: Tensor) -> Tensor:
+    """``A^T v`` for ``v (B, rows)`` or ``(B, rows, k)`` (as :func:`_a_times`)."""
+    if data.arrow is None:
+        return bmtv(data.A, v)
+    return data.arrow.a_times(data.A, v, transpose=True)
 
 
 def _dense_p(data: ConeData) -> Tensor | None:
@@ -203,13 +219,17 @@ class _KKT:
         dual: _DualBase | None = None,
         h_diagonal: Tensor | None = None,
         row_mask: Tensor | None = None,
+        exact_h: Tensor | None = None,
     ) -> None:
         """``h_diagonal (B, rows)``: an explicit diagonal ``H`` instead of the scaling's (the
         polish: 1 on the rows it drops); ``row_mask (B, rows)``: rows of ``A`` zeroed in
-        ``data`` (the row space's ``K0`` is masked to match)."""
+        ``data`` (the row space's ``K0`` is masked to match); ``exact_h (B, rows)``: the
+        diagonal ``H`` of the system the refinement solves when ``h_diagonal`` regularises it
+        (the block-arrow polish: ``[P, A^T; A, -delta I]`` refined towards ``delta = 0``)."""
         cones = data.cones
         self.data, self.scaling, self.cones, self.dual = data, scaling, cones, dual
-        self.h_diagonal = h_diagonal
+        self.h_diagonal, self.exact_h = h_diagonal, exact_h
+        self.arrow: ArrowFactor | None = None
         self._w2: Tensor | None = None  # the orthant's w^2 and H's diagonal, formed once
         self._h: Tensor | None = None
         batch = data.batch
@@ -236,6 +256,9 @@ class _KKT:
             self.Ls, info = torch.linalg.cholesky_ex(S)
             self.failed = (info != 0) | ~_finite_factor(self.Ls)
             return
+        if data.arrow is not None:
+            self._factor_arrow(eps)
+            return
         if scaling is None:  # H = I on the conic rows (the starting point's system)
             scaled = A[:, cones.conic]
         else:
@@ -255,17 +278,54 @@ class _KKT:
         self.rho = eps + torch.finfo(M.dtype).eps ** 2 * diag
         M.diagonal(dim1=-2, dim2=-1).add_(self.rho[:, None])  # M is this step's own
         self.L, info = torch.linalg.cholesky_ex(M)
-        failed = info != 0
-        if cones.zero:
-            self.Y = _cholesky_solve(self.L, self.A_eq.transpose(-1, -2))  # M^{-1} A_E^T
-            S = self.A_eq @ self.Y
-            self.delta = eps + torch.finfo(M.dtype).eps ** 2 * S.diagonal(
-                dim1=-2, dim2=-1
-            ).abs().amax(-1)
-            eye = torch.eye(cones.zero, dtype=M.dtype, device=M.device)
-            self.Ls, info_s = torch.linalg.cholesky_ex(S + self.delta[:, None, None] * eye)
-            failed = failed | (info_s != 0)
-        self.failed = failed | ~_finite_factor(self.L)
+        self.failed = self._factor_equalities(eps, (info != 0) | ~_finite_factor(self.L))
+
+    def _factor_arrow(self, eps: float) -> None:
+        """The column-space factors by the program's block-arrow plan (:mod:`.arrow`): ``M =
+        P + A^T D A + V C V^T`` with ``D`` the diagonal part of ``H^{-1}`` (1 on the zero rows:
+        the augmentation) and ``V C V^T`` the second-order cones' rank-two remainder."""
+        data, cones, scaling = self.data, self.cones, self.scaling
+        batch, rows = data.batch, cones.rows
+        low_rank = None
+        if self.h_diagonal is not None:
+            weights = 1 / self.h_diagonal
+        elif scaling is None:
+            weights = data.q.new_ones(batch, rows)
+        else:
+            w = scaling.w
+            weights = data.q.new_ones(batch, rows) if w is None else 1 / (w * w)
+            if cones.soc:
+                weights = weights.clone()
+                a = torch.zeros_like(weights)
+                eta_rows = torch.zeros_like(weights)  # each cone's eta on its rows
+                for group, (eta, v) in enumerate(scaling.blocks):
+                    cones.put(weights, group, (1 / (eta * eta)).expand_as(v))
+                    cones.put(a, group, torch.cat([v[..., :1], -v[..., 1:]], -1))  # J w
+                    cones.put(eta_rows, group, eta.expand_as(v))
+                heads = data.arrow.on(weights.device)["soc_heads"]
+                low_rank = soc_low_rank(data.arrow, data.A, a, eta_rows[:, heads])
+        self.arrow = ArrowFactor(data.arrow, data.A, data.P, data.P_scale, weights, eps, low_rank)
+        self.failed = self._factor_equalities(eps, self.arrow.failed)
+
+    def _factor_equalities(self, eps: float, failed: Tensor) -> Tensor:
+        """With equality rows, their regularised Schur complement ``A_E M^{-1} A_E^T + delta
+        I``, factored after ``M``; returns ``failed (B,)`` with its failures added."""
+        zero = self.cones.zero
+        if not zero:
+            return failed
+        self.Y = self._m_solve(self.A_eq.transpose(-1, -2))  # M^{-1} A_E^T
+        S = self.A_eq @ self.Y
+        size = S.diagonal(dim1=-2, dim2=-1).abs().amax(-1)
+        self.delta = eps + torch.finfo(S.dtype).eps ** 2 * size
+        eye = torch.eye(zero, dtype=S.dtype, device=S.device)
+        self.Ls, info = torch.linalg.cholesky_ex(S + self.delta[:, None, None] * eye)
+        return failed | (info != 0) | ~_finite_factor(self.Ls)
+
+    def _m_solve(self, r: Tensor) -> Tensor:
+        """``M^{-1} r`` for the column-space ``M`` (``r (B, n, k)``)."""
+        if self.arrow is not None:
+            return self.arrow.solve(r)
+        return _cholesky_solve(self.L, r)
 
     def _diagonal(self) -> Tensor | None:
         """``(B, rows)`` the diagonal of ``H`` (``w^2`` on the orthant, 0 on the zero rows) when
@@ -306,21 +366,20 @@ class _KKT:
         if self.dual is not None:
             # dz = (A P^-1 A^T + H)^-1 (A P^-1 r1 - r2), dx = P^-1 (r1 - A^T dz)
             t = self.dual.p_inv(r1)
-            dz = _cholesky_solve(self.Ls, bmv(self.data.A, t) - r2)
+            dz = _cholesky_solve(self.Ls, _a_times(self.data, t) - r2)
             return t - self.dual.y(dz), dz
         hr = self._h_inv(r2)  # a new tensor
-        A = self.data.A
         if zero:
             hr[:, :zero] = r2[:, :zero]  # the augmentation's gamma A_E^T r2_E
-        rt = r1 + bmtv(A, hr)  # r1 + A_C^T H^{-1} r2_C + A_E^T r2_E
-        v = _cholesky_solve(self.L, rt)
+        rt = r1 + _at_times(self.data, hr)  # r1 + A_C^T H^{-1} r2_C + A_E^T r2_E
+        v = self._m_solve(rt)
         if zero:
             rhs = bmv(self.A_eq, v) - r2[:, :zero]
             dz_eq = _cholesky_solve(self.Ls, rhs)
             dx = v - bmv(self.Y, dz_eq)
         else:
             dx = v
-        dz = self._h_inv(bmv(A, dx) - r2)
+        dz = self._h_inv(_a_times(self.data, dx) - r2)
         if zero:
             dz = torch.cat([dz_eq, dz[:, zero:]], 1)
         return dx, dz
@@ -329,12 +388,12 @@ class _KKT:
         """``(dx (B, n, k), dz (B, rows, k))`` for right-hand sides ``r1 (B, n, k)``, ``r2
         (B, rows, k)``."""
         dx, dz = self._solve_regularised(r1, r2)
-        A = self.data.A
         for _ in range(refinement):
-            e1 = r1 - bmtv(A, dz)
+            e1 = r1 - _at_times(self.data, dz)
             if self.data.P is not None:
                 e1 = e1 - _p_times(self.data, dx)
-            e2 = r2 - bmv(A, dx) + self.h(dz)
+            held = self.h(dz) if self.exact_h is None else self.exact_h.unsqueeze(-1) * dz
+            e2 = r2 - _a_times(self.data, dx) + held
             cx, cz = self._solve_regularised(e1, e2)
             dx, dz = dx + cx, dz + cz
         return dx, dz
@@ -464,8 +523,18 @@ def solve(data: ConeData, settings: Settings | None = None) -> IPMResult:
     settings = Settings() if settings is None else settings
     scaled, scaling = equilibrate(data)
     eps = STATIC_REGULARISATION[scaled.q.dtype]
-    dual = _DualBase(scaled, eps) if _DualBase.worthwhile(scaled) else None
-    dual = dual if dual is not None and dual.usable else None
+    # The block-arrow plan, where the program has one, beats both dense factorisations; but
+    # it works in the column space, whose normal equations A^T H^-1 A lose float32's few
+    # digits once H spans 1e-12 .. 1e7 (measured on Huber pooling: 3 of 6 problems end in a
+    # numerical failure, with the dense column-space factors too), so in float32 a usable row
+    # space is kept.
+    arrow_first = scaled.arrow is not None and scaled.q.dtype != torch.float32
+    dual = None
+    if not arrow_first and _DualBase.worthwhile(scaled):
+        dual = _DualBase(scaled, eps)
+        dual = dual if dual.usable else None
+    if dual is not None and scaled.arrow is not None:
+        scaled = dataclasses.replace(scaled, arrow=None)
     polishing = settings.polish and not data.cones.soc
     if not polishing:
         result, _ = _solve(scaled, settings, dual)
@@ -596,12 +665,11 @@ def _solve(
 
     for k in range(settings.max_iter + 1):
         size = x.shape[0]
-        A = work.A
         q, b = work.q.expand(size, -1), work.b.expand(size, -1)
         running = status < 0
         # -------- verdicts on the current iterate
         px = _p_times(work, x)
-        ax, atz = bmv(A, x), bmtv(A, z)
+        ax, atz = _a_times(work, x), _at_times(work, z)
         # The embedding's residuals; the verdicts divide them by tau, the step takes them as
         # they are.
         t = tau[:, None]
@@ -753,19 +821,27 @@ def _polish(
         mask = active.to(x.dtype)
         A = data.A.expand(batch, -1, -1) * mask.unsqueeze(-1)
         b = data.b.expand(batch, -1) * mask
-        equalities = ConeData(data.P, q, A, b, type(cones)(rows, 0), data.P_scale)
-        if dual is None:
+        if data.arrow is not None:
+            # [P, A^T; A, -delta I] on the active rows by the block-arrow factors (the
+            # equalities' dense Schur complement would be rows x rows), refined towards
+            # delta = 0 as OSQP's polish is; the dropped rows get H = 1 (so z = 0 there).
+            equalities = dataclasses.replace(data, q=q, A=A, b=b, cones=type(cones)(0, rows))
+            delta = eps * mask + (1 - mask)
+            kkt = _KKT(equalities, None, eps, h_diagonal=delta, exact_h=torch.zeros_like(mask))
+        elif dual is None:
+            equalities = ConeData(data.P, q, A, b, type(cones)(rows, 0), data.P_scale)
             kkt = _KKT(equalities, None, eps)
         else:  # row space: the dropped rows get H = 1 (so z = 0 there), K0 masked to match
+            equalities = ConeData(data.P, q, A, b, type(cones)(rows, 0), data.P_scale)
             kkt = _KKT(equalities, None, eps, dual, h_diagonal=1 - mask, row_mask=mask)
         xp, zp = kkt.solve(-q.unsqueeze(-1), b.unsqueeze(-1), refinement)
         xp, zp = xp.squeeze(-1), zp.squeeze(-1) * mask
-        axp = bmv(data.A, xp)
+        axp = _a_times(data, xp)
         sp = data.b - axp
         # The solve's own residuals (stationarity; the active rows), as the interior point
         # measures them: a singular active set (more active rows than the point can hold)
         # fails here rather than being taken.
-        pxp, atzp = _p_times(data, xp), bmtv(data.A, zp)
+        pxp, atzp = _p_times(data, xp), _at_times(data, zp)
         n_rx, n_px, n_atz = _inf_norms(pxp + atzp + q, pxp, atzp)
         n_ract, n_ax = _inf_norms(sp * mask, axp)
         dres = n_rx / torch.maximum(torch.maximum(q_size, n_px), n_atz).clamp_min(1)
