@@ -48,6 +48,11 @@ def test_nt_scaling_maps_z_and_s_to_one_point(seed: int) -> None:
     torch.testing.assert_close(lam[:, conic], scaling.apply(s, inverse=True)[:, conic])
     v = torch.randn(5, cones.rows, dtype=F64, generator=g)
     torch.testing.assert_close(scaling.apply(scaling.apply(v), inverse=True), v)
+    # W^2 and W^-2 in one pass, also on matrices' columns
+    vv = torch.randn(5, cones.rows, 3, dtype=F64, generator=g)
+    torch.testing.assert_close(scaling.square(vv), scaling.apply(scaling.apply(vv)))
+    twice = scaling.apply(scaling.apply(vv, inverse=True), inverse=True)
+    torch.testing.assert_close(scaling.square(vv, inverse=True), twice)
     back = cones.circ(lam, cones.circ_solve(lam, v))
     torch.testing.assert_close(back[:, conic], v[:, conic])
 

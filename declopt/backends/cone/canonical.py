@@ -34,6 +34,7 @@ from torch import Tensor
 from declopt.backends.cone.arrow import ArrowPattern
 from declopt.backends.cone.cones import ConeData, Cones
 from declopt.backends.cvxpy_source import constraint_kinds, lower_domains
+from declopt.batched import bmtv, bmv
 from declopt.program import BatchedParams
 
 __all__ = ["Batch", "Blocks", "CanonicalProgram", "Elimination", "Unsupported", "canonicalise"]
@@ -368,7 +369,7 @@ class Elimination:
         if e == 0:
             return Batch(self, ConeData(P, q, A, b, reduced), None, None, None, None, None, False)
         T, t, q_e = build(blocks.T, e, r), build(blocks.t, e), build(blocks.q_e, e)
-        q = q + (T.mT @ q_e.unsqueeze(-1)).squeeze(-1)
+        q = q + bmtv(T, q_e)
         P_re = P_ee = None
         if P is not None:
             # P_red = P_rr + P_re T + T^T P_er + T^T P_ee T, q_red += (P_re + T^T P_ee) t, with
@@ -381,12 +382,12 @@ class Elimination:
                     P_ee = build(blocks.P_ee, e, e)
                     PT = P_ee @ T
                 P = P + T.mT @ PT
-                q = q + (PT.mT @ t.unsqueeze(-1)).squeeze(-1)
+                q = q + bmtv(PT, t)
             if blocks.P_re is not None:
                 P_re = build(blocks.P_re, r, e)
                 cross = P_re @ T
                 P = P + cross + cross.mT
-                q = q + (P_re @ t.unsqueeze(-1)).squeeze(-1)
+                q = q + bmv(P_re, t)
         data = ConeData(P, q, A, b, reduced)
         return Batch(self, data, T, t, q_e, P_re, P_ee, blocks.P_ee_diagonal)
 
@@ -437,19 +438,19 @@ class Batch:
         E, R = el.columns.to(x.device), el.kept_columns.to(x.device)
         rows_e, K = el.rows.to(x.device), el.kept_rows.to(x.device)
         n, rows = E.numel() + R.numel(), rows_e.numel() + K.numel()
-        x_e = (self.T @ x.unsqueeze(-1)).squeeze(-1) + self.t
+        x_e = bmv(self.T, x) + self.t
         full_x = x.new_zeros(x.shape[0], n)
         full_x[:, R] = x
         full_x[:, E] = x_e
         # Stationarity in the eliminated columns: z_row c = q_e + P_er x + P_ee x_e.
         gradient = self.q_e.expand(x.shape[0], -1)
         if self.P_re is not None:
-            gradient = gradient + (self.P_re.mT @ x.unsqueeze(-1)).squeeze(-1)
+            gradient = gradient + bmtv(self.P_re, x)
         if self.P_ee is not None:
             if self.P_ee_diagonal:
                 gradient = gradient + self.P_ee * x_e
             else:
-                gradient = gradient + (self.P_ee @ x_e.unsqueeze(-1)).squeeze(-1)
+                gradient = gradient + bmv(self.P_ee, x_e)
         c = el.coefficients.to(device=x.device, dtype=x.dtype)
         full_z = z.new_zeros(z.shape[0], rows)
         full_z[:, K] = z
