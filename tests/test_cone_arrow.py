@@ -252,3 +252,29 @@ def test_pooling_and_the_ball_projection_match_the_torch_backend(working) -> Non
         grads = torch.autograd.grad((out.double() * v).sum(), inputs[0])
         wants = torch.autograd.grad((want * v).sum(), ref_inputs[0])
         torch.testing.assert_close(grads[0].double(), wants[0], atol=10 * tol, rtol=0)
+
+
+@pytest.mark.parametrize("planned", [False, True])
+def test_the_polish_holds_a_row_its_first_guess_missed(planned: bool) -> None:
+    """An interior answer whose ``z > s`` test misses an active row (a nearly degenerate row at
+    the early stop): the first polished point violates that row, the next guess holds it, and
+    the polish ends at the exact solution (it used to give up and resume the interior point)."""
+    from declopt.backends.cone import ipm
+
+    data, a_mask, p_mask = _sparse_program(11, 6, True, zero=0, soc=())
+    if planned:
+        data = dataclasses.replace(data, arrow=_plan(data, a_mask, p_mask))
+    exact = solve(data, Settings(tol=1e-10))
+    assert (exact.status == int(Status.SOLVED)).all()
+    held = exact.z - exact.s  # > 0 on the active rows
+    assert (held.amax(-1) > 0).all()
+    row = held.argmax(-1)
+    s, z = exact.s.clone(), exact.z.clone()
+    batch = torch.arange(6)
+    s[batch, row], z[batch, row] = 1.0, 0.0  # the guess z > s misses it
+    guess = dataclasses.replace(exact, s=s, z=z)
+    polished, taken = ipm._polish(data, guess, Settings(tol=1e-9))
+    assert taken.all()
+    scale = exact.x.abs().amax(-1, keepdim=True).clamp_min(1)
+    torch.testing.assert_close(polished.x / scale, exact.x / scale, atol=1e-9, rtol=0)
+    torch.testing.assert_close(polished.z, exact.z, atol=1e-8 * exact.z.abs().max(), rtol=0)
