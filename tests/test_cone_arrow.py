@@ -111,6 +111,7 @@ def test_the_factor_solves_the_dense_system(
     data, a_mask, p_mask = _sparse_program(seed, 4, quadratic, zero=1, soc=soc)
     arrow = _plan(data, a_mask, p_mask)
     _partition_is_exact(arrow)
+    data = dataclasses.replace(data, arrow=arrow)
     g = torch.Generator().manual_seed(seed)
     cones, batch, n = data.cones, data.batch, data.q.shape[-1]
     h = 10 ** (exponent * (2 * torch.rand(batch, cones.rows, dtype=F64, generator=g) - 1))
@@ -125,7 +126,7 @@ def test_the_factor_solves_the_dense_system(
             a[:, index] = torch.cat([w[..., :1], -w[..., 1:]], -1)
             eta_rows[:, index[:, 0]] = eta[..., 0]
             h[:, index] = (1 / eta**2).expand_as(w)  # W^{-2}'s diagonal part
-        low_rank = soc_low_rank(arrow, data.A, a, eta_rows[:, arrow.soc_heads])
+        low_rank = soc_low_rank(data, a, eta_rows[:, arrow.soc_heads])
         # the rank-two terms are W^{-2} less its diagonal part, on each cone's rows
         eye = torch.eye(cones.rows, dtype=F64).expand(batch, -1, -1)
         W_inv2 = scaling.apply(scaling.apply(eye, inverse=True), inverse=True)
@@ -139,7 +140,7 @@ def test_the_factor_solves_the_dense_system(
         torch.testing.assert_close(
             V @ (c.unsqueeze(-1) * V.mT), A_soc.mT @ rest @ A_soc, atol=1e-10, rtol=1e-10
         )
-    factor = ArrowFactor(arrow, data.A, data.P, None, h, 1e-8, low_rank)
+    factor = ArrowFactor(data, h, 1e-8, low_rank)
     assert not factor.failed.any()
     M = data.A.mT @ (h.unsqueeze(-1) * data.A)
     if data.P is not None:

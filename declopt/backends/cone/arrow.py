@@ -34,12 +34,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.csgraph as csgraph
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from declopt.backends.cone.cones import ConeData
 
 __all__ = ["ArrowFactor", "ArrowPattern", "soc_low_rank"]
 
@@ -154,8 +158,33 @@ class ArrowPattern:
             names = ("border", "tri_row", "tri_a", "tri_b", "tri_pos", "p_index", "p_pos")
             names += ("diag_pos", "pad_pos", "soc_entries", "soc_rows", "soc_cols")
             names += ("soc_cone", "soc_heads", "a_row", "a_col", "p_row", "p_col")
-            cached = self._on[device] = {k: getattr(self, k).to(device) for k in names}
+            cached = {k: getattr(self, k).to(device) for k in names}
+            cached["a_flat"] = cached["a_row"] * self.n + cached["a_col"]
+            cached["p_flat"] = cached["p_row"] * self.n + cached["p_col"]
+            self._on[device] = cached
+            return cached
         return cached
+
+    def gather(self, name: str, data: ConeData) -> Tensor:
+        """``(B|1, count)`` values of ``data`` the plan reads, by ``name``: ``"A"``, ``"P"``
+        (the structural entries the products take), ``"pairs"`` (the products ``A[a] A[b]``
+        the assembly weighs), ``"P_blocks"`` (``P``'s entries the assembly adds, with its
+        per-problem scale), ``"soc"`` (the entries of the cone rows). Constant for a batch:
+        :meth:`ConeData.structural` gathers each once."""
+        index = self.on(data.A.device)
+        flat_a = data.A.reshape(data.A.shape[0], -1)
+        if name == "A":
+            return flat_a[:, index["a_flat"]]
+        if name == "pairs":
+            return flat_a[:, index["tri_a"]] * flat_a[:, index["tri_b"]]
+        if name == "soc":
+            return flat_a[:, index["soc_entries"]]
+        assert data.P is not None
+        flat_p = data.P.reshape(data.P.shape[0], -1)
+        if name == "P":
+            return flat_p[:, index["p_flat"]]
+        values = flat_p[:, index["p_index"]]
+        return values if data.P_scale is None else values * data.P_scale.unsqueeze(-1)
 
     @classmethod
     def plan(
@@ -323,25 +352,24 @@ class ArrowPattern:
             ),
         )
 
-    def a_times(self, A: Tensor, v: Tensor, transpose: bool = False) -> Tensor:
-        """``A v`` (``A^T v`` with ``transpose``) for ``A (B|1, rows, n)`` and ``v (B, n|rows)``
-        or ``(B, n|rows, k)``, from ``A``'s structural entries alone (``O(B nnz)``; the dense
-        product is ``O(B rows n)``)."""
+    def a_times(self, values: Tensor, v: Tensor, transpose: bool = False) -> Tensor:
+        """``A v`` (``A^T v`` with ``transpose``) for ``A``'s structural entries ``values (B|1,
+        nnz)`` (:meth:`gather`) and ``v (B, n|rows)`` or ``(B, n|rows, k)``: ``O(B nnz)``, where
+        the dense product is ``O(B rows n)``."""
         index = self.on(v.device)
-        row, col = index["a_row"], index["a_col"]
-        return _sparse_times(A, row, col, self.n, v, self.n if transpose else self.rows, transpose)
+        size = self.n if transpose else self.rows
+        return _sparse_times(values, index["a_row"], index["a_col"], v, size, transpose)
 
-    def p_times(self, P: Tensor, v: Tensor) -> Tensor:
+    def p_times(self, values: Tensor, v: Tensor) -> Tensor:
         """``P v`` from ``P``'s structural entries (as :meth:`a_times`)."""
         index = self.on(v.device)
-        return _sparse_times(P, index["p_row"], index["p_col"], self.n, v, self.n, False)
+        return _sparse_times(values, index["p_row"], index["p_col"], v, self.n, False)
 
 
 def _sparse_times(
-    M: Tensor, row: Tensor, col: Tensor, n: int, v: Tensor, size: int, transpose: bool
+    values: Tensor, row: Tensor, col: Tensor, v: Tensor, size: int, transpose: bool
 ) -> Tensor:
-    """``M v`` (``M^T v``) over the entries ``(row, col)`` of ``M (B|1, r, n)``."""
-    values = M.reshape(M.shape[0], -1)[:, row * n + col]
+    """``M v`` (``M^T v``) over the entries ``values (B|1, nnz)`` at ``(row, col)``."""
     if transpose:
         row, col = col, row
     gathered = v[:, col]
@@ -351,15 +379,16 @@ def _sparse_times(
     return out.index_add_(1, row, gathered * values)
 
 
-def soc_low_rank(pattern: ArrowPattern, A: Tensor, a: Tensor, eta: Tensor) -> tuple[Tensor, Tensor]:
+def soc_low_rank(data: ConeData, a: Tensor, eta: Tensor) -> tuple[Tensor, Tensor]:
     """``(V (B, n, 2c), C (B, 2c))``: the second-order cones' rank-two terms ``V diag(C) V^T``
     of ``A^T H^{-1} A``, from ``W_c^{-2} = (I + 2 a a^T - 2 e_0 e_0^T) / eta_c^2`` with ``a
     (B, rows)`` holding each cone's ``J w`` on its rows and ``eta (B, c)``: ``V = [A^T a_c,
     A^T e_{head_c}]`` per cone, the first from the cone rows' structural entries alone."""
+    pattern, A = data.arrow, data.A
+    assert pattern is not None
     index = pattern.on(A.device)
     batch, n, cones = a.shape[0], pattern.n, eta.shape[-1]
-    flat = A.reshape(A.shape[0], -1)
-    values = flat[:, index["soc_entries"]] * a[:, index["soc_rows"]]  # (B, Ts)
+    values = data.structural("soc") * a[:, index["soc_rows"]]  # (B, Ts)
     V = a.new_zeros(batch, n * cones)
     V.index_add_(1, index["soc_cols"] * cones + index["soc_cone"], values)
     heads = A[:, index["soc_heads"]].mT.expand(batch, -1, -1)  # (B, n, c)
@@ -379,28 +408,31 @@ def _small_cholesky_inverse(blocks: Tensor) -> tuple[Tensor, Tensor]:
     (h_1 - h_2)^2 / (h_1 + h_2)`` cancels to either sign): it is raised to that floor, a
     dynamic regularisation of the size the dtype cannot resolve (as Clarabel's), which the
     interior point's iterative refinement and next iterate absorb. A pivot that is not finite
-    marks its block failed (and is replaced by 1, so the others stay finite)."""
+    marks its block failed."""
     k = blocks.shape[-1]
+    diagonal = blocks.diagonal(dim1=-2, dim2=-1)
+    floor = (PIVOT_FLOOR * torch.finfo(blocks.dtype).eps) * diagonal.abs()
     L = torch.zeros_like(blocks)
-    failed = torch.zeros(blocks.shape[:-2], dtype=torch.bool, device=blocks.device)
-    eps = torch.finfo(blocks.dtype).eps
     for j in range(k):
-        entry = blocks[..., j, j]
-        pivot = entry - (L[..., j, :j] ** 2).sum(-1)
-        bad = ~torch.isfinite(pivot)
-        failed |= bad
-        floor = PIVOT_FLOOR * eps * entry.abs()
-        pivot = torch.where(bad, torch.ones_like(pivot), torch.maximum(pivot, floor))
-        diagonal = torch.where(pivot > 0, pivot, torch.ones_like(pivot)).sqrt()
-        L[..., j, j] = diagonal
+        pivot = diagonal[..., j]
+        if j:
+            pivot = pivot - (L[..., j, :j] ** 2).sum(-1)
+        root = torch.maximum(pivot, floor[..., j]).sqrt()  # a NaN stays NaN
+        L[..., j, j] = root
         if j + 1 < k:
-            inner = (L[..., j + 1 :, :j] * L[..., j : j + 1, :j]).sum(-1)
-            L[..., j + 1 :, j] = (blocks[..., j + 1 :, j] - inner) / diagonal.unsqueeze(-1)
+            column = blocks[..., j + 1 :, j]
+            if j:
+                column = column - (L[..., j + 1 :, :j] * L[..., j : j + 1, :j]).sum(-1)
+            L[..., j + 1 :, j] = column / root.unsqueeze(-1)
+    # Blocks are independent: a failed one spoils only its own problem, which is reported.
+    failed = ~torch.isfinite(L.diagonal(dim1=-2, dim2=-1)).all(-1)
     inverse = torch.zeros_like(blocks)
+    roots = L.diagonal(dim1=-2, dim2=-1)
     for i in range(k):
-        row = -(L[..., i, :i].unsqueeze(-1) * inverse[..., :i, :]).sum(-2)
-        row[..., i] += 1
-        inverse[..., i, :] = row / L[..., i, i].unsqueeze(-1)
+        if i:
+            row = -(L[..., i, :i].unsqueeze(-1) * inverse[..., :i, :i]).sum(-2)
+            inverse[..., i, :i] = row / roots[..., i : i + 1]
+        inverse[..., i, i] = 1 / roots[..., i]
     return inverse, failed
 
 
@@ -438,8 +470,7 @@ class ArrowFactor:
     the module docstring), and solves with it.
 
     Args:
-        pattern: the program's plan.
-        A: ``(B|1, rows, n)``; ``P``: ``(B|1, n, n)`` or ``None``, with ``P_scale (B,)``.
+        data: the batch, with its plan ``data.arrow``.
         h: ``(B, rows)`` the diagonal weights.
         eps: the static regularisation: ``rho = eps + eps_dtype^2 max_j |M_jj|`` (as the dense
             factorisation's), kept as ``rho (B,)``.
@@ -448,25 +479,21 @@ class ArrowFactor:
 
     def __init__(
         self,
-        pattern: ArrowPattern,
-        A: Tensor,
-        P: Tensor | None,
-        P_scale: Tensor | None,
+        data: ConeData,
         h: Tensor,
         eps: float,
         low_rank: tuple[Tensor, Tensor] | None,
     ) -> None:
+        pattern = data.arrow
+        assert pattern is not None
         index = pattern.on(h.device)
         batch = h.shape[0]
         self.pattern, self.batch = pattern, batch
-        flat_a = A.reshape(A.shape[0], -1)
         buffer = h.new_zeros(batch, pattern.size)
-        products = flat_a[:, index["tri_a"]] * flat_a[:, index["tri_b"]]
+        products = data.structural("pairs")
         buffer.index_add_(1, index["tri_pos"], h[:, index["tri_row"]] * products)
-        if P is not None and index["p_index"].numel():
-            values = P.reshape(P.shape[0], -1)[:, index["p_index"]]
-            if P_scale is not None:
-                values = values * P_scale.unsqueeze(-1)
+        if data.P is not None and index["p_index"].numel():
+            values = data.structural("P_blocks")
             buffer.index_add_(1, index["p_pos"], values.expand(batch, -1))
         V, c = low_rank if low_rank is not None else (None, None)
         diagonal = buffer[:, index["diag_pos"]]

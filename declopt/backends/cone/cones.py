@@ -203,7 +203,8 @@ class Cones:
         return step
 
     def soc_max_step(self, v: Tensor, dv: Tensor) -> Tensor:
-        """``(B,)``: :meth:`max_step` for the second-order cones alone."""
+        """``(B,)``: :meth:`max_step` for the second-order cones alone (``v``, ``dv`` may stack
+        several points along the batch dim)."""
         step = v.new_full(v.shape[:1], float("inf"))
         for group in range(len(self._spans)):
             block = _soc_max_step(self.take(v, group), self.take(dv, group))
@@ -238,22 +239,27 @@ class Cones:
 
 def _soc_max_step(v: Tensor, d: Tensor) -> Tensor:
     """``(B, g)``: the step to the boundary of each second-order cone block ``(B, g, k)``: the
-    smallest positive root of ``(v + a d)^T J (v + a d) = 0`` (``J = diag(1, -1, ...)``)."""
-    a = d[..., 0] ** 2 - (d[..., 1:] ** 2).sum(-1)
-    b = v[..., 0] * d[..., 0] - (v[..., 1:] * d[..., 1:]).sum(-1)
-    c = (v[..., 0] ** 2 - (v[..., 1:] ** 2).sum(-1)).clamp_min(0)
+    smallest positive root of ``(v + a d)^T J (v + a d) = 0`` (``J = diag(1, -1, ...)``), for
+    ``v`` in the cone (``c = v^T J v >= 0``).
+
+    With ``a = d^T J d`` and ``b = v^T J d``, the roots of ``a t^2 + 2 b t + c`` are ``q / a``
+    and ``c / q`` for ``q = -(b + sign(b) disc)`` (the stable pair): for ``b < 0`` the smaller
+    positive one is ``c / (disc - b)`` whatever the sign of ``a``; for ``b >= 0`` only ``a < 0``
+    has a positive root, ``(b + disc) / -a``; otherwise the quadratic grows along ``d`` and
+    the step is unbounded (``inf``)."""
+    dd, vd, vv = (d * d).sum(-1), (v * d).sum(-1), (v * v).sum(-1)
+    d0, v0 = d[..., 0], v[..., 0]
+    a = 2 * d0 * d0 - dd
+    b = 2 * v0 * d0 - vd
+    c = (2 * v0 * v0 - vv).clamp_min(0)
     disc = (b * b - a * c).clamp_min(0).sqrt()
-    # Stable roots of a x^2 + 2 b x + c: x1 = -(b + sign(b) disc) / a, x2 = c / (a x1).
-    qq = -(b + torch.where(b >= 0, disc, -disc))
     inf = torch.full_like(a, float("inf"))
-    r1 = torch.where(a != 0, qq / torch.where(a != 0, a, torch.ones_like(a)), inf)
-    r2 = torch.where(qq != 0, c / torch.where(qq != 0, qq, torch.ones_like(qq)), inf)
-    r1 = torch.where(r1 > 0, r1, inf)
-    r2 = torch.where(r2 > 0, r2, inf)
-    step = torch.minimum(r1, r2)
-    # With a >= 0 and b >= 0 the quadratic only grows along d: no boundary (if d0 >= 0).
-    grows = (a >= 0) & (b >= 0) & (d[..., 0] >= 0)
-    return torch.where(grows, inf, step)
+    falling = b < 0
+    towards = torch.where(falling, disc - b, torch.ones_like(b))
+    step = torch.where(falling, c / towards, inf)
+    closing = ~falling & (a < 0)
+    away = torch.where(closing, -a, torch.ones_like(a))
+    return torch.where(closing, (b + disc) / away, step)
 
 
 def _soc_nt_point(s: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -278,6 +284,21 @@ class Scaling:
     cones: Cones
     w: Tensor | None
     blocks: list[tuple[Tensor, Tensor]]
+    _squares: tuple[Tensor | None, list[tuple[Tensor, Tensor, Tensor]]] | None = field(
+        default=None, init=False, repr=False
+    )
+
+    def squares(self) -> tuple[Tensor | None, list[tuple[Tensor, Tensor, Tensor]]]:
+        """``(w^2 (B, rows) or None, [(eta^2, w, J w) per size group])``, formed once (the
+        interior point applies ``H`` and ``H^{-1}`` several times per scaling)."""
+        if self._squares is None:
+            w2 = None if self.w is None else self.w * self.w
+            blocks = [
+                (eta * eta, w, torch.cat([w[..., :1], -w[..., 1:]], dim=-1))
+                for eta, w in self.blocks
+            ]
+            self._squares = (w2, blocks)
+        return self._squares
 
     def apply(self, v: Tensor, inverse: bool = False) -> Tensor:
         """``W v`` (``W^{-1} v`` with ``inverse``) on the conic rows of ``v (B, rows, *rest)``;
@@ -311,17 +332,16 @@ class Scaling:
         (``W^{-2} = (2 (J w) (J w)^T - J) / eta^2``), a third of two :meth:`apply` calls' work
         (the interior point applies ``H`` and ``H^{-1}`` several times per iteration)."""
         extra = v.dim() - 2
-        if self.w is not None:
-            w2 = (self.w * self.w).reshape(*self.w.shape, *([1] * extra))
+        w2, blocks = self.squares()
+        if w2 is not None:
+            w2 = w2.reshape(*w2.shape, *([1] * extra))
             out = v / w2 if inverse else v * w2
         else:
             out = v.clone()
-        for group, (eta, w) in enumerate(self.blocks):
+        for group, (eta2, w, jw) in enumerate(blocks):
             block = self.cones.take(v, group)  # (B, g, k, *rest)
-            eta2 = (eta * eta).reshape(*eta.shape, *([1] * extra))
-            w = w.reshape(*w.shape, *([1] * extra))
-            if inverse:  # J w
-                w = torch.cat([w[:, :, :1], -w[:, :, 1:]], dim=2)
+            eta2 = eta2.reshape(*eta2.shape, *([1] * extra))
+            w = (jw if inverse else w).reshape(*w.shape, *([1] * extra))
             inner = (w * block).sum(2, keepdim=True)
             # 2 w (w^T v) - J v, with - J v = v - 2 v_0 e_0
             result = torch.addcmul(block, w, inner, value=2)
@@ -355,6 +375,19 @@ class ConeData:
     arrow: ArrowPattern | None = None
     """The block-arrow plan of the program's static sparsity (:mod:`.arrow`), or ``None``: the
     interior point factors its KKT systems densely."""
+    _structural: dict[str, Tensor] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def structural(self, name: str) -> Tensor:
+        """The values the sparsity plan reads from this batch (see
+        :meth:`~declopt.backends.cone.arrow.ArrowPattern.gather`), gathered once: the data
+        do not change during a solve, and every product and factorisation reads them."""
+        cached = self._structural.get(name)
+        if cached is None:
+            assert self.arrow is not None
+            cached = self._structural[name] = self.arrow.gather(name, self)
+        return cached
 
     @property
     def batch(self) -> int:

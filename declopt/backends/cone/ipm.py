@@ -101,7 +101,8 @@ def _p_times(data: ConeData, v: Tensor) -> Tensor:
     for a linear objective."""
     if data.P is None:
         return torch.zeros_like(v)
-    out = bmv(data.P, v) if data.arrow is None else data.arrow.p_times(data.P, v)
+    arrow = data.arrow
+    out = bmv(data.P, v) if arrow is None else arrow.p_times(data.structural("P"), v)
     return out if data.P_scale is None else _per_problem(out, data.P_scale)
 
 
@@ -110,14 +111,14 @@ def _a_times(data: ConeData, v: Tensor) -> Tensor:
     program has a sparsity plan)."""
     if data.arrow is None:
         return bmv(data.A, v)
-    return data.arrow.a_times(data.A, v)
+    return data.arrow.a_times(data.structural("A"), v)
 
 
 def _at_times(data: ConeData, v: Tensor) -> Tensor:
     """``A^T v`` for ``v (B, rows)`` or ``(B, rows, k)`` (as :func:`_a_times`)."""
     if data.arrow is None:
         return bmtv(data.A, v)
-    return data.arrow.a_times(data.A, v, transpose=True)
+    return data.arrow.a_times(data.structural("A"), v, transpose=True)
 
 
 def _dense_p(data: ConeData) -> Tensor | None:
@@ -296,19 +297,18 @@ class _KKT:
         elif scaling is None:
             weights = data.q.new_ones(batch, rows)
         else:
-            w = scaling.w
-            weights = data.q.new_ones(batch, rows) if w is None else 1 / (w * w)
+            w2, blocks = scaling.squares()
+            weights = data.q.new_ones(batch, rows) if w2 is None else 1 / w2
             if cones.soc:
-                weights = weights.clone()
                 a = torch.zeros_like(weights)
                 eta_rows = torch.zeros_like(weights)  # each cone's eta on its rows
-                for group, (eta, v) in enumerate(scaling.blocks):
-                    cones.put(weights, group, (1 / (eta * eta)).expand_as(v))
-                    cones.put(a, group, torch.cat([v[..., :1], -v[..., 1:]], -1))  # J w
+                for group, ((eta2, v, jw), (eta, _)) in enumerate(zip(blocks, scaling.blocks)):
+                    cones.put(weights, group, (1 / eta2).expand_as(v))
+                    cones.put(a, group, jw)
                     cones.put(eta_rows, group, eta.expand_as(v))
                 heads = data.arrow.on(weights.device)["soc_heads"]
-                low_rank = soc_low_rank(data.arrow, data.A, a, eta_rows[:, heads])
-        self.arrow = ArrowFactor(data.arrow, data.A, data.P, data.P_scale, weights, eps, low_rank)
+                low_rank = soc_low_rank(data, a, eta_rows[:, heads])
+        self.arrow = ArrowFactor(data, weights, eps, low_rank)
         self.failed = self._factor_equalities(eps, self.arrow.failed)
 
     def _factor_equalities(self, eps: float, failed: Tensor) -> Tensor:
@@ -341,7 +341,7 @@ class _KKT:
             return None
         if self._h is None:
             w = self.scaling.w
-            self._w2 = w * w  # 1 on the zero rows: H^{-1}'s divisor
+            self._w2 = self.scaling.squares()[0]  # 1 on the zero rows: H^{-1}'s divisor
             self._h = self._w2 * self.cones.mask(w)
         return self._h
 
@@ -481,8 +481,9 @@ class _Step:
         d = torch.cat([ds[:, o], dz[:, o], dtau[:, None], dkappa[:, None]], 1)
         alpha = (v / -d.clamp_max(-torch.finfo(d.dtype).tiny)).amin(-1)
         if cones.soc:
-            alpha = torch.minimum(alpha, cones.soc_max_step(s, ds))
-            alpha = torch.minimum(alpha, cones.soc_max_step(z, dz))
+            # s and z in one pass: stacked along the batch dim
+            both = cones.soc_max_step(torch.cat([s, z]), torch.cat([ds, dz]))
+            alpha = torch.minimum(alpha, torch.minimum(*both.chunk(2)))
         return alpha
 
 
