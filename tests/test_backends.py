@@ -451,13 +451,19 @@ def test_auto_sends_dpp_convex_problems_to_the_cone_backend_and_says_why() -> No
 
 
 def test_auto_sends_large_cone_programs_to_cvxpylayers_and_says_why() -> None:
-    """The L2-ball projection at d = 256 is a cone program of 257 columns after presolve:
-    beyond the dense interior point's range, so cvxpylayers (sparse) takes it."""
+    """A QP of 120 variables with a dense quadratic is a cone program of 120 columns after
+    presolve with no block-arrow structure: beyond the dense interior point's range, so
+    cvxpylayers (sparse) takes it. The L2-ball projection at d = 256 (257 columns) has a plan
+    (diagonal plus the cone's rank-two term), so the cone backend takes it."""
+    Q, q, w = cp.Parameter((120, 120)), cp.Parameter(120), cp.Variable(120)
+    problem = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(Q @ w) + q @ w), [w >= -1, w <= 1])
+    layer = dl.Layer(problem, [Q, q], [w])
+    assert layer.backend_name == "cvxpylayers"
+    assert "120 columns" in layer.reason and "backend='cone' forces it" in layer.reason
     p, r, z = cp.Parameter(256), cp.Parameter(pos=True), cp.Variable(256)
     problem = cp.Problem(cp.Minimize(cp.sum_squares(z - p)), [cp.norm(z, 2) <= r])
     layer = dl.Layer(problem, [p, r], [z])
-    assert layer.backend_name == "cvxpylayers"
-    assert "257 columns" in layer.reason and "backend='cone' forces it" in layer.reason
+    assert layer.backend_name == "cone"
 
 
 def test_auto_sends_non_dpp_problems_to_torch_and_names_the_culprit() -> None:

@@ -45,12 +45,14 @@ float64's."""
 
 AUTO_MAX_COLUMNS = 100
 """``backend="auto"`` picks this backend for cone programs with at most this many columns after
-presolve. Its dense batched factorisations cost ``O(B n^3)`` per iteration: measured
-(``benchmarks/backends.py``, one thread, float64, forward+backward) it is 6-50x faster than the
-torch backend and 3-7x faster than cvxpylayers on the 50-variable QP and the 2-variable L1
-problem, but 80-120x slower than the torch backend on Huber pooling n=64 (129 columns) and the
-L2-ball projection d=256 (257 columns), and 7.6x slower than cvxpylayers' sparse SCS on the
-latter."""
+presolve, or with a block-arrow plan (:mod:`.arrow`) whatever their size. Dense batched
+factorisations cost ``O(B n^3)`` per iteration: measured (``benchmarks/backends.py``, one
+thread, float64, forward+backward) the dense interior point is 6-50x faster than the torch
+backend and 3-7x faster than cvxpylayers on the 50-variable QP and the 2-variable L1 problem,
+but was 51-56x slower than the torch backend and slower than cvxpylayers' sparse SCS on Huber
+pooling n=64 (129 columns) and the L2-ball projection d=256 (257 columns); with their
+block-arrow plans it runs them 2.2x and 3.7x faster than cvxpylayers (and 23x and 3.6x slower
+than the torch backend, which ``Auto(prefer="torch")`` keeps them on)."""
 
 
 class ConeBackend:
@@ -109,10 +111,11 @@ class ConeBackend:
         canonical = self.canonical(program)
         assert not isinstance(canonical, str)
         columns = canonical.elimination.kept_columns.numel()
-        if columns > AUTO_MAX_COLUMNS:
+        if columns > AUTO_MAX_COLUMNS and canonical.arrow is None:
             return (
-                f"its cone program has {columns} columns after presolve (auto uses the dense "
-                f"interior point up to {AUTO_MAX_COLUMNS}; backend='cone' forces it)"
+                f"its cone program has {columns} columns after presolve and no sparsity its "
+                f"interior point can exploit (auto uses its dense factorisations up to "
+                f"{AUTO_MAX_COLUMNS}; backend='cone' forces it)"
             )
         return None
 

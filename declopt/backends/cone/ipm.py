@@ -592,6 +592,25 @@ def _resume(
     return IPMResult(**merged)
 
 
+REDUCED_TOL = {torch.float32: 1e-4}
+"""The residual a float32 solve accepts from its best iterate when it cannot reach its tolerance
+(Clarabel's reduced feasibility tolerance, 1e-4): measured on the L2-ball projection (d = 40),
+float32 iterates reach 1e-5 .. 8e-5 after 3-4 iterations, then the NT scaling's rounding makes
+them diverge (residuals 1e-2 .. 0.5, then non-finite), with the dense factors as with the
+block-arrow ones; 6 of 6 problems ended in a numerical failure or the iteration limit. Other
+dtypes accept only their tolerance."""
+
+REDUCED_CERTIFICATE = 5e-5
+"""The relative tolerance of an infeasibility certificate read at a breakdown (Clarabel's
+reduced ``tol_infeas_rel``): measured on QPs with a second-order cone made primal infeasible
+(``tests/test_cone_arrow.py``), the iterates grow as ``1 / tau`` (``|z|`` 1e16 by iteration 19)
+until a factorisation fails with the certificate's ratio at 1e-8 .. 1e-6, short of the full
+tolerance: 2 of 3 such problems were reported ``NUMERICAL`` (Clarabel: primal infeasible)."""
+
+STALL_ITERATIONS = 5
+"""A problem whose best iterate is within the reduced tolerance and has not improved for this
+many iterations stops there (instead of running to the iteration limit)."""
+
 COMPACT_SHARE = 8
 """Finished problems leave the working batch once at least ``1/COMPACT_SHARE`` of it has finished
 (their answers are stored aside): the batch's iteration count is its slowest member's (10-16 on
@@ -610,16 +629,25 @@ class _Answers:
     status: Tensor
     iterations: Tensor
     residual: Tensor
+    best: tuple[Tensor, ...] | None = None  # (x, s, z, tau, kappa, residual) at the best residual
 
-    def store(self, members: Tensor | None, *values: Tensor) -> None:
-        """Write the working batch's ``values`` (in field order) at ``members`` (``None``: the
-        whole batch, in order)."""
+    def store(
+        self, members: Tensor | None, *values: Tensor, best: tuple[Tensor, ...] | None
+    ) -> None:
+        """Write the working batch's ``values`` (in field order) and ``best`` at ``members``
+        (``None``: the whole batch, in order)."""
         for field, value in zip(dataclasses.fields(self), values):
             name = field.name
             if members is None:
                 setattr(self, name, value)
             else:
                 getattr(self, name)[members] = value
+        if best is not None:
+            if members is None:
+                self.best = tuple(v.clone() for v in best)
+            else:
+                for stored, value in zip(self.best, best):
+                    stored[members] = value
 
 
 def _inf_norms(*vectors: Tensor) -> Tensor:
@@ -661,6 +689,13 @@ def _solve(
     iterations = torch.zeros(batch, dtype=torch.int64, device=device)
     residual = torch.full_like(tau, float("inf"))
     answers = _Answers(x, s, z, tau, kappa, status, iterations, residual)
+    # Where the working precision cannot reach the tolerance (float32), keep each problem's best
+    # iterate: one that stalls or breaks down after reaching the reduced tolerance returns it.
+    reduced = max(tol, REDUCED_TOL.get(data.q.dtype, tol))
+    best: tuple[Tensor, ...] | None = None
+    stale = torch.zeros_like(iterations)
+    if reduced > tol:
+        best = (x, s, z, tau, kappa, torch.full_like(tau, float("inf")))
     degree = cones.degree + 1
     # The working batch: its members (None: all, in order), data and row-space factors.
     members: Tensor | None = None
@@ -668,6 +703,11 @@ def _solve(
     q_size, b_size, A_size, P_size = _norms(data)
     # The certificates' thresholds (fixed for the solve)
     tol_A, tol_P = tol * A_size, tol * P_size.clamp_min(tiny)
+    # A breakdown on the way to a certificate (the iterates of an infeasible problem grow
+    # without bound, and their scaling with them) reports the certificate that the last finite
+    # iterate satisfied to the reduced tolerance, as Clarabel's "almost infeasible".
+    loose = max(tol, REDUCED_CERTIFICATE) / tol
+    almost = torch.full_like(iterations, -1)
 
     for k in range(settings.max_iter + 1):
         size = x.shape[0]
@@ -708,12 +748,28 @@ def _solve(
         d_infeasible = (
             (qx < 0) & (n_axs * q_size <= tol_A * d_scale) & (n_px * q_size <= tol_P * d_scale)
         )
+        p_almost = (bz < 0) & (n_atz * b_size <= loose * tol_A * (-bz).clamp_min(tiny))
+        d_almost = (qx < 0) & (n_axs * q_size <= loose * tol_A * d_scale)
+        d_almost = d_almost & (n_px * q_size <= loose * tol_P * d_scale)
         # A NaN or Inf anywhere in x, s, z reaches a norm (amax propagates NaN).
         nonfinite = ~torch.isfinite(worst + n_axs + tau + kappa)
+        near = torch.where(d_almost, int(Status.UNBOUNDED), -1)
+        near = torch.where(p_almost, int(Status.INFEASIBLE), near)
+        almost = torch.where(nonfinite, almost, near)
         verdict = torch.where(d_infeasible, int(Status.UNBOUNDED), -1)
         verdict = torch.where(p_infeasible, int(Status.INFEASIBLE), verdict)
         verdict = torch.where(worst <= tol, int(Status.SOLVED), verdict)
-        verdict = torch.where(nonfinite, int(Status.NUMERICAL), verdict)
+        verdict = torch.where(nonfinite, _breakdown(almost), verdict)
+        if best is not None:
+            better = running & (worst < best[-1])
+            keep_best = better.unsqueeze(-1)
+            best = (
+                *(torch.where(keep_best, v, b) for v, b in zip((x, s, z), best[:3])),
+                *(torch.where(better, v, b) for v, b in zip((tau, kappa, worst), best[3:])),
+            )
+            stale = torch.where(better, 0, stale + 1)
+            stalled = (best[-1] <= reduced) & (stale >= STALL_ITERATIONS) & (verdict < 0)
+            verdict = torch.where(stalled, int(Status.NUMERICAL), verdict)
         status = torch.where(running, verdict, status)
         running = status < 0
         left = int(running.sum())  # the iteration's one host sync
@@ -723,13 +779,16 @@ def _solve(
             status = torch.where(running, int(Status.ITERATION_LIMIT), status)
             break
         if (size - left) * COMPACT_SHARE >= size:
-            answers.store(members, x, s, z, tau, kappa, status, iterations, residual)
+            answers.store(members, x, s, z, tau, kappa, status, iterations, residual, best=best)
             keep = running.nonzero().squeeze(-1)
+            if best is not None:
+                best, stale = tuple(v[keep] for v in best), stale[keep]
             members = keep if members is None else members[keep]
             x, s, z, tau, kappa = x[keep], s[keep], z[keep], tau[keep], kappa[keep]
             status, iterations, residual = status[keep], iterations[keep], residual[keep]
             r_x, r_z, px, r_tau, xpx_t = r_x[keep], r_z[keep], px[keep], r_tau[keep], xpx_t[keep]
             q_size, b_size, tol_A, tol_P = (v[keep] for v in (q_size, b_size, tol_A, tol_P))
+            almost = almost[keep]
             work = work.select(keep)
             work_dual = None if work_dual is None else work_dual.select(keep)
             running = torch.ones_like(running[keep])
@@ -748,7 +807,7 @@ def _solve(
         scaling = cones.scaling(s_w, z_w)
         lam = scaling.apply(z_w)
         kkt = _KKT(work, scaling, eps, work_dual)
-        status = torch.where(running & kkt.failed, int(Status.NUMERICAL), status)
+        status = torch.where(running & kkt.failed, _breakdown(almost), status)
         running = status < 0
 
         t = tau[:, None]
@@ -776,13 +835,39 @@ def _solve(
         tau = torch.addcmul(tau, alpha, dtau)
         kappa = torch.addcmul(kappa, alpha, dkappa)
 
-    answers.store(members, x, s, z, tau, kappa, status, iterations, residual)
+    answers.store(members, x, s, z, tau, kappa, status, iterations, residual, best=best)
+    if answers.best is not None:
+        _fall_back_to_best(answers, reduced)
     t = answers.tau[:, None]
     xb, sb, zb = answers.x / t, answers.s / t, answers.z / t
     q = data.q.expand(batch, -1)
     objective = 0.5 * _dot(xb, _p_times(data, xb)) + _dot(q, xb)
     result = IPMResult(xb, sb, zb, answers.status, answers.iterations, objective, answers.residual)
     return result, answers.kappa / answers.tau
+
+
+def _breakdown(almost: Tensor) -> Tensor:
+    """The status of problems whose iteration broke down (a failed factorisation, a non-finite
+    iterate): the certificate their last finite iterate nearly satisfied, else ``NUMERICAL``."""
+    return torch.where(almost >= 0, almost, int(Status.NUMERICAL))
+
+
+def _fall_back_to_best(answers: _Answers, reduced: float) -> None:
+    """Problems that broke down or ran out of iterations after their best iterate reached the
+    reduced tolerance ``reduced`` are answered by that iterate, as solved to its residual."""
+    x, s, z, tau, kappa, residual = answers.best  # type: ignore[misc]
+    failed = (answers.status == int(Status.NUMERICAL)) | (
+        answers.status == int(Status.ITERATION_LIMIT)
+    )
+    fall = failed & (residual <= reduced)
+    row = fall.unsqueeze(-1)
+    answers.x = torch.where(row, x, answers.x)
+    answers.s = torch.where(row, s, answers.s)
+    answers.z = torch.where(row, z, answers.z)
+    answers.tau = torch.where(fall, tau, answers.tau)
+    answers.kappa = torch.where(fall, kappa, answers.kappa)
+    answers.residual = torch.where(fall, residual, answers.residual)
+    answers.status = torch.where(fall, int(Status.SOLVED), answers.status)
 
 
 POLISH_ROUNDS = 3
