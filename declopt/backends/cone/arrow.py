@@ -372,14 +372,19 @@ class ArrowPattern:
 def _sparse_times(
     values: Tensor, row: Tensor, col: Tensor, v: Tensor, size: int, transpose: bool
 ) -> Tensor:
-    """``M v`` (``M^T v``) over the entries ``values (B|1, nnz)`` at ``(row, col)``."""
+    """``M v`` (``M^T v``) over the entries ``values (B|1, nnz)`` at ``(row, col)``: a gather,
+    a product and an ``index_add`` along the last dim (several right-hand sides ``v (B, N, k)``
+    as a ``(B, k, N)`` view: gathering ``(B, nnz, k)`` with a trailing dim of 2 took 1.6-2.3x as
+    long, measured at 128 x 128 .. 258 entries)."""
     if transpose:
         row, col = col, row
-    gathered = v[:, col]
-    if v.dim() == 3:
-        values = values.unsqueeze(-1)
-    out = v.new_zeros(v.shape[0], size, *v.shape[2:])
-    return out.index_add_(1, row, gathered * values)
+    if v.dim() == 2:
+        out = v.new_zeros(v.shape[0], size)
+        return out.index_add_(1, row, v.index_select(1, col) * values)
+    columns = v.transpose(1, 2)  # (B, k, N)
+    out = v.new_zeros(v.shape[0], v.shape[2], size)
+    out.index_add_(2, row, columns.index_select(2, col) * values.unsqueeze(1))
+    return out.transpose(1, 2)
 
 
 def soc_low_rank(data: ConeData, a: Tensor, eta: Tensor) -> tuple[Tensor, Tensor]:
@@ -461,11 +466,24 @@ def _block_cholesky_inverse(blocks: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _times(inverse: Tensor, v: Tensor) -> Tensor:
-    """``inverse (B, g, k, k) @ v (B, g, k, m)`` as a broadcast product and sum (tiny blocks:
-    batched matrix products would run one matrix at a time)."""
-    if inverse.shape[-1] > SWEEP_MAX:
+    """``inverse (B, g, k, k) @ v (B, g, k, m)``: for tiny blocks one fused multiply-add per
+    column of ``inverse`` and per right-hand side, each over every block at once (measured, 128
+    x 64 blocks of 2 x 2, two right-hand sides: 140 us, against 220 us for the batched matrix
+    product, which runs one tiny matrix at a time, and 1.35 ms for a broadcast product and sum,
+    whose 5-d temporary takes torch's slow strided path)."""
+    k, m = inverse.shape[-1], v.shape[-1]
+    if k > SWEEP_MAX:
         return inverse @ v
-    return (inverse.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2)
+    if k == 1:
+        return inverse * v
+    columns = []
+    for c in range(m):
+        right = v[..., c]  # (B, g, k)
+        out = inverse[..., :, 0] * right[..., 0:1]
+        for j in range(1, k):
+            out = torch.addcmul(out, inverse[..., :, j], right[..., j : j + 1])
+        columns.append(out)
+    return columns[0].unsqueeze(-1) if m == 1 else torch.stack(columns, -1)
 
 
 class ArrowFactor:

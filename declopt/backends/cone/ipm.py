@@ -913,21 +913,22 @@ def _polish(
     out_x, out_s, out_z, out_residual = x, s, z, result.residual
     for _ in range(POLISH_ROUNDS):
         mask = active.to(x.dtype)
-        A = data.A.expand(batch, -1, -1) * mask.unsqueeze(-1)
         b = data.b.expand(batch, -1) * mask
         if data.arrow is not None:
             # [P, A^T; A, -delta I] on the active rows by the block-arrow factors (the
             # equalities' dense Schur complement would be rows x rows), refined towards
-            # delta = 0 as OSQP's polish is; the dropped rows get H = 1 (so z = 0 there).
-            equalities = dataclasses.replace(data, q=q, A=A, b=b, cones=type(cones)(0, rows))
-            delta = eps * mask + (1 - mask)
+            # delta = 0 as OSQP's polish is; the dropped rows get H = inf (so z = 0 there),
+            # which leaves A as it is (shared, its structural entries gathered once).
+            equalities = dataclasses.replace(data, q=q, b=b, cones=type(cones)(0, rows))
+            delta = torch.where(active, eps, torch.inf).to(x.dtype)
             kkt = _KKT(equalities, None, eps, h_diagonal=delta, exact_h=torch.zeros_like(mask))
-        elif dual is None:
+        else:
+            A = data.A.expand(batch, -1, -1) * mask.unsqueeze(-1)
             equalities = ConeData(data.P, q, A, b, type(cones)(rows, 0), data.P_scale)
-            kkt = _KKT(equalities, None, eps)
-        else:  # row space: the dropped rows get H = 1 (so z = 0 there), K0 masked to match
-            equalities = ConeData(data.P, q, A, b, type(cones)(rows, 0), data.P_scale)
-            kkt = _KKT(equalities, None, eps, dual, h_diagonal=1 - mask, row_mask=mask)
+            if dual is None:
+                kkt = _KKT(equalities, None, eps)
+            else:  # row space: the dropped rows get H = 1 (so z = 0 there), K0 masked
+                kkt = _KKT(equalities, None, eps, dual, h_diagonal=1 - mask, row_mask=mask)
         xp, zp = kkt.solve(-q.unsqueeze(-1), b.unsqueeze(-1), refinement)
         xp, zp = xp.squeeze(-1), zp.squeeze(-1) * mask
         axp = _a_times(data, xp)
