@@ -212,12 +212,15 @@ def test_dense_and_tiny_programs_keep_the_dense_factorisation() -> None:
     layer = dl.Layer(huber, [x], [y], backend="cone")
     arrow = get("cone").canonical(layer.program).arrow
     assert arrow is not None and arrow.border.numel() == 1
+    # the kept columns were reordered so that rows move as views: {s_i, t_i} pairs, then y
+    assert [g.span for g in arrow.groups] == [(0, 80)] and arrow.border_span == (80, 81)
     p, z = cp.Parameter(40), cp.Variable(40)
     ball = cp.Problem(cp.Minimize(cp.sum_squares(z - p)), [cp.norm(z, 2) <= 1])
     layer = dl.Layer(ball, [p], [z], backend="cone")
     arrow = get("cone").canonical(layer.program).arrow
     assert arrow is not None and arrow.border.numel() == 0
     assert {g.columns.shape[-1] for g in arrow.groups} == {1}
+    assert all(g.span is not None for g in arrow.groups)
 
 
 @pytest.mark.parametrize("working", [torch.float64, None])

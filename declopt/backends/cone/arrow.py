@@ -32,7 +32,7 @@ factorisation: :meth:`ArrowPattern.plan` returns ``None`` unless the estimated f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -91,6 +91,10 @@ class _Group:
     columns: Tensor
     offset: int
     cross_offset: int
+    span: tuple[int, int] | None = None
+    """``(start, stop)`` where the columns are exactly ``start .. stop - 1`` in order (no
+    padding): rows of a vector are then taken and written as views, not gathers (which cost
+    10x an elementwise pass on the CPU). :func:`layout_order` makes every unpadded group so."""
     _on: dict[torch.device, Tensor] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -100,6 +104,23 @@ class _Group:
         if cached is None:
             cached = self._on[device] = self.columns.to(device)
         return cached
+
+    def take(self, v: Tensor, padded: Callable[[], Tensor]) -> Tensor:
+        """``(B, g, k, *rest)``: the group's rows of ``v (B, n, *rest)`` (``padded()``: ``v``
+        with the dummy zero row ``n``, for a group that is not a span)."""
+        if self.span is None:
+            return padded()[:, self.on(v.device)]
+        start, stop = self.span
+        return v[:, start:stop].unflatten(1, tuple(self.columns.shape))
+
+    def put(self, out: Tensor, x: Tensor) -> None:
+        """Write ``x (B, g, k, *rest)`` into the group's rows of ``out (B, n (+1), *rest)``
+        (padding goes to the dummy row ``n``)."""
+        if self.span is None:
+            out[:, self.on(out.device)] = x
+        else:
+            start, stop = self.span
+            out[:, start:stop] = x.flatten(1, 2)
 
 
 @dataclass(frozen=True)
@@ -125,6 +146,8 @@ class ArrowPattern:
             the cones' first rows.
         a_row, a_col, p_row, p_col: ``A``'s and ``P``'s structural entries (the products
             :meth:`a_times`, :meth:`p_times` take only these).
+        border_span: ``(start, stop)`` where the border columns are exactly ``start .. stop -
+            1`` (views instead of gathers, as a group's ``span``).
     """
 
     n: int
@@ -150,6 +173,7 @@ class ArrowPattern:
     a_col: Tensor
     p_row: Tensor
     p_col: Tensor
+    border_span: tuple[int, int] | None = None
     _on: dict[torch.device, dict[str, Tensor]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -167,6 +191,27 @@ class ArrowPattern:
             self._on[device] = cached
             return cached
         return cached
+
+    def layout_order(self) -> np.ndarray:
+        """``(n,)`` a column order that lays every group's components out contiguously, in the
+        plan's order, then the border: the program's columns permuted by it, the plan of the
+        permuted pattern has a ``span`` for every group without padding."""
+        parts = [g.columns.flatten() for g in self.groups] + [self.border]
+        order = torch.cat(parts)
+        return order[order < self.n].numpy()
+
+    def border_columns(self, r: Tensor) -> Tensor:
+        """``(B, nb, *rest)``: the border's rows of ``r (B, n, *rest)``."""
+        if self.border_span is None:
+            return r[:, self.on(r.device)["border"]]
+        return r[:, self.border_span[0] : self.border_span[1]]
+
+    def put_border(self, out: Tensor, y: Tensor) -> None:
+        """Write ``y (B, nb, *rest)`` into the border's rows of ``out``."""
+        if self.border_span is None:
+            out[:, self.on(out.device)["border"]] = y
+        else:
+            out[:, self.border_span[0] : self.border_span[1]] = y
 
     def gather(self, name: str, data: ConeData) -> Tensor:
         """``(B|1, count)`` values of ``data`` the plan reads, by ``name``: ``"A"``, ``"P"``
@@ -280,7 +325,10 @@ class ArrowPattern:
                 cross_row[cols] = cross + (c * k + np.arange(cols.size)) * nb
                 pad = np.arange(cols.size, k)
                 pad_pos.extend((start + pad * k + pad).tolist())
-            groups.append(_Group(torch.as_tensor(columns), offset, cross))
+            first = int(columns[0, 0])
+            exact = np.array_equal(columns.ravel(), np.arange(first, first + columns.size))
+            span = (first, first + columns.size) if exact else None
+            groups.append(_Group(torch.as_tensor(columns), offset, cross, span))
             offset += k * k * len(members)
             cross += k * nb * len(members)
         border_offset = cross
@@ -328,6 +376,9 @@ class ArrowPattern:
         for c, (head, k) in enumerate(zip(heads, soc)):
             cone_of_row[head : head + k] = c
         soc_r, soc_c = np.nonzero(a_mask & (cone_of_row >= 0)[:, None])
+        border_span = None
+        if nb and np.array_equal(border, np.arange(border[0], border[0] + nb)):
+            border_span = (int(border[0]), int(border[0]) + nb)
         return cls(
             n,
             rows,
@@ -353,6 +404,7 @@ class ArrowPattern:
                 torch.as_tensor(t.astype(np.int64))
                 for t in (np.nonzero(p_mask) if p_mask is not None else (np.zeros(0),) * 2)
             ),
+            border_span,
         )
 
     def a_times(self, values: Tensor, v: Tensor, transpose: bool = False) -> Tensor:
@@ -530,7 +582,7 @@ class ArrowFactor:
         # E: each component row's coupling to the border columns and to V (B, g, k, z)
         failed = torch.zeros(batch, dtype=torch.bool, device=h.device)
         V_padded = None
-        if V is not None:
+        if V is not None and any(group.span is None for group in pattern.groups):
             V_padded = torch.cat([V, V.new_zeros(batch, 1, r)], 1)  # the padding column: 0
         self.inverses: list[Tensor] = []  # per group, L^{-1} of its blocks (M_cc = L L^T)
         self.couplings: list[Tensor] = []  # per group, X = L^{-1} E (B, g k, z)
@@ -544,8 +596,8 @@ class ArrowFactor:
             if nb:
                 start = group.cross_offset
                 parts.append(buffer[:, start : start + g * k * nb].reshape(batch, g, k, nb))
-            if V_padded is not None:
-                parts.append(V_padded[:, group.on(h.device)])
+            if V is not None:
+                parts.append(group.take(V, lambda: V_padded))
             self.inverses.append(inverse)
             if parts:
                 E = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
@@ -573,29 +625,36 @@ class ArrowFactor:
         """``M^{-1} r`` for ``r (B, n, m)``."""
         pattern = self.pattern
         batch, n, m = r.shape
-        device = r.device
-        padded = torch.cat([r, r.new_zeros(batch, 1, m)], 1)
+        padding: list[Tensor] = []
+
+        def padded() -> Tensor:  # r with the dummy zero row n, made once if a group needs it
+            if not padding:
+                padding.append(torch.cat([r, r.new_zeros(batch, 1, m)], 1))
+            return padding[0]
+
         nb = pattern.border.numel()
+        border = pattern.border_columns(r)
         partial = []
         rhs = None
         if self.z:
             rhs = r.new_zeros(batch, self.z, m)
             if nb:
-                rhs[:, :nb] = r[:, pattern.on(device)["border"]]
+                rhs[:, :nb] = border
         for i, group in enumerate(pattern.groups):
-            t = _times(self.inverses[i], padded[:, group.on(device)])
+            t = _times(self.inverses[i], group.take(r, padded))
             partial.append(t)
             if rhs is not None:
                 rhs -= self.couplings[i].mT @ t.reshape(batch, -1, m)
-        out = r.new_zeros(batch, n + 1, m)
+        spans = all(group.span is not None for group in pattern.groups)
+        out = r.new_zeros(batch, n if spans else n + 1, m)
         y = None
         if rhs is not None:
             y = torch.linalg.lu_solve(self.lu, self.pivots, rhs)
             if nb:
-                out[:, pattern.on(device)["border"]] = y[:, :nb]
+                pattern.put_border(out, y[:, :nb])
         for i, group in enumerate(pattern.groups):
             x = partial[i]
             if y is not None:
                 x = x - (self.couplings[i] @ y).reshape(x.shape)
-            out[:, group.on(device)] = _times(self.inverses[i].mT, x)  # L^{-T} (t - X y)
+            group.put(out, _times(self.inverses[i].mT, x))  # L^{-T} (t - X y)
         return out[:, :n]

@@ -583,10 +583,35 @@ def canonicalise(
         blocks=elimination.blocks(P_map if has_quadratic else None, q_map, A_map, n, cones.rows),
     )
     _check_against_cvxpy(canonical, prog, parameters)
-    a_mask, p_mask = canonical.elimination.pattern(canonical.blocks)
-    reduced = Cones(cones.zero - canonical.elimination.columns.numel(), cones.nonneg, cones.soc)
-    arrow = ArrowPattern.plan(a_mask, p_mask, reduced.zero + reduced.nonneg, reduced.soc)
-    return dataclasses.replace(canonical, arrow=arrow)
+    return _with_arrow_plan(canonical, P_map if has_quadratic else None, q_map, A_map)
+
+
+def _with_arrow_plan(
+    canonical: CanonicalProgram, P: _AffineMap | None, q: _AffineMap, A: _AffineMap
+) -> CanonicalProgram:
+    """``canonical`` with the block-arrow plan of its reduced program's sparsity, if it has one
+    (:mod:`.arrow`), and its kept columns reordered so that the plan's groups are contiguous
+    (their rows then move as views, not gathers; the blocks follow the kept columns' order, and
+    the map back puts each column where it was)."""
+    elimination, cones = canonical.elimination, canonical.cones
+    reduced = Cones(cones.zero - elimination.columns.numel(), cones.nonneg, cones.soc)
+    soc_start = reduced.zero + reduced.nonneg
+
+    def plan(el: Elimination, blocks: Blocks) -> ArrowPattern | None:
+        a_mask, p_mask = el.pattern(blocks)
+        return ArrowPattern.plan(a_mask, p_mask, soc_start, reduced.soc)
+
+    arrow = plan(elimination, canonical.blocks)
+    if arrow is None:
+        return canonical
+    order = torch.as_tensor(arrow.layout_order())
+    if bool((order == torch.arange(order.numel())).all()):
+        return dataclasses.replace(canonical, arrow=arrow)
+    elimination = dataclasses.replace(elimination, kept_columns=elimination.kept_columns[order])
+    blocks = elimination.blocks(P, q, A, canonical.n, cones.rows)
+    return dataclasses.replace(
+        canonical, elimination=elimination, blocks=blocks, arrow=plan(elimination, blocks)
+    )
 
 
 def _sample(parameter: cp.Parameter, generator: np.random.Generator) -> np.ndarray:
