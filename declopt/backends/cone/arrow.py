@@ -45,7 +45,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from declopt.backends.cone.cones import ConeData
 
-__all__ = ["ArrowFactor", "ArrowPattern", "soc_low_rank"]
+__all__ = ["ArrowFactor", "ArrowPattern", "low_rank_terms"]
 
 WORTHWHILE = 1 / 16
 """The block-arrow factorisation is planned when its estimated flops per step are at most this
@@ -57,6 +57,11 @@ Huber pooling's and the ball projection's plans are at 0.002 and 0.0003.)"""
 MIN_COLUMNS = 16
 """Programs with fewer columns keep the dense factorisation: its few kernels on tiny matrices
 cost less than the block-arrow path's many."""
+
+DENSE_ROW = 16
+"""A row of the zero cone or the orthant with more structural entries than this joins the
+low-rank terms (``h_i a_i a_i^T``, one column of ``V``) instead of the blocks: a sum over all
+columns (a simplex, an L1 ball's budget) would otherwise couple every column into one block."""
 
 MAX_BORDER = 64
 """Border columns at most: the border's Schur complement is dense."""
@@ -146,6 +151,7 @@ class ArrowPattern:
             the cones' first rows.
         a_row, a_col, p_row, p_col: ``A``'s and ``P``'s structural entries (the products
             :meth:`a_times`, :meth:`p_times` take only these).
+        dense_rows: ``(d,)`` the rows whose terms are rank-one (see :data:`DENSE_ROW`).
         border_span: ``(start, stop)`` where the border columns are exactly ``start .. stop -
             1`` (views instead of gathers, as a group's ``span``).
     """
@@ -173,6 +179,7 @@ class ArrowPattern:
     a_col: Tensor
     p_row: Tensor
     p_col: Tensor
+    dense_rows: Tensor
     border_span: tuple[int, int] | None = None
     _on: dict[torch.device, dict[str, Tensor]] = field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -184,7 +191,7 @@ class ArrowPattern:
         if cached is None:
             names = ("border", "tri_row", "tri_a", "tri_b", "tri_pos", "p_index", "p_pos")
             names += ("diag_pos", "pad_pos", "soc_entries", "soc_rows", "soc_cols")
-            names += ("soc_cone", "soc_heads", "a_row", "a_col", "p_row", "p_col")
+            names += ("soc_cone", "soc_heads", "a_row", "a_col", "p_row", "p_col", "dense_rows")
             cached = {k: getattr(self, k).to(device) for k in names}
             cached["a_flat"] = cached["a_row"] * self.n + cached["a_col"]
             cached["p_flat"] = cached["p_row"] * self.n + cached["p_col"]
@@ -244,15 +251,23 @@ class ArrowPattern:
         *,
         threshold: float = WORTHWHILE,
         min_columns: int = MIN_COLUMNS,
+        dense_row: int = DENSE_ROW,
     ) -> ArrowPattern | None:
         """The plan for a program whose ``A`` has the structural pattern ``a_mask (rows, n)``
         and ``P`` ``p_mask (n, n)`` (``None``: linear), with second-order cones of sizes
         ``soc`` from row ``soc_start`` on; ``None`` where the dense factorisation is cheaper
         (see the module docstring): fewer than ``min_columns`` columns, or estimated flops
-        above ``threshold`` times the dense ones."""
+        above ``threshold`` times the dense ones. Rows with more than ``dense_row`` entries
+        (outside the cones) become rank-one terms."""
         rows, n = a_mask.shape
         if n == 0 or n < min_columns:
             return None
+        in_cone = np.zeros(rows, dtype=bool)
+        in_cone[soc_start:] = True
+        dense_rows = np.flatnonzero((a_mask.sum(1) > dense_row) & ~in_cone)
+        a_mask = a_mask.copy()
+        full_mask = a_mask.copy()
+        a_mask[dense_rows] = False  # their rank-one terms leave the blocks' pattern
         a = sp.csr_array(a_mask.astype(np.float64))
         graph = (a.T @ a).astype(bool).astype(np.float64)
         if p_mask is not None:
@@ -263,7 +278,7 @@ class ArrowPattern:
         graph = graph.astype(bool).astype(np.int8).tocsr()
         row_counts = np.asarray(a_mask.sum(1), dtype=np.float64)
         triples = float((row_counts**2).sum() + (0 if p_mask is None else p_mask.sum()))
-        low_rank = 2 * len(soc)
+        low_rank = 2 * len(soc) + dense_rows.size
         dense = n**3 / 3 + rows * n**2
         removed = np.zeros(n, dtype=bool)
         best: tuple[float, np.ndarray] | None = None
@@ -284,12 +299,14 @@ class ArrowPattern:
         assert best is not None
         if best[0] > threshold * dense:
             return None
-        return cls._build(a_mask, p_mask, soc_start, soc, np.flatnonzero(best[1]), graph)
+        border = np.flatnonzero(best[1])
+        return cls._build(full_mask, dense_rows, p_mask, soc_start, soc, border, graph)
 
     @classmethod
     def _build(
         cls,
         a_mask: np.ndarray,
+        dense_rows: np.ndarray,
         p_mask: np.ndarray | None,
         soc_start: int,
         soc: Sequence[int],
@@ -348,7 +365,7 @@ class ArrowPattern:
             return out
 
         tri = [[], [], [], []]
-        for i in range(rows):
+        for i in np.setdiff1d(np.arange(rows), dense_rows):
             cols = np.flatnonzero(a_mask[i])
             j, m = np.meshgrid(cols, cols, indexing="ij")
             j, m = j.ravel(), m.ravel()
@@ -404,6 +421,7 @@ class ArrowPattern:
                 torch.as_tensor(t.astype(np.int64))
                 for t in (np.nonzero(p_mask) if p_mask is not None else (np.zeros(0),) * 2)
             ),
+            torch.as_tensor(dense_rows.astype(np.int64)),
             border_span,
         )
 
@@ -439,22 +457,40 @@ def _sparse_times(
     return out.transpose(1, 2)
 
 
-def soc_low_rank(data: ConeData, a: Tensor, eta: Tensor) -> tuple[Tensor, Tensor]:
-    """``(V (B, n, 2c), C (B, 2c))``: the second-order cones' rank-two terms ``V diag(C) V^T``
-    of ``A^T H^{-1} A``, from ``W_c^{-2} = (I + 2 a a^T - 2 e_0 e_0^T) / eta_c^2`` with ``a
-    (B, rows)`` holding each cone's ``J w`` on its rows and ``eta (B, c)``: ``V = [A^T a_c,
-    A^T e_{head_c}]`` per cone, the first from the cone rows' structural entries alone."""
+def low_rank_terms(
+    data: ConeData, h: Tensor, cones: tuple[Tensor, Tensor] | None
+) -> tuple[Tensor, Tensor] | None:
+    """``(V (B, n, r), sign (B, r))`` with ``V diag(sign) V^T`` the part of ``A^T H^{-1} A``
+    the blocks leave out, or ``None``: the plan's dense rows, ``h_i a_i a_i^T`` for the weights
+    ``h (B, rows)``, and with ``cones = (a (B, rows), eta (B, c))`` the second-order cones'
+    rank-two terms, from ``W_c^{-2} = (I + 2 a a^T - 2 e_0 e_0^T) / eta_c^2`` (``a`` each
+    cone's ``J w`` on its rows): ``A^T a_c`` (from the cone rows' structural entries alone) and
+    ``A^T e_{head_c}`` with weights ``+-2 / eta_c^2``. Each column is scaled by the root of its
+    weight's size, so the signs are +-1 (a zero weight, a polish's dropped row, leaves a zero
+    column rather than a ``1 / 0`` in the Schur complement)."""
     pattern, A = data.arrow, data.A
     assert pattern is not None
     index = pattern.on(A.device)
-    batch, n, cones = a.shape[0], pattern.n, eta.shape[-1]
-    values = data.structural("soc") * a[:, index["soc_rows"]]  # (B, Ts)
-    V = a.new_zeros(batch, n * cones)
-    V.index_add_(1, index["soc_cols"] * cones + index["soc_cone"], values)
-    heads = A[:, index["soc_heads"]].mT.expand(batch, -1, -1)  # (B, n, c)
-    V = torch.cat([V.reshape(batch, n, cones), heads], -1)
-    weight = 2 / (eta * eta)
-    return V, torch.cat([weight, -weight], -1)
+    batch, n = h.shape[0], pattern.n
+    columns, weights = [], []
+    if cones is not None:
+        a, eta = cones
+        count = eta.shape[-1]
+        values = data.structural("soc") * a[:, index["soc_rows"]]  # (B, Ts)
+        V = a.new_zeros(batch, n * count)
+        V.index_add_(1, index["soc_cols"] * count + index["soc_cone"], values)
+        columns += [V.reshape(batch, n, count), A[:, index["soc_heads"]].mT.expand(batch, -1, -1)]
+        weight = 2 / (eta * eta)
+        weights += [weight, -weight]
+    dense = index["dense_rows"]
+    if dense.numel():
+        columns.append(A[:, dense].mT.expand(batch, -1, -1))
+        weights.append(h[:, dense])
+    if not columns:
+        return None
+    V, c = torch.cat(columns, -1), torch.cat(weights, -1)
+    sign = torch.where(c < 0, -1.0, 1.0).to(c.dtype)
+    return V * c.abs().sqrt().unsqueeze(-2), sign
 
 
 def _small_cholesky_inverse(blocks: Tensor) -> tuple[Tensor, Tensor]:
@@ -547,7 +583,7 @@ class ArrowFactor:
         h: ``(B, rows)`` the diagonal weights.
         eps: the static regularisation: ``rho = eps + eps_dtype^2 max_j |M_jj|`` (as the dense
             factorisation's), kept as ``rho (B,)``.
-        low_rank: ``(V (B, n, r), c (B, r))`` or ``None``.
+        low_rank: ``(V (B, n, r), sign (B, r))`` (:func:`low_rank_terms`) or ``None``.
     """
 
     def __init__(
@@ -613,7 +649,8 @@ class ArrowFactor:
                 V_border = V[:, border]  # (B, nb, r)
                 schur[:, :nb, nb:] += V_border
                 schur[:, nb:, :nb] += V_border.mT
-                schur[:, nb:, nb:].diagonal(dim1=-2, dim2=-1).sub_(1 / c)
+                # -C^{-1} for C = diag(signs): -C
+                schur[:, nb:, nb:].diagonal(dim1=-2, dim2=-1).sub_(c)
             self.lu, self.pivots, info = torch.linalg.lu_factor_ex(schur)
             lu_diagonal = self.lu.diagonal(dim1=-2, dim2=-1)
             failed |= (
