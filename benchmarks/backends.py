@@ -3,7 +3,8 @@
 For each problem (Huber pooling n=64 and L2-ball projection d=256 at batch 128; a QP with 50
 variables, 25 inequalities and 10 equalities at batch 64, every input per problem, and the same
 QP with Q, G and A shared by the batch, as learned layer weights are, q, h and b per problem;
-cvxpylayers' README example ``0.5 |A x - b|_1, x >= 0`` at batch 64) and
+cvxpylayers' README example ``0.5 |A x - b|_1, x >= 0`` at batch 64; when named with
+``--cases``, the simplex and L1-ball projections d=256 at batch 128) and
 each backend, the median CPU time of the forward pass and of forward+backward (the backends
 called in turn, round by round, so that load drifting on a shared machine moves them alike), as
 a ratio to the torch backend, and the largest difference of the solution and of the gradient
@@ -98,6 +99,22 @@ def ball_projection(batch: int = 128, d: int = 256) -> Case:
     return Case(f"L2-ball projection d={d}", problem, [p, r], [z], data, [True, False])
 
 
+def simplex_projection(batch: int = 128, d: int = 256) -> Case:
+    """``min |x - p|^2, x >= 0, sum(x) = 1`` (sparsemax): one equality row over every column."""
+    p, x = cp.Parameter(d), cp.Variable(d)
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x - p)), [x >= 0, cp.sum(x) == 1])
+    data = [torch.randn(batch, d, dtype=F64) / d**0.5 * 3]
+    return Case(f"simplex projection d={d}", problem, [p], [x], data, [True])
+
+
+def l1_ball_projection(batch: int = 128, d: int = 256) -> Case:
+    """``min |x - p|^2, |x|_1 <= 1``: an L1 budget row over every column."""
+    p, x = cp.Parameter(d), cp.Variable(d)
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x - p)), [cp.norm(x, 1) <= 1])
+    data = [torch.randn(batch, d, dtype=F64) / d**0.5 * 3]
+    return Case(f"L1-ball projection d={d}", problem, [p], [x], data, [True])
+
+
 def qp(batch: int = 64, nv: int = 50, ni: int = 25, ne: int = 10, shared: bool = False) -> Case:
     """min 0.5||Q w||^2 + q'w s.t. G w <= h, A w == b; ``shared``: one Q, G, A for the batch."""
     Q, q = cp.Parameter((nv, nv)), cp.Parameter(nv)
@@ -132,7 +149,12 @@ CASES: dict[str, Callable[[], Case]] = {
     "qp": qp,
     "qp-shared": functools.partial(qp, shared=True),
     "l1": l1_regression,
+    "simplex": simplex_projection,
+    "l1-ball": l1_ball_projection,
 }
+DEFAULT_CASES = ("huber", "ball", "qp", "qp-shared", "l1")
+"""The cases a plain run takes; ``simplex`` and ``l1-ball`` (the torch backend needs 14-19 s
+per call on them) run when named."""
 
 
 Runner = Callable[[Sequence[Tensor]], tuple[Tensor, ...]]
@@ -316,7 +338,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell (median)")
     parser.add_argument("--scipy-batch", type=int, default=8, help="problems scipy is timed on")
     parser.add_argument(
-        "--cases", nargs="+", choices=list(CASES), default=list(CASES), help="problems to run"
+        "--cases",
+        nargs="+",
+        choices=list(CASES),
+        default=list(DEFAULT_CASES),
+        help="problems to run",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
