@@ -342,3 +342,47 @@ def test_float32_solves_answer_their_best_iterate() -> None:
         assert (error <= 0.1).all(), error.amax(
             -1
         )  # residual 1e-4 times these programs' conditioning
+
+
+def _simplex_closed_form(p: torch.Tensor) -> torch.Tensor:
+    """The Euclidean projection onto the probability simplex (sort and threshold)."""
+    u, _ = p.sort(-1, descending=True)
+    css = u.cumsum(-1) - 1
+    k = torch.arange(1, p.shape[-1] + 1, dtype=p.dtype)
+    rho = (u - css / k > 0).sum(-1, keepdim=True)
+    return (p - css.gather(-1, rho - 1) / rho).clamp_min(0)
+
+
+def test_simplex_and_l1_ball_projections_match_their_closed_forms() -> None:
+    """Rows over every column (the simplex's sum, the L1 ball's budget) as rank-one terms:
+    the planned cone backend's polished answers are the exact projections, and its gradients
+    the closed forms' (the simplex projection's Jacobian is ``I - 1 1^T / |S|`` on its support
+    ``S``)."""
+    g = torch.Generator().manual_seed(3)
+    d = 64
+    p, x = cp.Parameter(d), cp.Variable(d)
+    simplex = cp.Problem(cp.Minimize(cp.sum_squares(x - p)), [x >= 0, cp.sum(x) == 1])
+    layer = dl.Layer(simplex, [p], [x], backend="cone")
+    arrow = get("cone").canonical(layer.program).arrow
+    assert arrow is not None and arrow.dense_rows.numel() == 1
+    pv = (torch.randn(16, d, dtype=F64, generator=g) / d**0.5 * 3).requires_grad_()
+    (xt,) = layer(pv)
+    exact = _simplex_closed_form(pv.detach())
+    torch.testing.assert_close(xt.detach(), exact, atol=1e-12, rtol=0)
+    v = torch.randn(16, d, dtype=F64, generator=g)
+    (grad,) = torch.autograd.grad((xt * v).sum(), pv)
+    support = exact > 0
+    vs = torch.where(support, v, 0.0)
+    want = vs - support * vs.sum(-1, keepdim=True) / support.sum(-1, keepdim=True)
+    torch.testing.assert_close(grad, want, atol=1e-9, rtol=0)
+
+    # the L1 ball |x|_1 <= 1: the sign times the simplex projection of |p| where |p|_1 > 1
+    ball = cp.Problem(cp.Minimize(cp.sum_squares(x - p)), [cp.norm(x, 1) <= 1])
+    layer = dl.Layer(ball, [p], [x], backend="cone")
+    assert get("cone").canonical(layer.program).arrow.dense_rows.numel() == 1
+    (xb,) = layer(pv.detach())
+    outside = pv.detach().abs().sum(-1, keepdim=True) > 1
+    closed = torch.where(
+        outside, pv.detach().sign() * _simplex_closed_form(pv.detach().abs()), pv.detach()
+    )
+    torch.testing.assert_close(xb, closed, atol=1e-12, rtol=0)
