@@ -1,33 +1,36 @@
 """Block-arrow factorisation of the interior point's reduced KKT matrix, planned once from the
 cone program's static sparsity.
 
-Each Newton step of :mod:`.ipm` solves with ``M = P + A^T D A + V C V^T + rho I`` (``n x n``):
-``D`` the diagonal part of ``H^{-1}`` (the orthant's ``1 / w^2``, ``1 / eta^2`` on a
-second-order cone's rows, 1 on the equalities' augmentation), ``V C V^T`` the rest of each
-second-order cone's ``W^{-2} = (I + 2 a a^T - 2 e_0 e_0^T) / eta^2`` (``a = J w``), rank two
-per cone. Dense, forming and factoring ``M`` costs ``B (rows n^2 + n^3 / 3)`` flops per step;
-but the declarations DDN layers are made of are *separable with a few couplings*: robust
-pooling couples each residual's two or three columns and the one pooled value; a projection
-onto a ball couples its ``d`` columns only through the cone's rank-two term. This module finds
-that structure in the pattern of ``P + A^T A`` (fixed by the canonicalisation, whatever the
-parameters' values):
+Each Newton step of :mod:`.ipm` solves with ``M = P + A^T H^{-1} A + rho I`` (``n x n``). Dense,
+forming and factoring ``M`` costs ``B (rows n^2 + n^3 / 3)`` flops per step; but the
+declarations DDN layers are made of are *separable with a few couplings*: robust pooling couples
+each residual's two or three columns and the one pooled value; a projection onto a ball couples
+its ``d`` columns only through the cone, onto a simplex or an L1 ball only through one budget
+row. This module finds that structure in the pattern of ``P + A^T A`` (fixed by the
+canonicalisation, whatever the parameters' values) and splits ``M = P + A^T D A + V C V^T +
+rho I``:
 
-* a *border*: the few columns whose removal splits the rest into small connected components
-  (greedily, the densest column of the largest component, while that lowers the estimated
-  cost);
-* the *components*, grouped by size (rounded up to a power of two, padded with identity rows),
-  each group's blocks ``(B, g, k, k)`` inverted at once by a vectorised Gauss-Jordan sweep
-  (LAPACK's per-matrix overhead dominates for blocks this small);
-* the border and the cones' rank-two terms as one small dense system, its Schur complement
-  ``S = F - E^T M_cc^{-1} E`` (``E`` the components' coupling to the border columns and to
-  ``V``), factored by LU: it is symmetric indefinite, since ``C`` has a negative entry per
-  cone.
+* ``D`` diagonal: the orthant's ``1 / w^2``, ``1 / eta^2`` on a second-order cone's rows (the
+  diagonal part of ``W^{-2} = (I + 2 a a^T - 2 e_0 e_0^T) / eta^2``, ``a = J w``), 1 on the
+  equalities' augmentation;
+* ``V C V^T`` low rank (:func:`low_rank_terms`): each cone's rank-two remainder, and the rows
+  over more than :data:`DENSE_ROW` columns as rank-one terms ``h_i a_i a_i^T``;
+* a *border*: the few columns whose removal splits the rest of ``P + A^T D A``'s graph into
+  small connected components (greedily, the densest column of the largest component, while
+  that lowers the estimated cost);
+* the *components*, grouped by size (rounded up to a power of two, padded with identity rows;
+  the program's columns reordered so that groups are contiguous), each group's blocks ``(B, g,
+  k, k)`` factored at once by a vectorised Cholesky (LAPACK's per-matrix overhead dominates for
+  blocks this small);
+* the border columns and the low-rank terms as one small dense system: its Schur complement
+  ``S = F - X^T X`` with ``X = L^{-1} E`` (``E`` the components' coupling to the border
+  columns and to ``V``), factored by LU (it is symmetric indefinite: ``C`` holds signs).
 
 ``M``'s entries are assembled straight into the blocks from a list of triples ``(row, A entry,
 A entry, position)``: one gather, product and scatter per step, ``O(B nnz)`` instead of
-``O(B rows n^2)``. A program whose pattern has no such structure (a dense QP) keeps the dense
-factorisation: :meth:`ArrowPattern.plan` returns ``None`` unless the estimated flops fall below
-:data:`WORTHWHILE` of the dense ones.
+``O(B rows n^2)``. A program whose pattern has no such structure (a QP with a dense quadratic)
+keeps the dense factorisation: :meth:`ArrowPattern.plan` returns ``None`` unless the estimated
+flops fall below :data:`WORTHWHILE` of the dense ones.
 """
 
 from __future__ import annotations
