@@ -645,11 +645,10 @@ class ArrowFactor:
                 self.couplings.append(X)
         self.z = z
         if z:
-            border = index["border"]
             start = pattern.border_offset
             schur[:, :nb, :nb] += buffer[:, start : start + nb * nb].reshape(batch, nb, nb)
             if V is not None and c is not None:
-                V_border = V[:, border]  # (B, nb, r)
+                V_border = pattern.border_columns(V)  # (B, nb, r)
                 schur[:, :nb, nb:] += V_border
                 schur[:, nb:, :nb] += V_border.mT
                 # -C^{-1} for C = diag(signs): -C
