@@ -386,3 +386,34 @@ def test_simplex_and_l1_ball_projections_match_their_closed_forms() -> None:
         outside, pv.detach().sign() * _simplex_closed_form(pv.detach().abs()), pv.detach()
     )
     torch.testing.assert_close(xb, closed, atol=1e-12, rtol=0)
+
+
+def test_group_soft_thresholding_matches_its_closed_form() -> None:
+    """Twelve second-order cones of one size (a group lasso's prox, ``min |x - p|^2 + lam sum_g
+    |x_g|_2``): every cone's rank-two term in the low-rank block, the cones' rows taken as
+    views; the answer is block soft-thresholding ``x_g = (1 - lam / (2 |p_g|))_+ p_g`` and the
+    gradient its Jacobian's."""
+    g = torch.Generator().manual_seed(4)
+    groups, size = 12, 5
+    p, x, lam = cp.Parameter(groups * size), cp.Variable(groups * size), cp.Parameter(pos=True)
+    penalty = sum(cp.norm(x[size * i : size * (i + 1)], 2) for i in range(groups))
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x - p) + lam * penalty))
+    layer = dl.Layer(problem, [p, lam], [x], backend="cone")
+    arrow = get("cone").canonical(layer.program).arrow
+    assert arrow is not None and arrow.soc_heads.numel() == groups
+    pv = torch.randn(8, groups * size, dtype=F64, generator=g).requires_grad_()
+    lv = torch.tensor(1.5, dtype=F64)
+    (xt,) = layer(pv, lv)
+    assert layer.info.converged.all()
+
+    def closed(pp: torch.Tensor) -> torch.Tensor:
+        blocks = pp.reshape(8, groups, size)
+        norm = blocks.norm(dim=-1, keepdim=True)
+        return ((1 - lv / (2 * norm)).clamp_min(0) * blocks).reshape(8, -1)
+
+    torch.testing.assert_close(xt.detach(), closed(pv.detach()), atol=1e-7, rtol=0)
+    v = torch.randn(8, groups * size, dtype=F64, generator=g)
+    (grad,) = torch.autograd.grad((xt * v).sum(), pv)
+    pc = pv.detach().clone().requires_grad_()
+    (want,) = torch.autograd.grad((closed(pc) * v).sum(), pc)
+    torch.testing.assert_close(grad, want, atol=1e-6, rtol=0)
