@@ -35,6 +35,7 @@ flops fall below :data:`WORTHWHILE` of the dense ones.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -192,15 +193,18 @@ class ArrowPattern:
         """The index tensors on ``device`` (copied once)."""
         cached = self._on.get(device)
         if cached is None:
-            names = ("border", "tri_row", "tri_a", "tri_b", "tri_pos", "p_index", "p_pos")
-            names += ("diag_pos", "pad_pos", "soc_entries", "soc_rows", "soc_cols")
-            names += ("soc_cone", "soc_heads", "a_row", "a_col", "p_row", "p_col", "dense_rows")
-            cached = {k: getattr(self, k).to(device) for k in names}
+            tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+            cached = {k: v.to(device) for k, v in tensors.items() if isinstance(v, Tensor)}
             cached["a_flat"] = cached["a_row"] * self.n + cached["a_col"]
             cached["p_flat"] = cached["p_row"] * self.n + cached["p_col"]
             self._on[device] = cached
-            return cached
         return cached
+
+    @property
+    def padded(self) -> bool:
+        """Whether some group is not a span (its rows are gathered from a vector with a dummy
+        zero row ``n``)."""
+        return any(group.span is None for group in self.groups)
 
     def layout_order(self) -> np.ndarray:
         """``(n,)`` a column order that lays every group's components out contiguously, in the
@@ -284,7 +288,8 @@ class ArrowPattern:
         low_rank = 2 * len(soc) + dense_rows.size
         dense = n**3 / 3 + rows * n**2
         removed = np.zeros(n, dtype=bool)
-        best: tuple[float, np.ndarray] | None = None
+        # (cost, border, the other columns, their component labels) of the cheapest split
+        best: tuple[float, np.ndarray, np.ndarray, np.ndarray] | None = None
         for _ in range(min(MAX_BORDER, n) + 1):
             keep = np.flatnonzero(~removed)
             sub = graph[keep][:, keep]
@@ -292,7 +297,7 @@ class ArrowPattern:
             sizes = np.bincount(labels, minlength=count)
             cost = _estimate(sizes, int(removed.sum()), low_rank, triples)
             if best is None or cost < best[0]:
-                best = (cost, removed.copy())
+                best = (cost, np.flatnonzero(removed), keep, labels)
             largest = int(sizes.argmax()) if count else 0
             if count == 0 or sizes[largest] <= 1:
                 break
@@ -300,10 +305,10 @@ class ArrowPattern:
             degree = np.asarray(sub[members].sum(1)).ravel()
             removed[keep[members[degree.argmax()]]] = True
         assert best is not None
-        if best[0] > threshold * dense:
+        cost, border, inner, labels = best
+        if cost > threshold * dense:
             return None
-        border = np.flatnonzero(best[1])
-        return cls._build(full_mask, dense_rows, p_mask, soc_start, soc, border, graph)
+        return cls._build(full_mask, dense_rows, p_mask, soc_start, soc, border, inner, labels)
 
     @classmethod
     def _build(
@@ -314,12 +319,14 @@ class ArrowPattern:
         soc_start: int,
         soc: Sequence[int],
         border: np.ndarray,
-        graph: sp.csr_array,
+        inner: np.ndarray,
+        labels: np.ndarray,
     ) -> ArrowPattern:
+        """The plan of a split: ``border`` columns, the ``inner`` ones (sorted) with their
+        component ``labels``."""
         rows, n = a_mask.shape
         nb = border.size
-        inner = np.setdiff1d(np.arange(n), border)
-        count, labels = csgraph.connected_components(graph[inner][:, inner], directed=False)
+        count = int(labels.max()) + 1 if labels.size else 0
         # Where each column lives: (buffer offset of its block row, its index in the block,
         # the block size) for components, or its border index.
         block_row = np.full(n, -1, dtype=np.int64)  # offset of the column's block row start
@@ -621,7 +628,7 @@ class ArrowFactor:
         # E: each component row's coupling to the border columns and to V (B, g, k, z)
         failed = torch.zeros(batch, dtype=torch.bool, device=h.device)
         V_padded = None
-        if V is not None and any(group.span is None for group in pattern.groups):
+        if V is not None and pattern.padded:
             V_padded = torch.cat([V, V.new_zeros(batch, 1, r)], 1)  # the padding column: 0
         self.inverses: list[Tensor] = []  # per group, L^{-1} of its blocks (M_cc = L L^T)
         self.couplings: list[Tensor] = []  # per group, X = L^{-1} E (B, g k, z)
@@ -684,8 +691,7 @@ class ArrowFactor:
             partial.append(t)
             if rhs is not None:
                 rhs -= self.couplings[i].mT @ t.reshape(batch, -1, m)
-        spans = all(group.span is not None for group in pattern.groups)
-        out = r.new_zeros(batch, n if spans else n + 1, m)
+        out = r.new_zeros(batch, n + 1 if pattern.padded else n, m)
         y = None
         if rhs is not None:
             y = torch.linalg.lu_solve(self.lu, self.pivots, rhs)

@@ -136,10 +136,8 @@ class Cones:
             return self.mask(like).expand_as(like)
         e = torch.zeros_like(like)
         e[:, self.orthant] = 1
-        for group in range(len(self._spans)):
-            block = self.take(e, group).clone()
-            block[..., 0] = 1
-            self.put(e, group, block)
+        for index in self.groups(like.device):
+            e[:, index[:, 0]] = 1
         return e
 
     def dot(self, u: Tensor, v: Tensor) -> Tensor:

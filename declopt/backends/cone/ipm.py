@@ -757,14 +757,14 @@ def _solve(
         worst = torch.maximum(torch.maximum(pres, dres), gap)
         residual = torch.where(running, worst, residual)
         # Certificates, normalised by the certificate's own objective (scale-free in z and x).
-        p_infeasible = (bz < 0) & (n_atz * b_size <= tol_A * (-bz).clamp_min(tiny))
-        d_scale = (-qx).clamp_min(tiny)
-        d_infeasible = (
-            (qx < 0) & (n_axs * q_size <= tol_A * d_scale) & (n_px * q_size <= tol_P * d_scale)
-        )
-        p_almost = (bz < 0) & (n_atz * b_size <= loose * tol_A * (-bz).clamp_min(tiny))
-        d_almost = (qx < 0) & (n_axs * q_size <= loose * tol_A * d_scale)
-        d_almost = d_almost & (n_px * q_size <= loose * tol_P * d_scale)
+        # (the same terms against the full and, for a breakdown, the reduced tolerance)
+        p_lhs, p_scale = n_atz * b_size, (-bz).clamp_min(tiny)
+        d_lhs_A, d_lhs_P, d_scale = n_axs * q_size, n_px * q_size, (-qx).clamp_min(tiny)
+        p_infeasible = (bz < 0) & (p_lhs <= tol_A * p_scale)
+        d_infeasible = (qx < 0) & (d_lhs_A <= tol_A * d_scale) & (d_lhs_P <= tol_P * d_scale)
+        p_almost = (bz < 0) & (p_lhs <= loose * tol_A * p_scale)
+        d_almost = (qx < 0) & (d_lhs_A <= loose * tol_A * d_scale)
+        d_almost = d_almost & (d_lhs_P <= loose * tol_P * d_scale)
         # A NaN or Inf anywhere in x, s, z reaches a norm (amax propagates NaN).
         nonfinite = ~torch.isfinite(worst + n_axs + tau + kappa)
         near = torch.where(d_almost, int(Status.UNBOUNDED), -1)
