@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import declopt as dl
 from declopt.derivatives import Derivatives
 from declopt.frontend.atoms import RULES
+from declopt.frontend.atoms.jets import is_fused
 from declopt.frontend.compile import compile_expression, compile_problem
 
 N = 4
@@ -101,6 +102,19 @@ CASES = {
         + cp.sum(cp.exp(-y + x) + cp.maximum(y, x) + cp.multiply(y - x, y + x) + x / (y + 3))
         + cp.sum(cp.sum(cp.multiply(a, cp.square(u - y)), axis=0)),
         [A, x, a],
+        [u, y],
+    ),
+    # Sums read a negated operand through (a - b, not a + (-b)), the variables' among them; an
+    # elementwise atom of a compact derivative keeps its slope and the derivative apart (Scaled)
+    # until a sum over entries that share the derivative (axis 0 of ``A - u``) or not (axis 1).
+    "subtracted operands, deferred products": (
+        cp.sum(cp.square(x - u - y))
+        + cp.sum(cp.exp(-u - y + x))
+        + cp.sum(0.5 * cp.huber(x - (u - y), 0.5))
+        + cp.sum(cp.multiply(cp.sum(cp.square(A - u), axis=0), x))
+        + cp.sum(cp.exp(cp.sum(cp.huber(A - u, 0.4), axis=1) / 4))
+        + cp.sum(cp.sqrt(cp.square(y - x) + 1) - cp.square(y - A)),
+        [A, x],
         [u, y],
     ),
     "column norms and rearrangements (compact derivatives)": (
@@ -311,9 +325,14 @@ def test_huber_curvature_counts_the_threshold_as_inside(dtype: torch.dtype) -> N
     beyond = torch.nextafter(torch.tensor(M, dtype=dtype), torch.tensor(1.0, dtype=dtype))
     z = torch.cat([z, beyond.reshape(1), -beyond.reshape(1)])
     node = cp.huber(cp.Variable(z.shape[0]), M)
-    derivs = RULES[type(node)].jet(node, (True, False))
+    jet = RULES[type(node)].jet(node, (True, False))
     one = torch.eye(z.shape[0], dtype=dtype)
-    grad, hess = derivs([z, torch.tensor(M, dtype=dtype)], [one, None], [None, None], z)
+    threshold = torch.tensor(M, dtype=dtype)
+    # A constant threshold's jet computes the value too (one softshrink for all three).
+    assert is_fused(jet)
+    grad, hess, value = jet([z, threshold], [one, None], [None, None], True)
+    evaluate = RULES[type(node)].evaluate(node)
+    torch.testing.assert_close(value, evaluate(z, threshold), rtol=0, atol=0)
     slope = torch.diagonal(grad)
     curvature = torch.diagonal(torch.diagonal(hess, dim1=-2, dim2=-1))
     want_slope = 2 * z.clamp(-M, M)

@@ -21,7 +21,15 @@ import torch
 from torch import Tensor
 
 from declopt.frontend.atoms import RULES, operands
-from declopt.frontend.atoms.jets import JetFn, expanded, reads_of, takes_compact
+from declopt.frontend.atoms.jets import (
+    JetFn,
+    accepts_scaled,
+    expanded,
+    is_fused,
+    plain,
+    reads_of,
+    takes_compact,
+)
 
 Env = Mapping[int, Tensor]
 Step = Callable[[list, Env, Tensor | None], Tensor]
@@ -97,7 +105,9 @@ def compile_taylor(
         hesses: list[Tensor | None] = []
         wanted = computed[value]
         for k, (step, entry) in enumerate(zip(steps, plan)):
-            out = step(values, env, u) if wanted[k] else None
+            # A fused jet computes its node's value with its derivatives (below).
+            fused = entry is not None and entry[0] != _VARIABLE and is_fused(entry[1])
+            out = step(values, env, u) if wanted[k] and not fused else None
             values.append(out)
             if entry is None:
                 grads.append(None)
@@ -111,18 +121,27 @@ def compile_taylor(
                 operand_values = [values[i] for i in inputs]
                 operand_grads = [grads[i] for i in inputs]
                 operand_hesses = [hesses[i] for i in inputs] if second else None
+                if not accepts_scaled(jet):  # type: ignore[arg-type]
+                    operand_grads = [plain(g) for g in operand_grads]
+                    if operand_hesses is not None:
+                        operand_hesses = [plain(h) for h in operand_hesses]
                 if not takes_compact(jet):  # type: ignore[arg-type]
                     operand_grads, operand_hesses = expanded(
                         operand_values, operand_grads, operand_hesses
                     )
-                g, h = jet(  # type: ignore[misc]
-                    operand_values, operand_grads, operand_hesses, out
-                )
+                if fused:
+                    g, h, values[k] = jet(  # type: ignore[misc]
+                        operand_values, operand_grads, operand_hesses, wanted[k]
+                    )
+                else:
+                    g, h = jet(  # type: ignore[misc]
+                        operand_values, operand_grads, operand_hesses, out
+                    )
                 grads.append(g)
                 hesses.append(h)
             for i in released[k]:
                 values[i] = grads[i] = hesses[i] = None  # type: ignore[call-overload]
-        grad, hess = grads[root], hesses[root]
+        grad, hess = plain(grads[root]), plain(hesses[root])
         assert grad is not None  # the root depends on u
         head = (values[root].reshape(()),) if value else ()  # type: ignore[union-attr]
         if not second:

@@ -134,14 +134,22 @@ def _pseudo_huber_sums(x: Tensor, alpha: Tensor, y: Tensor) -> tuple[Tensor, Ten
 
 
 def _huber_sums(x: Tensor, alpha: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(sum psi, sum psi', distance from y to the nearest kink)``; ``psi = clamp(z, +-alpha)``."""
+    """``(sum psi, sum psi', distance from y to the nearest kink)``; ``psi = clamp(z, +-alpha)``.
+
+    From ``u = |z| - alpha`` (``<= 0`` inside, 0 on a kink) and its positive part ``e``:
+    ``psi = z - sign(z) e`` and ``psi' = 1 - sign(e)`` (exact: ``e > 0`` iff ``|z| > alpha``).
+    Eager CPU kernels of comparisons, of a bool mask summed as floats and of ``clamp`` /
+    ``maximum`` with tensor bounds cost 2.5-10x an arithmetic pass (1M floats: 1.1 ms for
+    ``(u <= 0).sum(dtype=float)`` against 0.2 ms for ``sign(e).sum()``), and alpha must stay a
+    tensor (a float would recompile per value under ``torch.compile``).
+    """
     z = y.unsqueeze(-1) - x
-    # maximum/minimum, not clamp: eager clamp with tensor bounds is 2.7x slower (2.1 vs 0.78 ms
-    # per 1M floats), and alpha must stay a tensor (a float would recompile per value).
-    g = torch.minimum(torch.maximum(z, -alpha), alpha).sum(-1)
-    u = z.abs_().sub_(alpha)  # |z| - alpha: <= 0 inside, 0 on a kink
-    h = (u <= 0).sum(-1, dtype=x.dtype)
-    kink = u.abs_().amin(-1)
+    u = z.abs().sub_(alpha)
+    kink = u.abs().amin(-1)
+    excess = u.clamp_min_(0)
+    outside = torch.sign(excess).sum(-1)
+    g = z.sum(-1) - torch.sign(z).mul_(excess).sum(-1)
+    h = x.shape[-1] - outside
     return g, h, kink
 
 

@@ -31,7 +31,7 @@ from cvxpy.atoms.affine.vstack import Vstack
 from torch import Tensor
 
 from declopt.frontend.atoms import jets
-from declopt.frontend.atoms.base import AtomRule, Evaluator, product_degree
+from declopt.frontend.atoms.base import AtomRule, Evaluator, product_degree, subtracted
 from declopt.frontend.atoms.tensors import (
     DeviceIndex,
     Shape,
@@ -47,9 +47,24 @@ from declopt.frontend.atoms.tensors import (
 
 
 def _add(expr: Any) -> Evaluator:
-    if len(expr.args) == 2:
-        return torch.add
-    return lambda *xs: functools.reduce(torch.add, xs)
+    signs = subtracted(expr)
+    if not any(signs):
+        if len(expr.args) == 2:
+            return torch.add
+        return lambda *xs: functools.reduce(torch.add, xs)
+
+    def signed(*xs: Tensor) -> Tensor:
+        # Left to right as CVXPY's sum: (-a) + b is b - a exactly (IEEE addition commutes).
+        if signs[0] and not signs[1]:
+            out = torch.sub(xs[1], xs[0])
+        else:
+            first = -xs[0] if signs[0] else xs[0]
+            out = torch.sub(first, xs[1]) if signs[1] else torch.add(first, xs[1])
+        for x, minus in zip(xs[2:], signs[2:]):
+            out = torch.sub(out, x) if minus else torch.add(out, x)
+        return out
+
+    return signed
 
 
 def _neg_expr(expr: Any) -> Evaluator:

@@ -19,6 +19,8 @@ from typing import Any
 
 import cvxpy as cp
 import numpy as np
+from cvxpy.atoms.affine.add_expr import AddExpression
+from cvxpy.atoms.affine.unary_operators import NegExpression
 from cvxpy.atoms.affine.vstack import Vstack
 from cvxpy.atoms.elementwise.huber import huber
 from cvxpy.atoms.elementwise.power import Power
@@ -141,17 +143,29 @@ def stacked_column_norm(expr: cp.Expression) -> list[cp.Expression] | None:
     return list(arg.args) if expr.axis % 2 == 0 else None
 
 
+def subtracted(expr: AddExpression) -> tuple[bool, ...]:
+    """Per argument of a sum, whether it is subtracted: CVXPY writes ``a - b`` as ``a + (-b)``,
+    and the sum evaluates it as ``a - b`` from ``b`` itself (one pass instead of two: the
+    negation was a full pass of its own in every evaluation of a pooling objective, forward
+    and backward). Not when every argument is negated (the sum is then a negation anyway)."""
+    flags = tuple(isinstance(a, NegExpression) for a in expr.args)
+    return (False,) * len(flags) if all(flags) else flags
+
+
 def operands(expr: cp.Expression) -> list[cp.Expression]:
     """The sub-expressions an atom's evaluator receives, in order.
 
     Usually ``expr.args``; a few atoms keep a numeric operand as an attribute rather than an
     argument (``power``'s exponent, ``huber``'s threshold) so that it may be a Parameter; a
-    column 2-norm of a ``vstack`` takes the stacked parts (:func:`stacked_column_norm`).
+    column 2-norm of a ``vstack`` takes the stacked parts (:func:`stacked_column_norm`); a sum
+    reads a negated argument's operand and subtracts it (:func:`subtracted`).
     """
     parts = stacked_column_norm(expr)
     if parts is not None:
         return parts
     args = list(expr.args)
+    if isinstance(expr, AddExpression):
+        return [a.args[0] if minus else a for a, minus in zip(args, subtracted(expr))]
     if isinstance(expr, Power) and not isinstance(expr.p, cp.Constant):
         args.append(expr.p)
     elif isinstance(expr, huber):

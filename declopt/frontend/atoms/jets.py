@@ -20,13 +20,22 @@ variable promoted over ``n`` entries then carries one derivative, not ``n`` copi
 ``y - x``, ``2 (y - x)``'s curvature and the sum over the entries (``n`` times the one term): the
 jets marked :func:`compact` keep such derivatives compact (elementwise atoms, broadcasting, sums);
 every other jet receives them expanded (a view, no copy).
+
+Products may be *deferred*: an elementwise atom of an operand whose derivative is compact returns
+its local slope and that derivative unmultiplied (:class:`Scaled`), and a sum over the entries
+then reduces the slope alone and multiplies the small derivative once. Pooling's ``sum(phi(y -
+x_i))`` never forms ``phi'(z_i)`` times ``y``'s derivative entry by entry: that product, and its
+curvature's, were two of the pass's full-size operations, and two more of its backward. Scalar
+factors of the local derivatives (``square``'s ``2 x``, :class:`Times`) join the small factor the
+same way. Jets marked :func:`takes_scaled` accept deferred derivatives; every other jet receives
+them multiplied out (:func:`plain`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -40,6 +49,69 @@ JetRule = Callable[[Any, tuple[bool, ...]], JetFn | None]
 """``(node, dependent) -> JetFn | None``; ``dependent[i]``: operand ``i`` depends on ``u``."""
 Derivs = Callable[..., tuple[Tensor | float, Tensor | float]]
 """``(out, x, *rest) -> (f', f'')``: elementwise derivatives in ``x`` of ``out = f(x, *rest)``."""
+
+
+class Times(NamedTuple):
+    """A local derivative ``tensor * factor`` (``factor`` a number), returned as such by an
+    elementwise atom's derivatives so that the factor multiplies the operand's compact
+    derivative, not every entry (``square``: ``f' = Times(x, 2.0)``)."""
+
+    tensor: Tensor
+    factor: float
+
+
+class Scaled(NamedTuple):
+    """A derivative ``scale * base`` not yet multiplied out: ``scale`` of the node's shape,
+    ``base`` a compact derivative (``(*c, m)`` or ``(*c, m, m)``, ``c`` broadcastable to the node's
+    shape), ``k`` its trailing derivative dims (1 or 2)."""
+
+    scale: Tensor
+    base: Tensor
+    k: int
+
+    def multiplied(self) -> Tensor:
+        return _col(self.scale, self.k) * self.base
+
+
+Derivative = Tensor | Scaled
+
+
+def plain(t: Derivative | None) -> Tensor | None:
+    """``t`` multiplied out where it is :class:`Scaled`."""
+    return t.multiplied() if isinstance(t, Scaled) else t
+
+
+def takes_scaled(jet: JetFn) -> JetFn:
+    """Mark ``jet`` as accepting :class:`Scaled` operand derivatives (it may return them)."""
+    jet.scaled = True  # type: ignore[attr-defined]
+    return jet
+
+
+def accepts_scaled(jet: JetFn) -> bool:
+    """Whether ``jet`` was marked :func:`takes_scaled`."""
+    return getattr(jet, "scaled", False)
+
+
+def _split(f: Tensor | float | Times) -> tuple[Tensor | None, float]:
+    """A local derivative as ``(tensor or None, factor)``."""
+    if isinstance(f, Times):
+        return f.tensor, float(f.factor)
+    if isinstance(f, Tensor):
+        return f, 1.0
+    return None, float(f)
+
+
+def _times(t: Tensor | None, factor: float, g: Tensor, k: int) -> Tensor:
+    """``t * factor * g`` (``t`` node-shaped or None; ``g`` with ``k`` derivative dims), the
+    factor applied to the smaller of the two."""
+    if t is None:
+        return g if factor == 1.0 else factor * g
+    if factor != 1.0:
+        if g.numel() <= t.numel():
+            g = factor * g
+        else:
+            t = factor * t
+    return _col(t, k) * g
 
 
 def compact(jet: JetFn) -> JetFn:
@@ -104,21 +176,59 @@ def _col(t: Tensor | float, k: int) -> Tensor | float:
 
 
 def chain(
-    f1: Tensor | float,
-    f2: Tensor | float,
+    f1: Tensor | float | Times,
+    f2: Tensor | float | Times,
     g: Tensor,
     h: Tensor | None,
     second: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """The jet of ``f(x)`` from ``x``'s ``(g, h)`` and ``f', f''`` at ``x`` (elementwise);
     ``second=False``: the gradient only."""
-    grad = _col(f1, 1) * g
+    (t1, c1), (t2, c2) = _split(f1), _split(f2)
+    grad = _times(t1, c1, g, 1)
     if not second:
         return grad, None
-    hess = _col(f2, 2) * outer(g, g)
+    hess = _times(t2, c2, outer(g, g), 2)
     if h is not None:
-        hess = hess + _col(f1, 2) * h
+        hess = hess + _times(t1, c1, h, 2)
     return grad, hess
+
+
+def _deferred_chain(
+    f1: Tensor | float | Times,
+    f2: Tensor | float | Times,
+    g: Derivative,
+    h: Derivative | None,
+    second: bool,
+) -> tuple[Derivative, Derivative | None] | None:
+    """:func:`chain` with the products left :class:`Scaled` where that saves them: ``x`` affine
+    (``h`` None) with a compact derivative (a smaller ``base`` than ``f'`` times it), or already
+    ``Scaled`` (then ``f'`` multiplies its scale). ``None`` where deferring gains nothing."""
+    if h is not None:
+        return None
+    (t1, c1), (t2, c2) = _split(f1), _split(f2)
+    if isinstance(g, Scaled):
+        s, base = g.scale, g.base
+    else:
+        if t1 is None or g.numel() >= t1.numel() * g.shape[-1]:
+            return None  # a full derivative: the product is one pass either way
+        s, base = None, g
+
+    def scaled(t: Tensor | None, factor: float, base: Tensor, k: int, power: int) -> Derivative:
+        # (t * s^power) * (factor * base): the scale node-shaped, the factor on the small base
+        parts = [p for p in (t, *((s,) * power)) if p is not None]
+        small = base if factor == 1.0 else factor * base
+        if not parts or (t is None and factor == 0.0):
+            return small  # a constant local derivative of a compact one stays plain
+        scale = parts[0]
+        for p in parts[1:]:
+            scale = scale * p
+        return Scaled(scale, small, k)
+
+    grad = scaled(t1, c1, base, 1, 1)
+    if not second:
+        return grad, None
+    return grad, scaled(t2, c2, outer(base, base), 2, 2)
 
 
 def _trailing(fn: Callable[..., Tensor], tensors: Sequence[Tensor | None], k: int) -> Tensor:
@@ -179,13 +289,23 @@ def _constant(t: Tensor | None, ndim: int, k: int) -> Tensor | None:
 
 
 def add(node: Any, dependent: tuple[bool, ...]) -> JetFn:
-    """``a + b + ...`` with numpy broadcasting: the sum of the derivatives."""
+    """``a + b + ...`` with numpy broadcasting: the sum of the derivatives (the subtracted
+    operands' negated, :func:`~.base.subtracted`)."""
+    from declopt.frontend.atoms.base import subtracted  # base imports this module
+
+    signs = subtracted(node)
+    single = sum(dependent) == 1  # a shift by u-free terms: the derivatives pass through
 
     @reads(values=False, out=False)
+    @takes_scaled
     @compact
     def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
         grad = hess = None
-        for g, h in zip(grads, _first_order(hesses, grads)):
+        for g, h, minus in zip(grads, _first_order(hesses, grads), signs):
+            if minus:
+                g, h = _negated(g), _negated(h)
+            if not single:
+                g, h = plain(g), plain(h)
             grad = _add_opt(grad, g)  # broadcasting: the derivative dims trail the node's
             hess = _add_opt(hess, h)
         return grad, hess
@@ -238,14 +358,21 @@ def broadcast(node: Any, dependent: tuple[bool, ...]) -> JetFn:
     return jet
 
 
+def _negated(t: Derivative | None) -> Derivative | None:
+    if t is None:
+        return None
+    return Scaled(t.scale, -t.base, t.k) if isinstance(t, Scaled) else -t
+
+
 def negate(node: Any, dependent: tuple[bool, ...]) -> JetFn:
     """``-a``: the negated derivatives (compact as they come)."""
 
     @reads(values=False, out=False)
+    @takes_scaled
     @compact
     def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
-        h = None if hesses is None or hesses[0] is None else -hesses[0]
-        return -grads[0], h  # type: ignore[operator]
+        h = None if hesses is None else _negated(hesses[0])
+        return _negated(grads[0]), h
 
     return jet
 
@@ -258,13 +385,17 @@ def summed(node: Any, dependent: tuple[bool, ...]) -> JetFn:
     axes = range(len(shape)) if axis is None else (axis,) if isinstance(axis, int) else axis
     reduced = sorted({int(a) % len(shape) for a in axes}) if shape else []
 
-    def reduce(t: Tensor | None, k: int) -> Tensor | None:
+    def reduce(t: Derivative | None, k: int) -> Tensor | None:
         if t is None:
             return None
+        summed: list[int] = []
+        if isinstance(t, Scaled):
+            t, summed = reduce_scaled(t)
         trail = t.shape[t.dim() - k :]
         t = t.reshape(*(1,) * (len(shape) + k - t.dim()), *t.shape)
-        present = [d for d in reduced if t.shape[d] != 1]
-        count = math.prod([shape[d] for d in reduced if t.shape[d] == 1])
+        rest = [d for d in reduced if d not in summed]
+        present = [d for d in rest if t.shape[d] != 1]
+        count = math.prod([shape[d] for d in rest if t.shape[d] == 1])
         if present:
             t = t.sum(dim=present, keepdim=True)
         if count != 1:
@@ -274,7 +405,18 @@ def summed(node: Any, dependent: tuple[bool, ...]) -> JetFn:
         kept = [t.shape[d] for d in range(len(shape)) if d not in reduced]
         return t.reshape(*kept, *trail)
 
+    def reduce_scaled(t: Scaled) -> tuple[Tensor, list[int]]:
+        # Sum the scale over the reduced dims along which the base is constant (before the
+        # product: those entries share one base), then multiply; the dims summed so.
+        base = t.base.reshape(*(1,) * (len(shape) + t.k - t.base.dim()), *t.base.shape)
+        scale = t.scale.reshape(*(1,) * (len(shape) - t.scale.dim()), *t.scale.shape)
+        shared = [d for d in reduced if base.shape[d] == 1 and scale.shape[d] != 1]
+        if shared:
+            scale = scale.sum(dim=shared, keepdim=True)
+        return _col(scale, t.k) * base, shared
+
     @reads(values=False, out=False)
+    @takes_scaled
     @compact
     def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
         return reduce(grads[0], 1), None if hesses is None else reduce(hesses[0], 2)
@@ -282,21 +424,66 @@ def summed(node: Any, dependent: tuple[bool, ...]) -> JetFn:
     return jet
 
 
-def elementwise(derivs: Callable[[Any], Derivs]) -> JetRule:
+def fused(jet: Callable[..., tuple]) -> Callable[..., tuple]:
+    """Mark a jet that computes its node's value itself, from the terms its derivatives share:
+    called as ``jet(values, grads, hesses, want_value)``, it returns ``(grad, hess, out)`` with
+    ``out`` None unless ``want_value`` (the Taylor pass then skips the node's own evaluation)."""
+    jet.fused = True  # type: ignore[attr-defined]
+    return jet
+
+
+def is_fused(jet: Callable[..., tuple]) -> bool:
+    """Whether ``jet`` was marked :func:`fused`."""
+    return getattr(jet, "fused", False)
+
+
+FusedDerivs = Callable[..., tuple[Tensor | None, Tensor | float | Times, Tensor | float | Times]]
+"""``(x, *rest, want_value) -> (f(x) or None, f', f'')``: an elementwise atom's value and local
+derivatives from shared terms (the value only when asked for)."""
+
+
+def elementwise(
+    derivs: Callable[[Any], Derivs],
+    with_value: Callable[[Any], FusedDerivs | None] | None = None,
+) -> JetRule:
     """An elementwise atom of its first operand (the others, e.g. ``huber``'s threshold or a
-    parameter exponent, must not depend on ``u``), from its closed-form ``f'`` and ``f''``."""
+    parameter exponent, must not depend on ``u``), from its closed-form ``f'`` and ``f''``.
+    ``with_value(node)``, where it gives a function for the node, computes the value with the
+    derivatives (:func:`fused`)."""
 
     def rule(node: Any, dependent: tuple[bool, ...]) -> JetFn | None:
         if any(dependent[1:]):
             return None
+        both = None if with_value is None else with_value(node)
+
+        def combined(f1: Any, f2: Any, grads: Grads, hesses: Grads | None) -> tuple:
+            g, h, second = grads[0], None if hesses is None else hesses[0], hesses is not None
+            deferred = _deferred_chain(f1, f2, g, h, second)  # type: ignore[arg-type]
+            if deferred is not None:
+                return deferred
+            return chain(f1, f2, plain(g), plain(h), second)  # type: ignore[arg-type]
+
+        if both is not None:
+
+            @fused
+            @reads(values=True, out=False)
+            @takes_scaled
+            @compact
+            def fused_jet(
+                values: Sequence[Tensor], grads: Grads, hesses: Grads, want_value: bool
+            ) -> tuple:
+                out, f1, f2 = both(*values, want_value)
+                return (*combined(f1, f2, grads, hesses), out)
+
+            return fused_jet  # type: ignore[return-value]
         d = derivs(node)
 
         @reads(values=True, out=getattr(d, "reads_out", True))
+        @takes_scaled
         @compact
         def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
             f1, f2 = d(out, *values)
-            h = None if hesses is None else hesses[0]
-            return chain(f1, f2, grads[0], h, hesses is not None)  # type: ignore[arg-type]
+            return combined(f1, f2, grads, hesses)
 
         return jet
 

@@ -69,6 +69,22 @@ def _power(expr: Any) -> Evaluator:
     return lambda x, p: torch.pow(x, p)
 
 
+def _huber_threshold(expr: Any) -> float | None:
+    """``huber``'s threshold ``M`` where it is one constant number >= 0 (else None)."""
+    if isinstance(expr.M, cp.Constant) and np.size(expr.M.value) == 1:
+        bound = float(np.asarray(expr.M.value).reshape(()))
+        return bound if bound >= 0 else None
+    return None
+
+
+def _huber_parts(x: Tensor, bound: float) -> tuple[Tensor, Tensor]:
+    """``(w, c)``: what lies beyond the threshold, ``w = softshrink(x, M)``, and the clip ``c = x
+    - w = clip(x, -M, M)``. ``w != 0`` exactly where ``|x| > M`` (IEEE: ``x - M`` is exact near
+    ``M``)."""
+    beyond = torch.nn.functional.softshrink(x, bound)
+    return beyond, x - beyond
+
+
 def _huber(expr: Any) -> Evaluator:
     # CVXPY's huber is 2 * scipy.special.huber(M, x): x^2 for |x| <= M, else 2M|x| - M^2
     # (and +inf for M < 0, as scipy).
@@ -81,6 +97,15 @@ def _huber(expr: Any) -> Evaluator:
     def f(x: Tensor, m: Tensor) -> Tensor:
         return torch.where(m < 0, torch.inf, nonnegative(x, m))
 
+    bound = _huber_threshold(expr)
+    if bound is not None:
+        # A constant threshold: c (x + w) = c (2x - c), four passes (softshrink, x - w, x + w,
+        # the product) instead of five.
+        def constant(x: Tensor, m: Tensor) -> Tensor:
+            beyond, clipped = _huber_parts(x, bound)
+            return clipped * (x + beyond)
+
+        return constant
     # A constant threshold's sign is known now: no pass over the data for it.
     if isinstance(expr.M, cp.Constant) and float(np.min(expr.M.value)) >= 0:
         return nonnegative
@@ -227,12 +252,13 @@ def _elementwise(
     derivs: Callable[[Any], jets.Derivs] | None = None,
     note: str = "",
     degree: DegreeRule | None = None,
+    with_value: Callable[[Any], jets.FusedDerivs | None] | None = None,
 ) -> AtomRule:
     return AtomRule(
         evaluate,
         elementwise=True,
         note=note,
-        jet=None if derivs is None else jets.elementwise(derivs),
+        jet=None if derivs is None else jets.elementwise(derivs, with_value),
         degree=degree,
     )
 
@@ -262,10 +288,15 @@ def _fixed(fn: jets.Derivs) -> Callable[[Any], jets.Derivs]:
 def _power_derivs(expr: Any) -> jets.Derivs:
     if isinstance(expr.p, cp.Constant):
         p = float(expr.p.value)
+        # Constant factors as jets.Times: they multiply the operand's derivative (compact
+        # where a promoted variable's is), not every entry.
         if p == 2:
-            return jets.free_of_out(lambda out, x: (2 * x, 2.0))
+            return jets.free_of_out(lambda out, x: (jets.Times(x, 2.0), 2.0))
         if p == 0.5:
-            return lambda out, x: (0.5 / out, -0.25 / (out * x))
+            return lambda out, x: (
+                jets.Times(torch.reciprocal(out), 0.5),
+                jets.Times(torch.reciprocal(out * x), -0.25),
+            )
         if p == 1:
             return jets.free_of_out(lambda out, x: (1.0, 0.0))
         if p == -1:
@@ -284,24 +315,42 @@ def _huber_derivs(expr: Any) -> jets.Derivs:
     # backward of maximum/minimum cost 4-16x a plain elementwise pass: a constant threshold's
     # clip is x - softshrink(x) (two passes forward and back: the implicit backward
     # differentiates the slope). The indicator is exact: |x| > M iff |x| - M > 0 (IEEE).
-    constant = isinstance(expr.M, cp.Constant) and np.size(expr.M.value) == 1
-    bound = float(np.asarray(expr.M.value).reshape(())) if constant else None
+    bound = _huber_threshold(expr)
 
     @jets.free_of_out
-    def derivs(out: Tensor, x: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
+    def derivs(out: Tensor, x: Tensor, m: Tensor) -> tuple[jets.Times, jets.Times]:
         # The slope clip(x, -M, M) written as x minus what lies beyond M, so that autograd's
         # derivative of it (the implicit backward's D_x D_u f) takes the inside side on the
         # threshold, as the curvature does: hardtanh's backward counts |x| = M as outside and
         # maximum/minimum's splits a tie in half, which mixed with an inside curvature gave
         # gradients of no piece (pooling [0, 5] with M = 1 landing on y = 1: [0, 0], not [1, 0]).
-        if bound is not None and bound >= 0:
-            slope = 2 * (x - torch.nn.functional.softshrink(x, bound))
+        if bound is not None:
+            beyond, clipped = _huber_parts(x, bound)
+            outside = torch.sign(torch.abs(beyond))
         else:
-            slope = 2 * (x - torch.sign(x) * torch.relu(x.abs() - m))
-        outside = torch.sign(torch.clamp_min(x.abs() - m, 0.0))
-        return slope, 2 - 2 * outside
+            excess = torch.relu(x.abs() - m)
+            clipped = x - torch.sign(x) * excess
+            outside = torch.sign(excess)
+        # The factor 2 of both multiplies the operand's (compact) derivative, not every entry.
+        return jets.Times(clipped, 2.0), jets.Times(1 - outside, 2.0)
 
     return derivs
+
+
+def _huber_with_value(expr: Any) -> jets.FusedDerivs | None:
+    """A constant threshold's value and derivatives from one softshrink: seven passes with the
+    value, five without (against the separate value's four and the derivatives' five)."""
+    bound = _huber_threshold(expr)
+    if bound is None:
+        return None
+
+    def both(x: Tensor, m: Tensor, want_value: bool) -> tuple:
+        beyond, clipped = _huber_parts(x, bound)
+        out = clipped * (x + beyond) if want_value else None
+        inside = 1 - torch.sign(torch.abs(beyond))
+        return out, jets.Times(clipped, 2.0), jets.Times(inside, 2.0)
+
+    return both
 
 
 def _sigmoid_pair(out: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -359,6 +408,7 @@ SMOOTH: dict[type, AtomRule] = {
         _huber,
         _huber_derivs,
         "C1: x^2 and 2M|x| - M^2 meet with equal slope at |x| = M (curvature jumps)",
+        with_value=_huber_with_value,
     ),
     entr: _elementwise(
         _entr, _fixed(jets.free_of_out(lambda out, x: (-(torch.log(x) + 1), -1 / x))), _DOMAIN
