@@ -503,9 +503,26 @@ def test_welsch_leaves_a_symmetric_start_that_is_a_local_maximum() -> None:
 
 
 def test_a_non_finite_gradient_is_reported() -> None:
-    # float32: the outlier's square overflows in the derivatives; the NaN gradient must come
-    # with a warning that says so.
+    # float32: 1 / alpha^2 overflows in the derivatives; the NaN gradient must come with a
+    # warning that says so.
     x = torch.tensor([0.1, -0.2, 0.05, 0.3, 1e20], requires_grad=True)
-    y = dl.nn.RobustPool("welsch", alpha=1.0)(x)
+    y = dl.nn.RobustPool("welsch", alpha=1e-20)(x)
     with pytest.warns(dl.GradientWarning, match="not finite"):
         y.backward()
+
+
+@pytest.mark.parametrize("penalty", ["welsch", "pseudo_huber", "huber"])
+def test_an_outlier_whose_square_overflows_has_no_influence(penalty: str) -> None:
+    # float32: (y - 1e20)^2 overflows, but the outlier's weight in the derivatives is exactly
+    # zero (welsch), or its slope is bounded: the gradient is the one without it, and finite
+    # (the curvature's products are taken scale by scale, never the overflowing square times
+    # a vanishing weight: 0 * inf was NaN here).
+    inliers = [0.1, -0.2, 0.05, 0.3]
+    x = torch.tensor([*inliers, 1e20], requires_grad=True)
+    dl.nn.RobustPool(penalty, alpha=1.0)(x).backward()
+    reference = torch.tensor(inliers, dtype=torch.float64, requires_grad=True)
+    with_outlier = torch.cat([reference, torch.tensor([1e20], dtype=torch.float64)])
+    dl.nn.RobustPool(penalty, alpha=1.0)(with_outlier).backward()
+    assert torch.isfinite(x.grad).all()
+    torch.testing.assert_close(x.grad[:4].double(), reference.grad, rtol=1e-4, atol=1e-6)
+    assert x.grad[4] == 0

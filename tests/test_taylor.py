@@ -113,7 +113,10 @@ CASES = {
         + cp.sum(0.5 * cp.huber(x - (u - y), 0.5))
         + cp.sum(cp.multiply(cp.sum(cp.square(A - u), axis=0), x))
         + cp.sum(cp.exp(cp.sum(cp.huber(A - u, 0.4), axis=1) / 4))
-        + cp.sum(cp.sqrt(cp.square(y - x) + 1) - cp.square(y - A)),
+        + cp.sum(cp.sqrt(cp.square(y - x) + 1) - cp.square(y - A))
+        # quotients by one number read -a / b as a / (-b), a promoted divisor as the number
+        + cp.sum(cp.exp(-cp.square(u - x) / 3) + cp.exp(-cp.square(y - x) / (2 + cp.sum(x))))
+        + cp.sum(-cp.square(u) / -3.0),
         [A, x],
         [u, y],
     ),

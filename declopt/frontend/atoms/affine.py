@@ -31,7 +31,13 @@ from cvxpy.atoms.affine.vstack import Vstack
 from torch import Tensor
 
 from declopt.frontend.atoms import jets
-from declopt.frontend.atoms.base import AtomRule, Evaluator, product_degree, subtracted
+from declopt.frontend.atoms.base import (
+    AtomRule,
+    Evaluator,
+    product_degree,
+    quotient_reads,
+    subtracted,
+)
 from declopt.frontend.atoms.tensors import (
     DeviceIndex,
     Shape,
@@ -96,6 +102,9 @@ def _matmul(expr: Any) -> Evaluator:
 
 
 def _div(expr: Any) -> Evaluator:
+    negated, _ = quotient_reads(expr)
+    if negated:  # -a / b read as a / (-b), b one number
+        return lambda a, b: torch.div(a, -b)
     return torch.div
 
 

@@ -20,6 +20,8 @@ from typing import Any
 import cvxpy as cp
 import numpy as np
 from cvxpy.atoms.affine.add_expr import AddExpression
+from cvxpy.atoms.affine.binary_operators import DivExpression
+from cvxpy.atoms.affine.promote import Promote
 from cvxpy.atoms.affine.unary_operators import NegExpression
 from cvxpy.atoms.affine.vstack import Vstack
 from cvxpy.atoms.elementwise.huber import huber
@@ -152,13 +154,33 @@ def subtracted(expr: AddExpression) -> tuple[bool, ...]:
     return (False,) * len(flags) if all(flags) else flags
 
 
+def quotient_reads(expr: DivExpression) -> tuple[bool, bool]:
+    """``(numerator negated, divisor promoted)``: what a quotient ``a / b`` with ``b`` free of the
+    variables reads through. A promoted scalar divisor is read as the scalar (broadcasting
+    promotes it), and a negated numerator ``-a / b`` as ``a / (-b)`` where ``b`` is then one
+    number (exact: negation is). The negation of ``-square(z) / (2 alpha^2)`` (Welsch) was a
+    full-size pass of every evaluation."""
+    numerator, divisor = expr.args
+    if divisor.variables():
+        return False, False
+    promoted = (
+        isinstance(divisor, Promote)
+        and divisor.args[0].size == 1
+        and tuple(numerator.shape) == tuple(expr.shape)
+    )
+    scalar = promoted or divisor.size == 1
+    return scalar and isinstance(numerator, NegExpression), promoted
+
+
 def operands(expr: cp.Expression) -> list[cp.Expression]:
     """The sub-expressions an atom's evaluator receives, in order.
 
     Usually ``expr.args``; a few atoms keep a numeric operand as an attribute rather than an
     argument (``power``'s exponent, ``huber``'s threshold) so that it may be a Parameter; a
     column 2-norm of a ``vstack`` takes the stacked parts (:func:`stacked_column_norm`); a sum
-    reads a negated argument's operand and subtracts it (:func:`subtracted`).
+    reads a negated argument's operand and subtracts it (:func:`subtracted`), a quotient by a
+    number free of the variables reads its negated numerator and promoted divisor through
+    (:func:`quotient_reads`).
     """
     parts = stacked_column_norm(expr)
     if parts is not None:
@@ -166,6 +188,13 @@ def operands(expr: cp.Expression) -> list[cp.Expression]:
     args = list(expr.args)
     if isinstance(expr, AddExpression):
         return [a.args[0] if minus else a for a, minus in zip(args, subtracted(expr))]
+    if isinstance(expr, DivExpression):
+        negated, promoted = quotient_reads(expr)
+        numerator, divisor = args
+        return [
+            numerator.args[0] if negated else numerator,
+            divisor.args[0] if promoted else divisor,
+        ]
     if isinstance(expr, Power) and not isinstance(expr.p, cp.Constant):
         args.append(expr.p)
     elif isinstance(expr, huber):

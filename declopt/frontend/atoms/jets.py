@@ -60,17 +60,33 @@ class Times(NamedTuple):
     factor: float
 
 
-class Scaled(NamedTuple):
-    """A derivative ``scale * base`` not yet multiplied out: ``scale`` of the node's shape,
-    ``base`` a compact derivative (``(*c, m)`` or ``(*c, m, m)``, ``c`` broadcastable to the node's
-    shape), ``k`` its trailing derivative dims (1 or 2)."""
+Term = tuple[Tensor | None, Tensor]
+"""``(scale, base)``: ``scale`` node-shaped (``None``: one), ``base`` a compact derivative."""
 
-    scale: Tensor
-    base: Tensor
+
+class Scaled(NamedTuple):
+    """A derivative ``sum_j scale_j * base_j`` not yet multiplied out: each ``scale_j`` of the
+    node's shape (or ``None``: one), each ``base_j`` a compact derivative (``(*c, m)`` or ``(*c,
+    m, m)``, ``c`` broadcastable to the node's shape); ``k`` the trailing derivative dims (1 or
+    2). A curvature has two terms where an atom's ``f'' g g^T`` meets its ``f' h``."""
+
+    terms: tuple[Term, ...]
     k: int
 
     def multiplied(self) -> Tensor:
-        return _col(self.scale, self.k) * self.base
+        out = None
+        for scale, base in self.terms:
+            out = _add_opt(out, base if scale is None else _col(scale, self.k) * base)
+        assert out is not None
+        return out
+
+    def map(self, fn: Callable[[Term], Term]) -> Scaled:
+        return Scaled(tuple(fn(t) for t in self.terms), self.k)
+
+
+MAX_TERMS = 4
+"""Most terms a deferred derivative keeps (each costs one reduction at a sum); beyond, it is
+multiplied out."""
 
 
 Derivative = Tensor | Scaled
@@ -79,6 +95,39 @@ Derivative = Tensor | Scaled
 def plain(t: Derivative | None) -> Tensor | None:
     """``t`` multiplied out where it is :class:`Scaled`."""
     return t.multiplied() if isinstance(t, Scaled) else t
+
+
+def _terms(t: Derivative | None, node_numel: int, k: int) -> tuple[Term, ...] | None:
+    """``t`` as terms: a :class:`Scaled`'s, a compact plain derivative as one term of scale one
+    (``()`` for ``None``); ``None`` for a full one (``node_numel`` entries: nothing to defer)."""
+    if t is None:
+        return ()
+    if isinstance(t, Scaled):
+        return t.terms
+    return None if math.prod(t.shape[: t.dim() - k]) >= node_numel else ((None, t),)
+
+
+def _product(*parts: Tensor | None) -> Tensor | None:
+    """The product of the non-``None`` parts (``None`` if there are none)."""
+    out = None
+    for p in parts:
+        if p is not None:
+            out = p if out is None else out * p
+    return out
+
+
+def _scaled_by(t: Derivative | None, factor: Tensor, k: int) -> Derivative | None:
+    """``factor * t`` for a ``factor`` free of ``u`` (``k``: ``t``'s derivative dims): one number
+    scales a deferred derivative's bases, a tensor of the node's entries its scales (a term of
+    scale one takes it as its scale)."""
+    if t is None:
+        return None
+    if not isinstance(t, Scaled):
+        return t * _col(factor, k)
+    if factor.numel() == 1:
+        number = factor.reshape(())
+        return t.map(lambda term: (term[0], term[1] * number))
+    return t.map(lambda term: (_product(term[0], factor), term[1]))
 
 
 def takes_scaled(jet: JetFn) -> JetFn:
@@ -200,35 +249,37 @@ def _deferred_chain(
     g: Derivative,
     h: Derivative | None,
     second: bool,
+    node_numel: int,
 ) -> tuple[Derivative, Derivative | None] | None:
-    """:func:`chain` with the products left :class:`Scaled` where that saves them: ``x`` affine
-    (``h`` None) with a compact derivative (a smaller ``base`` than ``f'`` times it), or already
-    ``Scaled`` (then ``f'`` multiplies its scale). ``None`` where deferring gains nothing."""
-    if h is not None:
-        return None
+    """:func:`chain` with the products left :class:`Scaled` where the operand's derivatives are
+    (compact, or deferred already): ``grad = sum_j (f' s_j) b_j`` and ``hess = sum_{j,l} (f''
+    s_j s_l) b_j b_l^T + sum_i (f' r_i) c_i`` for ``g = sum_j s_j b_j``, ``h = sum_i r_i c_i``;
+    each product of scales is one pass, the bases stay small. ``None`` where an operand
+    derivative is full (the product is one pass either way) or there would be too many terms."""
     (t1, c1), (t2, c2) = _split(f1), _split(f2)
-    if isinstance(g, Scaled):
-        s, base = g.scale, g.base
-    else:
-        if t1 is None or g.numel() >= t1.numel() * g.shape[-1]:
-            return None  # a full derivative: the product is one pass either way
-        s, base = None, g
+    g_terms, h_terms = _terms(g, node_numel, 1), _terms(h, node_numel, 2)
+    if g_terms is None or h_terms is None or not g_terms:
+        return None
+    if len(g_terms) ** 2 + len(h_terms) > MAX_TERMS:
+        return None
+    if t1 is None and all(s is None for s, _ in g_terms):
+        return None  # a constant slope of a compact derivative: chain keeps it compact
 
-    def scaled(t: Tensor | None, factor: float, base: Tensor, k: int, power: int) -> Derivative:
-        # (t * s^power) * (factor * base): the scale node-shaped, the factor on the small base
-        parts = [p for p in (t, *((s,) * power)) if p is not None]
-        small = base if factor == 1.0 else factor * base
-        if not parts or (t is None and factor == 0.0):
-            return small  # a constant local derivative of a compact one stays plain
-        scale = parts[0]
-        for p in parts[1:]:
-            scale = scale * p
-        return Scaled(scale, small, k)
+    def small(factor: float, base: Tensor) -> Tensor:
+        return base if factor == 1.0 else factor * base
 
-    grad = scaled(t1, c1, base, 1, 1)
+    grad = Scaled(tuple((_product(t1, s), small(c1, b)) for s, b in g_terms), 1)
     if not second:
         return grad, None
-    return grad, scaled(t2, c2, outer(base, base), 2, 2)
+    terms: list[Term] = []
+    if not (t2 is None and c2 == 0.0):
+        for s, b in g_terms:
+            for r, c in g_terms:
+                terms.append((_product(t2, s, r), small(c2, outer(b, c))))
+    terms += [(_product(t1, r), small(c1, c)) for r, c in h_terms]
+    if not terms:
+        return grad, None
+    return grad, Scaled(tuple(terms), 2)
 
 
 def _trailing(fn: Callable[..., Tensor], tensors: Sequence[Tensor | None], k: int) -> Tensor:
@@ -361,7 +412,7 @@ def broadcast(node: Any, dependent: tuple[bool, ...]) -> JetFn:
 def _negated(t: Derivative | None) -> Derivative | None:
     if t is None:
         return None
-    return Scaled(t.scale, -t.base, t.k) if isinstance(t, Scaled) else -t
+    return t.map(lambda term: (term[0], -term[1])) if isinstance(t, Scaled) else -t
 
 
 def negate(node: Any, dependent: tuple[bool, ...]) -> JetFn:
@@ -385,12 +436,15 @@ def summed(node: Any, dependent: tuple[bool, ...]) -> JetFn:
     axes = range(len(shape)) if axis is None else (axis,) if isinstance(axis, int) else axis
     reduced = sorted({int(a) % len(shape) for a in axes}) if shape else []
 
-    def reduce(t: Derivative | None, k: int) -> Tensor | None:
+    def reduce(t: Derivative | None, k: int, summed: Sequence[int] = ()) -> Tensor | None:
         if t is None:
             return None
-        summed: list[int] = []
         if isinstance(t, Scaled):
-            t, summed = reduce_scaled(t)
+            out = None
+            for term in t.terms:
+                product, done = reduce_term(term, k)
+                out = _add_opt(out, reduce(product, k, done))
+            return out
         trail = t.shape[t.dim() - k :]
         t = t.reshape(*(1,) * (len(shape) + k - t.dim()), *t.shape)
         rest = [d for d in reduced if d not in summed]
@@ -405,15 +459,18 @@ def summed(node: Any, dependent: tuple[bool, ...]) -> JetFn:
         kept = [t.shape[d] for d in range(len(shape)) if d not in reduced]
         return t.reshape(*kept, *trail)
 
-    def reduce_scaled(t: Scaled) -> tuple[Tensor, list[int]]:
+    def reduce_term(term: Term, k: int) -> tuple[Tensor, list[int]]:
         # Sum the scale over the reduced dims along which the base is constant (before the
         # product: those entries share one base), then multiply; the dims summed so.
-        base = t.base.reshape(*(1,) * (len(shape) + t.k - t.base.dim()), *t.base.shape)
-        scale = t.scale.reshape(*(1,) * (len(shape) - t.scale.dim()), *t.scale.shape)
+        scale, base = term
+        if scale is None:
+            return base, []
+        base = base.reshape(*(1,) * (len(shape) + k - base.dim()), *base.shape)
+        scale = scale.reshape(*(1,) * (len(shape) - scale.dim()), *scale.shape)
         shared = [d for d in reduced if base.shape[d] == 1 and scale.shape[d] != 1]
         if shared:
             scale = scale.sum(dim=shared, keepdim=True)
-        return _col(scale, t.k) * base, shared
+        return _col(scale, k) * base, shared
 
     @reads(values=False, out=False)
     @takes_scaled
@@ -456,9 +513,11 @@ def elementwise(
             return None
         both = None if with_value is None else with_value(node)
 
+        numel = math.prod(int(d) for d in node.shape)
+
         def combined(f1: Any, f2: Any, grads: Grads, hesses: Grads | None) -> tuple:
             g, h, second = grads[0], None if hesses is None else hesses[0], hesses is not None
-            deferred = _deferred_chain(f1, f2, g, h, second)  # type: ignore[arg-type]
+            deferred = _deferred_chain(f1, f2, g, h, second, numel)  # type: ignore[arg-type]
             if deferred is not None:
                 return deferred
             return chain(f1, f2, plain(g), plain(h), second)  # type: ignore[arg-type]
@@ -492,22 +551,26 @@ def elementwise(
 
 def multiply(node: Any, dependent: tuple[bool, ...]) -> JetFn:
     """Elementwise ``a * b`` (broadcasting): the product rule (a factor's value is read only
-    where the other factor depends on ``u``)."""
+    where the other factor depends on ``u``; a factor free of ``u`` scales the other's
+    derivatives, deferred or not)."""
 
     @reads(values=(dependent[1], dependent[0]), out=False)
+    @takes_scaled
     @compact
     def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
         (a, b), (ga, gb), (ha, hb) = values, grads, _first_order(hesses, grads)
-        grad = _add_opt(
-            None if ga is None else ga * _col(b, 1), None if gb is None else _col(a, 1) * gb
-        )
+        if ga is None or gb is None:
+            factor, g, h = (b, ga, ha) if gb is None else (a, gb, hb)
+            hess = None if hesses is None else _scaled_by(h, factor, 2)
+            return _scaled_by(g, factor, 1), hess
+        ga, gb, ha, hb = plain(ga), plain(gb), plain(ha), plain(hb)
+        grad = _add_opt(ga * _col(b, 1), _col(a, 1) * gb)
         if hesses is None:
             return grad, None
         hess = _add_opt(
             None if ha is None else ha * _col(b, 2), None if hb is None else _col(a, 2) * hb
         )
-        if ga is not None and gb is not None:
-            hess = _add_opt(hess, outer(ga, gb) + outer(gb, ga))
+        hess = _add_opt(hess, outer(ga, gb) + outer(gb, ga))
         return grad, hess
 
     return jet
@@ -546,20 +609,27 @@ def bilinear(node: Any, dependent: tuple[bool, ...], evaluate: Callable[..., Ten
 
 
 def divide(node: Any, dependent: tuple[bool, ...]) -> JetFn:
-    """``a / b`` (elementwise, broadcasting) as ``a * (1 / b)``."""
+    """``a / b`` (elementwise, broadcasting) as ``a * (1 / b)`` (``-a / b`` read as ``a / (-b)``,
+    :func:`~.base.quotient_reads`)."""
+    from declopt.frontend.atoms.base import quotient_reads  # base imports this module
+
     product = multiply(node, dependent)
+    negated, _ = quotient_reads(node)
 
     @reads(values=(dependent[1], True), out=False)
+    @takes_scaled
     @compact
     def jet(values: Sequence[Tensor], grads: Grads, hesses: Grads, out: Tensor) -> tuple:
         (a, b), (ga, gb), (ha, hb) = values, grads, _first_order(hesses, grads)
         second = hesses is not None
+        if negated:  # the operands as read: a / (-b)
+            b = -b
         inverse = torch.reciprocal(b)
-        if gb is None:
-            g_inv = h_inv = None
-        else:
-            curvature = 2 * inverse * inverse * inverse
-            g_inv, h_inv = chain(-inverse * inverse, curvature, gb, hb, second)
+        if gb is None:  # a divisor free of u scales the numerator's derivatives
+            return product([a, inverse], [ga, None], [ha, None] if second else None, out)
+        ga, gb, ha, hb = plain(ga), plain(gb), plain(ha), plain(hb)
+        curvature = 2 * inverse * inverse * inverse
+        g_inv, h_inv = chain(-inverse * inverse, curvature, gb, hb, second)  # type: ignore[arg-type]
         return product([a, inverse], [ga, g_inv], [ha, h_inv] if second else None, out)
 
     return jet
