@@ -116,7 +116,19 @@ CASES = {
         + cp.sum(cp.sqrt(cp.square(y - x) + 1) - cp.square(y - A))
         # quotients by one number read -a / b as a / (-b), a promoted divisor as the number
         + cp.sum(cp.exp(-cp.square(u - x) / 3) + cp.exp(-cp.square(y - x) / (2 + cp.sum(x))))
-        + cp.sum(-cp.square(u) / -3.0),
+        + cp.sum(-cp.square(u) / -3.0)
+        # column norms of one-row parts with compact derivatives: deferred too, with the
+        # origin's guard (no strictly signed part) and with two dependent parts
+        + cp.sum(
+            cp.norm(cp.vstack([cp.reshape(y - x, (1, N), "C"), cp.reshape(x, (1, N), "C")]), 2, 0)
+        )
+        + cp.sum(
+            cp.norm(
+                cp.vstack([cp.reshape(y - x, (1, N), "C"), cp.reshape(2 * y + x, (1, N), "C")]),
+                2,
+                0,
+            )
+        ),
         [A, x],
         [u, y],
     ),

@@ -97,7 +97,7 @@ def plain(t: Derivative | None) -> Tensor | None:
     return t.multiplied() if isinstance(t, Scaled) else t
 
 
-def _terms(t: Derivative | None, node_numel: int, k: int) -> tuple[Term, ...] | None:
+def terms_of(t: Derivative | None, node_numel: int, k: int) -> tuple[Term, ...] | None:
     """``t`` as terms: a :class:`Scaled`'s, a compact plain derivative as one term of scale one
     (``()`` for ``None``); ``None`` for a full one (``node_numel`` entries: nothing to defer)."""
     if t is None:
@@ -107,7 +107,16 @@ def _terms(t: Derivative | None, node_numel: int, k: int) -> tuple[Term, ...] | 
     return None if math.prod(t.shape[: t.dim() - k]) >= node_numel else ((None, t),)
 
 
-def _product(*parts: Tensor | None) -> Tensor | None:
+def any_terms(t: Derivative | None) -> tuple[Term, ...]:
+    """``t`` as terms, a full plain derivative as one term of scale one too (a curvature that
+    joins deferred ones: whether the gradient is deferred must not depend on it, or the
+    first-order pass would round differently from the second-order one)."""
+    if t is None:
+        return ()
+    return t.terms if isinstance(t, Scaled) else ((None, t),)
+
+
+def product(*parts: Tensor | None) -> Tensor | None:
     """The product of the non-``None`` parts (``None`` if there are none)."""
     out = None
     for p in parts:
@@ -127,7 +136,7 @@ def _scaled_by(t: Derivative | None, factor: Tensor, k: int) -> Derivative | Non
     if factor.numel() == 1:
         number = factor.reshape(())
         return t.map(lambda term: (term[0], term[1] * number))
-    return t.map(lambda term: (_product(term[0], factor), term[1]))
+    return t.map(lambda term: (product(term[0], factor), term[1]))
 
 
 def takes_scaled(jet: JetFn) -> JetFn:
@@ -251,16 +260,15 @@ def _deferred_chain(
     second: bool,
     node_numel: int,
 ) -> tuple[Derivative, Derivative | None] | None:
-    """:func:`chain` with the products left :class:`Scaled` where the operand's derivatives are
-    (compact, or deferred already): ``grad = sum_j (f' s_j) b_j`` and ``hess = sum_{j,l} (f''
-    s_j s_l) b_j b_l^T + sum_i (f' r_i) c_i`` for ``g = sum_j s_j b_j``, ``h = sum_i r_i c_i``;
-    each product of scales is one pass, the bases stay small. ``None`` where an operand
-    derivative is full (the product is one pass either way) or there would be too many terms."""
+    """:func:`chain` with the products left :class:`Scaled` where the operand's gradient is
+    compact or deferred already: ``grad = sum_j (f' s_j) b_j`` and ``hess = sum_{j,l} (f'' s_j
+    s_l) b_j b_l^T + sum_i (f' r_i) c_i`` for ``g = sum_j s_j b_j``, ``h = sum_i r_i c_i``; each
+    product of scales is one pass, the bases stay small. ``None`` where ``g`` is full (the
+    product is one pass either way). The choice reads ``g`` alone, so that the first-order pass
+    takes the same products as the second-order one."""
     (t1, c1), (t2, c2) = _split(f1), _split(f2)
-    g_terms, h_terms = _terms(g, node_numel, 1), _terms(h, node_numel, 2)
-    if g_terms is None or h_terms is None or not g_terms:
-        return None
-    if len(g_terms) ** 2 + len(h_terms) > MAX_TERMS:
+    g_terms = terms_of(g, node_numel, 1)
+    if not g_terms or len(g_terms) ** 2 > MAX_TERMS:
         return None
     if t1 is None and all(s is None for s, _ in g_terms):
         return None  # a constant slope of a compact derivative: chain keeps it compact
@@ -268,18 +276,19 @@ def _deferred_chain(
     def small(factor: float, base: Tensor) -> Tensor:
         return base if factor == 1.0 else factor * base
 
-    grad = Scaled(tuple((_product(t1, s), small(c1, b)) for s, b in g_terms), 1)
+    grad = Scaled(tuple((product(t1, s), small(c1, b)) for s, b in g_terms), 1)
     if not second:
         return grad, None
     terms: list[Term] = []
     if not (t2 is None and c2 == 0.0):
         for s, b in g_terms:
             for r, c in g_terms:
-                terms.append((_product(t2, s, r), small(c2, outer(b, c))))
-    terms += [(_product(t1, r), small(c1, c)) for r, c in h_terms]
+                terms.append((product(t2, s, r), small(c2, outer(b, c))))
+    terms += [(product(t1, r), small(c1, c)) for r, c in any_terms(h)]
     if not terms:
         return grad, None
-    return grad, Scaled(tuple(terms), 2)
+    hess = Scaled(tuple(terms), 2)
+    return grad, hess.multiplied() if len(terms) > MAX_TERMS else hess
 
 
 def _trailing(fn: Callable[..., Tensor], tensors: Sequence[Tensor | None], k: int) -> Tensor:
@@ -613,7 +622,7 @@ def divide(node: Any, dependent: tuple[bool, ...]) -> JetFn:
     :func:`~.base.quotient_reads`)."""
     from declopt.frontend.atoms.base import quotient_reads  # base imports this module
 
-    product = multiply(node, dependent)
+    times_inverse = multiply(node, dependent)
     negated, _ = quotient_reads(node)
 
     @reads(values=(dependent[1], True), out=False)
@@ -626,11 +635,11 @@ def divide(node: Any, dependent: tuple[bool, ...]) -> JetFn:
             b = -b
         inverse = torch.reciprocal(b)
         if gb is None:  # a divisor free of u scales the numerator's derivatives
-            return product([a, inverse], [ga, None], [ha, None] if second else None, out)
+            return times_inverse([a, inverse], [ga, None], [ha, None] if second else None, out)
         ga, gb, ha, hb = plain(ga), plain(gb), plain(ha), plain(hb)
         curvature = 2 * inverse * inverse * inverse
         g_inv, h_inv = chain(-inverse * inverse, curvature, gb, hb, second)  # type: ignore[arg-type]
-        return product([a, inverse], [ga, g_inv], [ha, h_inv] if second else None, out)
+        return times_inverse([a, inverse], [ga, g_inv], [ha, h_inv] if second else None, out)
 
     return jet
 
@@ -671,11 +680,48 @@ def root_of_sum(
             return grad, None
         hess = -_col(inverse, 2) * outer(grad, grad)
         return grad, hess if h is None else hess + _col(slope, 2) * h
+    f1, f2, _ = _root_slopes(out)
+    return chain(f1, f2, g, h, second)
+
+
+def root_of_deferred(
+    out: Tensor,
+    g: Scaled,
+    h: Scaled | None,
+    second: bool,
+    positive: bool,
+    size: int,
+) -> tuple[Derivative, Derivative | None]:
+    """:func:`root_of_sum` for deferred derivatives of the sum ``s`` (``size`` entries): with
+    ``q_j = s_j / out``, ``grad = sum_j q_j (b_j / 2)`` and ``hess = -sum_{j,l} (q_j q_l / out)
+    (b_j b_l^T / 4) + sum_i (r_i / out) (c_i / 2)`` where ``out`` never vanishes; otherwise the
+    chain rule with the origin's guard."""
+    if not positive:
+        f1, f2, _ = _root_slopes(out)
+        deferred = _deferred_chain(f1, f2, g, h, second, size)
+        if deferred is not None:
+            return deferred
+        return chain(f1, f2, plain(g), plain(h), second)  # type: ignore[arg-type]
+    inverse = torch.reciprocal(out)
+    q = [(product(inverse, s), b) for s, b in g.terms]
+    grad = Scaled(tuple((s, 0.5 * b) for s, b in q), 1)
+    if not second:
+        return grad, None
+    terms = [(product(s, r, inverse), -0.25 * outer(b, c)) for s, b in q for r, c in q]
+    if h is not None:
+        terms += [(product(inverse, r), 0.5 * c) for r, c in h.terms]
+    if len(terms) > MAX_TERMS:
+        return grad, Scaled(tuple(terms), 2).multiplied()
+    return grad, Scaled(tuple(terms), 2)
+
+
+def _root_slopes(out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(f', f'', out > 0)`` of ``sqrt`` at ``s = out^2``, 0 at the origin (the kink)."""
     positive = out > 0
     r = torch.where(positive, out, 1.0)
     f1 = torch.where(positive, 0.5 / r, 0.0)
     f2 = torch.where(positive, -0.25 / (r * r * r), 0.0)
-    return chain(f1, f2, g, h, second)
+    return f1, f2, positive
 
 
 def softmax_weighted(reduce: Callable[[Tensor], Tensor], dims: tuple[int, ...]) -> JetFn:

@@ -342,8 +342,13 @@ def _column_squares(expr: Any, shapes: list[tuple[int, int]]) -> Callable[..., T
         rows = [r for r, c in zip(shapes, constant) if c]
         folded = TensorCache(sum(np.sum(np.square(v.reshape(r)), 0) for v, r in zip(values, rows)))
 
+    def square(x: Tensor, rows: tuple[int, int]) -> Tensor:
+        if rows[0] == 1:  # one row: no sum over it (a copy of every entry)
+            return torch.square(x.reshape(rows[1]))
+        return torch.sum(torch.square(x.reshape(rows)), 0)
+
     def squares(tensors: Sequence[Tensor]) -> Tensor:
-        total = [torch.sum(torch.square(tensors[i].reshape(shapes[i])), 0) for i in live]
+        total = [square(tensors[i], shapes[i]) for i in live]
         if folded is not None:
             total.append(folded.get(tensors[0].dtype, tensors[0].device))
         return functools.reduce(torch.add, total)
@@ -355,14 +360,68 @@ def _column_norm_jet(expr: Any, dependent: tuple[bool, ...]) -> jets.JetFn:
     shapes = _column_rows(expr)
     shape = shape_of(expr)
     positive = _never_vanishes(expr)
+    columns = shapes[0][1]
 
+    def deferred_parts(values: Any, grads: Any, hesses: Any, second: bool) -> tuple | None:
+        # One-row parts with compact (or deferred) derivatives: D s = 2 x g and D2 s = 2 g g^T
+        # + 2 x h as terms of the columns' scales, their bases kept small (jets.Scaled).
+        g_terms: list[jets.Term] = []
+        h_terms: list[jets.Term] = []
+        for x, g, h, r in zip(values, grads, hesses if second else [None] * len(grads), shapes):
+            if g is None:
+                continue
+            part_g = jets.terms_of(g, r[1], 1)
+            if r[0] != 1 or part_g is None:  # decided by g alone (see jets._deferred_chain)
+                return None
+            part_h = jets.any_terms(h)
+            v = x.reshape(columns)
+            bases = [(s_, _columns(b, x.shape, r[1], 1)) for s_, b in part_g]
+            g_terms += [(jets.product(v, s_), 2 * b) for s_, b in bases]
+            if second:
+                h_terms += [
+                    (jets.product(s_, r_), 2 * jets.outer(b, c))
+                    for s_, b in bases
+                    for r_, c in bases
+                ]
+                h_terms += [
+                    (jets.product(v, r_), 2 * _columns(c, x.shape, r[1], 2)) for r_, c in part_h
+                ]
+        if len(g_terms) ** 2 > jets.MAX_TERMS:
+            return None
+        grad = jets.Scaled(tuple(g_terms), 1)
+        return grad, jets.Scaled(tuple(h_terms), 2) if second and h_terms else None
+
+    def shaped(t: Any, k: int) -> Any:
+        # columns (C,) to the node's shape; a deferred derivative's scales alike
+        if t is None:
+            return None
+        if isinstance(t, jets.Scaled):
+            return t.map(
+                lambda term: (
+                    None if term[0] is None else term[0].reshape(shape),
+                    term[1].reshape(*(1,) * len(shape), *term[1].shape[-k:]),
+                )
+            )
+        if k == 2:
+            t = jets.expand(t, (columns,), 2)
+        return t.reshape(*shape, *t.shape[-k:])
+
+    @jets.takes_scaled
     @jets.compact
     def jet(values: Any, grads: Any, hesses: Any, out: Tensor) -> tuple:
+        second = hesses is not None
+        column_out = out.reshape(-1)
+        parts = deferred_parts(values, grads, hesses, second)
+        if parts is not None:
+            g_sum, h_sum = parts
+            grad, hess = jets.root_of_deferred(column_out, g_sum, h_sum, second, positive, columns)
+            return shaped(grad, 1), shaped(hess, 2)
+        grads = [jets.plain(g) for g in grads]
+        hesses = [jets.plain(h) for h in hesses] if second else None
         # Per column, s = sum over the stacked rows of x^2: D s = sum 2 x g and
         # D2 s = sum (2 g g^T + 2 x h). A one-row part (pseudo-Huber's z) needs no row sum, and
         # its 2 g g^T stays compact when g is (a promoted scalar's derivative).
         g_sum = h_sum = None
-        second = hesses is not None
         for x, g, h, r in zip(values, grads, hesses if second else [None] * len(grads), shapes):
             if g is None:
                 continue
@@ -381,13 +440,19 @@ def _column_norm_jet(expr: Any, dependent: tuple[bool, ...]) -> jets.JetFn:
                 curved = jets.expand(h, x.shape, 2).reshape(*r, *h.shape[-2:])
                 square = square + _row_sum(2 * v.unsqueeze(-1).unsqueeze(-1) * curved, r)
             h_sum = square if h_sum is None else h_sum + square
-        grad, hess = jets.root_of_sum(out.reshape(-1), g_sum, h_sum, second, positive)  # type: ignore[arg-type]
-        if hess is None:
-            return grad.reshape(*shape, -1), None
-        hess = jets.expand(hess, (out.numel(),), 2)
-        return grad.reshape(*shape, -1), hess.reshape(*shape, *hess.shape[-2:])
+        grad, hess = jets.root_of_sum(column_out, g_sum, h_sum, second, positive)  # type: ignore[arg-type]
+        return shaped(grad, 1), shaped(hess, 2)
 
     return jet
+
+
+def _columns(base: Tensor, shape: Sequence[int], columns: int, k: int) -> Tensor:
+    """A derivative of a one-row part of ``shape`` as ``(1 or columns, *derivative dims)``: one
+    entry where it is constant over the part, else broadcast to the part (a view)."""
+    trail = base.shape[base.dim() - k :]
+    if math.prod(base.shape[: base.dim() - k]) == 1:
+        return base.reshape(1, *trail)
+    return jets.expand(base, shape, k).reshape(columns, *trail)
 
 
 def _row_sum(t: Tensor, rows: tuple[int, int]) -> Tensor:
