@@ -227,7 +227,9 @@ class BatchedParams:
             value = value.detach()
             flat = value.reshape(value.shape[0], -1) if dim == 0 else value.reshape(1, -1)
             if flat.shape[-1]:
-                parts.append(flat.abs().amax(-1))  # (size,), or (1,) for a shared parameter
+                # max |entry| from two reductions: no |flat| written (a full pass of its own;
+                # torch.aminmax is 20x slower on CPU). (size,), or (1,) for a shared parameter
+                parts.append(torch.maximum(flat.amax(-1), -flat.amin(-1)))
         if not parts:
             return torch.zeros(1)
         dtype = functools.reduce(torch.promote_types, (p.dtype for p in parts))
