@@ -396,3 +396,44 @@ def test_the_backward_pass_skips_the_values_no_jet_reads() -> None:
             program.objective_taylor(xs, uu, value=value)
         counts.append(Count.calls)
     assert counts[1] + 4 <= counts[0], counts
+
+
+@pytest.mark.parametrize(
+    ("penalty", "passes"),
+    [("quadratic", 2), ("huber", 7), ("welsch", 8), ("pseudo_huber", 8)],
+)
+def test_pooling_derivatives_defer_the_products_with_the_compact_derivative(
+    penalty: str, passes: int
+) -> None:
+    # sum(phi(y - x_i)) over n entries: the pass forms z = y - x, the local slopes and
+    # curvatures, and reduces them; never phi'(z) times y's derivative entry by entry (its
+    # product, and the curvature's, were one full-size pass each), nor -x. Counted: operations
+    # writing a tensor of n entries, without the value (the backward's pass).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    n = 64
+    xp, yv = cp.Parameter(n), cp.Variable()
+    phi = dl.penalties.get(penalty)
+    objective = cp.sum(phi(yv - xp, 1.0)) if penalty != "quadratic" else cp.sum(phi(yv - xp))
+    program = compile_problem(cp.Problem(cp.Minimize(objective)), [xp], [yv])
+
+    class Passes(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = str(func.overloadpacket).split(".")[-1]
+            views = {"view", "expand", "reshape", "unsqueeze", "squeeze", "select", "slice"}
+            views |= {"permute", "transpose", "alias", "detach"}
+            if name not in views and isinstance(out, torch.Tensor) and out.numel() >= n:
+                Passes.count += 1
+            return out
+
+    xs = (torch.linspace(-2, 2, n, dtype=torch.float64),)
+    with Passes():
+        _, hess = program.objective_taylor(xs, torch.zeros(1, dtype=torch.float64), value=False)
+    assert Passes.count <= passes, Passes.count
+    want = Derivatives(program.objective, (0,)).hessian(
+        (xs[0].unsqueeze(0),), torch.zeros(1, 1, dtype=torch.float64)
+    )
+    torch.testing.assert_close(hess.reshape(1, 1, 1), want, rtol=1e-12, atol=1e-12)
