@@ -61,10 +61,11 @@ class Derivatives:
         mapped = vmap(fn, in_dims=(in_dims, 0))
         self.in_dims = in_dims
         self.has_taylor = taylor is not None
-        self.diagonal_hessian = True
-        """Whether Krylov KKT solves try a diagonal model of the Hessian first (cleared the first
-        time the model fails its check: a non-diagonal Hessian then costs one attempt per
-        function, not one per solve)."""
+        self.diagonal_hessian: bool | str = True
+        """Which diagonal models of the Hessian Krylov KKT solves try first
+        (:func:`~declopt.linalg.kkt_minres`): both (``True``), the null-space one alone
+        (``"projected"``, once ``diag(H 1)`` failed its check) or none (``False``, once both
+        failed: a Hessian neither describes costs one attempt per function, not per solve)."""
 
         def value(values: Params, u: Tensor) -> Tensor:
             return mapped(values, u)
@@ -435,12 +436,15 @@ class BatchedObjective:
     def kkt_krylov(
         self, u: Tensor, jac: RowJacobian, held: Tensor, rhs: Tensor
     ) -> tuple[Tensor, LinearSolveReport]:
-        """:func:`~declopt.linalg.kkt_minres` with this function's Hessian at ``u`` (the
-        diagonal model tried until it fails once for this function)."""
+        """:func:`~declopt.linalg.kkt_minres` with this function's Hessian at ``u``: the
+        diagonal models tried as long as they work for this function (the one that answered
+        is remembered; after both failed, MINRES alone)."""
         derivatives = self.curvature.derivatives  # whose Hessian the products apply
         tried = derivatives.diagonal_hessian
         solution, report = kkt_minres(self.hvp_at(u), jac, held, rhs, diagonal=tried)
-        if tried and report.method == "minres":  # the model is wrong for this function
+        if report.method.startswith("projected"):
+            derivatives.diagonal_hessian = "projected"  # diag(H 1) is wrong for this function
+        elif tried and report.method == "minres":  # both models are wrong for it
             derivatives.diagonal_hessian = False
         return solution, report
 

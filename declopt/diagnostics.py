@@ -73,7 +73,10 @@ class BackwardInfo:
         method: ``"eigh"`` (dense KKT solve: the Schur complement, Bunch-Kaufman or the
             eigendecomposition), or matrix-free: ``"cg"`` (no rows held), ``"minres"``,
             ``"diagonal"`` (a diagonal model of a separable Hessian, checked against the true
-            one) or ``"diagonal+minres"`` (MINRES for the problems the model missed).
+            one), ``"projected"`` (a diagonal read in the held rows' null space: exact where the
+            Hessian's other part lies in the rows' span, the L2 sphere and ball) or
+            ``"diagonal+minres"`` / ``"projected+minres"`` (MINRES for the problems the model
+            missed).
         singular: the KKT system was singular; the minimum-norm least-squares solution was used.
         second_order_ok: the Hessian is positive definite on the null space of the active
             constraints, i.e. the solution is a strict local minimum.

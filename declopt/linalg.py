@@ -63,7 +63,8 @@ class LinearSolveReport:
 
     Attributes:
         method: ``"eigh"`` (dense symmetric) or matrix-free: ``"cg"``, ``"minres"``,
-            ``"diagonal"``, ``"diagonal+minres"`` (:func:`kkt_minres`).
+            ``"diagonal"``, ``"diagonal+minres"``, ``"projected"``, ``"projected+minres"``
+            (:func:`kkt_minres`).
         singular: the system was singular or numerically so; the minimum-norm least-squares
             solution was used, so the gradient is one of many (directions in the null space are 0).
         second_order_ok: the Hessian is positive definite on the null space of the active
@@ -714,7 +715,7 @@ def kkt_minres(
     row_mask: Tensor,
     rhs: Tensor,
     *,
-    diagonal: bool = True,
+    diagonal: bool | str = True,
 ) -> tuple[Tensor, LinearSolveReport]:
     """Solve the padded KKT systems ``[[H, A^T], [A, D]] s = rhs`` matrix-free by MINRES.
 
@@ -729,10 +730,14 @@ def kkt_minres(
 
     With ``diagonal``, a diagonal model of ``H`` is tried first (:class:`_DiagonalModel`: exact
     for separable declarations, where MINRES needs one product per distinct curvature) and kept
-    for the problems whose residual under the true ``H`` it passes; MINRES solves the rest.
-    ``report.method``: ``"diagonal"`` (the model answered every problem), ``"diagonal+minres"``
-    (some missed the residual target by a little), ``"minres"`` (not tried, or the model is
-    wrong for this ``H``: a residual above ``rtol^0.5`` or a diagonal that is not positive).
+    for the problems whose residual under the true ``H`` it passes; where it is wrong, the
+    diagonal read in the held rows' null space (:func:`_projected_diagonal`: exact for ``H =
+    D + A^T C A``, the 2-norm's curvature beside its row); MINRES solves the rest.
+    ``diagonal="projected"`` tries the second model alone (a function whose ``diag(H 1)``
+    failed before). ``report.method``: ``"diagonal"`` / ``"projected"`` (that model answered
+    every problem), ``"diagonal+minres"`` / ``"projected+minres"`` (some missed the residual
+    target by a little), ``"minres"`` (not tried, or the models are wrong for this ``H``: a
+    residual above ``rtol^0.5`` or a diagonal that is not positive).
 
     The recurrences run in float64 whatever the data's dtype (``H`` is applied in the data's):
     in float32 the Lanczos vectors of thousands of tied kink rows lose orthogonality, and the
@@ -761,24 +766,50 @@ def kkt_minres(
 
     rtol = torch.finfo(dtype).eps ** 0.75
     scaled = torch.cat([rhs[:, :m] * u_scale, rhs[:, m:] * c_scale], -1).to(wide)
+    kinds = {True: ("diagonal", "projected"), "projected": ("projected",)}.get(diagonal, ())
+    if kinds and not bool(row_mask.any()):  # no rows: nothing to project the probe on
+        kinds = ("diagonal",)
     method = "minres"
-    if diagonal:
-        d = h_ones.to(wide) * u_scale**2
-        model = _DiagonalModel(d, jac, u_scale * c_scale, pad, dtype, a.to(wide))
-        solution, accepted, residual, wrong = model.solve(scaled, matvec, rtol)
-        converged = accepted
+    solution = accepted = residual = None
+    for kind in kinds:
+        if kind == "diagonal":
+            d = h_ones.to(wide)
+        else:
+            d = _projected_diagonal(hvp, jac, pad, h_ones.to(wide), dtype, rtol)
+        model = _DiagonalModel(
+            d * u_scale**2,
+            jac,
+            u_scale * c_scale,
+            pad,
+            dtype,
+            a.to(wide),
+            refit_multipliers=kind == "projected",
+        )
+        attempt, ok, attempt_residual, wrong = model.solve(scaled, matvec, rtol)
+        if solution is None:
+            solution, accepted, residual = attempt, ok, attempt_residual
+        else:  # the problems an earlier model left out
+            take = ok & ~accepted
+            solution = torch.where(take.unsqueeze(-1), attempt, solution)
+            residual = torch.where(take, attempt_residual, residual)
+            accepted = accepted | take
         if bool(accepted.all()):
-            method = "diagonal"
-        else:  # the others by MINRES; the accepted ones sit at a zero right-hand side
-            method = "minres" if bool(wrong.any()) else "diagonal+minres"
-            rest = torch.where(accepted.unsqueeze(-1), torch.zeros_like(scaled), scaled)
-            other, other_ok, other_residual = minres(matvec, rest, rtol=rtol)
-            keep = accepted.unsqueeze(-1)
-            solution = torch.where(keep, solution, other)
-            converged = accepted | other_ok
-            residual = torch.where(accepted, residual, other_residual)
-    else:
+            method = kind
+            break
+        method = "minres" if bool((wrong & ~accepted).any()) else f"{kind}+minres"
+        if method != "minres":
+            break  # near misses: MINRES finishes them
+    if solution is None:
         solution, converged, residual = minres(matvec, scaled, rtol=rtol)
+    elif bool(accepted.all()):
+        converged = accepted
+    else:  # the others by MINRES; the accepted ones sit at a zero right-hand side
+        rest = torch.where(accepted.unsqueeze(-1), torch.zeros_like(scaled), scaled)
+        other, other_ok, other_residual = minres(matvec, rest, rtol=rtol)
+        keep = accepted.unsqueeze(-1)
+        solution = torch.where(keep, solution, other)
+        converged = accepted | other_ok
+        residual = torch.where(accepted, residual, other_residual)
     solution = torch.cat([solution[:, :m] * u_scale, solution[:, m:] * c_scale], -1)
     solution = solution.to(dtype)
     w = solution[:, :m]
@@ -797,6 +828,49 @@ DIAGONAL_MODEL_CG_ITER = 100
 the identity: 2-6 measured); a problem it does not finish goes to MINRES, not wrong."""
 
 
+
+def _projected_diagonal(
+    hvp: Callable[[Tensor], Tensor],
+    jac: RowJacobian,
+    pad: Tensor,
+    h_ones: Tensor,
+    dtype: torch.dtype,
+    rtol: float,
+) -> Tensor:
+    """``(B, m)``: the diagonal ``D`` of a Hessian ``H = D + A^T C A`` whose non-diagonal part
+    lies in the held rows' span (a 2-norm's curvature ``(I - n n^T) / |u|`` beside its row
+    ``n``: the L2 sphere and ball), read from one product with a probe ``p`` in the rows' null
+    space, ``H p = D p`` (``A p = 0``): ``D = (H p) / p``.
+
+    Such an ``H`` and ``D`` give the same KKT solution (``A^T C A w = 0`` for every ``w`` the
+    rows allow), so :class:`_DiagonalModel` with this ``D`` is exact for it, where ``diag(H 1)``
+    is not. ``p`` is a fixed +-1 pattern minus its projection on the rows (CG on ``A A^T``: the
+    rows' products only). For a diagonal ``H`` it is ``diag(H)`` again."""
+    batch, m = h_ones.shape
+    index = torch.arange(m, device=h_ones.device)
+    # A fixed sign pattern (a multiplicative hash of the index): no constant direction (a
+    # row along the ones vector, u proportional to 1, would leave nothing of a probe of ones).
+    signs = 1.0 - 2.0 * (((index * 2654435761) >> 16) & 1).to(h_ones.dtype)
+    probe = signs.expand(batch, m)
+
+    def gram(z: Tensor) -> Tensor:
+        return jac.matvec(jac.rmatvec(z)) + pad * z
+
+    y, _ = conjugate_gradient(
+        gram, jac.matvec(probe), max_iter=DIAGONAL_MODEL_CG_ITER, rtol=1e-2 * rtol
+    )
+    p = probe - jac.rmatvec(y)
+    h_p = hvp(p.to(dtype)).to(h_ones.dtype)
+    # Entries of p at rounding level (of its +-1 entries) are coordinates the rows pin, which
+    # any positive D serves: they read D from |H 1|. A small entry elsewhere amplifies the
+    # product's rounding into D_i; the check then decides.
+    readable = p.abs() >= torch.finfo(dtype).eps ** 0.5
+    # Positive there (the model needs a positive D): |H 1|, at least a small part of its size.
+    floor = torch.finfo(dtype).eps ** 0.5 * h_ones.abs().amax(-1, keepdim=True)
+    pinned = torch.maximum(h_ones.abs(), floor)
+    return torch.where(readable, h_p / torch.where(readable, p, torch.ones_like(p)), pinned)
+
+
 @dataclass(frozen=True)
 class _DiagonalModel:
     """``[[D, A^T], [A, P]]`` with ``D = diag(H 1)``: the block-scaled KKT operator of
@@ -813,6 +887,10 @@ class _DiagonalModel:
     pad: Tensor
     dtype: torch.dtype
     largest_row: Tensor
+    refit_multipliers: bool = False
+    """Refit ``z`` to the true ``H`` after the model's solve (the null-space model: for ``H = D +
+    A^T C A`` the model's ``w`` is exact, its ``z`` off by ``C b`` where the rows' right-hand side
+    ``b`` is not zero)."""
 
     def solve(
         self, rhs: Tensor, matvec: Callable[[Tensor], Tensor], rtol: float
@@ -846,6 +924,19 @@ class _DiagonalModel:
         else:
             z, w = bottom, top / d
             converged = torch.ones_like(usable)
+        if self.refit_multipliers and bottom.shape[-1]:
+            # z = argmin |A^T z - (v - H w)|: one product with H, CG on A A^T (the rows only)
+            hw = matvec(torch.cat([w, torch.zeros_like(z)], -1))[:, :m]
+
+            def gram(y: Tensor) -> Tensor:
+                return jac.matvec(jac.rmatvec(y * scale)) * scale + pad * y
+
+            # Padding rows keep their z = b.
+            target = jac.matvec(top - hw) * scale + pad * bottom
+            z, refit = conjugate_gradient(
+                gram, target, max_iter=DIAGONAL_MODEL_CG_ITER, rtol=1e-2 * rtol
+            )
+            converged = converged & ~refit.singular
         solution = torch.cat([w, z], -1)
         residual = _relative_residual(matvec(solution), rhs)
         # What rounding of the product itself allows, relative to the rhs: 64 ulps of its

@@ -257,12 +257,70 @@ def test_the_diagonal_model_answers_only_where_it_is_exact(
         rhs = torch.cat([top, bottom], -1).to(dtype)
         solution, report = kkt_minres(hvp, jac.to(dtype), held, rhs, diagonal=True)
     is_diagonal = coupled == "none" or m < 2
-    assert report.method == ("diagonal" if is_diagonal else "minres")
+    # A coupled H: MINRES, or the diagonal read in the held rows' null space where it is exact
+    # there (a coupling along the rows, a null space of one dimension); the solution decides.
+    assert report.method in (("diagonal",) if is_diagonal else ("projected", "minres"))
     assert not report.singular.any()
     want = torch.cat([w, z], -1)
     tol = 1e-9 if dtype == torch.float64 else 2e-3
     scale = want.abs().amax(-1, keepdim=True)
     assert ((solution.to(F64) - want).abs() <= tol * scale).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    m=st.integers(2, 40),
+    k=st.integers(1, 4),
+    sparse=st.integers(0, 3),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+)
+def test_the_projected_diagonal_answers_a_coupling_along_the_held_rows(
+    seed: int, m: int, k: int, sparse: int, dtype: torch.dtype
+) -> None:
+    """``H = D + A^T C A`` (an L2 norm's curvature beside its row): ``diag(H 1)`` is wrong, the
+    diagonal read in the rows' null space is exact (``method == "projected"``), with dense and
+    index-set rows, and the solution is the dense solve's; a coupling off the rows' span goes
+    to MINRES."""
+    from declopt.kkt.jacobian import RowJacobian
+    from declopt.linalg import kkt_minres, solve_held_kkt
+
+    g = torch.Generator().manual_seed(seed)
+    batch = 3
+    dense = torch.randn(batch, k, m, dtype=F64, generator=g)
+    index = torch.randint(0, m, (batch, sparse, 2), generator=g)
+    index[..., 1] = (index[..., 0] + 1) % m  # ties u_i - u_{i+1}
+    value = torch.tensor([1.0, -1.0], dtype=F64).expand(batch, sparse, 2).clone()
+    jac = RowJacobian(dense, index, value)
+    rows = jac.to_dense()
+    held = torch.ones(batch, k + sparse, dtype=torch.bool)
+    diag = torch.rand(batch, m, dtype=F64, generator=g) * 10 + 0.5
+    c = torch.randn(batch, k + sparse, k + sparse, dtype=F64, generator=g)
+    along = rows.mT @ (c + c.mT) @ rows  # A^T C A, C symmetric
+    off = torch.randn(batch, m, 1, dtype=F64, generator=g)
+    for hess, expected in (
+        (torch.diag_embed(diag) + along, "projected"),
+        (torch.diag_embed(diag) + 3 * off @ off.mT, "minres"),
+    ):
+        top = torch.randn(batch, m, dtype=F64, generator=g)
+        bottom = torch.randn(batch, k + sparse, dtype=F64, generator=g)
+        with torch.no_grad():
+            w, z, _ = solve_held_kkt(hess, jac, held, top, bottom)
+            low = hess.to(dtype)
+            rhs = torch.cat([top, bottom], -1).to(dtype)
+
+            def hvp(v: torch.Tensor, low: torch.Tensor = low) -> torch.Tensor:
+                return (low @ v.unsqueeze(-1)).squeeze(-1)
+
+            solution, report = kkt_minres(hvp, jac.to(dtype), held, rhs)
+        if int(torch.linalg.matrix_rank(rows).min()) < k + sparse:
+            return  # dependent rows (a repeated tie): a singular system, tested elsewhere
+        if expected == "minres" and int(torch.linalg.matrix_rank(rows).min()) >= m - 1:
+            continue  # the rows leave (almost) no room: any coupling is along them
+        assert report.method == expected
+        want = torch.cat([w, z], -1)
+        tol = 1e-8 if dtype == torch.float64 else 5e-3
+        assert ((solution.to(F64) - want).abs() <= tol * want.abs().amax(-1, keepdim=True)).all()
 
 
 def test_a_batched_objective_stops_trying_the_diagonal_model_once_it_fails() -> None:

@@ -382,8 +382,12 @@ def _assess(
     elif held is None:
         unit = solution_scale(u, scale)
         kinks_on = on_kink(margins, u, scale, tol.kinks, tol.resolution)
+        # A row's value sums terms of size |D_u g_ij| |u_j|, and rounds by them: the largest
+        # gradient entry times the largest |u| is far smaller for a norm over many entries
+        # (float32 L2 ball, d = 1,024: ||u|| - 1 = -2 ulps read as inactive, gradient 98x off).
+        sizes = torch.maximum(norms * unit.unsqueeze(-1), jac.term_sizes(u).to(norms.dtype))
         held = _held_at_solution(
-            rows, kinks_on, norms, unit, known_lam_g, grad_f, f, count, tol, gradient_unit
+            rows, kinks_on, norms, sizes, unit, known_lam_g, grad_f, f, count, tol, gradient_unit
         )
 
     if multipliers is None:
@@ -457,6 +461,7 @@ def _held_at_solution(
     rows: Tensor,
     kinks_on: Tensor,
     norms: Tensor,
+    sizes: Tensor,
     scale: Tensor,
     lam_g: Tensor | None,
     grad_f: Tensor,
@@ -465,10 +470,12 @@ def _held_at_solution(
     tol: Tolerances,
     gradient_unit: Tensor | None = None,
 ) -> Tensor:
-    """The default activity rule at a returned solution (see :func:`kkt_point`)."""
+    """The default activity rule at a returned solution (see :func:`kkt_point`): an inequality
+    within ``tol.activity`` of its row's term ``sizes`` from its bound, or with a clearly
+    nonzero multiplier."""
     p, q = count.p, count.q
     g = rows[:, p : p + q]
-    active = g >= -tol.activity * norms[:, p : p + q] * scale.unsqueeze(-1)
+    active = g >= -tol.activity * sizes[:, p : p + q]
     if lam_g is not None and q:
         gscale = gradient_scale(f, grad_f, scale)
         if gradient_unit is not None:
