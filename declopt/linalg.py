@@ -828,7 +828,6 @@ DIAGONAL_MODEL_CG_ITER = 100
 the identity: 2-6 measured); a problem it does not finish goes to MINRES, not wrong."""
 
 
-
 def _projected_diagonal(
     hvp: Callable[[Tensor], Tensor],
     jac: RowJacobian,

@@ -432,3 +432,21 @@ def test_l2_projection_of_tiny_and_huge_vectors(scale: float, dtype: torch.dtype
     # d y_0 / dx = (1 - u_0^2, -u_0 u_1) / |x| with u = (0.6, 0.8)
     expected = torch.tensor([[0.64, -0.48]], dtype=F64) / (5.0 * scale)
     torch.testing.assert_close(x.grad.double(), expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize(("seed", "scale"), [(1, 3.0), (7, 0.1), (9, 0.1)])
+def test_float32_l2_ball_rows_rounded_inside_are_active(seed: int, scale: float) -> None:
+    # ||u|| - 1 of a float32 projection onto the unit ball rounds to a few ulps either side;
+    # the activity band must follow the row's term sizes |D_u g| |u| (here |u| = 1), not its
+    # largest gradient entry times the largest |u| (~0.01 at d = 1024), which read a row 2
+    # ulps inside as inactive: gradient 2-99x off without a warning.
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 1024, generator=g) * scale
+    v = torch.randn(8, 1024, generator=torch.Generator().manual_seed(seed + 1000))
+    grads = []
+    for backward in ("native", "implicit"):
+        xx = x.clone().requires_grad_(True)
+        (dl.nn.BallProjection(2.0, backward=backward)(xx) * v).sum().backward()
+        grads.append(xx.grad)
+    error = (grads[1] - grads[0]).abs().amax(-1) / grads[0].abs().amax(-1)
+    assert (error <= 1e-4).all(), error
