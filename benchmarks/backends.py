@@ -143,6 +143,19 @@ def l1_regression(batch: int = 64) -> Case:
     return Case("cvxpylayers README L1, A 3x2", problem, [A, b], [x], data, [True, True])
 
 
+def weighted_ball_projection(batch: int = 16, d: int = 256) -> Case:
+    """``min |s * z - q|^2 / 2, |z|_2 <= 1`` (``q = s * p``: the projection of ``p`` in the
+    diagonal metric ``s^2``, written DPP): the Lagrangian's Hessian is ``diag(s^2)`` plus the
+    norm's curvature along its row, with as many distinct eigenvalues as weights (MINRES needs
+    as many products; the null-space diagonal is exact)."""
+    q, s, z = cp.Parameter(d), cp.Parameter(d, pos=True), cp.Variable(d)
+    objective = 0.5 * cp.sum_squares(cp.multiply(s, z) - q)
+    problem = cp.Problem(cp.Minimize(objective), [cp.norm(z, 2) <= 1])
+    weights = (torch.rand(batch, d, dtype=F64) * 10 + 0.1).sqrt()
+    data = [weights * torch.randn(batch, d, dtype=F64), weights]
+    return Case(f"weighted L2-ball projection d={d}", problem, [q, s], [z], data, [True, True])
+
+
 CASES: dict[str, Callable[[], Case]] = {
     "huber": huber_pooling,
     "ball": ball_projection,
@@ -151,10 +164,11 @@ CASES: dict[str, Callable[[], Case]] = {
     "l1": l1_regression,
     "simplex": simplex_projection,
     "l1-ball": l1_ball_projection,
+    "weighted-ball": weighted_ball_projection,
 }
 DEFAULT_CASES = ("huber", "ball", "qp", "qp-shared", "l1")
 """The cases a plain run takes; ``simplex`` and ``l1-ball`` (the torch backend needs 14-19 s
-per call on them) run when named."""
+per call on them) and ``weighted-ball`` run when named."""
 
 
 Runner = Callable[[Sequence[Tensor]], tuple[Tensor, ...]]

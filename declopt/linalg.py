@@ -923,8 +923,9 @@ class _DiagonalModel:
         else:
             z, w = bottom, top / d
             converged = torch.ones_like(usable)
-        if self.refit_multipliers and bottom.shape[-1]:
-            # z = argmin |A^T z - (v - H w)|: one product with H, CG on A A^T (the rows only)
+        if self.refit_multipliers and bottom.shape[-1] and bool((bottom != 0).any()):
+            # z = argmin |A^T z - (v - H w)|: one product with H, CG on A A^T (the rows only);
+            # not needed where the rows' right-hand side is zero (the implicit backward's)
             hw = matvec(torch.cat([w, torch.zeros_like(z)], -1))[:, :m]
 
             def gram(y: Tensor) -> Tensor:
