@@ -434,12 +434,14 @@ def test_l2_projection_of_tiny_and_huge_vectors(scale: float, dtype: torch.dtype
     torch.testing.assert_close(x.grad.double(), expected, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize(("seed", "scale"), [(1, 3.0), (7, 0.1), (9, 0.1)])
+@pytest.mark.parametrize(("seed", "scale"), [(1, 3.0), (7, 0.1), (9, 0.1), (0, 0.1), (3, 0.1)])
 def test_float32_l2_ball_rows_rounded_inside_are_active(seed: int, scale: float) -> None:
     # ||u|| - 1 of a float32 projection onto the unit ball rounds to a few ulps either side;
     # the activity band must follow the row's term sizes |D_u g| |u| (here |u| = 1), not its
     # largest gradient entry times the largest |u| (~0.01 at d = 1024), which read a row 2
-    # ulps inside as inactive: gradient 2-99x off without a warning.
+    # ulps inside as inactive: gradient 2-99x off without a warning (seeds 1, 7, 9). Seeds 0
+    # and 3: the matrix-free solve's check accepted the wrong diag(H 1) model at a residual of
+    # 8e-4 (a rounding floor bounded by the largest row entry times sum |w|): 1e-3 off.
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(8, 1024, generator=g) * scale
     v = torch.randn(8, 1024, generator=torch.Generator().manual_seed(seed + 1000))
@@ -449,4 +451,4 @@ def test_float32_l2_ball_rows_rounded_inside_are_active(seed: int, scale: float)
         (dl.nn.BallProjection(2.0, backward=backward)(xx) * v).sum().backward()
         grads.append(xx.grad)
     error = (grads[1] - grads[0]).abs().amax(-1) / grads[0].abs().amax(-1)
-    assert (error <= 1e-4).all(), error
+    assert (error <= 1e-5).all(), error
