@@ -827,6 +827,41 @@ DIAGONAL_MODEL_CG_ITER = 100
 the identity: 2-6 measured); a problem it does not finish goes to MINRES, not wrong."""
 
 
+GRAM_DENSE_MAX = 32
+"""Up to this many held rows, all dense, the diagonal models' row systems (``A W A^T``) are
+formed and factored at once instead of solved by CG (whose per-iteration dispatch cost more than
+the solve: an L2 ball's one row)."""
+
+
+def _row_gram_solve(
+    jac: RowJacobian,
+    weight: Tensor | None,
+    scale: Tensor | float,
+    pad: Tensor,
+    rhs: Tensor,
+    rtol: float,
+) -> tuple[Tensor, Tensor]:
+    """``(z (B, k), solved (B,))`` with ``(s A diag(weight) A^T s + P) z = rhs``: ``s = scale (B,
+    1)`` (or a number), ``weight (B, m)`` (``None``: ones), ``P = diag(pad)``. A few dense rows
+    by one batched factorisation; many, or index-set rows, by CG on the rows' products."""
+    if jac.index.shape[1] == 0 and jac.k <= GRAM_DENSE_MAX:
+        rows = jac.dense * (scale.unsqueeze(-1) if isinstance(scale, Tensor) else scale)
+        weighted = rows if weight is None else rows * weight.unsqueeze(1)
+        gram = weighted @ rows.mT + torch.diag_embed(pad)
+        z, info = torch.linalg.solve_ex(gram, rhs.unsqueeze(-1))
+        z = z.squeeze(-1)
+        solved = (info == 0) & torch.isfinite(z).all(-1)
+        return torch.where(solved.unsqueeze(-1), z, torch.zeros_like(z)), solved
+
+    def product(y: Tensor) -> Tensor:
+        spread = jac.rmatvec(y * scale)
+        spread = spread if weight is None else spread * weight
+        return jac.matvec(spread) * scale + pad * y
+
+    z, report = conjugate_gradient(product, rhs, max_iter=DIAGONAL_MODEL_CG_ITER, rtol=rtol)
+    return z, ~report.singular
+
+
 def _projected_diagonal(
     hvp: Callable[[Tensor], Tensor],
     jac: RowJacobian,
@@ -851,12 +886,7 @@ def _projected_diagonal(
     signs = 1.0 - 2.0 * (((index * 2654435761) >> 16) & 1).to(h_ones.dtype)
     probe = signs.expand(batch, m)
 
-    def gram(z: Tensor) -> Tensor:
-        return jac.matvec(jac.rmatvec(z)) + pad * z
-
-    y, _ = conjugate_gradient(
-        gram, jac.matvec(probe), max_iter=DIAGONAL_MODEL_CG_ITER, rtol=1e-2 * rtol
-    )
+    y, _ = _row_gram_solve(jac, None, 1.0, pad, jac.matvec(probe), 1e-2 * rtol)
     p = probe - jac.rmatvec(y)
     h_p = hvp(p.to(dtype)).to(h_ones.dtype)
     # Entries of p at rounding level (of its +-1 entries) are coordinates the rows pin, which
@@ -905,18 +935,11 @@ class _DiagonalModel:
         d = torch.where(usable.unsqueeze(-1), d, torch.ones_like(d))
         top, bottom = rhs[:, :m], rhs[:, m:]
         if bottom.shape[-1]:
-
-            def schur(z: Tensor) -> Tensor:
-                return jac.matvec(jac.rmatvec(z * scale) / d) * scale + pad * z
-
-            # Padding rows solve z = b: their right-hand side keeps its sign.
+            # The Schur complement A D^-1 A^T + P. Padding rows solve z = b: their right-hand
+            # side keeps its sign. 100x inside the acceptance target: the Schur complement's
+            # condition (many held kink rows) amplifies CG's residual into w's.
             target = jac.matvec(top / d) * scale - bottom * (1 - 2 * pad)
-            # 100x inside the acceptance target: the Schur complement's condition (many held
-            # kink rows) amplifies CG's residual into w's.
-            z, report = conjugate_gradient(
-                schur, target, max_iter=DIAGONAL_MODEL_CG_ITER, rtol=1e-2 * rtol
-            )
-            converged = ~report.singular
+            z, converged = _row_gram_solve(jac, 1 / d, scale, pad, target, 1e-2 * rtol)
             w = (top - jac.rmatvec(z * scale)) / d
         else:
             z, w = bottom, top / d
@@ -925,16 +948,10 @@ class _DiagonalModel:
             # z = argmin |A^T z - (v - H w)|: one product with H, CG on A A^T (the rows only);
             # not needed where the rows' right-hand side is zero (the implicit backward's)
             hw = matvec(torch.cat([w, torch.zeros_like(z)], -1))[:, :m]
-
-            def gram(y: Tensor) -> Tensor:
-                return jac.matvec(jac.rmatvec(y * scale)) * scale + pad * y
-
             # Padding rows keep their z = b.
             target = jac.matvec(top - hw) * scale + pad * bottom
-            z, refit = conjugate_gradient(
-                gram, target, max_iter=DIAGONAL_MODEL_CG_ITER, rtol=1e-2 * rtol
-            )
-            converged = converged & ~refit.singular
+            z, refit = _row_gram_solve(jac, None, scale, pad, target, 1e-2 * rtol)
+            converged = converged & refit
         solution = torch.cat([w, z], -1)
         residual = _relative_residual(matvec(solution), rhs)
         # What rounding of the product itself allows, relative to the rhs: 64 ulps of its
