@@ -396,10 +396,15 @@ def _column_norm_jet(expr: Any, dependent: tuple[bool, ...]) -> jets.JetFn:
         if t is None:
             return None
         if isinstance(t, jets.Scaled):
+
+            def node_shaped(base: Tensor) -> Tensor:  # (1 or columns, *trail)
+                lead = (1,) * len(shape) if base.shape[0] == 1 else shape
+                return base.reshape(*lead, *base.shape[1:])
+
             return t.map(
                 lambda term: (
                     None if term[0] is None else term[0].reshape(shape),
-                    term[1].reshape(*(1,) * len(shape), *term[1].shape[-k:]),
+                    node_shaped(term[1]),
                 )
             )
         if k == 2:
