@@ -959,9 +959,8 @@ class _DiagonalModel:
         # convergence). The terms' own sizes, |A| |w| and |A|^T |z|: a bound by the largest
         # row entry times sum |w| was up to m times too loose, and accepted the wrong
         # diag(H 1) model of an L2 ball's Hessian at 8e-4 (float32, d = 1024).
-        absolute = RowJacobian(jac.dense.abs(), jac.index, jac.value.abs())
-        rows = absolute.matvec(w.abs()) * scale
-        columns = absolute.rmatvec((z * scale).abs())
+        rows = jac.term_sizes(w) * scale
+        columns = jac.magnitudes().rmatvec((z * scale).abs())
         terms = torch.maximum(abs_max(d * w, -1), abs_max(columns, -1))
         if rows.shape[-1]:
             terms = torch.maximum(terms, abs_max(rows, -1))

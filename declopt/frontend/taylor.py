@@ -95,6 +95,8 @@ def compile_taylor(
     last_use[root] = len(nodes)
     released = [[i for i in range(len(nodes)) if last_use[i] == k] for k in range(len(nodes))]
     computed = {want: _values_read(nodes, plan, slot_of, root, want) for want in (True, False)}
+    # A fused jet computes its node's value with its derivatives (the step is skipped).
+    fused = [e is not None and e[0] != _VARIABLE and is_fused(e[1]) for e in plan]  # type: ignore[arg-type]
 
     def evaluate(
         env: Env, u: Tensor, second: bool = True, value: bool = True
@@ -105,9 +107,7 @@ def compile_taylor(
         hesses: list[Tensor | None] = []
         wanted = computed[value]
         for k, (step, entry) in enumerate(zip(steps, plan)):
-            # A fused jet computes its node's value with its derivatives (below).
-            fused = entry is not None and entry[0] != _VARIABLE and is_fused(entry[1])
-            out = step(values, env, u) if wanted[k] and not fused else None
+            out = step(values, env, u) if wanted[k] and not fused[k] else None
             values.append(out)
             if entry is None:
                 grads.append(None)
@@ -129,7 +129,7 @@ def compile_taylor(
                     operand_grads, operand_hesses = expanded(
                         operand_values, operand_grads, operand_hesses
                     )
-                if fused:
+                if fused[k]:
                     g, h, values[k] = jet(  # type: ignore[misc]
                         operand_values, operand_grads, operand_hesses, wanted[k]
                     )

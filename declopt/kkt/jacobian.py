@@ -61,14 +61,15 @@ class RowJacobian:
         top = self.dense.abs().amax(-1) if self.m else self.dense.new_zeros(self.dense.shape[:2])
         return torch.cat([top, self.value.abs().amax(-1)], -1)
 
+    def magnitudes(self) -> RowJacobian:
+        """``|A|``: every entry's absolute value (the sizes of the rows' terms)."""
+        return RowJacobian(self.dense.abs(), self.index, self.value.abs())
+
     def term_sizes(self, w: Tensor) -> Tensor:
         """``(B, k)``: ``|A| |w|``, the sizes of each row's terms ``A_ij w_j`` summed: what a
         row's value at ``w`` rounds by (an L2 norm over 1,024 even entries: 1, where its largest
         entry times the largest ``|w|`` is 0.001)."""
-        top = bmv(self.dense.abs(), w.abs())
-        batch, k_s, _ = self.index.shape
-        entries = w.abs().gather(1, self.index.reshape(batch, 2 * k_s)).reshape(batch, k_s, 2)
-        return torch.cat([top, (self.value.abs() * entries).sum(-1)], -1)
+        return self.magnitudes().matvec(w.abs())
 
     def matvec(self, w: Tensor) -> Tensor:
         """``(B, k)``: ``A w`` for ``w: (B, m)``."""
